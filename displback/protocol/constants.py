@@ -127,3 +127,11 @@ ENOSPC = _errno.ENOSPC
 ENOSYS = _errno.ENOSYS
 EOPNOTSUPP = _errno.EOPNOTSUPP
 ETIMEDOUT = _errno.ETIMEDOUT
+
+# Byte offsets of the shared indexes (xen_displif_sring and xendispl_event_page).
+RING_REQ_PROD_OFS = 0
+RING_REQ_EVENT_OFS = 4
+RING_RSP_PROD_OFS = 8
+RING_RSP_EVENT_OFS = 12
+EVT_IN_CONS_OFS = 0
+EVT_IN_PROD_OFS = 4
