@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "PacketReader",
     "WireError",
     "XenStoreError",
+    "check_path",
     "join_strings",
     "split_strings",
 ]
@@ -196,3 +198,35 @@ def split_strings(payload: bytes) -> list[bytes]:
     if items[-1] == b"":
         items.pop()
     return items
+
+
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-/_@]*")
+
+
+def check_path(path: str | bytes, *, watch: bool = False) -> str:
+    """Return ``path`` as text if xenstored would accept it, else raise ``XenStoreError(EINVAL)``.
+
+    Absolute paths start with ``/`` (at most 3072 bytes), relative ones are under the
+    connection's domain home (at most 2048); characters ``[A-Za-z0-9-/_@]``, no ``//``, no
+    trailing ``/`` except the root itself. ``@``-paths (``@releaseDomain``) only when ``watch``.
+    """
+    if isinstance(path, bytes):
+        try:
+            path = path.decode("ascii")
+        except UnicodeDecodeError:
+            raise XenStoreError("EINVAL", f"path {path!r} is not ASCII") from None
+    if not path:
+        raise XenStoreError("EINVAL", "empty path")
+    if path.startswith("@") and not watch:
+        raise XenStoreError("EINVAL", f"special path {path!r} is only valid for a watch")
+    if _PATH_CHARS.fullmatch(path) is None:
+        bad = next(c for c in path if _PATH_CHARS.fullmatch(c) is None)
+        raise XenStoreError("EINVAL", f"path {path!r} contains invalid character {bad!r}")
+    if "//" in path:
+        raise XenStoreError("EINVAL", f"path {path!r} contains '//'")
+    if path.endswith("/") and path != "/":
+        raise XenStoreError("EINVAL", f"path {path!r} ends with '/'")
+    limit = MAX_ABS_PATH if path.startswith("/") else MAX_REL_PATH
+    if len(path) > limit:
+        raise XenStoreError("EINVAL", f"path of {len(path)} bytes exceeds {limit}")
+    return path

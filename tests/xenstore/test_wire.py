@@ -14,6 +14,7 @@ from displback.xenstore.wire import (
     PacketReader,
     WireError,
     XenStoreError,
+    check_path,
     join_strings,
     split_strings,
 )
@@ -80,3 +81,40 @@ def test_string_payload_helpers() -> None:
     assert split_strings(b"a\0b\0") == [b"a", b"b"]
     assert split_strings(b"") == []
     assert split_strings(b"a\0\0") == [b"a", b""]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/local/domain/5/device/vdispl/0", "device/vdispl/0", "/a-b_c@d", "/" + "a" * 3071],
+)
+def test_check_path_accepts_what_xenstored_accepts(path: str) -> None:
+    assert check_path(path) == path
+    assert check_path(path.encode()) == path
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("", "empty"),
+        ("/a//b", "'//'"),
+        ("/a/", "ends with '/'"),
+        ("/a b", "invalid character ' '"),
+        ("/a\0b", "invalid character"),
+        ("/caf\u00e9", "invalid character"),
+        (b"/caf\xc3\xa9", "not ASCII"),
+        ("/" + "a" * 3072, "exceeds 3072"),
+        ("a" * 2049, "exceeds 2048"),
+        ("@releaseDomain", "only valid for a watch"),
+    ],
+)
+def test_check_path_refuses_bad_paths_with_einval_saying_why(
+    path: str | bytes, reason: str
+) -> None:
+    with pytest.raises(XenStoreError) as exc:
+        check_path(path)
+    assert exc.value.name == "EINVAL"
+    assert reason in str(exc.value)
+
+
+def test_check_path_allows_special_paths_only_for_watches() -> None:
+    assert check_path("@introduceDomain", watch=True) == "@introduceDomain"
