@@ -111,7 +111,11 @@ def cvt_rb_timing(width: int, height: int, refresh_hz: int = _REFRESH_HZ) -> Tim
             v_blank = min(_MAX_BLANK, math.ceil(min_total / (h_active + h_blank)) - height)
     total_pixels = (h_active + h_blank) * (height + v_blank)
     # CVT rounds the clock down to 0.25 MHz steps; never below what the refresh needs - 1 %.
-    clock_khz = max(_MIN_CLOCK_KHZ, int(refresh_hz * total_pixels / 1000 // 250 * 250))
+    exact_khz = refresh_hz * total_pixels / 1000
+    clock_khz = int(exact_khz // 250 * 250)
+    if clock_khz < exact_khz * 0.995:  # small modes: 10 kHz steps keep the refresh near 60 Hz
+        clock_khz = int(exact_khz // 10 * 10)
+    clock_khz = max(_MIN_CLOCK_KHZ, clock_khz)
     if clock_khz > _MAX_CLOCK_KHZ:
         raise EdidError(f"pixel clock {clock_khz} kHz for {width}x{height} exceeds EDID's limit")
     return Timing(

@@ -36,7 +36,7 @@ def test_block_is_128_bytes_with_header_version_and_checksum() -> None:
     assert sum(edid) % 256 == 0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4095), st.integers(1, 2047))
 def test_every_guest_resolution_gives_a_conformant_edid(width: int, height: int) -> None:
     report = decode(build_edid(width, height))
