@@ -1,0 +1,1 @@
+"""Tests of the sans-I/O displif protocol core (displback.protocol)."""

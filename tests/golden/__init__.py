@@ -1,0 +1,130 @@
+"""Golden vectors from Xen's own C headers, so layout tests compare against the compiler, not a
+table someone copied.
+
+:func:`c_golden` compiles ``displif_golden.c`` against ``/usr/include/xen/io/displif.h`` (Debian
+package libxen-dev; ``make test`` installs it together with gcc) once per test session, runs it
+and returns its JSON: struct sizes and offsets, packet field spans, ring geometry, every
+``XENDISPL_*`` constant, Xen errno values and packed sample packets (see the C file's header).
+:func:`header_macros` lists the object-like ``XENDISPL_*`` macros the preprocessor sees, so a
+test can prove the C program reports all of them.
+
+Missing tools are an error, not a skip: the tests that use these helpers must fail loudly with
+a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DISPLIF_HEADER", "GoldenUnavailable", "c_golden", "header_macros"]
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "displif_golden.c"
+DISPLIF_HEADER = Path("/usr/include/xen/io/displif.h")
+_INSTALL_HINT = "run `make apt-deps` (installs gcc, libc6-dev and libxen-dev)"
+_TIMEOUT_S = 120
+
+
+class GoldenUnavailable(RuntimeError):
+    """The C golden vectors cannot be produced (no compiler, no Xen headers, build failure)."""
+
+
+def _compiler() -> list[str]:
+    cc = shlex.split(os.environ.get("CC", "gcc")) or ["gcc"]
+    if shutil.which(cc[0]) is None:
+        raise GoldenUnavailable(f"C compiler {cc[0]!r} not found: {_INSTALL_HINT}")
+    if not DISPLIF_HEADER.is_file():
+        raise GoldenUnavailable(f"{DISPLIF_HEADER} is missing: {_INSTALL_HINT}")
+    return cc
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+        )
+    except OSError as exc:
+        raise GoldenUnavailable(f"{what}: cannot run {argv[0]}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise GoldenUnavailable(f"{what}: {argv[0]} timed out after {_TIMEOUT_S} s") from exc
+    if done.returncode != 0:
+        raise GoldenUnavailable(
+            f"{what} failed (exit {done.returncode}): {shlex.join(argv)}\n{done.stderr}"
+        )
+    return done.stdout
+
+
+class _Cached:
+    """Remember a result or the failure, so a broken toolchain is reported once per test."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: GoldenUnavailable | None = None
+
+
+@functools.cache
+def _golden_cache() -> _Cached:
+    cached = _Cached()
+    try:
+        cc = _compiler()
+        with tempfile.TemporaryDirectory(prefix="displif-golden-") as tmp:
+            exe = Path(tmp) / "displif_golden"
+            _run(
+                [*cc, "-std=c11", "-O0", "-Wall", "-Wextra", "-o", str(exe), str(SOURCE)],
+                "compiling the displif golden-vector program",
+            )
+            out = _run([str(exe)], "running the displif golden-vector program")
+        try:
+            cached.value = json.loads(out)
+        except ValueError as exc:
+            raise GoldenUnavailable(f"golden program printed invalid JSON: {exc}") from exc
+    except GoldenUnavailable as exc:
+        cached.error = exc
+    return cached
+
+
+def c_golden() -> dict[str, Any]:
+    """The golden vectors as a dict (compiled and run once per session; treat as read-only)."""
+    cached = _golden_cache()
+    if cached.error is not None:
+        raise cached.error
+    value: dict[str, Any] = cached.value
+    return value
+
+
+_MACRO = re.compile(r"^#define (XENDISPL_[A-Z0-9_]+) (.*)$")
+
+
+@functools.cache
+def _macros() -> dict[str, str] | GoldenUnavailable:
+    try:
+        cc = _compiler()
+        with tempfile.TemporaryDirectory(prefix="displif-macros-") as tmp:
+            src = Path(tmp) / "macros.c"
+            src.write_text("#include <stdint.h>\n#include <xen/io/displif.h>\n")
+            out = _run([*cc, "-std=c11", "-dM", "-E", str(src)], "preprocessing displif.h")
+    except GoldenUnavailable as exc:
+        return exc
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        match = _MACRO.match(line)  # function-like macros have "(" right after the name
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def header_macros() -> dict[str, str]:
+    """Object-like ``XENDISPL_*`` macros of displif.h (header guard excluded) → definition."""
+    result = _macros()
+    if isinstance(result, GoldenUnavailable):
+        raise result
+    return dict(result)
