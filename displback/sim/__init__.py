@@ -1,0 +1,1 @@
+"""A simulated Xen machine (hypervisor and platform devices): displback without Xen."""

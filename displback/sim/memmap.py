@@ -1,0 +1,122 @@
+"""Contiguous mappings of scattered pages of a domain's RAM file, the way gntdev maps grants.
+
+A simulated domain's RAM is one memfd; its pages are addressed by page frame number (pfn =
+offset / 4096). Mapping a list of pfns reserves one anonymous span with Python's ``mmap``
+(which keeps count of exported buffers and refuses to close while views exist), then
+replaces each run of consecutive pfns in it with a ``MAP_SHARED | MAP_FIXED`` mapping of the
+memfd through libc. The result is real shared memory: another process that maps the same
+pages sees every store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from types import TracebackType
+from typing import Self
+
+from displback.protocol.constants import PAGE_SIZE
+
+__all__ = ["PageMapping", "runs_of"]
+
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+
+
+def runs_of(pfns: list[int]) -> list[tuple[int, int, int]]:
+    """Split ``pfns`` into ``(index, first_pfn, length)`` runs of consecutive frames."""
+    runs: list[tuple[int, int, int]] = []
+    for index, pfn in enumerate(pfns):
+        if runs and runs[-1][1] + runs[-1][2] == pfn:
+            start, first, length = runs[-1]
+            runs[-1] = (start, first, length + 1)
+        else:
+            runs.append((index, pfn, 1))
+    return runs
+
+
+class PageMapping:
+    """``pfns`` of the RAM file ``fd`` mapped contiguously; ``buffer`` is read-only unless
+    ``writable``. ``fd`` may be closed by the caller afterwards (the mapping keeps the file).
+    """
+
+    def __init__(self, fd: int, pfns: list[int], *, writable: bool) -> None:
+        if not pfns:
+            raise OSError(errno.EINVAL, "no pages to map")
+        size = len(pfns) * PAGE_SIZE
+        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+        anchor = ctypes.c_char.from_buffer(self._mm)
+        base = ctypes.addressof(anchor)
+        del anchor
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            for index, first, length in runs_of(pfns):
+                addr = _libc.mmap(
+                    base + index * PAGE_SIZE,
+                    length * PAGE_SIZE,
+                    prot,
+                    mmap.MAP_SHARED | _MAP_FIXED,
+                    fd,
+                    first * PAGE_SIZE,
+                )
+                if addr == _MAP_FAILED:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mmap of pfn {first}: {os.strerror(err)}")
+        except BaseException:
+            self._mm.close()
+            raise
+        view = memoryview(self._mm)
+        self._buffer = view if writable else view.toreadonly()
+        self._closed = False
+        self.pfns = list(pfns)
+        self.writable = writable
+
+    @property
+    def buffer(self) -> memoryview:
+        """The mapped pages, format ``B``, ``len(pfns) * 4096`` bytes."""
+        if self._closed:
+            raise ValueError("mapping is closed")
+        return self._buffer
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has unmapped the pages."""
+        return self._closed
+
+    def close(self) -> None:
+        """Unmap; ``BufferError`` (and nothing unmapped) while other views of it are alive."""
+        if self._closed:
+            return
+        self._buffer.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            view = memoryview(self._mm)
+            self._buffer = view if self.writable else view.toreadonly()
+            raise
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
