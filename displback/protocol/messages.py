@@ -475,7 +475,7 @@ class SetConfigReq(
         return cls(**cls._unpack_request(data))
 
     @classmethod
-    def disable(cls, id: int) -> Self:  # noqa: A002 - the protocol's name
+    def disable(cls, id: int) -> Self:
         """The all-zero request that switches the connector off."""
         return cls(id=id, fb_cookie=0, x=0, y=0, width=0, height=0, bpp=0)
 
@@ -526,9 +526,7 @@ class PgFlipReq(_Request, layout=_request_layout(("fb_cookie", "Q"))):
 
 
 @dataclass(frozen=True, slots=True)
-class GetEdidReq(
-    _Request, layout=_request_layout(("buffer_sz", "I"), ("gref_directory", "I"))
-):
+class GetEdidReq(_Request, layout=_request_layout(("buffer_sz", "I"), ("gref_directory", "I"))):
     """XENDISPL_OP_GET_EDID (reference §4.7, v2): fill the guest's buffer with an EDID."""
 
     OPERATION: ClassVar[Op] = Op.GET_EDID
@@ -560,7 +558,12 @@ class GetEdidReq(
 
 
 Request: TypeAlias = (
-    DbufCreateReq | DbufDestroyReq | FbAttachReq | FbDetachReq | SetConfigReq | PgFlipReq
+    DbufCreateReq
+    | DbufDestroyReq
+    | FbAttachReq
+    | FbDetachReq
+    | SetConfigReq
+    | PgFlipReq
     | GetEdidReq
 )
 """Any decoded request; dispatch with ``match`` or ``isinstance``."""
@@ -614,9 +617,7 @@ class Answerable(Protocol):
 @dataclass(frozen=True, slots=True)
 class Response(
     _Packet,
-    layout=_layout(
-        ("id", "H"), ("operation", "B"), (None, "x"), ("status", "i"), ("edid_sz", "I")
-    ),
+    layout=_layout(("id", "H"), ("operation", "B"), (None, "x"), ("status", "i"), ("edid_sz", "I")),
 ):
     """A response (reference §5): id and operation echoed, status 0 or -errno, GET_EDID size.
 

@@ -49,9 +49,7 @@ def _compiler() -> list[str]:
 
 def _run(argv: list[str], what: str) -> str:
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
     except OSError as exc:
         raise GoldenUnavailable(f"{what}: cannot run {argv[0]}: {exc}") from exc
     except subprocess.TimeoutExpired as exc:

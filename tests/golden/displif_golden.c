@@ -717,6 +717,10 @@ static void response_samples(void)
     emit_response("get_edid_ok", &r, 0);
     emit_response("get_edid_ok_dirty_reserved", &r, 1);
 
+    r = new_resp(0xffff, XENDISPL_OP_GET_EDID, 0);
+    r.op.get_edid.edid_sz = UINT32_MAX;
+    emit_response("get_edid_ok_max", &r, 0);
+
     r = new_resp(0xffff, 0xff, INT32_MIN);
     emit_response("unknown_operation_int32_min", &r, 0);
 

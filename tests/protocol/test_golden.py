@@ -117,14 +117,16 @@ def test_response_and_event_structs_match_c() -> None:
     resp = structs()["xendispl_resp"]
     assert resp["size"] == Response.SIZE
     assert resp["fields"]["status"] == [Response.FIELD_OFFSETS["status"], 4]
-    assert resp["fields"]["op"][0] + structs()["xendispl_get_edid_resp"]["fields"]["edid_sz"][
-        0
-    ] == Response.FIELD_OFFSETS["edid_sz"]
+    assert (
+        resp["fields"]["op"][0] + structs()["xendispl_get_edid_resp"]["fields"]["edid_sz"][0]
+        == Response.FIELD_OFFSETS["edid_sz"]
+    )
     evt = structs()["xendispl_evt"]
     assert evt["size"] == PgFlipEvent.SIZE
-    assert evt["fields"]["op"][0] + structs()["xendispl_pg_flip_evt"]["fields"]["fb_cookie"][
-        0
-    ] == PgFlipEvent.FIELD_OFFSETS["fb_cookie"]
+    assert (
+        evt["fields"]["op"][0] + structs()["xendispl_pg_flip_evt"]["fields"]["fb_cookie"][0]
+        == PgFlipEvent.FIELD_OFFSETS["fb_cookie"]
+    )
 
 
 def test_ring_geometry_and_index_offsets_match_c() -> None:
@@ -231,6 +233,7 @@ RESPONSE_SAMPLES = [
     "pg_flip_ok",
     "get_edid_ok",
     "get_edid_ok_dirty_reserved",
+    "get_edid_ok_max",
     "unknown_operation_int32_min",
     "fb_attach_eopnotsupp",
 ]
@@ -309,8 +312,6 @@ def test_response_pack_into_a_dirty_ring_slot_matches_c_bytes() -> None:
     s = sample("response", "reference_error")
     slot = bytearray(b"\xee" * 3 * constants.PACKET_SIZE)
     Response(**s["fields"]).pack_into(slot, constants.PACKET_SIZE)
-    assert slot[constants.PACKET_SIZE : 2 * constants.PACKET_SIZE] == bytes.fromhex(
-        s["clean_hex"]
-    )
+    assert slot[constants.PACKET_SIZE : 2 * constants.PACKET_SIZE] == bytes.fromhex(s["clean_hex"])
     assert slot[: constants.PACKET_SIZE] == b"\xee" * constants.PACKET_SIZE
     assert slot[2 * constants.PACKET_SIZE :] == b"\xee" * constants.PACKET_SIZE
