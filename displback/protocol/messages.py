@@ -27,6 +27,7 @@ echoed (the Linux frontend matches on both): :meth:`RequestHeader.parse` reads j
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ class _Packet:
         """The 64 bytes of this packet; every reserved byte is zero."""
         return self._LAYOUT.struct.pack(*self._values())
 
-    def pack_into(self, buffer: memoryview | bytearray, offset: int = 0) -> None:
+    def pack_into(self, buffer: memoryview | bytearray | mmap.mmap, offset: int = 0) -> None:
         """Write all 64 bytes (reserved ones zeroed) into ``buffer`` at ``offset``."""
         self._LAYOUT.struct.pack_into(buffer, offset, *self._values())
 
