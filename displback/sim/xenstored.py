@@ -56,7 +56,7 @@ _Handler = Callable[[Session, Packet], bytes]
 
 def _one_arg(payload: bytes) -> bytes:
     """The single NUL-terminated string a request carries (xenstored's onearg), else EINVAL."""
-    if not payload or payload.index(b"\0") != len(payload) - 1:
+    if not payload or payload.find(b"\0") != len(payload) - 1:
         raise XenStoreError("EINVAL", "expected exactly one NUL-terminated argument")
     return payload[:-1]
 
@@ -270,6 +270,10 @@ class XenStored:
                     nursery.start_soon(self._write_loop, conn, receive, stream)
                     await self._read_loop(conn, stream)
                     nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug in handling one client's request must not take the daemon down.
+            log.exception("xenstored: internal error on a domain %d connection", domid)
+            conn.dropped = "internal error"
         finally:
             conn.session.close()
             self.connections.remove(conn)
