@@ -534,6 +534,7 @@ class XenStoreTree:
         root_perms = (Perm("n", 0),)
         self._generation = 0
         self._tx_counter = 0
+        self._tx_started = 0
         self._nodes: dict[str, Node] = {}
         self._sessions: dict[Session, None] = {}  # insertion order = event delivery order
         self._special: dict[str, tuple[Perm, ...]] = {p: root_perms for p in SPECIAL_PATHS}
@@ -552,6 +553,11 @@ class XenStoreTree:
         session = Session(self, domid, on_event)
         self._sessions[session] = None
         return session
+
+    @property
+    def transactions_started(self) -> int:
+        """How many transactions have been started so far (for tests and diagnostics)."""
+        return self._tx_started
 
     def node(self, path: str) -> Node | None:
         """The committed node at absolute ``path`` (no permission check; for inspection)."""
@@ -576,6 +582,7 @@ class XenStoreTree:
         self._nodes[path] = dataclasses.replace(node, generation=self._generation)
 
     def _next_tx_id(self) -> int:
+        self._tx_started += 1
         self._tx_counter = self._tx_counter % 0xFFFFFFFE + 1
         return self._tx_counter
 
