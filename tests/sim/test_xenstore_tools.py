@@ -1,4 +1,4 @@
-"""Debian's xenstore-utils C tools (libxenstore 4.17) work unchanged against the simulated xenstored.
+"""Debian's xenstore-utils C tools (libxenstore 4.17) work unchanged against our xenstored.
 
 The tools find the daemon through ``XENSTORED_PATH``. Tools given several paths wrap their work
 in one transaction (``xenstore-write a 1 b 2``, ``xenstore-rm -t``, ``xenstore-chmod``, …).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,7 +36,7 @@ async def xsd(tmp_path: Path) -> AsyncIterator[RunningXenStored]:
 
 async def tool(
     xsd: RunningXenStored, *argv: str, domid: int = 0, check: bool = True
-) -> trio.CompletedProcess[bytes]:
+) -> subprocess.CompletedProcess[bytes]:
     path = xsd.socket_path if domid == 0 else xsd.domain_sockets[domid]
     env = dict(os.environ, XENSTORED_PATH=path)
     with trio.fail_after(10):
