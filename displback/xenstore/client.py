@@ -145,8 +145,17 @@ class WatchStream:
         self._wakeup = trio.Event()
         self._error: BaseException | None = None
         self._closed = False
+        self._swallow_initial = False
 
     def _push(self, path: str) -> None:
+        if self._swallow_initial:
+            # xenstored's initial event after a re-registration: the synthetic one stands in.
+            self._swallow_initial = False
+            if path == self.path:
+                return
+        self._enqueue(path)
+
+    def _enqueue(self, path: str) -> None:
         if self._closed or self._error is not None or path in self._queue:
             return
         if len(self._queue) >= self.maxlen:
@@ -420,13 +429,20 @@ class XenStoreClient(_Operations):
             opener=opener,
         )
         transport = await client._open()
+        body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._manage, transport)
             try:
                 yield client
+            except BaseException as exc:
+                # Re-raised below, outside the nursery, so the caller sees its own exception
+                # rather than an ExceptionGroup around it.
+                body_error = exc
             finally:
                 client._shutdown()
                 nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
 
     @property
     def connected(self) -> bool:
@@ -691,8 +707,9 @@ class XenStoreClient(_Operations):
             yield stream
         finally:
             self._watches.pop(token, None)
+            refused = stream._error is not None  # re-registration refused: nothing to remove
             stream._close()
-            if self._live is not None:
+            if self._live is not None and not refused:
                 await self._unwatch(self._live, path, token)
 
     async def _unwatch(self, conn: _Connection, path: str, token: str) -> None:
@@ -710,9 +727,11 @@ class XenStoreClient(_Operations):
             if self._watches.get(token) is not stream:
                 continue
             payload = join_strings(stream.path, token)
+            stream._swallow_initial = True
             try:
                 await self._request(MsgType.WATCH, payload, stream.path, None, conn=conn)
             except XenStoreError as exc:
+                stream._swallow_initial = False
                 stream._fail(exc)
             except (XenStoreConnectionError, XenStoreTimeoutError) as exc:
                 self._lose(conn, f"re-registering watches failed: {exc}")
@@ -722,7 +741,7 @@ class XenStoreClient(_Operations):
         self._set_live(conn)
         log.info("xenstore: reconnected to %s, %d watches restored", self.path, len(self._watches))
         for stream in list(self._watches.values()):
-            stream._push(stream.path)
+            stream._enqueue(stream.path)
 
     # ----------------------------------------------------------- transactions
 
