@@ -45,9 +45,13 @@ import contextlib
 import errno
 import itertools
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +59,13 @@ from typing import Any
 import trio
 
 from displback.protocol.constants import PAGE_SIZE
-from displback.sim.hvwire import Message, trio_recv_message, trio_send_message
+from displback.sim.hvwire import (
+    Message,
+    recv_message,
+    send_message,
+    trio_recv_message,
+    trio_send_message,
+)
 from displback.xen.interfaces import (
     GNTDEV_DMA_FLAG_COHERENT,
     GNTDEV_DMA_FLAG_WC,
@@ -66,9 +76,11 @@ __all__ = [
     "DOMID_MAX",
     "EVTCHN_MAX_PORTS",
     "FIRST_GREF",
+    "HypervisorProcess",
     "HypervisorThread",
     "Machine",
     "main",
+    "query_counters",
     "serve",
 ]
 
@@ -624,12 +636,30 @@ class Machine:
         buf.released.set()
 
     def live_export(self, domain: Domain, ids: list[int]) -> DmaBuf | None:
-        """The first of ``ids`` (newest first) that is a live export of ``domain``."""
+        """The first of ``ids`` (newest first) that is a live export of ``domain``.
+
+        A buffer whose every fd is already closed counts as released even if its watcher
+        has not run yet: in the kernel the last ``close`` releases synchronously.
+        """
         for ident in ids:
             buf = self.dmabufs.get(ident)
-            if buf is not None and buf.owner is domain and buf.grants:
-                return buf
+            if buf is None or buf.owner is not domain or not buf.grants:
+                continue
+            if _hung_up(buf.sock):
+                self.released(buf)
+                continue
+            return buf
         return None
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether every copy of the peer end of ``sock`` is closed (EOF is readable)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 async def _watch_dmabuf(machine: Machine, buf: DmaBuf) -> None:
@@ -644,12 +674,14 @@ async def _wait_released(machine: Machine, conn: Conn, message: Message) -> Repl
     ids = _ints(message, "ids")
     timeout_ms = _int(message, "timeout_ms")
     buf = machine.live_export(conn.domain, ids)
-    if buf is None:
-        return Reply({"result": "unknown"})
-    with trio.move_on_after(timeout_ms / 1000):
-        await buf.released.wait()
-        return Reply({"result": "released"})
-    return Reply({"result": "timeout"})
+    result = "unknown"
+    if buf is not None:
+        result = "timeout"
+        with trio.move_on_after(timeout_ms / 1000):
+            await buf.released.wait()
+            result = "released"
+    dead = [ident for ident in ids if ident not in machine.dmabufs]
+    return Reply({"result": result, "dead": dead})
 
 
 async def _serve_client(machine: Machine, sock: trio.socket.SocketType) -> None:
@@ -664,7 +696,9 @@ async def _serve_client(machine: Machine, sock: trio.socket.SocketType) -> None:
                 for fd in fds:
                     os.close(fd)
                 try:
-                    if conn is None:
+                    if message.get("op") == "counters":
+                        reply = Reply(machine.counters())
+                    elif conn is None:
                         if message.get("op") != "hello":
                             raise HvError(errno.EPROTO, "say hello first")
                         conn = machine.connect(_int(message, "domid", 0, DOMID_MAX))
@@ -675,8 +709,6 @@ async def _serve_client(machine: Machine, sock: trio.socket.SocketType) -> None:
                         return
                     elif message.get("op") == "dmabuf_wait":
                         reply = await _wait_released(machine, conn, message)
-                    elif message.get("op") == "counters":
-                        reply = Reply(machine.counters())
                     else:
                         reply = machine.handle(conn, message)
                 except HvError as exc:
@@ -776,14 +808,76 @@ class HypervisorThread:
         self.stop()
 
 
+def query_counters(socket_path: str) -> dict[str, Any]:
+    """:meth:`Machine.counters` of the hypervisor serving ``socket_path`` (any process)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(socket_path)
+        send_message(sock, {"op": "counters"})
+        reply, fds = recv_message(sock)
+    for fd in fds:
+        os.close(fd)
+    return reply
+
+
+class HypervisorProcess:
+    """A hypervisor in a child process (``python -m displback.sim.hypervisor``).
+
+    Its fds do not share this process's table, so fd numbers behave as on a real Dom0.
+    """
+
+    def __init__(self, socket_path: str, *, timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "displback.sim.hypervisor", "--socket", socket_path]
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                query_counters(socket_path)
+                return
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("simulated hypervisor did not start") from None
+                time.sleep(0.02)
+
+    def counters(self) -> dict[str, Any]:
+        """:meth:`Machine.counters` of the child."""
+        return query_counters(self.socket_path)
+
+    def stop(self) -> None:
+        """Interrupt the child (it cleans up its socket) and reap it."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> HypervisorProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m displback.sim.hypervisor --socket PATH``: serve until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--socket", required=True, help="UNIX socket path to listen on")
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(serve, args.socket)
+    trio.run(_serve_until_signal, args.socket)
     return 0
+
+
+async def _serve_until_signal(socket_path: str) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, socket_path)
+            async for _signum in signals:
+                nursery.cancel_scope.cancel()
+                return
 
 
 if __name__ == "__main__":

@@ -395,13 +395,10 @@ class SimGrantDevice:
             reply = waiter.call("dmabuf_wait", ids=ids, timeout_ms=timeout_ms)
         finally:
             waiter.close()
-        if reply["result"] == "timeout":
-            return False
-        with self._lock:
-            # The waited-on export (or every export of that number) is gone: forget it.
-            gone = ids[:1] if reply["result"] == "released" else ids
-            self._exports = [e for e in self._exports if e[1] not in gone]
-        return True
+        with self._lock:  # released exports leave the list, as in gntdev
+            dead = set(reply["dead"])
+            self._exports = [e for e in self._exports if e[1] not in dead]
+        return bool(reply["result"] != "timeout")
 
     def dmabuf_import_to_refs(self, fd: int, count: int, domid: int) -> list[int]:
         """Grant the local dma-buf ``fd`` (``count`` pages exactly) to ``domid``."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
-from displback.sim.hypervisor import HypervisorThread
+from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
 from displback.sim.platform import client_resources
 
 
@@ -24,7 +24,11 @@ def _leaks(counters: dict[str, Any]) -> dict[str, Any]:
     return leaks
 
 
-def wait_for_no_leaks(hv: HypervisorThread, timeout: float = 5.0) -> dict[str, Any]:
+class HasCounters(Protocol):
+    def counters(self) -> dict[str, Any]: ...
+
+
+def wait_for_no_leaks(hv: HasCounters, timeout: float = 5.0) -> dict[str, Any]:
     """Poll the hypervisor until nothing is live (or the timeout); return what is left."""
     deadline = time.monotonic() + timeout
     while True:
@@ -39,6 +43,19 @@ def hypervisor(tmp_path: Path) -> Iterator[HypervisorThread]:
     """An in-process simulated hypervisor; fails the test if anything is left behind."""
     before = client_resources()
     hv = HypervisorThread(str(tmp_path / "xen.sock"))
+    try:
+        yield hv
+        assert wait_for_no_leaks(hv) == {}, "hypervisor resources leaked"
+        assert client_resources() == before, "client-side resources leaked"
+    finally:
+        hv.stop()
+
+
+@pytest.fixture
+def hypervisor_process(tmp_path: Path) -> Iterator[HypervisorProcess]:
+    """A simulated hypervisor in a child process (fd numbers as on a real machine)."""
+    before = client_resources()
+    hv = HypervisorProcess(str(tmp_path / "xen.sock"))
     try:
         yield hv
         assert wait_for_no_leaks(hv) == {}, "hypervisor resources leaked"
