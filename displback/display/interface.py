@@ -1,0 +1,243 @@
+"""What the backend needs from a display: outputs that import, allocate, flip and show frames.
+
+One guest connector is shown on one :class:`Output` of a :class:`Display`. The backend cannot
+tell a virtual display (:mod:`displback.display.virtual`, used by the simulation and the
+tests) from a KMS one; both implement these protocols, raise these exceptions and report
+these dataclasses. See docs/display.md for the rules in prose.
+
+Framebuffers reach an output in one of two ways:
+
+* **zero-copy**: :meth:`Output.import_dmabuf` takes a dma-buf fd of the guest's pages with the
+  guest's geometry (pitch ``ceil(width * bpp / 8)``, offset ``data_ofs``). The output keeps
+  its own reference to the memory until :meth:`Output.release`; the caller may close its fd
+  right after the import. A display that cannot scan the buffer out raises
+  :class:`ImportRefused` and the backend falls back to copying.
+* **copy**: :meth:`Output.create_dumb` allocates a display-owned buffer with the display's
+  own pitch; the backend copies the guest's pixels into :attr:`DumbFramebuffer.buffer`
+  (see :func:`displback.display.pixels.copy_frame`) before each flip.
+
+Scanout rules:
+
+* :meth:`Output.flip` completes at the first vblank after it was called, when the frame is on
+  screen; one call, one completion. A flip on a disabled output turns scanout on. The caller
+  serialises flips per output: a flip or :meth:`Output.disable` while a flip is pending raises
+  :class:`FlipPending` (KMS answers ``EBUSY``). A flip whose caller is cancelled still lands at
+  the next vblank (a queued page flip cannot be taken back); it is counted but not reported.
+* :meth:`Output.release` may be called for any framebuffer at any time. Releasing the one on
+  screen (or the target of a pending flip) makes the output keep showing a private copy of its
+  last frame: the output never blanks because of a release, and never touches released
+  memory again.
+* :meth:`Output.snapshot` is what the screen shows now: the mode-sized top-left part of the
+  scanned-out frame (black where the frame is smaller), all black when scanout is off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from displback.display.pixels import RgbImage
+from displback.protocol.constants import EBUSY, PixelFormat
+
+__all__ = [
+    "Display",
+    "DisplayClosed",
+    "DisplayError",
+    "DumbFramebuffer",
+    "FlipPending",
+    "FlipResult",
+    "Framebuffer",
+    "ImportRefused",
+    "InvalidFramebuffer",
+    "Mode",
+    "Output",
+    "OutputStats",
+    "RgbImage",
+    "UnsupportedFormat",
+]
+
+
+class DisplayError(Exception):
+    """Base of the errors a display raises for requests it cannot carry out."""
+
+
+class ImportRefused(DisplayError):
+    """A dma-buf cannot be scanned out directly; ``reason`` says why (log it, then copy)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnsupportedFormat(DisplayError):
+    """The display cannot show this pixel format at all (not even from a dumb buffer)."""
+
+
+class FlipPending(DisplayError):
+    """A flip or disable was asked for while a flip is still pending on the output (EBUSY)."""
+
+    errno = EBUSY
+
+
+class InvalidFramebuffer(DisplayError):
+    """A framebuffer that was released or belongs to another output was passed in."""
+
+
+class DisplayClosed(DisplayError):
+    """The display was closed (before or while the operation waited)."""
+
+
+class Mode(NamedTuple):
+    """The resolution and refresh rate an output scans out at."""
+
+    width: int
+    height: int
+    refresh_hz: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlipResult:
+    """A completed flip: ``fb`` went on screen at vblank number ``sequence``.
+
+    ``timestamp`` is the vblank time in seconds on the display's clock (trio's clock for the
+    virtual display, ``CLOCK_MONOTONIC`` for KMS).
+    """
+
+    fb: Framebuffer
+    sequence: int
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputStats:
+    """Counters of one output since it was opened.
+
+    ``vblanks``: vblank periods elapsed (including missed ones); ``missed_vblanks``: periods
+    whose vblank was handled too late to count (the event loop was busy or the process
+    stalled); ``frames_shown``: handled vblanks with scanout on; ``flips_completed``: flips
+    that landed (one per accepted :meth:`Output.flip`, cancelled waiters included).
+    """
+
+    flips_completed: int
+    frames_shown: int
+    missed_vblanks: int
+    vblanks: int
+
+
+class Framebuffer(Protocol):
+    """Something an output can scan out: a rectangle of pixels in some memory."""
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def fourcc(self) -> PixelFormat: ...
+
+    @property
+    def pitch(self) -> int:
+        """Bytes from the start of one row to the start of the next."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """Byte offset of the first pixel inside the memory."""
+        ...
+
+    @property
+    def zero_copy(self) -> bool:
+        """True for an imported dma-buf, False for a display-owned (dumb) buffer."""
+        ...
+
+    @property
+    def released(self) -> bool: ...
+
+
+class DumbFramebuffer(Framebuffer, Protocol):
+    """A display-owned framebuffer the backend writes pixels into (offset 0)."""
+
+    @property
+    def buffer(self) -> memoryview:
+        """Writable bytes of the buffer, ``size`` long; invalid after release."""
+        ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class Output(Protocol):
+    """One guest connector's output: a scanout of one framebuffer at a fixed mode."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mode(self) -> Mode: ...
+
+    @property
+    def enabled(self) -> bool:
+        """Whether scanout is on (a frame, or the kept copy of a released one, is shown)."""
+        ...
+
+    @property
+    def flip_pending(self) -> bool: ...
+
+    @property
+    def current_fb(self) -> Framebuffer | None:
+        """The framebuffer on screen; None when disabled or showing a released FB's copy."""
+        ...
+
+    @property
+    def stats(self) -> OutputStats: ...
+
+    def import_dmabuf(
+        self, fd: int, *, width: int, height: int, pitch: int, offset: int, fourcc: int
+    ) -> Framebuffer:
+        """Import a dma-buf for zero-copy scanout, or raise :class:`ImportRefused`."""
+        ...
+
+    def create_dumb(self, *, width: int, height: int, fourcc: int) -> DumbFramebuffer:
+        """Allocate a display-owned framebuffer; :class:`UnsupportedFormat`/ValueError."""
+        ...
+
+    async def flip(self, fb: Framebuffer) -> FlipResult:
+        """Show ``fb`` from the next vblank on; return when it is on screen."""
+        ...
+
+    async def disable(self) -> None:
+        """Turn scanout off (SET_CONFIG with zeros); nothing is reported to the guest."""
+        ...
+
+    def release(self, fb: Framebuffer) -> None:
+        """Drop ``fb`` and every reference to its memory; idempotent."""
+        ...
+
+    def snapshot(self) -> RgbImage:
+        """What the screen shows now, ``mode.width`` × ``mode.height`` pixels."""
+        ...
+
+    def write_png(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`snapshot` as a PNG file (blocking file I/O)."""
+        ...
+
+
+class Display(Protocol):
+    """An output device: owns its outputs and whatever runs them, open until closed.
+
+    Each implementation opens with an async context manager of its own (e.g.
+    ``async with VirtualDisplay.open(...) as display``) that closes it on exit.
+    """
+
+    @property
+    def outputs(self) -> Mapping[str, Output]: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def aclose(self) -> None:
+        """Release every framebuffer, stop scanout and wake pending flips with DisplayClosed."""
+        ...
