@@ -26,6 +26,7 @@ socket, its watch monitor spins on events for paths it does not watch, it refuse
 
 from __future__ import annotations
 
+import abc
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -240,13 +241,14 @@ def _text(item: bytes) -> str:
     return item.decode("ascii", "replace")
 
 
-class _Operations:
+class _Operations(abc.ABC):
     """The node operations, shared by the client and a transaction (which binds a tx_id)."""
 
+    @abc.abstractmethod
     async def _call(
         self, op: MsgType, payload: bytes, path: str, timeout: float | None
     ) -> Packet:
-        raise NotImplementedError
+        """Send one request (in this object's transaction, if any) and return its reply."""
 
     async def read(self, path: str, *, timeout: float | None = None) -> bytes:
         """The node's value; ``XenStoreError`` (``ENOENT`` if it does not exist)."""

@@ -11,12 +11,14 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from displback.sim.xenstored import RunningXenStored, XenStored, running_xenstored
 from displback.xenstore.client import (
     Perm,
     Transaction,
@@ -805,3 +807,113 @@ def test_perm_parse_refuses_malformed_strings(text: str) -> None:
 def test_perm_round_trips(domid: int, access: str) -> None:
     perm = Perm.parse(f"{access}{domid}")
     assert Perm.parse(str(perm)) == perm
+
+
+# ------------------------------------------------ against the simulated xenstored (sim)
+
+
+@pytest.fixture
+async def sim(sock_dir: str) -> AsyncIterator[RunningXenStored]:
+    async with running_xenstored(sock_dir, domains=(5,)) as running:
+        yield running
+
+
+async def test_sim_read_write_mkdir_rm_directory_round_trip(sim: RunningXenStored) -> None:
+    async with fast_client(sim.socket_path) as xs:
+        await xs.write("/vm/5/name", "guest")
+        await xs.mkdir("/vm/5/empty")
+        assert await xs.read("/vm/5/name") == b"guest"
+        assert await xs.read("/vm/5/empty") == b""
+        assert sorted(await xs.directory("/vm/5")) == ["empty", "name"]
+        await xs.rm("/vm/5")
+        assert await xs.read_or_none("/vm/5/name") is None
+        with pytest.raises(XenStoreError, match="ENOENT"):
+            await xs.directory("/vm/5")
+        assert await xs.read("/local/domain/0/name") == b"Domain-0"
+        assert await xs.get_domain_path(5) == "/local/domain/5"
+
+
+async def test_sim_permissions_decide_what_a_guest_connection_may_do(
+    sim: RunningXenStored,
+) -> None:
+    guest_socket = sim.domain_sockets[5]
+    async with fast_client(sim.socket_path) as dom0, fast_client(guest_socket) as guest:
+        await dom0.write("/local/domain/5/device/vdispl/0/state", "1")
+        await dom0.write("/secret", "x")
+        await dom0.set_perms("/local/domain/5/device/vdispl/0/state", [Perm(5, "n"), Perm(0, "r")])
+        assert await dom0.get_perms("/local/domain/5/device/vdispl/0/state") == [
+            Perm(5, "n"),
+            Perm(0, "r"),
+        ]
+        await dom0.set_perms("/secret", [Perm(0, "n")])
+        await guest.write("/local/domain/5/device/vdispl/0/state", "3")
+        assert await dom0.read("/local/domain/5/device/vdispl/0/state") == b"3"
+        with pytest.raises(XenStoreError) as exc:
+            await guest.read("/secret")
+        assert exc.value.name == "EACCES"
+        with pytest.raises(XenStoreError, match="EACCES"):
+            await guest.write("/secret", "mine")
+
+
+async def test_sim_watch_streams_see_their_own_changes_only(sim: RunningXenStored) -> None:
+    async with fast_client(sim.socket_path) as xs, fast_client(sim.socket_path) as other:
+        async with xs.watch("/backend/vdispl") as backend, xs.watch("/frontend") as front:
+            with trio.fail_after(2):
+                assert await backend.__anext__() == "/backend/vdispl"
+                assert await front.__anext__() == "/frontend"
+                await other.write("/backend/vdispl/5/0/state", "2")
+                assert await backend.__anext__() == "/backend/vdispl/5/0/state"
+                await other.write("/frontend/x", "1")
+                assert await front.__anext__() == "/frontend/x"
+            assert backend.pending == 0 and front.pending == 0
+        assert [c.session.watches for c in sim.xenstored.connections] == [[], []]
+
+
+async def test_sim_concurrent_transactions_retry_until_every_increment_lands(
+    sim: RunningXenStored,
+) -> None:
+    async def bump(tx: Transaction) -> None:
+        value = int(await tx.read("/counter"))
+        await trio.sleep(0.001)  # let the others interleave and conflict
+        await tx.write("/counter", str(value + 1))
+
+    async with fast_client(sim.socket_path) as a, fast_client(sim.socket_path) as b:
+        await a.write("/counter", "0")
+        async with trio.open_nursery() as nursery:
+            for client in (a, b) * 4:
+                nursery.start_soon(partial(client.run_transaction, bump, attempts=50))
+        assert await a.read("/counter") == b"8"
+        assert sim.tree.transactions_started > 8  # conflicts did happen and were retried
+        with pytest.raises(ZeroDivisionError):
+            async with a.transaction() as tx:
+                await tx.write("/counter", "999")
+                raise ZeroDivisionError
+        assert await b.read("/counter") == b"8"
+
+
+async def test_sim_restart_reconnects_and_restores_watches(sock_dir: str) -> None:
+    daemon = XenStored()
+    path = os.path.join(sock_dir, "xenstored.sock")
+    async with trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def serve_until_cancelled(task_status: trio.TaskStatus[str]) -> None:
+            with first:
+                await daemon.serve(path, 0, task_status=task_status)
+
+        await nursery.start(serve_until_cancelled)
+        async with fast_client(path) as xs:
+            async with xs.watch("/backend") as events:
+                assert await events.__anext__() == "/backend"
+                first.cancel()  # xenstored goes away, with our connection
+                await wait_disconnected(xs)
+                await nursery.start(daemon.serve, path, 0)
+                with trio.fail_after(2):
+                    assert await events.__anext__() == "/backend"  # the one synthetic event
+                session = daemon.session(0)
+                session.write("/backend/new", b"1")
+                session.close()
+                with trio.fail_after(2):
+                    assert await events.__anext__() == "/backend/new"
+            assert xs.generation == 2
+        nursery.cancel_scope.cancel()
