@@ -1,0 +1,405 @@
+"""A libxl-like toolstack for the simulation: guest domains and their vdispl devices in XenStore.
+
+It writes what libxl (tools/libs/light, Xen 4.17) writes for ``vdispl`` — same nodes, same
+owners and permissions, same transactions, same timeouts — so the backend under test meets the
+store it would meet under ``xl create`` / ``xl vdispl-attach`` / ``xl vdispl-detach`` /
+``xl destroy`` (reference §1). It runs in the simulated xenstored's process and talks to the
+store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting for nodes with
+:meth:`~displback.sim.xenstored.XenStored.wait_for`.
+
+* ``create_domain``: ``/local/domain/F`` (owner dom0, guest may read) with ``name``, ``domid``,
+  and guest-owned ``device``, ``data``, ``drivers``, ``feature``, ``attr``, ``error``;
+  ``/libxl/F``; then ``@introduceDomain``.
+* ``add_vdispl``: one transaction as libxl__device_generic_add: frontend directory owned by
+  the guest and readable by the backend (``backend``, ``backend-id``, ``state`` = 1),
+  ``be-alloc`` and per connector ``i/resolution``, ``i/unique-id`` owned by the backend and
+  read-only to the guest; backend directory owned by the backend and readable by the guest
+  (``frontend``, ``frontend-id``, ``online`` = 1, ``state`` = 1); libxl's copy under
+  ``/libxl/F/device/vdispl/D``. Then waits (10 s) for the backend to reach InitWait.
+* ``remove_vdispl``: ``online`` = 0 and ``state`` = 5 in one transaction, wait (10 s) for
+  Closed (6), then remove the three directories and their emptied parents.
+* ``destroy_domain``: devices are closed without waiting (the domain is gone), the domain's
+  directories removed, then ``@releaseDomain`` fires.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from displback.sim.xenstore_tree import Perm, Session, domain_path
+from displback.sim.xenstored import XenStored
+from displback.xenstore.wire import XenStoreError
+
+__all__ = [
+    "Connector",
+    "ToolstackError",
+    "Toolstack",
+    "VdisplConfig",
+    "VdisplSpecError",
+    "backend_path",
+    "frontend_path",
+    "libxl_path",
+    "parse_vdispl",
+]
+
+INIT_TIMEOUT = 10.0  # LIBXL_INIT_TIMEOUT
+DESTROY_TIMEOUT = 10.0  # LIBXL_DESTROY_TIMEOUT
+
+STATE_CLOSING = b"5"
+STATE_CLOSED = b"6"
+
+T = TypeVar("T")
+
+
+class VdisplSpecError(ValueError):
+    """An xl.cfg ``vdispl`` string that xl would refuse."""
+
+
+class ToolstackError(RuntimeError):
+    """A toolstack operation failed (unknown domain, backend never reached InitWait, …)."""
+
+
+def frontend_path(domid: int, devid: int) -> str:
+    return f"{domain_path(domid)}/device/vdispl/{devid}"
+
+
+def backend_path(backend_domid: int, domid: int, devid: int) -> str:
+    return f"{domain_path(backend_domid)}/backend/vdispl/{domid}/{devid}"
+
+
+def libxl_path(domid: int, devid: int) -> str:
+    return f"/libxl/{domid}/device/vdispl/{devid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    unique_id: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class VdisplConfig:
+    """A parsed ``vdispl`` entry; ``backend`` is a domain name or decimal id."""
+
+    connectors: tuple[Connector, ...]
+    backend: str = "Domain-0"
+    be_alloc: bool = False
+
+
+_UNIQUE_ID = re.compile(r"[!-~]+")  # printable, no space
+_RESOLUTION = re.compile(r"([0-9]{1,10})x([0-9]{1,10})")
+
+
+def parse_vdispl(spec: str) -> VdisplConfig:
+    """Parse ``backend=Domain-0,be-alloc=0,connectors=id0:1024x768;id1:800x600``."""
+    backend = "Domain-0"
+    be_alloc = False
+    connectors: tuple[Connector, ...] | None = None
+    seen: set[str] = set()
+    for item in spec.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            raise VdisplSpecError(f"vdispl: expected key=value, got {item!r}")
+        if key in seen:
+            raise VdisplSpecError(f"vdispl: {key!r} given twice")
+        seen.add(key)
+        if key == "backend":
+            if not value:
+                raise VdisplSpecError("vdispl: empty backend")
+            backend = value
+        elif key == "be-alloc":
+            if not value.isdigit():
+                raise VdisplSpecError(f"vdispl: be-alloc must be an integer, got {value!r}")
+            be_alloc = int(value) != 0
+        elif key == "connectors":
+            connectors = _parse_connectors(value)
+        else:
+            raise VdisplSpecError(f"vdispl: unknown key {key!r}")
+    if not connectors:
+        raise VdisplSpecError("vdispl: at least one connector must be given (connectors=...)")
+    return VdisplConfig(connectors, backend, be_alloc)
+
+
+def _parse_connectors(text: str) -> tuple[Connector, ...]:
+    result: list[Connector] = []
+    for entry in text.split(";"):
+        unique_id, sep, resolution = entry.partition(":")
+        if not sep:
+            raise VdisplSpecError(f"vdispl: connector {entry!r} is not <id>:<W>x<H>")
+        if _UNIQUE_ID.fullmatch(unique_id) is None or any(c in unique_id for c in ",;:"):
+            raise VdisplSpecError(f"vdispl: bad connector id {unique_id!r}")
+        match = _RESOLUTION.fullmatch(resolution)
+        if match is None:
+            raise VdisplSpecError(f"vdispl: bad resolution {resolution!r} (want <W>x<H>)")
+        width, height = int(match.group(1)), int(match.group(2))
+        if not (0 < width <= 0xFFFFFFFF and 0 < height <= 0xFFFFFFFF):
+            raise VdisplSpecError(f"vdispl: resolution {resolution!r} out of range")
+        if any(c.unique_id == unique_id for c in result):
+            raise VdisplSpecError(f"vdispl: connector id {unique_id!r} used twice")
+        result.append(Connector(unique_id, width, height))
+    return tuple(result)
+
+
+class Toolstack:
+    """Creates and removes guests' vdispl devices in a :class:`XenStored`, as libxl does."""
+
+    def __init__(
+        self,
+        xenstored: XenStored,
+        *,
+        init_timeout: float = INIT_TIMEOUT,
+        destroy_timeout: float = DESTROY_TIMEOUT,
+    ) -> None:
+        self.xenstored = xenstored
+        self.init_timeout = init_timeout
+        self.destroy_timeout = destroy_timeout
+        self._xs: Session = xenstored.session(0)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _transact(self, body: Callable[[int], T]) -> T:
+        """Run ``body(tx)`` in a transaction, retrying on EAGAIN as libxl does."""
+        while True:
+            tx = self._xs.transaction_start()
+            try:
+                result = body(tx)
+            except BaseException:
+                self._xs.transaction_end(tx, commit=False)
+                raise
+            try:
+                self._xs.transaction_end(tx, commit=True)
+            except XenStoreError as exc:
+                if exc.errno == _errno.EAGAIN:
+                    continue
+                raise
+            return result
+
+    def _read(self, path: str, tx: int = 0) -> bytes | None:
+        try:
+            return self._xs.read(path, tx)
+        except XenStoreError as exc:
+            if exc.errno == _errno.ENOENT:
+                return None
+            raise
+
+    def _list(self, path: str, tx: int = 0) -> list[str]:
+        try:
+            return self._xs.directory(path, tx)
+        except XenStoreError as exc:
+            if exc.errno == _errno.ENOENT:
+                return []
+            raise
+
+    def _rm(self, path: str, tx: int) -> None:
+        """RM whose ENOENT (missing parent) is ignored, as libxl ignores it."""
+        try:
+            self._xs.rm(path, tx)
+        except XenStoreError as exc:
+            if exc.errno != _errno.ENOENT:
+                raise
+
+    def _write_with_perms(self, tx: int, path: str, value: str, perms: tuple[Perm, ...]) -> None:
+        self._xs.write(path, value.encode(), tx)
+        self._xs.set_perms(path, perms, tx)
+
+    def _cleanup(self, tx: int, path: str, stop: str) -> None:
+        """Remove ``path``, then each parent left empty, up to (not including) ``stop``
+        (libxl__xs_path_cleanup)."""
+        self._rm(path, tx)
+        parent = path.rsplit("/", 1)[0]
+        while parent.startswith(stop + "/") and not self._list(parent, tx):
+            self._rm(parent, tx)
+            parent = parent.rsplit("/", 1)[0]
+
+    def domid_of(self, name_or_id: str | int) -> int:
+        """A domain id from a decimal id or a domain ``name`` (``Domain-0`` is 0)."""
+        if isinstance(name_or_id, int):
+            return name_or_id
+        if name_or_id.isdigit():
+            return int(name_or_id)
+        for entry in self._list("/local/domain"):
+            if entry.isdigit() and self._read(f"/local/domain/{entry}/name") == \
+                    name_or_id.encode():
+                return int(entry)
+        raise ToolstackError(f"no domain named {name_or_id!r}")
+
+    # -- domains -----------------------------------------------------------------------
+
+    def create_domain(self, domid: int, name: str) -> None:
+        """The XenStore part of libxl__domain_make for guest ``domid``; fires
+        ``@introduceDomain``."""
+        if not 0 < domid < 0x7FF0:
+            raise ToolstackError(f"bad guest domain id {domid}")
+        home = domain_path(domid)
+        roperm = (Perm("n", 0), Perm("r", domid))
+        rwperm = (Perm("n", domid),)
+
+        def body(tx: int) -> None:
+            self._rm(home, tx)
+            self._xs.mkdir(home, tx)
+            self._xs.set_perms(home, roperm, tx)
+            self._rm(f"/libxl/{domid}", tx)
+            self._xs.mkdir(f"/libxl/{domid}", tx)
+            self._xs.set_perms(f"/libxl/{domid}", (Perm("n", 0),), tx)
+            self._xs.write(f"{home}/name", name.encode(), tx)
+            self._xs.write(f"{home}/domid", str(domid).encode(), tx)
+            for sub in ("device", "data", "drivers", "feature", "attr", "error"):
+                self._xs.mkdir(f"{home}/{sub}", tx)
+                self._xs.set_perms(f"{home}/{sub}", rwperm, tx)
+            self._xs.mkdir(f"{home}/control", tx)
+            self._xs.set_perms(f"{home}/control", roperm, tx)
+
+        self._transact(body)
+        self.xenstored.introduce_domain(domid)
+
+    async def destroy_domain(self, domid: int) -> None:
+        """Close the guest's vdispl devices without waiting, remove its directories, and fire
+        ``@releaseDomain``."""
+        for devid in self.vdispl_devices(domid):
+            backend = self._read(f"{libxl_path(domid, devid)}/backend")
+            if backend is not None:
+                self._close_backend(backend.decode())
+            self._destroy_device(domid, devid)
+
+        def body(tx: int) -> None:
+            for entry in self._list("/local/domain", tx):
+                self._rm(f"/local/domain/{entry}/backend/vdispl/{domid}", tx)
+            self._rm(domain_path(domid), tx)
+            self._rm(f"/libxl/{domid}", tx)
+
+        self._transact(body)
+        self.xenstored.release_domain(domid)
+
+    # -- vdispl devices ----------------------------------------------------------------
+
+    def vdispl_devices(self, domid: int) -> list[int]:
+        """Device ids libxl knows for the guest (``/libxl/F/device/vdispl``)."""
+        return sorted(int(d) for d in self._list(f"/libxl/{domid}/device/vdispl") if d.isdigit())
+
+    async def add_vdispl(
+        self,
+        domid: int,
+        spec: str | VdisplConfig,
+        *,
+        devid: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Create vdispl device ``devid`` (default: the next free one) for guest ``domid`` and
+        wait for the backend's InitWait. Returns the device id.
+
+        Raises :class:`VdisplSpecError` for a bad spec and :class:`ToolstackError` if the guest
+        does not exist or the backend does not reach state 2 (or beyond) in time; the nodes
+        are then left in place, as libxl leaves them."""
+        config = parse_vdispl(spec) if isinstance(spec, str) else spec
+        backend_domid = self.domid_of(config.backend)
+        if self._read(domain_path(domid)) is None:
+            raise ToolstackError(f"no guest domain {domid}")
+        if devid is None:
+            devid = max(self.vdispl_devices(domid), default=-1) + 1
+        fe = frontend_path(domid, devid)
+        be = backend_path(backend_domid, domid, devid)
+        lx = libxl_path(domid, devid)
+        frontend_perms = (Perm("n", domid), Perm("r", backend_domid))
+        ro_frontend_perms = (Perm("n", backend_domid), Perm("r", domid))
+        backend_perms = (Perm("n", backend_domid), Perm("r", domid))
+        bents = {"frontend-id": str(domid), "online": "1", "state": "1"}
+        fents = {"backend-id": str(backend_domid), "state": "1"}
+        ro_fents = {"be-alloc": "1" if config.be_alloc else "0"}
+        for index, connector in enumerate(config.connectors):
+            ro_fents[f"{index}/resolution"] = f"{connector.width}x{connector.height}"
+            ro_fents[f"{index}/unique-id"] = connector.unique_id
+
+        def body(tx: int) -> None:
+            xs = self._xs
+            self._rm(lx, tx)
+            xs.write(f"{lx}/frontend", fe.encode(), tx)
+            xs.write(f"{lx}/backend", be.encode(), tx)
+            self._rm(fe, tx)
+            xs.mkdir(fe, tx)
+            xs.set_perms(fe, frontend_perms, tx)
+            xs.write(f"{fe}/backend", be.encode(), tx)
+            for key, value in fents.items():
+                self._write_with_perms(tx, f"{fe}/{key}", value, frontend_perms)
+            for key, value in ro_fents.items():
+                self._write_with_perms(tx, f"{fe}/{key}", value, ro_frontend_perms)
+            self._rm(be, tx)
+            xs.mkdir(be, tx)
+            xs.set_perms(be, backend_perms, tx)
+            xs.write(f"{be}/frontend", fe.encode(), tx)
+            for key, value in bents.items():
+                xs.write(f"{be}/{key}", value.encode(), tx)
+            for key, value in bents.items():
+                xs.write(f"{lx}/{key}", value.encode(), tx)
+
+        self._transact(body)
+        limit = self.init_timeout if timeout is None else timeout
+        try:
+            await self.xenstored.wait_for(f"{be}/state", _reached_init_wait, timeout=limit)
+        except trio.TooSlowError:
+            state = self._read(f"{be}/state")
+            raise ToolstackError(
+                f"vdispl {devid} of domain {domid}: backend state {state!r} did not reach "
+                f"InitWait (2) within {limit} s"
+            ) from None
+        return devid
+
+    async def remove_vdispl(self, domid: int, devid: int, *, timeout: float | None = None) -> bool:
+        """Detach vdispl ``devid``: ``online``=0 and ``state``=5 in one transaction, wait for
+        state 6, then delete the directories. Returns ``False`` if the backend did not close
+        in time (the directories are removed anyway: libxl's forced removal)."""
+        backend = self._read(f"{libxl_path(domid, devid)}/backend")
+        if backend is None:
+            raise ToolstackError(f"domain {domid} has no vdispl device {devid}")
+        be = backend.decode()
+        closed = True
+        if self._close_backend(be):
+            limit = self.destroy_timeout if timeout is None else timeout
+            try:
+                await self.xenstored.wait_for(
+                    f"{be}/state", lambda v: v is None or v == STATE_CLOSED, timeout=limit)
+            except trio.TooSlowError:
+                closed = False
+        self._destroy_device(domid, devid)
+        return closed
+
+    def _close_backend(self, be: str) -> bool:
+        """Write ``online``=0 and, unless already Closed, ``state``=5; whether to wait."""
+
+        def body(tx: int) -> bool:
+            state = self._read(f"{be}/state", tx)
+            if state is None:
+                return False
+            self._xs.write(f"{be}/online", b"0", tx)
+            if state == STATE_CLOSED:
+                return False
+            self._xs.write(f"{be}/state", STATE_CLOSING, tx)
+            return True
+
+        return self._transact(body)
+
+    def _destroy_device(self, domid: int, devid: int) -> None:
+        lx = libxl_path(domid, devid)
+
+        def body(tx: int) -> None:
+            fe = self._read(f"{lx}/frontend", tx)
+            be = self._read(f"{lx}/backend", tx)
+            if fe is not None:
+                self._cleanup(tx, fe.decode(), domain_path(domid))
+            if be is not None:
+                path = be.decode()
+                self._cleanup(tx, path, path.split("/backend/")[0])
+            self._cleanup(tx, lx, f"/libxl/{domid}")
+
+        self._transact(body)
+
+
+def _reached_init_wait(value: bytes | None) -> bool:
+    # InitWait, or already past it (a hot-plugged guest may connect before we look).
+    return value is not None and value.isdigit() and 2 <= int(value) <= 4
