@@ -23,12 +23,22 @@ import socket
 import stat
 import threading
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from displback.protocol.constants import pages_for
 from displback.sim.hvwire import Message, recv_message, send_message
 from displback.sim.hypervisor import EVTCHN_MAX_PORTS
 from displback.sim.memmap import PageMapping
+
+if TYPE_CHECKING:
+    from displback.xen.interfaces import (
+        DmaBufMapping,
+        DmaBufs,
+        EventChannels,
+        GrantDevice,
+        GrantMapping,
+        Platform,
+    )
 
 __all__ = [
     "SimDmaBufMapping",
@@ -349,6 +359,8 @@ class SimGrantDevice:
 
     def map_grants(self, domid: int, refs: list[int], *, writable: bool = True) -> SimGrantMapping:
         """Map ``refs`` of ``domid`` contiguously (EINVAL for any bad grant; nothing mapped)."""
+        if self._closing:
+            raise OSError(errno.EBADF, "grant device is closed")
         reply, fds = self._conn.call_fds("map", domid=domid, refs=list(refs), writable=writable)
         map_id = int(reply["map_id"])
         try:
@@ -616,3 +628,16 @@ class SimDomain(_DmaBufHelper):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+
+
+if TYPE_CHECKING:  # mypy proves the simulation implements the interfaces
+
+    def _implements(
+        platform: SimPlatform,
+        domain: SimDomain,
+        evtchn: SimEventChannels,
+        gntdev: SimGrantDevice,
+        mapping: SimGrantMapping,
+        dmabuf: SimDmaBufMapping,
+    ) -> tuple[Platform, DmaBufs, EventChannels, GrantDevice, GrantMapping, DmaBufMapping]:
+        return platform, domain, evtchn, gntdev, mapping, dmabuf

@@ -28,12 +28,15 @@ class HasCounters(Protocol):
     def counters(self) -> dict[str, Any]: ...
 
 
-def wait_for_no_leaks(hv: HasCounters, timeout: float = 5.0) -> dict[str, Any]:
-    """Poll the hypervisor until nothing is live (or the timeout); return what is left."""
+def wait_for_no_leaks(
+    hv: HasCounters, timeout: float = 5.0, *, expected: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Poll the hypervisor until only ``expected`` (default: nothing) is live, or the
+    timeout; return what is live."""
     deadline = time.monotonic() + timeout
     while True:
         leaks = _leaks(hv.counters())
-        if not leaks or time.monotonic() > deadline:
+        if leaks == (expected or {}) or time.monotonic() > deadline:
             return leaks
         time.sleep(0.01)
 
