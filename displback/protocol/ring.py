@@ -353,7 +353,8 @@ class BackRing(_RingSide):
         """Before sleeping: True if requests are pending (take them), else arm ``req_event``.
 
         Never raises; a hostile ``req_prod`` makes it return True so that the next
-        :meth:`take_requests` reports the violation.
+        :meth:`take_requests` reports the violation — unless all 32 slots hold requests
+        awaiting responses, in which case there is nothing to read until we answer.
         """
         return self._final_check(RING_REQ_EVENT_OFS, self._req_cons, self._unconsumed)
 
