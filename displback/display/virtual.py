@@ -1,0 +1,591 @@
+"""A display with no hardware: outputs that scan out in memory, paced by a trio vblank timer.
+
+The simulation, the tests and headless hosts show guest connectors on a
+:class:`VirtualDisplay`; it implements :mod:`displback.display.interface` exactly as a KMS
+display will, so the backend cannot tell them apart. Each :class:`VirtualOutput` runs one
+vblank task in the display's nursery, every ``1 / refresh_hz`` seconds of trio's clock (tests
+use ``trio.testing.MockClock`` and run at full speed):
+
+* a pending flip lands at the first vblank after it was asked for; its caller wakes with a
+  :class:`~displback.display.interface.FlipResult`;
+* scanout only *references* the framebuffer's memory — nothing is copied per vblank, in
+  zero-copy or copy mode — and :meth:`VirtualOutput.snapshot` reads it when asked;
+* a vblank handled more than one period late counts the skipped periods as missed.
+
+Zero-copy imports go through an injected ``dmabuf_importer(fd)`` (the platform layer maps the
+dma-buf; tests pass a memfd-backed fake) returning a :class:`DmabufMapping`. The display owns
+that mapping until the framebuffer is released and closes it then, having first dropped every
+view of it (a kept copy replaces it on screen if needed). Options simulate drivers that refuse
+imports: ``dmabuf_importer=None`` or ``import_supported=False`` (no PRIME import at all),
+``import_formats`` (an allow-list), ``pitch_align``/``offset_align`` (like i915's 64-byte
+pitch rule). Dumb buffers get the display's own pitch, rounded up to ``dumb_pitch_align``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+from PIL import Image
+
+from displback.display.interface import (
+    DisplayClosed,
+    FlipPending,
+    FlipResult,
+    Framebuffer,
+    ImportRefused,
+    InvalidFramebuffer,
+    Mode,
+    OutputStats,
+    UnsupportedFormat,
+)
+from displback.display.pixels import RgbImage, copy_frame, frame_end, to_rgb
+from displback.protocol.constants import PixelFormat
+
+if TYPE_CHECKING:
+    from displback.display.interface import Display, DumbFramebuffer, Output
+
+__all__ = [
+    "MAX_SIZE",
+    "DmabufImporter",
+    "DmabufMapping",
+    "OutputConfig",
+    "VirtualDisplay",
+    "VirtualDumbFramebuffer",
+    "VirtualFramebuffer",
+    "VirtualOutput",
+]
+
+# Largest framebuffer or mode side, in pixels (what common KMS drivers accept).
+MAX_SIZE = 16384
+_MAX_REFRESH_HZ = 1000.0
+
+
+class DmabufMapping(Protocol):
+    """A readable mapping of an imported dma-buf; valid until :meth:`close`."""
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+    def close(self) -> None: ...
+
+
+DmabufImporter = Callable[[int], DmabufMapping]
+"""Maps a dma-buf fd; raises OSError when it cannot. Closing the fd must not end the mapping."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    """One virtual output: its name (the guest connector's) and its mode."""
+
+    name: str
+    width: int
+    height: int
+    refresh_hz: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("an output needs a name")
+        if not (1 <= self.width <= MAX_SIZE and 1 <= self.height <= MAX_SIZE):
+            raise ValueError(f"output {self.name}: bad resolution {self.width}x{self.height}")
+        if not (0.0 < self.refresh_hz <= _MAX_REFRESH_HZ):
+            raise ValueError(f"output {self.name}: bad refresh rate {self.refresh_hz} Hz")
+
+
+@dataclass(slots=True, eq=False)
+class _Frame:
+    """What scanout reads: pixels in ``memory``; ``fb`` is None for a kept copy."""
+
+    memory: memoryview | bytearray
+    offset: int
+    pitch: int
+    width: int
+    height: int
+    fourcc: PixelFormat
+    fb: VirtualFramebuffer | None
+
+
+@dataclass(slots=True, eq=False)
+class _PendingFlip:
+    fb: VirtualFramebuffer
+    frame: _Frame
+    done: trio.Event
+    result: FlipResult | None = None
+
+
+class VirtualFramebuffer:
+    """A framebuffer of a :class:`VirtualOutput`: an imported dma-buf or a dumb buffer."""
+
+    __slots__ = (
+        "_fourcc",
+        "_height",
+        "_mapping",
+        "_memory",
+        "_offset",
+        "_output",
+        "_pitch",
+        "_released",
+        "_width",
+    )
+
+    def __init__(
+        self,
+        output: VirtualOutput,
+        *,
+        width: int,
+        height: int,
+        fourcc: PixelFormat,
+        pitch: int,
+        offset: int,
+        memory: memoryview,
+        mapping: DmabufMapping | None,
+    ) -> None:
+        self._output = output
+        self._width = width
+        self._height = height
+        self._fourcc = fourcc
+        self._pitch = pitch
+        self._offset = offset
+        self._memory: memoryview | None = memory
+        self._mapping = mapping
+        self._released = False
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def fourcc(self) -> PixelFormat:
+        return self._fourcc
+
+    @property
+    def pitch(self) -> int:
+        return self._pitch
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def zero_copy(self) -> bool:
+        return self._mapping is not None
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __repr__(self) -> str:
+        kind = "dma-buf" if self.zero_copy else "dumb"
+        state = " released" if self._released else ""
+        return (
+            f"<{type(self).__name__} {kind} {self._width}x{self._height} "
+            f"{self._fourcc.name} pitch {self._pitch} offset {self._offset}{state}>"
+        )
+
+    def _frame(self) -> _Frame:
+        assert self._memory is not None
+        return _Frame(
+            self._memory,
+            self._offset,
+            self._pitch,
+            self._width,
+            self._height,
+            self._fourcc,
+            self,
+        )
+
+    def _drop(self) -> None:
+        """Forget the memory: close the importer's mapping, or free the dumb buffer."""
+        self._released = True
+        memory, self._memory = self._memory, None
+        mapping, self._mapping = self._mapping, None
+        if mapping is not None:
+            del memory  # our only view of the mapping goes before the mapping closes
+            mapping.close()
+        elif memory is not None:
+            # A caller still holding a derived view keeps the bytes alive; that is all.
+            with contextlib.suppress(BufferError):
+                memory.release()
+
+
+class VirtualDumbFramebuffer(VirtualFramebuffer):
+    """A display-owned framebuffer: zeroed bytes the backend copies guest pixels into."""
+
+    __slots__ = ("_buffer", "_size")
+
+    def __init__(
+        self, output: VirtualOutput, *, width: int, height: int, fourcc: PixelFormat, pitch: int
+    ) -> None:
+        size = pitch * height
+        buffer = memoryview(bytearray(size))
+        super().__init__(
+            output,
+            width=width,
+            height=height,
+            fourcc=fourcc,
+            pitch=pitch,
+            offset=0,
+            memory=buffer,
+            mapping=None,
+        )
+        self._buffer = buffer
+        self._size = size
+
+    @property
+    def buffer(self) -> memoryview:
+        return self._buffer
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+def _parse_format(fourcc: int) -> PixelFormat | None:
+    try:
+        return PixelFormat(fourcc)
+    except ValueError:
+        return None
+
+
+def _kept_copy(frame: _Frame) -> _Frame:
+    """A private copy of a frame's pixels, packed, so its memory can go."""
+    row_bytes = frame.width * frame.fourcc.cpp
+    data = bytearray(row_bytes * frame.height)
+    copy_frame(frame.memory, frame.offset, frame.pitch, data, 0, row_bytes, row_bytes, frame.height)
+    return _Frame(data, 0, row_bytes, frame.width, frame.height, frame.fourcc, None)
+
+
+class VirtualOutput:
+    """One virtual scanout; created and run by :class:`VirtualDisplay`."""
+
+    def __init__(self, display: VirtualDisplay, config: OutputConfig) -> None:
+        self._display = display
+        self._config = config
+        self._mode = Mode(config.width, config.height, config.refresh_hz)
+        self._scanout: _Frame | None = None
+        self._pending: _PendingFlip | None = None
+        self._live: set[VirtualFramebuffer] = set()
+        self._flips_completed = 0
+        self._frames_shown = 0
+        self._missed_vblanks = 0
+        self._vblanks = 0
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def enabled(self) -> bool:
+        return self._scanout is not None
+
+    @property
+    def flip_pending(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def current_fb(self) -> VirtualFramebuffer | None:
+        return None if self._scanout is None else self._scanout.fb
+
+    @property
+    def stats(self) -> OutputStats:
+        return OutputStats(
+            flips_completed=self._flips_completed,
+            frames_shown=self._frames_shown,
+            missed_vblanks=self._missed_vblanks,
+            vblanks=self._vblanks,
+        )
+
+    @property
+    def live_framebuffers(self) -> int:
+        """How many framebuffers of this output are not yet released."""
+        return len(self._live)
+
+    def __repr__(self) -> str:
+        w, h, hz = self._mode
+        return f"<VirtualOutput {self.name} {w}x{h}@{hz:g}>"
+
+    # -- framebuffers --------------------------------------------------------------------
+
+    def import_dmabuf(
+        self, fd: int, *, width: int, height: int, pitch: int, offset: int, fourcc: int
+    ) -> VirtualFramebuffer:
+        self._check_open()
+        d = self._display
+        if d.importer is None or not d.import_supported:
+            raise ImportRefused("this display does not import dma-bufs")
+        fmt = _parse_format(fourcc)
+        if fmt is None:
+            raise ImportRefused(f"unknown pixel format 0x{fourcc:08x}")
+        if d.import_formats is not None and fmt not in d.import_formats:
+            raise ImportRefused(f"{fmt.name} is not scanned out from imported buffers")
+        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
+            raise ImportRefused(f"size {width}x{height} outside 1..{MAX_SIZE}")
+        if fmt is PixelFormat.YUYV and width % 2:
+            raise ImportRefused(f"YUYV needs an even width, not {width}")
+        row_bytes = width * fmt.cpp
+        if pitch < row_bytes:
+            raise ImportRefused(f"pitch {pitch} is less than a row of {row_bytes} bytes")
+        if pitch % d.pitch_align:
+            raise ImportRefused(f"pitch {pitch} is not a multiple of {d.pitch_align}")
+        if offset < 0 or offset % d.offset_align:
+            raise ImportRefused(f"offset {offset} is not a multiple of {d.offset_align}")
+        try:
+            mapping = d.importer(fd)
+        except OSError as exc:
+            raise ImportRefused(f"the importer refused fd {fd}: {exc}") from exc
+        try:
+            memory = mapping.buffer
+            end = frame_end(offset, pitch, row_bytes, height)
+            if end > memory.nbytes:
+                raise ImportRefused(
+                    f"frame needs {end} bytes (offset {offset} + pitch {pitch} x "
+                    f"{height - 1} + {row_bytes}) but the dma-buf has {memory.nbytes}"
+                )
+            fb = VirtualFramebuffer(
+                self,
+                width=width,
+                height=height,
+                fourcc=fmt,
+                pitch=pitch,
+                offset=offset,
+                memory=memory,
+                mapping=mapping,
+            )
+        except BaseException:
+            mapping.close()
+            raise
+        self._live.add(fb)
+        return fb
+
+    def create_dumb(self, *, width: int, height: int, fourcc: int) -> VirtualDumbFramebuffer:
+        self._check_open()
+        fmt = _parse_format(fourcc)
+        if fmt is None:
+            raise UnsupportedFormat(f"unknown pixel format 0x{fourcc:08x}")
+        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
+            raise ValueError(f"dumb buffer size {width}x{height} outside 1..{MAX_SIZE}")
+        if fmt is PixelFormat.YUYV and width % 2:
+            raise ValueError(f"YUYV needs an even width, not {width}")
+        align = self._display.dumb_pitch_align
+        pitch = -(-width * fmt.cpp // align) * align
+        fb = VirtualDumbFramebuffer(self, width=width, height=height, fourcc=fmt, pitch=pitch)
+        self._live.add(fb)
+        return fb
+
+    def release(self, fb: Framebuffer) -> None:
+        vfb = self._own(fb, allow_released=True)
+        if vfb.released:
+            return
+        if self._scanout is not None and self._scanout.fb is vfb:
+            self._scanout = _kept_copy(self._scanout)
+        if self._pending is not None and self._pending.frame.fb is vfb:
+            self._pending.frame = _kept_copy(self._pending.frame)
+        self._live.discard(vfb)
+        vfb._drop()
+
+    # -- scanout -------------------------------------------------------------------------
+
+    async def flip(self, fb: Framebuffer) -> FlipResult:
+        self._check_open()
+        vfb = self._own(fb, allow_released=False)
+        if self._pending is not None:
+            raise FlipPending(f"output {self.name}: a flip is already pending")
+        pending = _PendingFlip(vfb, vfb._frame(), trio.Event())
+        self._pending = pending
+        # Cancelled here, the flip still lands at the next vblank, like a queued KMS flip.
+        await pending.done.wait()
+        if pending.result is None:
+            raise DisplayClosed(f"output {self.name}: display closed before the flip landed")
+        return pending.result
+
+    async def disable(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if self._pending is not None:
+            raise FlipPending(f"output {self.name}: cannot disable while a flip is pending")
+        self._scanout = None
+
+    def snapshot(self) -> RgbImage:
+        mw, mh, _ = self._mode
+        frame = self._scanout
+        if frame is None:
+            return RgbImage(mw, mh, bytes(3 * mw * mh))
+        rows = min(frame.height, mh)
+        image = to_rgb(
+            frame.memory,
+            width=frame.width,
+            height=rows,
+            pitch=frame.pitch,
+            offset=frame.offset,
+            fourcc=frame.fourcc,
+        )
+        if image.width == mw and image.height == mh:
+            return image
+        canvas = Image.new("RGB", (mw, mh))
+        canvas.paste(image.to_pil().crop((0, 0, min(image.width, mw), rows)), (0, 0))
+        return RgbImage(mw, mh, canvas.tobytes())
+
+    def write_png(self, path: str | os.PathLike[str]) -> None:
+        self.snapshot().write_png(path)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._display.closed:
+            raise DisplayClosed(f"output {self.name}: the display is closed")
+
+    def _own(self, fb: Framebuffer, *, allow_released: bool) -> VirtualFramebuffer:
+        if not isinstance(fb, VirtualFramebuffer) or fb._output is not self:
+            raise InvalidFramebuffer(f"{fb!r} is not a framebuffer of output {self.name}")
+        if fb.released and not allow_released:
+            raise InvalidFramebuffer(f"{fb!r} was released")
+        return fb
+
+    async def _run_vblanks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        period = 1.0 / self._mode.refresh_hz
+        start = trio.current_time()
+        task_status.started()
+        while True:
+            deadline = start + (self._vblanks + 1) * period
+            await trio.sleep_until(deadline)
+            late = int((trio.current_time() - deadline) // period)
+            self._missed_vblanks += late
+            self._vblanks += 1 + late
+            self._vblank(start + self._vblanks * period)
+
+    def _vblank(self, timestamp: float) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._scanout = pending.frame
+            self._flips_completed += 1
+            pending.result = FlipResult(pending.fb, self._vblanks, timestamp)
+            pending.done.set()
+        if self._scanout is not None:
+            self._frames_shown += 1
+
+    def _close(self) -> None:
+        """Stop scanout, wake a pending flip with DisplayClosed, release every framebuffer."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.done.set()
+        self._scanout = None
+        for fb in list(self._live):
+            self._live.discard(fb)
+            fb._drop()
+
+
+class VirtualDisplay:
+    """Virtual outputs with vblank timers in a nursery; open with :meth:`open`."""
+
+    def __init__(
+        self,
+        outputs: Sequence[OutputConfig],
+        *,
+        dmabuf_importer: DmabufImporter | None = None,
+        import_supported: bool = True,
+        import_formats: Iterable[PixelFormat] | None = None,
+        pitch_align: int = 1,
+        offset_align: int = 1,
+        dumb_pitch_align: int = 64,
+    ) -> None:
+        if not outputs:
+            raise ValueError("a display needs at least one output")
+        names = [config.name for config in outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names are not unique: {names}")
+        for what, value in (
+            ("pitch_align", pitch_align),
+            ("offset_align", offset_align),
+            ("dumb_pitch_align", dumb_pitch_align),
+        ):
+            if value < 1:
+                raise ValueError(f"{what} must be at least 1, not {value}")
+        self.importer = dmabuf_importer
+        self.import_supported = import_supported
+        self.import_formats = None if import_formats is None else frozenset(import_formats)
+        self.pitch_align = pitch_align
+        self.offset_align = offset_align
+        self.dumb_pitch_align = dumb_pitch_align
+        self._outputs = {config.name: VirtualOutput(self, config) for config in outputs}
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        outputs: Sequence[OutputConfig],
+        *,
+        dmabuf_importer: DmabufImporter | None = None,
+        import_supported: bool = True,
+        import_formats: Iterable[PixelFormat] | None = None,
+        pitch_align: int = 1,
+        offset_align: int = 1,
+        dumb_pitch_align: int = 64,
+    ) -> AsyncIterator[VirtualDisplay]:
+        """Open a display whose outputs tick until the ``async with`` block ends."""
+        display = cls(
+            outputs,
+            dmabuf_importer=dmabuf_importer,
+            import_supported=import_supported,
+            import_formats=import_formats,
+            pitch_align=pitch_align,
+            offset_align=offset_align,
+            dumb_pitch_align=dumb_pitch_align,
+        )
+        async with trio.open_nursery() as nursery:
+            display._nursery = nursery
+            try:
+                for output in display._outputs.values():
+                    await nursery.start(output._run_vblanks)
+                yield display
+            finally:
+                display._close()
+
+    @property
+    def outputs(self) -> Mapping[str, VirtualOutput]:
+        return types.MappingProxyType(self._outputs)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for output in self._outputs.values():
+            output._close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+
+if TYPE_CHECKING:
+
+    def _implements_interface(
+        display: VirtualDisplay, output: VirtualOutput, dumb: VirtualDumbFramebuffer
+    ) -> tuple[Display, Output, DumbFramebuffer]:
+        return display, output, dumb

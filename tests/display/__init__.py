@@ -1,0 +1,1 @@
+"""Tests of displback.display: interface behaviour, the virtual display and pixel formats."""
