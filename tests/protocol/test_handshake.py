@@ -1,0 +1,598 @@
+"""The handshake table drives one device through §2's connection, teardown and recovery cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from displback.protocol import handshake as hs
+from displback.protocol.handshake import (
+    Action,
+    Connect,
+    ConnectFailed,
+    ConnectSucceeded,
+    Forget,
+    Handshake,
+    HandshakeUsageError,
+    Input,
+    Observed,
+    Phase,
+    ProtocolViolation,
+    RetryPolicy,
+    Teardown,
+    TeardownDone,
+    Tick,
+    Vanished,
+    WakeAt,
+    WriteState,
+)
+from displback.protocol.xenbus import XenbusState as S
+
+W2 = WriteState(S.INIT_WAIT)
+W4 = WriteState(S.CONNECTED)
+W6 = WriteState(S.CLOSED)
+
+
+@dataclass
+class Device:
+    """A handshake plus what the backend node would hold, for terse scenarios."""
+
+    machine: Handshake = field(default_factory=Handshake)
+    backend: S = S.INITIALISING
+    online: bool = True
+    now: float = 0.0
+
+    def feed(self, event: Input) -> list[Action]:
+        actions = self.machine.handle(event, self.now)
+        for action in actions:
+            if isinstance(action, WriteState):
+                self.backend = action.state
+        return actions
+
+    def fe(self, state: S) -> list[Action]:
+        """The frontend's state node now reads ``state``."""
+        return self.feed(Observed(state, self.backend, self.online))
+
+    def connected(self) -> None:
+        assert self.fe(S.INITIALISING) == [W2]
+        assert self.fe(S.INITIALISED) == [Connect()]
+        assert self.feed(ConnectSucceeded()) == [W4]
+        assert self.fe(S.CONNECTED) == []
+        assert self.machine.phase is Phase.CONNECTED
+
+
+def only_teardown(actions: list[Action]) -> Teardown:
+    assert len(actions) == 1 and isinstance(actions[0], Teardown), actions
+    return actions[0]
+
+
+# --- §2.1 normal connection ---------------------------------------------------------------------
+
+
+def test_fresh_device_offers_init_wait_at_once_and_connects_on_initialised() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.fe(S.INITIALISING) == []
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    assert dev.machine.phase is Phase.CONNECTING
+    assert dev.fe(S.INITIALISED) == []  # a repeated watch does not connect twice
+    assert dev.feed(ConnectSucceeded()) == [W4]
+    assert dev.fe(S.CONNECTED) == []
+    assert dev.machine.written is S.CONNECTED
+
+
+def test_fresh_device_offers_init_wait_whatever_the_frontend_shows() -> None:
+    for frontend in (S.UNKNOWN, S.CLOSED, S.RECONFIGURING):
+        dev = Device()
+        assert dev.fe(frontend) == [W2]
+
+
+def test_frontend_already_initialised_at_discovery_is_connected_without_another_watch() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISED) == [W2, Connect()]
+
+
+def test_nothing_happens_before_the_first_observation() -> None:
+    machine = Handshake()
+    assert machine.handle(Tick(), 5.0) == []
+    assert machine.phase is Phase.NEW
+
+
+# --- §2.3 frontend-initiated teardown -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("closing", [S.CLOSING, S.CLOSED, S.UNKNOWN])
+def test_frontend_closing_tears_down_then_writes_closed_and_init_wait(closing: S) -> None:
+    dev = Device()
+    dev.connected()
+    teardown = only_teardown(dev.fe(closing))
+    assert "frontend closed" in teardown.reason
+    assert dev.fe(closing) == []  # still tearing down
+    assert dev.feed(TeardownDone()) == [W6, W2]
+    assert dev.machine.phase is Phase.INIT_WAIT
+    assert dev.fe(S.INITIALISING) == []
+    assert dev.fe(S.INITIALISED) == [Connect()]
+
+
+def test_frontend_restart_while_connected_tears_down_and_ends_in_init_wait() -> None:
+    dev = Device()
+    dev.connected()
+    assert "restarted" in only_teardown(dev.fe(S.INITIALISING)).reason
+    assert dev.feed(TeardownDone()) == [W6, W2]
+    assert dev.fe(S.INITIALISED) == [Connect()]
+
+
+def test_frontend_restart_seen_only_as_new_rings_is_not_mistaken_for_the_old_ones() -> None:
+    # 4 → 1 → 3 coalesced into one watch: the frontend is Initialised again while we are
+    # connected. We stay connected (it is the 3 → 4 window as far as we can tell); the
+    # frontend's own handling of our Connected state resolves it.
+    dev = Device()
+    dev.connected()
+    assert dev.fe(S.INITIALISED) == []
+    assert dev.machine.phase is Phase.CONNECTED
+
+
+def test_frontend_reconfiguring_while_connected_waits_for_it_to_finish() -> None:
+    dev = Device()
+    dev.connected()
+    assert dev.fe(S.RECONFIGURING) == []
+    assert dev.machine.phase is Phase.CONNECTED
+    only_teardown(dev.fe(S.INITIALISING))
+
+
+# --- §2.3 toolstack removal ---------------------------------------------------------------------
+
+
+def test_libxl_removal_while_connected_tears_down_writes_closed_and_stays() -> None:
+    dev = Device()
+    dev.connected()
+    dev.backend, dev.online = S.CLOSING, False  # libxl's transaction
+    assert "toolstack" in only_teardown(dev.fe(S.CONNECTED)).reason
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+    assert dev.fe(S.INITIALISING) == []  # never revived
+    assert dev.fe(S.INITIALISED) == []
+    assert dev.feed(Vanished()) == [Forget()]
+    assert dev.machine.finished
+
+
+def test_libxl_state_closing_alone_means_removal() -> None:
+    dev = Device()
+    dev.connected()
+    dev.backend = S.CLOSING
+    only_teardown(dev.fe(S.CONNECTED))
+
+
+def test_online_zero_alone_means_removal() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISING) == [W2]
+    dev.online = False
+    assert dev.fe(S.INITIALISING) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+
+
+def test_removal_while_closed_after_a_violation_rewrites_closed_for_libxl() -> None:
+    dev = Device()
+    dev.connected()
+    dev.feed(ProtocolViolation("bad req_prod"))
+    assert dev.feed(TeardownDone()) == [W6]
+    dev.backend, dev.online = S.CLOSING, False
+    assert dev.fe(S.CONNECTED) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+
+
+def test_removal_found_at_start_writes_closed() -> None:
+    dev = Device(backend=S.CLOSING, online=False)
+    assert dev.fe(S.CONNECTED) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+
+
+def test_removal_during_teardown_for_a_reoffer_ends_removed() -> None:
+    dev = Device()
+    dev.connected()
+    only_teardown(dev.fe(S.CLOSING))
+    dev.online = False
+    assert dev.fe(S.CLOSING) == []
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+
+
+# --- §2.3 protocol violation and back-off --------------------------------------------------------
+
+
+def test_violation_tears_down_writes_closed_and_reoffers_after_back_off() -> None:
+    dev = Device()
+    dev.connected()
+    dev.now = 100.0
+    assert "bad req_prod" in only_teardown(dev.feed(ProtocolViolation("bad req_prod"))).reason
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.CLOSED
+    assert dev.fe(S.CONNECTED) == []  # the guest has not seen our Closed yet
+    assert dev.fe(S.RECONFIGURING) == []  # be-alloc guests may sit here a long time
+    assert dev.fe(S.INITIALISING) == [WakeAt(101.0)]
+    assert dev.feed(Tick()) == [WakeAt(101.0)]  # early tick
+    dev.now = 101.0
+    assert dev.feed(Tick()) == [W2]
+    assert dev.fe(S.INITIALISED) == [Connect()]
+
+
+def test_late_violation_reports_after_teardown_are_ignored() -> None:
+    dev = Device()
+    dev.connected()
+    only_teardown(dev.feed(ProtocolViolation("x")))
+    assert dev.feed(ProtocolViolation("y")) == []
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.feed(ProtocolViolation("z")) == []
+
+
+def test_violation_before_connected_is_a_late_report_and_ignored() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.feed(ProtocolViolation("stale")) == []
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    assert dev.feed(ProtocolViolation("stale")) == []
+
+
+def test_failed_connect_tears_down_and_retries_the_still_initialised_frontend_later() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    assert "bad grant" in only_teardown(dev.feed(ConnectFailed("bad grant"))).reason
+    # Linux ignores our Closed while it has no DRM device: it stays Initialised.
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(1.0)]
+    dev.now = 1.0
+    assert dev.feed(Tick()) == [W2, Connect()]
+
+
+def test_back_off_doubles_per_consecutive_failure_up_to_the_maximum() -> None:
+    dev = Device(machine=Handshake(RetryPolicy(initial=1.0, factor=2.0, maximum=5.0)))
+    dev.fe(S.INITIALISED)
+    delays = []
+    for _ in range(5):
+        assert dev.machine.phase is Phase.CONNECTING
+        dev.feed(ConnectFailed("no"))
+        wake = dev.feed(TeardownDone())[-1]
+        assert isinstance(wake, WakeAt)
+        delays.append(wake.deadline - dev.now)
+        dev.now = wake.deadline
+        assert dev.feed(Tick()) == [W2, Connect()]
+    assert delays == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_a_stable_connection_clears_the_back_off() -> None:
+    dev = Device(machine=Handshake(RetryPolicy(initial=1.0, stable_after=60.0)))
+    dev.fe(S.INITIALISED)
+    for _ in range(3):
+        dev.feed(ConnectFailed("no"))
+        wake = dev.feed(TeardownDone())[-1]
+        assert isinstance(wake, WakeAt)
+        dev.now = wake.deadline
+        dev.feed(Tick())
+    assert dev.feed(ConnectSucceeded()) == [W4]
+    dev.now += 60.0
+    dev.feed(ProtocolViolation("after a long good run"))
+    dev.fe(S.INITIALISING)
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(dev.now + 1.0)]
+
+
+def test_a_short_lived_connection_keeps_growing_the_back_off() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISED)
+    dev.feed(ConnectSucceeded())
+    dev.feed(ProtocolViolation("first"))
+    dev.fe(S.INITIALISING)
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(1.0)]
+    dev.now = 1.0
+    assert dev.feed(Tick()) == [W2]
+    dev.fe(S.INITIALISED)
+    dev.feed(ConnectSucceeded())
+    dev.feed(ProtocolViolation("second"))
+    assert dev.fe(S.INITIALISING) == []
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(3.0)]
+
+
+# --- §2.3 daemon restart --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stale", [S.INIT_WAIT, S.CONNECTED, S.CLOSED, S.UNKNOWN])
+def test_restart_with_stale_state_writes_closed_before_anything_else(stale: S) -> None:
+    dev = Device(backend=stale)
+    assert dev.fe(S.CONNECTED) == [W6]
+    assert dev.fe(S.RECONFIGURING) == []
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.fe(S.INITIALISED) == [Connect()]
+
+
+def test_restart_finding_frontend_waiting_reoffers_at_once() -> None:
+    dev = Device(backend=S.INIT_WAIT)
+    assert dev.fe(S.INITIALISING) == [W6, W2]
+
+
+def test_restart_finding_frontend_initialised_reconnects_to_its_fresh_rings() -> None:
+    # Linux ignores Closed without a DRM device, so it stays 3 with the rings it just made.
+    dev = Device(backend=S.INIT_WAIT)
+    assert dev.fe(S.INITIALISED) == [W6, W2, Connect()]
+
+
+def test_frontend_connected_to_rings_we_never_mapped_is_closed_not_attached() -> None:
+    dev = Device()
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.fe(S.CONNECTED) == [W6]
+    assert dev.machine.phase is Phase.CLOSED
+
+
+# --- §2.3 directories vanish ----------------------------------------------------------------------
+
+
+def test_vanished_while_connected_tears_down_then_forgets_without_writing() -> None:
+    dev = Device()
+    dev.connected()
+    assert "vanished" in only_teardown(dev.feed(Vanished())).reason
+    assert dev.fe(S.CLOSED) == []  # observations after vanishing are ignored
+    assert dev.feed(TeardownDone()) == [Forget()]
+    assert dev.machine.finished
+    assert dev.feed(Vanished()) == []
+    assert dev.feed(Tick()) == []
+
+
+@pytest.mark.parametrize("setup", ["new", "init-wait", "closed", "removed"])
+def test_vanished_without_resources_forgets_at_once(setup: str) -> None:
+    dev = Device()
+    if setup == "new":
+        assert dev.feed(Vanished()) == [Forget()]
+        return
+    dev.fe(S.INITIALISING)
+    if setup == "closed":
+        dev.fe(S.CONNECTED)
+        assert dev.machine.phase is Phase.CLOSED
+    if setup == "removed":
+        dev.online = False
+        dev.fe(S.INITIALISING)
+    assert dev.feed(Vanished()) == [Forget()]
+
+
+# --- results of a connect that overlapped with changes ------------------------------------------
+
+
+def test_frontend_reset_during_connect_tears_down_instead_of_writing_connected() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISED)
+    assert dev.fe(S.CLOSING) == []
+    teardown = only_teardown(dev.feed(ConnectSucceeded()))
+    assert "frontend closed" in teardown.reason
+    assert dev.feed(TeardownDone()) == [W6, W2]
+
+
+def test_removal_during_connect_ends_removed() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISED)
+    dev.online = False
+    assert dev.fe(S.INITIALISED) == []
+    only_teardown(dev.feed(ConnectFailed("raced")))
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
+
+
+def test_vanished_during_connect_releases_then_forgets() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISED)
+    assert dev.feed(Vanished()) == []
+    only_teardown(dev.feed(ConnectSucceeded()))
+    assert dev.feed(TeardownDone()) == [Forget()]
+
+
+# --- our state node is ours -----------------------------------------------------------------------
+
+
+def test_foreign_write_of_our_state_is_reasserted() -> None:
+    dev = Device()
+    dev.connected()
+    dev.backend = S.INITIALISING
+    assert dev.fe(S.CONNECTED) == [W4]
+    dev.backend = S.UNKNOWN
+    assert dev.fe(S.CONNECTED) == [W4]
+
+
+# --- local misuse -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", [ConnectSucceeded(), ConnectFailed("x"), TeardownDone()])
+def test_local_results_nobody_asked_for_are_usage_errors(event: Input) -> None:
+    dev = Device()
+    dev.fe(S.INITIALISING)
+    with pytest.raises(HandshakeUsageError):
+        dev.feed(event)
+    assert dev.machine.phase is Phase.INIT_WAIT
+
+
+def test_teardown_done_while_connecting_is_a_usage_error() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISED)
+    with pytest.raises(HandshakeUsageError):
+        dev.feed(TeardownDone())
+
+
+def test_every_phase_and_trigger_has_a_row() -> None:
+    for phase in Phase:
+        for trigger in hs._Trigger:
+            assert (phase, trigger) in hs._TABLE, (phase, trigger)
+
+
+def test_level_rows_never_call_local_input_misuse() -> None:
+    for (_, trigger), rule in hs._TABLE.items():
+        if trigger in hs._LEVELS:
+            assert rule is not hs.MISUSE
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+states = st.sampled_from(list(S))
+externals = st.one_of(
+    st.builds(Observed, states, states, st.booleans()),
+    st.builds(Observed, states, st.just(S.INITIALISING), st.just(True)),
+    st.builds(ProtocolViolation, st.just("v")),
+    st.just(Tick()),
+    st.just(Vanished()),
+)
+anything = st.one_of(
+    externals,
+    st.just(ConnectSucceeded()),
+    st.builds(ConnectFailed, st.just("f")),
+    st.just(TeardownDone()),
+)
+
+
+@given(st.lists(st.tuples(anything, st.floats(0, 5)), max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_random_inputs_raise_only_usage_errors_for_misplaced_local_results(
+    steps: list[tuple[Input, float]],
+) -> None:
+    machine = Handshake()
+    now = 0.0
+    for event, dt in steps:
+        now += dt
+        phase = machine.phase
+        try:
+            machine.handle(event, now)
+        except HandshakeUsageError:
+            assert isinstance(event, ConnectSucceeded | ConnectFailed | TeardownDone)
+            assert machine.phase is phase
+
+
+phases_seen: set[Phase] = set()
+
+
+@dataclass
+class Backend:
+    """A well-behaved I/O layer: runs actions, reports results later, checks invariants."""
+
+    machine: Handshake = field(default_factory=Handshake)
+    node: S = S.INITIALISING
+    connect_pending: bool = False
+    holding: bool = False  # Connect emitted and not yet released by a TeardownDone
+    live: bool = False  # ConnectSucceeded fed and no Teardown since
+    teardown_pending: bool = False
+    forgotten: bool = False
+    log: list[Action] = field(default_factory=list)
+
+    def feed(self, event: Input, now: float) -> None:
+        actions = self.machine.handle(event, now)
+        phases_seen.add(self.machine.phase)
+        self.log += actions
+        for action in actions:
+            assert not self.forgotten, "action after Forget"
+            match action:
+                case WriteState(state=state):
+                    self.node = state
+                    if state is S.CONNECTED:
+                        assert self.live, "Connected written without a live connection"
+                    if state is S.INIT_WAIT:
+                        assert not self.holding, "InitWait offered while holding rings"
+                case Connect():
+                    assert not self.holding, "Connect twice without Teardown between"
+                    self.holding = self.connect_pending = True
+                case Teardown():
+                    assert self.holding and not self.teardown_pending
+                    assert not self.connect_pending, "Teardown while the connect is running"
+                    self.live = False
+                    self.teardown_pending = True
+                case Forget():
+                    assert not self.holding, "Forget while holding resources"
+                    self.forgotten = True
+                case WakeAt(deadline=deadline):
+                    assert deadline > now
+
+    def finish_connect(self, ok: bool, now: float) -> None:
+        self.connect_pending = False
+        if ok:
+            self.live = True
+            self.feed(ConnectSucceeded(), now)
+        else:
+            self.feed(ConnectFailed("f"), now)
+
+    def finish_teardown(self, now: float) -> None:
+        self.teardown_pending = self.holding = False
+        self.feed(TeardownDone(), now)
+
+
+@given(
+    start=states,
+    steps=st.lists(
+        st.tuples(
+            st.one_of(
+                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
+                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
+                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
+                st.tuples(st.just("fe"), states, st.just(False), st.booleans()),
+                st.tuples(st.just("result"), st.booleans()),
+                st.tuples(st.just("result"), st.just(True)),
+                st.tuples(st.just("teardown-done")),
+                st.tuples(st.just("teardown-done")),
+                st.tuples(st.just("violation")),
+                st.tuples(st.just("tick")),
+                st.tuples(st.just("vanish")),
+            ),
+            st.floats(0, 3),
+        ),
+        max_size=80,
+    ),
+)
+@settings(max_examples=400, deadline=None, derandomize=True)
+def test_with_a_well_behaved_io_layer_the_invariants_hold(
+    start: S, steps: list[tuple[tuple[object, ...], float]]
+) -> None:
+    io = Backend(node=start)
+    now = 0.0
+    for step, dt in steps:
+        now += dt
+        match step:
+            case ("fe", S() as frontend, bool(online), bool(libxl_closing)):
+                node = S.CLOSING if libxl_closing and not online else io.node
+                io.feed(Observed(frontend, node, online), now)
+            case ("result", bool(ok)) if io.connect_pending:
+                io.finish_connect(ok, now)
+            case ("teardown-done",) if io.teardown_pending:
+                io.finish_teardown(now)
+            case ("violation",):
+                io.feed(ProtocolViolation("v"), now)
+            case ("tick",):
+                io.feed(Tick(), now)
+            case ("vanish",):
+                io.feed(Vanished(), now)
+    # Drain: the directories vanish; everything held is released and the device forgotten.
+    io.feed(Vanished(), now)
+    if io.connect_pending:
+        io.finish_connect(True, now)
+    if io.teardown_pending:
+        io.finish_teardown(now)
+    assert io.forgotten and not io.holding
+    assert io.machine.finished
+    assert sum(isinstance(a, Forget) for a in io.log) == 1
+    assert sum(isinstance(a, Connect) for a in io.log) == sum(
+        isinstance(a, Teardown) for a in io.log
+    )
+
+
+@given(start=states, frontend=states, online=st.booleans())
+def test_first_write_after_discovery_is_init_wait_only_for_a_fresh_online_device(
+    start: S, frontend: S, online: bool
+) -> None:
+    actions = Handshake().handle(Observed(frontend, start, online), 0.0)
+    assert actions, "every discovered device gets a state write"
+    first = actions[0]
+    if online and start is S.INITIALISING:
+        assert first == W2
+    else:
+        assert first == W6
+    assert Connect() not in actions or W2 in actions
+
+
+def test_random_runs_pass_through_every_phase() -> None:
+    # Guards the property test above against generating only trivial runs (derandomized,
+    # so this is deterministic for a given hypothesis version).
+    phases_seen.clear()
+    test_with_a_well_behaved_io_layer_the_invariants_hold()
+    assert phases_seen == set(Phase)
