@@ -125,10 +125,9 @@ def test_frontend_restart_while_connected_tears_down_and_ends_in_init_wait() -> 
     assert dev.fe(S.INITIALISED) == [Connect()]
 
 
-def test_frontend_restart_seen_only_as_new_rings_is_not_mistaken_for_the_old_ones() -> None:
-    # 4 → 1 → 3 coalesced into one watch: the frontend is Initialised again while we are
-    # connected. We stay connected (it is the 3 → 4 window as far as we can tell); the
-    # frontend's own handling of our Connected state resolves it.
+def test_frontend_still_initialised_after_our_connected_is_the_normal_window() -> None:
+    # Frontend 3 while we are Connected is step 4 of §2.1 not yet done. (A restarted Linux
+    # frontend cannot come back as 3 behind our back: it leaves 1 only on seeing InitWait.)
     dev = Device()
     dev.connected()
     assert dev.fe(S.INITIALISED) == []
