@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import heapq
 import itertools
 import os
 import signal
@@ -145,6 +146,8 @@ class Domain:
     pages: dict[int, Page] = field(default_factory=dict)
     grants: dict[int, Grant] = field(default_factory=dict)
     ports: dict[int, Port] = field(default_factory=dict)
+    next_gref: int = FIRST_GREF
+    free_grefs: list[int] = field(default_factory=list)  # a heap: lowest freed gref first
 
 
 @dataclass(eq=False)
@@ -399,6 +402,33 @@ class Machine:
         conn.grants[grant.gref] = grant
         return Reply({"gref": grant.gref})
 
+    def op_grant_many(self, conn: Conn, message: Message) -> Reply:
+        """Grant each of ``pfns`` to ``to_domid``; reply ``grefs`` (all or nothing)."""
+        pfns = _ints(message, "pfns")
+        to_domid = _int(message, "to_domid", 0, DOMID_MAX)
+        readonly = bool(message.get("readonly", False))
+        pages = [conn.pages.get(pfn) for pfn in pfns]
+        if None in pages:
+            raise HvError(errno.EINVAL, "a pfn was not allocated by this client")
+        grants = [self._new_grant(conn.domain, p, to_domid, readonly) for p in pages if p]
+        conn.grants.update((g.gref, g) for g in grants)
+        return Reply({"grefs": [g.gref for g in grants]})
+
+    def op_end_access_many(self, conn: Conn, message: Message) -> Reply:
+        """End each of ``grefs`` (all or nothing: EINVAL/EBUSY as :meth:`op_end_access`)."""
+        grefs = _ints(message, "grefs")
+        for gref in grefs:
+            grant = conn.grants.get(gref)
+            if grant is None:
+                raise HvError(errno.EINVAL, f"gref {gref} is not an active grant of this client")
+            if grant.maps:
+                raise HvError(errno.EBUSY, f"gref {gref} is still mapped {grant.maps} time(s)")
+        for gref in grefs:
+            grant = conn.grants.pop(gref, None)
+            if grant is not None:
+                self._end(grant)
+        return Reply()
+
     def op_end_access(self, conn: Conn, message: Message) -> Reply:
         """End a grant of this client; refused with ``EBUSY`` while it is mapped."""
         gref = _int(message, "gref")
@@ -412,9 +442,10 @@ class Machine:
         return Reply()
 
     def _new_grant(self, dom: Domain, page: Page, to_domid: int, readonly: bool) -> Grant:
-        gref = FIRST_GREF
-        while gref in dom.grants:
-            gref += 1
+        if dom.free_grefs:
+            gref = heapq.heappop(dom.free_grefs)
+        else:
+            gref, dom.next_gref = dom.next_gref, dom.next_gref + 1
         grant = Grant(dom, gref, page, to_domid, readonly)
         dom.grants[gref] = grant
         page.grants += 1
@@ -424,6 +455,7 @@ class Machine:
         dom = grant.domain
         if dom.grants.get(grant.gref) is grant:
             del dom.grants[grant.gref]
+            heapq.heappush(dom.free_grefs, grant.gref)
             grant.page.grants -= 1
             self._maybe_free(dom, grant.page)
 

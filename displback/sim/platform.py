@@ -594,6 +594,17 @@ class SimDomain(_DmaBufHelper):
         reply = self._helper_conn.call("grant", pfn=pfn, to_domid=to_domid, readonly=readonly)
         return int(reply["gref"])
 
+    def grant_pages(self, pfns: list[int], to_domid: int, *, readonly: bool = False) -> list[int]:
+        """:meth:`grant` for many pages in one round trip (all or nothing); grefs in order."""
+        reply = self._helper_conn.call(
+            "grant_many", pfns=list(pfns), to_domid=to_domid, readonly=readonly
+        )
+        return [int(g) for g in reply["grefs"]]
+
+    def end_access_pages(self, grefs: list[int]) -> None:
+        """:meth:`end_access` for many grants (all or nothing: none ends if one fails)."""
+        self._helper_conn.call("end_access_many", grefs=list(grefs))
+
     def end_access(self, gref: int) -> None:
         """``gnttab_end_foreign_access_ref``: EBUSY while mapped, EINVAL if not granted."""
         self._helper_conn.call("end_access", gref=gref)

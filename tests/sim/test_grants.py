@@ -223,3 +223,34 @@ def test_guest_can_map_dom0_grants_of_an_allocated_dmabuf(
         guest_dev.close()
     gntdev.dmabuf_import_release(fd)
     os.close(fd)
+
+
+def test_batch_grant_and_end_access_are_all_or_nothing(
+    hypervisor: HypervisorThread, guest: SimDomain, gntdev: SimGrantDevice
+) -> None:
+    pfns = guest.alloc_pages(3)
+    with pytest.raises(OSError) as exc:
+        guest.grant_pages([*pfns, 999], 0)
+    assert exc.value.errno == errno.EINVAL
+    assert hypervisor.counters()["domains"][GUEST]["grants"] == 0
+    refs = guest.grant_pages(pfns, 0)
+    assert len(set(refs)) == 3
+    mapping = gntdev.map_grants(GUEST, refs[1:2])
+    with pytest.raises(OSError) as busy:
+        guest.end_access_pages(refs)
+    assert busy.value.errno == errno.EBUSY
+    assert hypervisor.counters()["domains"][GUEST]["grants"] == 3
+    mapping.close()
+    guest.end_access_pages(refs)
+    guest.free_pages(pfns)
+
+
+def test_ended_grefs_are_reused_lowest_first(guest: SimDomain) -> None:
+    pfns = guest.alloc_pages(3)
+    refs = guest.grant_pages(pfns, 0)
+    assert refs == [FIRST_GREF, FIRST_GREF + 1, FIRST_GREF + 2]
+    guest.end_access(refs[1])
+    guest.end_access(refs[0])
+    assert guest.grant(pfns[0], 0) == FIRST_GREF
+    guest.end_access_pages([FIRST_GREF, refs[2]])
+    guest.free_pages(pfns)
