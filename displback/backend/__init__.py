@@ -1,0 +1,1 @@
+"""The backend: guest devices, connectors, buffers; serves displif over a platform."""

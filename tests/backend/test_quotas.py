@@ -1,0 +1,73 @@
+"""Per-guest limits: derived defaults, buffer/page accounting, request rate."""
+
+import pytest
+
+from displback.backend.quotas import Limits, Quota, QuotaExceeded, TokenBucket
+from displback.protocol.constants import EINVAL, ENOMEM, pages_for
+
+
+def test_defaults_allow_triple_buffering_on_every_connector_plus_the_largest_fb() -> None:
+    lim = Limits.for_connectors([(1920, 1080), (1024, 768)])
+    full_hd, xga = pages_for(1920 * 1080 * 4), pages_for(1024 * 768 * 4)
+    quota = Quota(lim)
+    for _ in range(3):
+        quota.charge(full_hd)
+        quota.charge(xga)
+    quota.charge(pages_for(4095 * 2047 * 4))
+    assert quota.buffers == 7
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.charge(full_hd)
+    assert exc.value.limit == "max_total_pages" and exc.value.errno == ENOMEM
+
+
+def test_a_buffer_larger_than_linux_can_create_is_invalid() -> None:
+    quota = Quota(Limits.for_connectors([(800, 600)]))
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.check_buffer(pages_for(4096 * 2048 * 4))
+    assert exc.value.limit == "max_pages_per_buffer" and exc.value.errno == EINVAL
+
+
+def test_buffer_count_is_limited_and_released_buffers_free_their_share() -> None:
+    lim = Limits(
+        max_buffers=2,
+        max_pages_per_buffer=10,
+        max_total_pages=100,
+        max_dir_pages=1,
+        requests_per_second=1,
+        request_burst=1,
+    )
+    quota = Quota(lim)
+    quota.charge(1)
+    quota.charge(1)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.charge(1)
+    assert exc.value.limit == "max_buffers"
+    quota.release(1)
+    quota.charge(1)
+    assert (quota.buffers, quota.pages) == (2, 2)
+
+
+def test_releasing_more_than_charged_is_a_bug_not_a_quota() -> None:
+    quota = Quota(Limits.for_connectors([(640, 480)]))
+    with pytest.raises(RuntimeError):
+        quota.release(1)
+
+
+def test_limits_refuse_inconsistent_settings() -> None:
+    with pytest.raises(ValueError):
+        Limits(1, 5000, 5000, 1, 10.0, 10)  # 5000 pages need 5 directory pages
+    with pytest.raises(ValueError):
+        Limits(0, 1, 1, 1, 10.0, 10)
+    with pytest.raises(ValueError):
+        Limits(1, 1, 1, 1, 0.0, 10)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.seconds_until_token() == pytest.approx(0.1)
+    now[0] += 0.1
+    assert bucket.take() and not bucket.take()
+    now[0] += 100.0
+    assert sum(bucket.take() for _ in range(10)) == 3
