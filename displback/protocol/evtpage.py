@@ -11,15 +11,20 @@ Theory of operation (reference §3.2, §6)
 The page holds ``in_cons`` (offset 0, written by the frontend) and ``in_prod`` (offset 4,
 written by the backend), free-running u32 counters starting at 0 in the zeroed page the
 frontend allocates, then 63 slots of 64 bytes. Index ``n`` lives at byte
-``64 + 64 * (n mod 63)`` with ``n`` the *full* u32 counter; 2**32 is not a multiple of 63, so
-the slot sequence jumps at the wrap, but both sides use the same formula and so agree.
+``64 + 64 * (n mod 63)`` with ``n`` the *full* u32 counter; both sides use exactly this
+formula, so they always agree on where an index lives. But 2**32 = 4 (mod 63): the slots run
+… 61, 62, 0, 1, 2, 3 (indexes 2**32-4 … 2**32-1), then 0, 1, 2 … again, so across the wrap the
+indexes 0…3 land on the slots of 2**32-4 … 2**32-1. Writing them while those are unread would
+destroy events, so the producer also treats the page as full while the slot it is about to use
+still holds an unread event (this can only happen for the four indexes after the wrap).
 
-Producing: read ``in_cons`` (hostile), and if ``(in_prod - in_cons) mod 2**32`` is 63 the page
-is full and nothing is written — the caller keeps the event queued and retries later (the
-frontend never tells us when it consumed). A distance above 63 cannot come from a correct
-frontend (it would mean ``in_cons`` passed ``in_prod``, or slots we never wrote were
-"consumed"): that is a :class:`ProtocolError` with ``errno`` None, and the device should be
-closed. Otherwise write the event, write barrier, publish ``in_prod + 1``.
+Producing: read ``in_cons`` (hostile), and if ``(in_prod - in_cons) mod 2**32`` is 63 (or the
+target slot is still unread, see above) the page is full and nothing is written — the caller
+keeps the event queued and retries later (the frontend never tells us when it consumed). A
+distance above 63 cannot come from a correct frontend (it would mean ``in_cons`` passed
+``in_prod``, or slots we never wrote were "consumed"): that is a :class:`ProtocolError` with
+``errno`` None, and the device should be closed. Otherwise write the event, write barrier,
+publish ``in_prod + 1``.
 
 Event ids: the Linux frontend keeps a u16 counter per connection from 0, advances it for every
 slot it reads and silently drops an event whose ``id`` differs — it never resynchronises. So
@@ -89,10 +94,25 @@ class EventProducer(SharedPage):
         """The ``id`` the next written event will carry (u16)."""
         return self._next_id
 
-    def _unread(self) -> int:
-        """Events written but not consumed; ProtocolError if ``in_cons`` is impossible."""
+    def _slot_still_unread(self, in_cons: int) -> bool:
+        """Would the slot for ``in_prod`` overwrite an unread event? Only across the u32 wrap.
+
+        Fewer than 63 consecutive integers have distinct residues mod 63, so a collision needs
+        the unread window to straddle 2**32; then only its part before the wrap can share the
+        slot of the new index.
+        """
+        if in_cons <= self._in_prod:
+            return False
+        target = event_slot_offset(self._in_prod)
+        return any(event_slot_offset(index) == target for index in range(in_cons, INDEX_MASK + 1))
+
+    def is_full(self) -> bool:
+        """True if :meth:`put_pg_flip` would refuse now (reads the hostile ``in_cons``)."""
         in_cons = self._load(EVT_IN_CONS_OFS)
-        self._rw_fence()  # read barrier: the slots we may reuse were read before in_cons moved
+        self._rw_fence()
+        return self._refuses(in_cons)
+
+    def _refuses(self, in_cons: int) -> bool:
         unread = (self._in_prod - in_cons) & INDEX_MASK
         if unread > EVT_PAGE_SLOTS:
             raise ProtocolError(
@@ -101,19 +121,20 @@ class EventProducer(SharedPage):
                 what="in_cons",
                 value=in_cons,
             )
-        return unread
-
-    def free_slots(self) -> int:
-        """How many events could be written now (reads the hostile ``in_cons``)."""
-        return EVT_PAGE_SLOTS - self._unread()
+        return unread == EVT_PAGE_SLOTS or self._slot_still_unread(in_cons)
 
     def put_pg_flip(self, fb_cookie: int) -> bool:
         """Write the next PG_FLIP event; False (nothing written, no id used) if the page is full.
 
+        On False keep the event queued and retry later: the frontend never signals that it
+        consumed events.
+
         Raises :class:`ProtocolError` if the frontend's ``in_cons`` is impossible (device must
         be closed). After True, the caller notifies the event-page channel.
         """
-        if self._unread() >= EVT_PAGE_SLOTS:
+        in_cons = self._load(EVT_IN_CONS_OFS)  # hostile: read once, validated by _refuses
+        self._rw_fence()  # read barrier: the frontend read the slots before it moved in_cons
+        if self._refuses(in_cons):
             return False
         event = PgFlipEvent(id=self._next_id, fb_cookie=fb_cookie)
         event.pack_into(self._bytes, event_slot_offset(self._in_prod))
