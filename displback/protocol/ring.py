@@ -57,10 +57,11 @@ elsewhere (stronger than needed on arm64, but simple and correct).
 about 0.2 µs a call). It was chosen over the alternatives because they are not guaranteed
 barriers against a peer in *another domain*: a plain syscall's entry/exit is not a barrier (the
 kernel's own membarrier code says so), and ``membarrier(2)`` returns early without any barrier
-when the caller is single-threaded (``PRIVATE_EXPEDITED``) or the domain has one online vCPU
-(``GLOBAL*``) — a common Dom0 configuration — because the kernel only orders against its own
-CPUs. If ``libatomic.so.1`` (Debian package ``libatomic1``) is missing, building a ring with the
-default fence raises :class:`FenceUnavailableError`; pass your own ``fence=`` instead.
+when the domain has one online vCPU (every command; a common Dom0 configuration) or, for
+``PRIVATE_EXPEDITED``, when the caller is single-threaded — the kernel only orders against its
+own CPUs and threads, never against another domain. If ``libatomic.so.1`` (Debian package
+``libatomic1``) is missing, building a ring with the default fence raises
+:class:`FenceUnavailableError`; pass your own ``fence=`` instead.
 """
 
 from __future__ import annotations
