@@ -2,15 +2,19 @@
 
 The simulation, the tests and headless hosts show guest connectors on a
 :class:`VirtualDisplay`; it implements :mod:`displback.display.interface` exactly as a KMS
-display will, so the backend cannot tell them apart. Each :class:`VirtualOutput` runs one
-vblank task in the display's nursery, every ``1 / refresh_hz`` seconds of trio's clock (tests
-use ``trio.testing.MockClock`` and run at full speed):
+display will, so the backend cannot tell them apart. Vblank ``n`` of an output happens at
+``start + n / refresh_hz`` on trio's clock (tests use ``trio.testing.MockClock`` and run at
+full speed); each :class:`VirtualOutput` runs one vblank task in the display's nursery:
 
-* a pending flip lands at the first vblank after it was asked for; its caller wakes with a
-  :class:`~displback.display.interface.FlipResult`;
+* a flip asked for during vblank period ``n`` is due at vblank ``n + 1``; the task sleeps
+  until then, puts the frame on screen and wakes the caller with a
+  :class:`~displback.display.interface.FlipResult`. If the task only runs later (the process
+  stalled), the flip lands at the latest vblank and the skipped ones count as missed;
 * scanout only *references* the framebuffer's memory — nothing is copied per vblank, in
   zero-copy or copy mode — and :meth:`VirtualOutput.snapshot` reads it when asked;
-* a vblank handled more than one period late counts the skipped periods as missed.
+* with no flip pending the task waits without a timer (after one more vblank, so a caller
+  flipping every frame costs one wake-up of the task per frame): an idle output costs no CPU.
+  Vblank and frame counters are derived from the clock, not counted by ticks.
 
 Zero-copy imports go through an injected ``dmabuf_importer(fd)`` (the platform layer maps the
 dma-buf; tests pass a memfd-backed fake) returning a :class:`DmabufMapping`. The display owns
@@ -24,6 +28,7 @@ pitch rule). Dumb buffers get the display's own pitch, rounded up to ``dumb_pitc
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import types
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -113,8 +118,11 @@ class _Frame:
 
 @dataclass(slots=True, eq=False)
 class _PendingFlip:
+    """A queued flip: lands at vblank ``due`` (or the first one handled after it)."""
+
     fb: VirtualFramebuffer
     frame: _Frame
+    due: int
     done: trio.Event
     result: FlipResult | None = None
 
@@ -275,10 +283,15 @@ class VirtualOutput:
         self._scanout: _Frame | None = None
         self._pending: _PendingFlip | None = None
         self._live: set[VirtualFramebuffer] = set()
+        self._wake = trio.Event()
+        # Vblank n happens at start + n * period on trio's clock; set when the task starts.
+        self._start = 0.0
+        self._period = 1.0 / config.refresh_hz
+        self._last_seq = 0  # the latest vblank a flip landed at
+        self._on_seq = 0  # the vblank scanout (last) turned on at
         self._flips_completed = 0
-        self._frames_shown = 0
+        self._frames_before = 0  # frames shown in earlier enabled stretches
         self._missed_vblanks = 0
-        self._vblanks = 0
 
     # -- state ---------------------------------------------------------------------------
 
@@ -304,11 +317,12 @@ class VirtualOutput:
 
     @property
     def stats(self) -> OutputStats:
+        seq = self._seq_now()
         return OutputStats(
             flips_completed=self._flips_completed,
-            frames_shown=self._frames_shown,
+            frames_shown=self._frames_before + self._frames_since_on(seq),
             missed_vblanks=self._missed_vblanks,
-            vblanks=self._vblanks,
+            vblanks=seq,
         )
 
     @property
@@ -406,8 +420,9 @@ class VirtualOutput:
         vfb = self._own(fb, allow_released=False)
         if self._pending is not None:
             raise FlipPending(f"output {self.name}: a flip is already pending")
-        pending = _PendingFlip(vfb, vfb._frame(), trio.Event())
+        pending = _PendingFlip(vfb, vfb._frame(), self._seq_now() + 1, trio.Event())
         self._pending = pending
+        self._wake.set()
         # Cancelled here, the flip still lands at the next vblank, like a queued KMS flip.
         await pending.done.wait()
         if pending.result is None:
@@ -419,7 +434,7 @@ class VirtualOutput:
         self._check_open()
         if self._pending is not None:
             raise FlipPending(f"output {self.name}: cannot disable while a flip is pending")
-        self._scanout = None
+        self._scanout_off()
 
     def snapshot(self) -> RgbImage:
         mw, mh, _ = self._mode
@@ -457,37 +472,71 @@ class VirtualOutput:
             raise InvalidFramebuffer(f"{fb!r} was released")
         return fb
 
+    def _seq_now(self) -> int:
+        """The number of the latest vblank at trio's current time (never going backwards)."""
+        # The epsilon keeps a float quotient just below an integer from losing the vblank
+        # that a sleep_until(its deadline) has just woken for.
+        elapsed = (trio.current_time() - self._start) / self._period
+        return max(self._last_seq, math.floor(elapsed + 1e-6))
+
+    def _deadline(self, seq: int) -> float:
+        return self._start + seq * self._period
+
+    def _frames_since_on(self, seq: int) -> int:
+        return 0 if self._scanout is None else seq - self._on_seq + 1
+
+    def _scanout_off(self) -> None:
+        self._frames_before += self._frames_since_on(self._seq_now())
+        self._scanout = None
+
     async def _run_vblanks(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        period = 1.0 / self._mode.refresh_hz
-        start = trio.current_time()
-        task_status.started()
-        while True:
-            deadline = start + (self._vblanks + 1) * period
-            await trio.sleep_until(deadline)
-            late = int((trio.current_time() - deadline) // period)
-            self._missed_vblanks += late
-            self._vblanks += 1 + late
-            self._vblank(start + self._vblanks * period)
+        """Land each pending flip at its vblank; sleep without a timer while none is pending.
 
-    def _vblank(self, timestamp: float) -> None:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            self._scanout = pending.frame
-            self._flips_completed += 1
-            pending.result = FlipResult(pending.fb, self._vblanks, timestamp)
-            pending.done.set()
-        if self._scanout is not None:
-            self._frames_shown += 1
+        After a landing the task stays on the timer for one more vblank: a caller flipping
+        every frame has queued its next flip by then, so the task wakes once per frame.
+        """
+        self._start = trio.current_time()
+        task_status.started()
+        idle_vblanks = 0
+        while True:
+            pending = self._pending
+            if pending is None:
+                if idle_vblanks:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    idle_vblanks = 0
+                else:
+                    await trio.sleep_until(self._deadline(self._seq_now() + 1))
+                    idle_vblanks += 1
+                continue
+            idle_vblanks = 0
+            deadline = self._deadline(pending.due)
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                if self._pending is not pending:  # the display was closed meanwhile
+                    continue
+            seq = max(pending.due, self._seq_now())
+            self._missed_vblanks += seq - pending.due
+            self._land(pending, seq)
+
+    def _land(self, pending: _PendingFlip, seq: int) -> None:
+        self._pending = None
+        self._last_seq = seq
+        if self._scanout is None:
+            self._on_seq = seq
+        self._scanout = pending.frame
+        self._flips_completed += 1
+        pending.result = FlipResult(pending.fb, seq, self._deadline(seq))
+        pending.done.set()
 
     def _close(self) -> None:
         """Stop scanout, wake a pending flip with DisplayClosed, release every framebuffer."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.done.set()
-        self._scanout = None
+        self._scanout_off()
         for fb in list(self._live):
             self._live.discard(fb)
             fb._drop()

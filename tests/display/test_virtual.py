@@ -21,6 +21,7 @@ from displback.display import (
     ImportRefused,
     InvalidFramebuffer,
     Mode,
+    OutputStats,
     UnsupportedFormat,
     copy_frame,
 )
@@ -185,16 +186,33 @@ async def test_disable_turns_scanout_off_and_completes_no_flip(
         assert out.enabled and solid(out.snapshot(), (255, 255, 255))
 
 
-async def test_late_vblanks_are_counted_as_missed(autojump_clock: trio.testing.MockClock) -> None:
-    async with display() as out:
+async def test_a_flip_handled_late_lands_late_and_counts_the_missed_vblanks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with display() as out, trio.open_nursery() as nursery:
+        fb = out.create_dumb(width=8, height=4, fourcc=XRGB)
+        results = []
+
+        async def flip() -> None:
+            results.append(await out.flip(fb))
+
+        nursery.start_soon(flip)
         await trio.testing.wait_all_tasks_blocked()
         autojump_clock.jump(5.5 * PERIOD)  # the process stalled for 5.5 frames
-        await trio.sleep(0)
         await trio.testing.wait_all_tasks_blocked()
-        assert out.stats.vblanks == 5
+        assert [r.sequence for r in results] == [5]  # due at vblank 1, handled at 5
         assert out.stats.missed_vblanks == 4
-        result = await out.flip(out.create_dumb(width=8, height=4, fourcc=XRGB))
-        assert result.sequence == 6
+        assert out.stats.vblanks == 5
+        assert (await out.flip(fb)).sequence == 6
+        assert out.stats.missed_vblanks == 4
+
+
+async def test_an_idle_output_counts_vblanks_without_waking(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with display() as out:
+        await trio.sleep(100.5 * PERIOD)
+        assert out.stats == OutputStats(0, 0, 0, 100)
 
 
 async def test_outputs_tick_at_their_own_refresh_rates(
