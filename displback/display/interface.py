@@ -114,10 +114,11 @@ class FlipResult:
 class OutputStats:
     """Counters of one output since it was opened.
 
-    ``vblanks``: vblank periods elapsed (including missed ones); ``missed_vblanks``: periods
-    whose vblank was handled too late to count (the event loop was busy or the process
-    stalled); ``frames_shown``: handled vblanks with scanout on; ``flips_completed``: flips
-    that landed (one per accepted :meth:`Output.flip`, cancelled waiters included).
+    ``vblanks``: the number of the latest vblank (vblank periods elapsed); ``frames_shown``:
+    vblanks at which scanout was on; ``missed_vblanks``: vblanks by which flips landed later
+    than due (the process or event loop stalled past the vblank a flip was queued for);
+    ``flips_completed``: flips that landed (one per accepted :meth:`Output.flip`, cancelled
+    waiters included).
     """
 
     flips_completed: int
