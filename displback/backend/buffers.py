@@ -1,0 +1,824 @@
+"""One guest device's display buffers and framebuffers: DBUF_CREATE/DESTROY, FB_ATTACH/DETACH.
+
+Theory of operation
+-------------------
+A :class:`BufferStore` holds the buffer and framebuffer tables of one guest device (cookies
+are unique per device, reference §4.0) and everything those buffers hold in Dom0. Handlers
+raise :class:`RequestError`; a failed request leaves nothing mapped, exported or granted.
+
+A buffer is one of three kinds (:class:`BufferKind`), chosen at DBUF_CREATE:
+
+* ``ZERO_COPY`` — guest-allocated pages exported as a dma-buf (``DMABUF_EXP_FROM_REFS``).
+  Each output imports that dma-buf lazily on first use (:meth:`GuestFramebuffer.present_on`)
+  and scans the guest's memory out directly.
+* ``COPY`` — guest-allocated pages mapped into Dom0 (read-only: we only read them). Used when
+  the policy is ``OFF`` or the platform cannot export (``ENOTTY``: a kernel without
+  ``CONFIG_XEN_GNTDEV_DMABUF``; ``EINVAL``: an x86 PV Dom0). Each present copies the guest's
+  pixels into one of two display-owned dumb buffers per (framebuffer, output), never the one
+  on screen.
+* ``BACKEND`` — ``be-alloc``: Dom0 allocates the pages (a dumb buffer on real hardware),
+  grants them to the guest (``DMABUF_IMP_TO_REFS``) and writes the refs into the guest's
+  directory pages; outputs import our own dma-buf.
+
+If an output refuses to import (:class:`ImportRefused`: pitch alignment, format, no PRIME)
+the framebuffer falls back to copying on that output — from a lazily made CPU mapping of the
+same pages — unless the policy is ``REQUIRE``, which answers the flip ``-EOPNOTSUPP``. The
+refusal is logged once per buffer.
+
+Telling "cannot export" from "bad grant"
+----------------------------------------
+gntdev answers ``EINVAL`` both for grants it cannot map and for a Dom0 that cannot export at
+all. Until one export has succeeded, an ``EINVAL`` is settled by mapping the same refs
+read-write: if that fails too the guest's refs are bad (``-EINVAL``, nothing kept); if it
+works the platform cannot export, which is remembered (logged once) and the mapping becomes
+the buffer's copy mapping. Once an export has worked, ``EINVAL`` means bad refs.
+
+DBUF_DESTROY and WAIT_FREE
+--------------------------
+After the OK of DBUF_DESTROY the backend must not touch the guest's pages (§4.2). Framebuffers
+still attached to the buffer are detached first (the spec is silent; Linux detaches before it
+destroys, so this only matters for a misbehaving guest, and the alternative — refusing — would
+leave the guest unable ever to free the pages). Every output releases its framebuffers of the
+buffer (an output keeps showing a private copy of a frame on screen). Then per kind:
+
+* ``COPY``: unmap, answer.
+* ``ZERO_COPY``: our fd is turned into a reserved number with ``dup2(/dev/null, fd)`` — our
+  dma-buf reference is dropped but no later export can get that number, because
+  ``DMABUF_EXP_WAIT_RELEASED`` is keyed by it (see :mod:`displback.backend.deferred`). Then
+  wait up to ``wait_free_ms`` in a worker thread: released → close the number and answer;
+  timeout → answer anyway and hand the number to :class:`DeferredReleases`.
+* ``BACKEND``: the guest has unmapped our pages already; revoke the grants
+  (``DMABUF_IMP_RELEASE``), close our fd (freeing the memory once nothing refers to it).
+
+Quotas are charged at DBUF_CREATE and given back at DBUF_DESTROY. A guest whose deferred list
+is full gets ``-ENOMEM`` for DBUF_CREATE until entries drain.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from displback.backend.deferred import DeferredReleases, Logger, default_logger
+from displback.backend.errors import RequestError
+from displback.backend.guestmem import (
+    errno_for_os_error,
+    fill_directory,
+    map_buffer,
+    read_directory,
+)
+from displback.backend.quotas import Quota, QuotaExceeded
+from displback.display.interface import (
+    DisplayError,
+    DumbFramebuffer,
+    Framebuffer,
+    ImportRefused,
+    Output,
+    UnsupportedFormat,
+)
+from displback.display.pixels import copy_frame, frame_end
+from displback.protocol.constants import (
+    EDID_BLOCK_SIZE,
+    EDID_MAX_SIZE,
+    EEXIST,
+    EINVAL,
+    EIO,
+    ENOENT,
+    ENOMEM,
+    EOPNOTSUPP,
+    EPERM,
+    PAGE_SIZE,
+    PixelFormat,
+    pages_for,
+    pitch_for,
+)
+from displback.protocol.errors import ProtocolError
+from displback.protocol.messages import (
+    DbufCreateReq,
+    DbufDestroyReq,
+    FbAttachReq,
+    FbDetachReq,
+    GetEdidReq,
+)
+from displback.xen.interfaces import DmaBufMapping, DmaBufs, GrantDevice, GrantMapping
+
+__all__ = [
+    "BufferInfo",
+    "BufferKind",
+    "BufferStore",
+    "BufferStoreStats",
+    "GuestFramebuffer",
+    "ZeroCopyPolicy",
+]
+
+#: How often a repeated quota refusal of one guest is logged (seconds).
+QUOTA_LOG_INTERVAL = 10.0
+
+
+class ZeroCopyPolicy(enum.Enum):
+    """Whether guest buffers are scanned out directly: when possible, always, or never."""
+
+    AUTO = "auto"
+    REQUIRE = "require"
+    OFF = "off"
+
+
+class BufferKind(enum.Enum):
+    """Where a display buffer's pages come from and how outputs reach them."""
+
+    ZERO_COPY = "zero-copy"
+    COPY = "copy"
+    BACKEND = "be-alloc"
+
+
+@dataclass(frozen=True, slots=True)
+class BufferInfo:
+    """A snapshot of one display buffer (for logs, status and tests).
+
+    ``dmabuf_fd`` is the exported (``ZERO_COPY``) or allocated (``BACKEND``) dma-buf fd
+    number, None for ``COPY``. Width, height and bpp are 0 for a pending (PRIME) buffer.
+    """
+
+    dbuf_cookie: int
+    kind: BufferKind
+    width: int
+    height: int
+    bpp: int
+    buffer_sz: int
+    data_ofs: int
+    npages: int
+    dmabuf_fd: int | None
+    framebuffers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStoreStats:
+    """Live buffers and pages by kind, and what happened since the store was made.
+
+    ``deferred``: destroys whose wait timed out (handed to the deferred list);
+    ``import_fallbacks``: (framebuffer, output) pairs that copy because the output refused
+    the import.
+    """
+
+    buffers: int
+    pages: int
+    framebuffers: int
+    zero_copy: int
+    copy: int
+    backend_allocated: int
+    deferred: int
+    import_fallbacks: int
+
+
+class _RateLimitedLog:
+    """Logs the first of a burst of similar lines, then one per ``interval`` with a count."""
+
+    def __init__(
+        self, log: Logger, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._log = log
+        self._interval = interval
+        self._clock = clock
+        self._next = -float("inf")
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += f" ({self._suppressed} similar refusals not logged)"
+        self._suppressed = 0
+        self._next = now + self._interval
+        self._log.warning(message)
+
+
+@dataclass(eq=False, slots=True)
+class _DisplayBuffer:
+    """One DBUF_CREATE's buffer and what Dom0 holds for it."""
+
+    dbuf_cookie: int
+    kind: BufferKind
+    width: int
+    height: int
+    bpp: int
+    buffer_sz: int
+    data_ofs: int
+    npages: int
+    refs: tuple[int, ...]
+    fd: int | None = None
+    cpu: GrantMapping | DmaBufMapping | None = None
+    fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
+    refusal_logged: bool = False
+
+    @property
+    def has_geometry(self) -> bool:
+        return not (self.width == 0 and self.height == 0 and self.bpp == 0)
+
+    @property
+    def span(self) -> int:
+        return self.npages * PAGE_SIZE
+
+
+@dataclass(eq=False, slots=True)
+class _OnOutput:
+    """A framebuffer's display objects on one output."""
+
+    imported: Framebuffer | None = None
+    copying: bool = False
+    dumbs: list[DumbFramebuffer] = field(default_factory=list)
+    next_dumb: int = 0
+
+
+class GuestFramebuffer:
+    """A guest framebuffer (FB_ATTACH) and its display framebuffers on each output."""
+
+    def __init__(
+        self,
+        store: BufferStore,
+        buffer: _DisplayBuffer,
+        *,
+        fb_cookie: int,
+        width: int,
+        height: int,
+        fourcc: PixelFormat,
+        pitch: int,
+        offset: int,
+    ) -> None:
+        self._store = store
+        self._buffer = buffer
+        self.fb_cookie = fb_cookie
+        self.width = width
+        self.height = height
+        self.fourcc = fourcc
+        self.pitch = pitch
+        self.offset = offset
+        self._outputs: dict[Output, _OnOutput] = {}
+        self._released = False
+
+    @property
+    def dbuf_cookie(self) -> int:
+        """The display buffer this framebuffer lives in."""
+        return self._buffer.dbuf_cookie
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether outputs scan the buffer out directly (no output has had to fall back)."""
+        return (
+            self._buffer.kind is not BufferKind.COPY
+            and self._store.policy is not ZeroCopyPolicy.OFF
+            and not any(state.copying for state in self._outputs.values())
+        )
+
+    @property
+    def released(self) -> bool:
+        """True once detached (or its buffer destroyed): it can no longer be presented."""
+        return self._released
+
+    def __repr__(self) -> str:
+        state = " released" if self._released else ""
+        return (
+            f"<GuestFramebuffer 0x{self.fb_cookie:x} on 0x{self.dbuf_cookie:x} "
+            f"{self.width}x{self.height} {self.fourcc.name} pitch {self.pitch} "
+            f"offset {self.offset}{state}>"
+        )
+
+    def present_on(self, output: Output) -> Framebuffer:
+        """The display framebuffer to flip to on ``output`` to show this framebuffer now.
+
+        Zero-copy: the output's import of the dma-buf, made on first use and cached. Copy:
+        one of two dumb buffers of this output, alternately and never the one on screen,
+        freshly filled from the guest's pages. Call it with no flip pending on ``output``
+        (flips are serialised per output). Raises :class:`RequestError`: ``ENOENT`` once
+        released, ``EOPNOTSUPP`` when the output refuses the import under ``REQUIRE``,
+        ``EINVAL`` for a framebuffer the output cannot show at all, ``EIO`` for other
+        display failures.
+        """
+        if self._released:
+            raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
+        store = self._store
+        if all(output is not known for known in store.outputs):
+            raise ValueError(f"{output!r} is not an output of this device")
+        state = self._outputs.setdefault(output, _OnOutput())
+        buffer = self._buffer
+        direct = buffer.kind is not BufferKind.COPY and store.policy is not ZeroCopyPolicy.OFF
+        if direct and not state.copying:
+            if state.imported is None:
+                state.imported = self._import(output, state)
+            if state.imported is not None:
+                return state.imported
+        return self._copy_to(output, state)
+
+    def _import(self, output: Output, state: _OnOutput) -> Framebuffer | None:
+        buffer = self._buffer
+        assert buffer.fd is not None
+        try:
+            return output.import_dmabuf(
+                buffer.fd,
+                width=self.width,
+                height=self.height,
+                pitch=self.pitch,
+                offset=self.offset,
+                fourcc=self.fourcc,
+            )
+        except ImportRefused as exc:
+            store = self._store
+            if store.policy is ZeroCopyPolicy.REQUIRE:
+                raise RequestError(
+                    EOPNOTSUPP,
+                    f"output {output.name} cannot scan out framebuffer 0x{self.fb_cookie:x} "
+                    f"directly ({exc.reason}) and zero-copy is required",
+                ) from exc
+            if not buffer.refusal_logged:
+                buffer.refusal_logged = True
+                store.log.warning(
+                    f"dom{store.domid}: output {output.name} refuses to import buffer "
+                    f"0x{buffer.dbuf_cookie:x} ({exc.reason}); copying its frames instead"
+                )
+            state.copying = True
+            store._import_fallbacks += 1
+            return None
+        except DisplayError as exc:
+            raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
+
+    def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
+        source = self._store._cpu_view(self._buffer)
+        target: DumbFramebuffer | None = None
+        for index in (state.next_dumb, 1 - state.next_dumb):
+            if index == len(state.dumbs):
+                state.dumbs.append(self._create_dumb(output))
+            if state.dumbs[index] is not output.current_fb:
+                target = state.dumbs[index]
+                state.next_dumb = 1 - index
+                break
+        assert target is not None  # at most one of the two is on screen
+        try:
+            copy_frame(
+                source.buffer,
+                self.offset,
+                self.pitch,
+                target.buffer,
+                0,
+                target.pitch,
+                self.width * self.fourcc.cpp,
+                self.height,
+            )
+        except ValueError as exc:  # FB_ATTACH checked the bounds: only a display oddity
+            raise RequestError(EIO, f"copying framebuffer 0x{self.fb_cookie:x}: {exc}") from exc
+        return target
+
+    def _create_dumb(self, output: Output) -> DumbFramebuffer:
+        try:
+            return output.create_dumb(width=self.width, height=self.height, fourcc=self.fourcc)
+        except (UnsupportedFormat, ValueError) as exc:
+            raise RequestError(
+                EINVAL, f"output {output.name} cannot show framebuffer {self!r}: {exc}"
+            ) from exc
+        except DisplayError as exc:
+            raise RequestError(EIO, f"output {output.name}: {exc}") from exc
+
+    def _release(self) -> None:
+        """Release every display framebuffer of this one, on every output; idempotent."""
+        self._released = True
+        outputs, self._outputs = self._outputs, {}
+        for output, state in outputs.items():
+            fbs: list[Framebuffer] = [*state.dumbs]
+            if state.imported is not None:
+                fbs.append(state.imported)
+            for fb in fbs:
+                try:
+                    output.release(fb)
+                except DisplayError as exc:
+                    self._store.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+
+
+class BufferStore:
+    """The display buffers and framebuffers of one guest device.
+
+    ``grants`` is the device's gntdev (kept open by the caller; hand it to
+    :meth:`DeferredReleases.close_device_when_drained` at teardown), ``dmabufs`` allocates
+    be-alloc buffers and maps dma-bufs for copying, ``outputs`` are the device's connector
+    outputs, ``deferred`` the daemon-wide list of destroys whose wait timed out.
+    """
+
+    def __init__(
+        self,
+        *,
+        domid: int,
+        grants: GrantDevice,
+        dmabufs: DmaBufs,
+        outputs: Sequence[Output],
+        quota: Quota,
+        deferred: DeferredReleases,
+        be_alloc: bool,
+        policy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO,
+        wait_free_ms: int = 2000,
+        log: Logger | None = None,
+        quota_log_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if wait_free_ms < 0:
+            raise ValueError("wait_free_ms must not be negative")
+        self.domid = domid
+        self.grants = grants
+        self.dmabufs = dmabufs
+        self.outputs = tuple(outputs)
+        self.quota = quota
+        self.deferred = deferred
+        self.be_alloc = be_alloc
+        self.policy = policy
+        self.wait_free_ms = wait_free_ms
+        self.log = log if log is not None else default_logger("displback.buffers")
+        self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
+        self._buffers: dict[int, _DisplayBuffer] = {}
+        self._fbs: dict[int, GuestFramebuffer] = {}
+        # None until the first export settles whether this platform can export dma-bufs.
+        self._export_supported: bool | None = None
+        self._deferred_count = 0
+        self._import_fallbacks = 0
+        self._closed = False
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> BufferStoreStats:
+        """Counts of live buffers, pages and framebuffers; deferred destroys; fallbacks."""
+        kinds = [b.kind for b in self._buffers.values()]
+        return BufferStoreStats(
+            buffers=len(self._buffers),
+            pages=sum(b.npages for b in self._buffers.values()),
+            framebuffers=len(self._fbs),
+            zero_copy=kinds.count(BufferKind.ZERO_COPY),
+            copy=kinds.count(BufferKind.COPY),
+            backend_allocated=kinds.count(BufferKind.BACKEND),
+            deferred=self._deferred_count,
+            import_fallbacks=self._import_fallbacks,
+        )
+
+    @property
+    def export_supported(self) -> bool | None:
+        """Whether the platform exports guest pages as dma-bufs (None: not tried yet)."""
+        return self._export_supported
+
+    def buffer_info(self, dbuf_cookie: int) -> BufferInfo:
+        """A snapshot of buffer ``dbuf_cookie``; ``RequestError(ENOENT)`` if unknown."""
+        buffer = self._buffer(dbuf_cookie)
+        return BufferInfo(
+            dbuf_cookie=buffer.dbuf_cookie,
+            kind=buffer.kind,
+            width=buffer.width,
+            height=buffer.height,
+            bpp=buffer.bpp,
+            buffer_sz=buffer.buffer_sz,
+            data_ofs=buffer.data_ofs,
+            npages=buffer.npages,
+            dmabuf_fd=buffer.fd,
+            framebuffers=tuple(buffer.fbs),
+        )
+
+    def framebuffer(self, fb_cookie: int) -> GuestFramebuffer:
+        """The attached framebuffer ``fb_cookie``; ``RequestError(ENOENT)`` if unknown."""
+        fb = self._fbs.get(fb_cookie)
+        if fb is None:
+            raise RequestError(ENOENT, f"unknown framebuffer 0x{fb_cookie:x}")
+        return fb
+
+    def _buffer(self, dbuf_cookie: int) -> _DisplayBuffer:
+        buffer = self._buffers.get(dbuf_cookie)
+        if buffer is None:
+            raise RequestError(ENOENT, f"unknown display buffer 0x{dbuf_cookie:x}")
+        return buffer
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RequestError(EIO, "the device is being torn down")
+
+    # -- DBUF_CREATE ---------------------------------------------------------------------
+
+    async def create(self, req: DbufCreateReq) -> None:
+        """DBUF_CREATE: make the buffer ready (or fill the be-alloc directory), or raise."""
+        await trio.lowlevel.checkpoint()
+        _validate(req.validate)
+        self._check_open()
+        cookie = req.dbuf_cookie
+        if cookie in self._buffers:
+            raise RequestError(EEXIST, f"display buffer 0x{cookie:x} exists")
+        if req.be_alloc and not self.be_alloc:
+            raise RequestError(EPERM, "REQ_ALLOC without be-alloc")
+        npages = req.npages
+        try:
+            self.quota.check_buffer(npages)
+        except QuotaExceeded as exc:
+            self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {exc}")
+            raise RequestError(exc.errno, str(exc)) from exc
+        if not self.deferred.has_room(self.domid):
+            message = (
+                f"{self.deferred.pending(self.domid)} destroyed buffers of this guest are "
+                "still imported; no new buffers until they are released"
+            )
+            self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
+            raise RequestError(ENOMEM, message)
+        buffer = self._create_backend(req) if req.be_alloc else self._create_guest(req)
+        # No await since check_buffer: the charge cannot fail.
+        self.quota.charge(npages)
+        self._buffers[cookie] = buffer
+        self.log.debug(
+            f"dom{self.domid}: buffer 0x{cookie:x} created: {buffer.kind.value}, "
+            f"{req.width}x{req.height}x{req.bpp}, {npages} pages"
+        )
+
+    def _new_buffer(
+        self, req: DbufCreateReq, kind: BufferKind, refs: tuple[int, ...]
+    ) -> _DisplayBuffer:
+        return _DisplayBuffer(
+            dbuf_cookie=req.dbuf_cookie,
+            kind=kind,
+            width=req.width,
+            height=req.height,
+            bpp=req.bpp,
+            buffer_sz=req.buffer_sz,
+            data_ofs=req.data_ofs,
+            npages=req.npages,
+            refs=refs,
+        )
+
+    def _create_guest(self, req: DbufCreateReq) -> _DisplayBuffer:
+        if self.policy is ZeroCopyPolicy.REQUIRE and self._export_supported is False:
+            raise RequestError(EOPNOTSUPP, "zero-copy is required but cannot be done here")
+        refs = read_directory(self.grants, self.domid, req.gref_directory, req.npages)
+        if self.policy is ZeroCopyPolicy.OFF or self._export_supported is False:
+            buffer = self._new_buffer(req, BufferKind.COPY, refs)
+            buffer.cpu = map_buffer(self.grants, self.domid, refs, writable=False)
+            return buffer
+        try:
+            fd = self.grants.dmabuf_export(self.domid, list(refs))
+        except OSError as exc:
+            return self._export_failed(req, refs, exc)
+        if not self._export_supported:
+            self._export_supported = True
+            self.log.info(f"dom{self.domid}: guest buffers are exported as dma-bufs (zero-copy)")
+        buffer = self._new_buffer(req, BufferKind.ZERO_COPY, refs)
+        buffer.fd = fd
+        return buffer
+
+    def _export_failed(
+        self, req: DbufCreateReq, refs: tuple[int, ...], exc: OSError
+    ) -> _DisplayBuffer:
+        """Settle a failed export: bad refs (raise), or a platform that cannot export (copy)."""
+        if exc.errno == _errno.ENOTTY:
+            reason = "the kernel has no gntdev dma-buf support (ENOTTY)"
+            mapping = None
+        elif exc.errno == _errno.EINVAL and self._export_supported is None:
+            # Bad refs or no export on this Dom0? Mapping the same refs tells (see top).
+            mapping = map_buffer(self.grants, self.domid, refs, writable=True)
+            reason = "this Dom0 cannot export grants as dma-bufs (EINVAL; x86 PV?)"
+        else:
+            raise RequestError(
+                errno_for_os_error(exc), f"cannot export buffer 0x{req.dbuf_cookie:x}: {exc}"
+            ) from exc
+        self._export_supported = False
+        if self.policy is ZeroCopyPolicy.REQUIRE:
+            if mapping is not None:
+                mapping.close()
+            self.log.warning(f"dom{self.domid}: zero-copy is required but {reason}")
+            raise RequestError(EOPNOTSUPP, f"zero-copy is required but {reason}") from exc
+        self.log.warning(f"dom{self.domid}: {reason}; copying guest buffers instead")
+        if mapping is None:
+            mapping = map_buffer(self.grants, self.domid, refs, writable=False)
+        buffer = self._new_buffer(req, BufferKind.COPY, refs)
+        buffer.cpu = mapping
+        return buffer
+
+    def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
+        npages = req.npages
+        try:
+            fd = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE)
+        except OSError as exc:
+            raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+        try:
+            try:
+                refs = self.grants.dmabuf_import_to_refs(fd, npages, self.domid)
+            except OSError as exc:
+                code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
+                raise RequestError(code, f"cannot grant our buffer to the guest: {exc}") from exc
+            try:
+                fill_directory(self.grants, self.domid, req.gref_directory, refs)
+            except BaseException:
+                self._import_release(fd)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs))
+        buffer.fd = fd
+        return buffer
+
+    # -- DBUF_DESTROY --------------------------------------------------------------------
+
+    async def destroy(self, req: DbufDestroyReq) -> None:
+        """DBUF_DESTROY: after this returns, Dom0 no longer touches the guest's pages
+        (or the buffer is on the deferred list because an importer holds on)."""
+        await trio.lowlevel.checkpoint()
+        _validate(req.validate)
+        buffer = self._buffers.pop(req.dbuf_cookie, None)
+        if buffer is None:
+            raise RequestError(ENOENT, f"unknown display buffer 0x{req.dbuf_cookie:x}")
+        if buffer.fbs:
+            self.log.info(
+                f"dom{self.domid}: buffer 0x{buffer.dbuf_cookie:x} destroyed with "
+                f"{len(buffer.fbs)} framebuffer(s) attached; detaching them"
+            )
+        self._detach_all(buffer)
+        self.quota.release(buffer.npages)
+        await self._free(buffer, self.wait_free_ms)
+
+    def _detach_all(self, buffer: _DisplayBuffer) -> None:
+        for fb_cookie, fb in list(buffer.fbs.items()):
+            del self._fbs[fb_cookie]
+            fb._release()
+        buffer.fbs.clear()
+
+    async def _free(self, buffer: _DisplayBuffer, wait_ms: int) -> None:
+        """Drop everything Dom0 holds for ``buffer`` (its framebuffers are released)."""
+        cpu, buffer.cpu = buffer.cpu, None
+        if cpu is not None:
+            cpu.close()
+        fd, buffer.fd = buffer.fd, None
+        if buffer.kind is BufferKind.BACKEND:
+            assert fd is not None
+            self._import_release(fd)
+            os.close(fd)
+        elif buffer.kind is BufferKind.ZERO_COPY:
+            assert fd is not None
+            await self._wait_free(buffer, fd, wait_ms)
+
+    async def _wait_free(self, buffer: _DisplayBuffer, fd: int, wait_ms: int) -> None:
+        _reserve_number(fd)
+        released = False
+        try:
+            released = await trio.to_thread.run_sync(
+                self.grants.dmabuf_wait_released, fd, wait_ms
+            )
+        except OSError as exc:
+            self.log.warning(
+                f"dom{self.domid}: waiting for the release of buffer "
+                f"0x{buffer.dbuf_cookie:x} failed: {exc}"
+            )
+        finally:
+            # Also when cancelled: the number stays reserved until a wait says released.
+            if released:
+                os.close(fd)
+            else:
+                self._deferred_count += 1
+                self.deferred.add(
+                    domid=self.domid,
+                    grants=self.grants,
+                    fd=fd,
+                    dbuf_cookie=buffer.dbuf_cookie,
+                    npages=buffer.npages,
+                )
+
+    def _import_release(self, fd: int) -> None:
+        try:
+            self.grants.dmabuf_import_release(fd)
+        except OSError as exc:
+            self.log.warning(f"dom{self.domid}: revoking the grants of fd {fd}: {exc}")
+
+    # -- FB_ATTACH / FB_DETACH -----------------------------------------------------------
+
+    def attach(self, req: FbAttachReq) -> GuestFramebuffer:
+        """FB_ATTACH: a framebuffer of ``req.width`` × ``req.height`` in a display buffer.
+
+        Pitch: ``ceil(buffer width × bpp / 8)`` for a buffer with geometry (the guest's dumb
+        buffer; the framebuffer may be narrower, not wider), ``fb width × cpp`` for a pending
+        (PRIME) buffer; offset ``data_ofs``. The frame must fit the buffer's pages.
+        """
+        _validate(req.validate)
+        self._check_open()
+        buffer = self._buffer(req.dbuf_cookie)
+        if req.fb_cookie in self._fbs:
+            raise RequestError(EEXIST, f"framebuffer 0x{req.fb_cookie:x} exists")
+        fourcc = req.format
+        row_bytes = req.width * fourcc.cpp
+        if buffer.has_geometry:
+            if req.width > buffer.width:
+                raise RequestError(
+                    EINVAL,
+                    f"framebuffer width {req.width} exceeds buffer width {buffer.width}",
+                )
+            pitch = pitch_for(buffer.width, buffer.bpp)
+        else:
+            pitch = row_bytes
+        if row_bytes > pitch:
+            raise RequestError(
+                EINVAL, f"{req.width} {fourcc.name} pixels do not fit a pitch of {pitch} bytes"
+            )
+        if fourcc is PixelFormat.YUYV and req.width % 2:
+            raise RequestError(EINVAL, f"YUYV needs an even width, not {req.width}")
+        end = frame_end(buffer.data_ofs, pitch, row_bytes, req.height)
+        if end > buffer.span:
+            raise RequestError(
+                EINVAL,
+                f"{req.width}x{req.height} {fourcc.name} at offset {buffer.data_ofs}, pitch "
+                f"{pitch} needs {end} bytes; buffer 0x{buffer.dbuf_cookie:x} has {buffer.span}",
+            )
+        fb = GuestFramebuffer(
+            self,
+            buffer,
+            fb_cookie=req.fb_cookie,
+            width=req.width,
+            height=req.height,
+            fourcc=fourcc,
+            pitch=pitch,
+            offset=buffer.data_ofs,
+        )
+        self._fbs[req.fb_cookie] = fb
+        buffer.fbs[req.fb_cookie] = fb
+        return fb
+
+    def detach(self, req: FbDetachReq) -> None:
+        """FB_DETACH: forget the framebuffer; outputs showing it keep its last frame."""
+        _validate(req.validate)
+        fb = self._fbs.pop(req.fb_cookie, None)
+        if fb is None:
+            raise RequestError(ENOENT, f"unknown framebuffer 0x{req.fb_cookie:x}")
+        del fb._buffer.fbs[req.fb_cookie]
+        fb._release()
+
+    # -- GET_EDID ------------------------------------------------------------------------
+
+    async def write_edid(self, req: GetEdidReq, edid: bytes) -> int:
+        """GET_EDID: write ``edid`` at offset 0 of the guest's buffer; return its size."""
+        await trio.lowlevel.checkpoint()
+        if not 0 < len(edid) <= EDID_MAX_SIZE or len(edid) % EDID_BLOCK_SIZE:
+            raise ValueError(f"an EDID of {len(edid)} bytes is not whole 128-byte blocks")
+        _validate(req.validate)
+        self._check_open()
+        if len(edid) > req.buffer_sz:
+            raise RequestError(EINVAL, f"EDID of {len(edid)} bytes > buffer_sz {req.buffer_sz}")
+        refs = read_directory(
+            self.grants,
+            self.domid,
+            req.gref_directory,
+            req.npages,
+            max_refs=self.quota.limits.max_pages_per_buffer,
+        )
+        needed = refs[: pages_for(len(edid))]
+        with map_buffer(self.grants, self.domid, needed, writable=True) as mapping:
+            mapping.buffer[: len(edid)] = edid
+        return len(edid)
+
+    # -- teardown ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Device teardown: release every framebuffer and buffer.
+
+        Zero-copy buffers still imported somewhere are not waited for: they go to the
+        deferred list at once. Idempotent.
+        """
+        self._closed = True
+        buffers, self._buffers = list(self._buffers.values()), {}
+        for buffer in buffers:
+            self._detach_all(buffer)
+            self.quota.release(buffer.npages)
+        for buffer in buffers:
+            with trio.CancelScope(shield=True):
+                await self._free(buffer, 0)
+
+    # -- helpers for GuestFramebuffer ----------------------------------------------------
+
+    def _cpu_view(self, buffer: _DisplayBuffer) -> GrantMapping | DmaBufMapping:
+        """The buffer's pages readable by the CPU, mapped on first need."""
+        if buffer.cpu is None:
+            if buffer.kind is BufferKind.BACKEND:
+                assert buffer.fd is not None
+                try:
+                    buffer.cpu = self.dmabufs.open_dmabuf(buffer.fd)
+                except OSError as exc:
+                    raise RequestError(EIO, f"cannot map our own buffer: {exc}") from exc
+            else:
+                buffer.cpu = map_buffer(self.grants, self.domid, buffer.refs, writable=False)
+        return buffer.cpu
+
+
+def _validate(check: Callable[[], None]) -> None:
+    try:
+        check()
+    except ProtocolError as exc:
+        raise RequestError(exc.errno or EINVAL, str(exc)) from exc
+
+
+def _reserve_number(fd: int) -> None:
+    """Replace what ``fd`` refers to by ``/dev/null``, atomically keeping the number taken."""
+    placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(placeholder, fd, inheritable=False)
+    finally:
+        os.close(placeholder)
+
