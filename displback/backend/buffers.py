@@ -671,7 +671,9 @@ class BufferStore:
                 f"0x{buffer.dbuf_cookie:x} failed: {exc}"
             )
         finally:
-            # Also when cancelled: the number stays reserved until a wait says released.
+            # Whatever ended the wait (an error, an interrupt), the number stays reserved
+            # until a wait has said "released". (trio does not abandon the thread on
+            # cancellation, so a cancelled destroy still waits up to wait_ms first.)
             if released:
                 os.close(fd)
             else:

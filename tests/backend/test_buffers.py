@@ -46,9 +46,12 @@ from displback.protocol.messages import (
     GetEdidReq,
 )
 from displback.protocol.pagedir import build_directory, dir_pages_for
-from displback.sim.hypervisor import HypervisorThread, query_counters
+from displback.sim.hypervisor import HypervisorProcess, HypervisorThread, query_counters
 from displback.sim.platform import SimDomain, SimGrantDevice, SimPlatform, client_resources
-from tests.sim.conftest import hypervisor  # noqa: F401 - the fixture, with its leak check
+from tests.sim.conftest import (  # noqa: F401 - the fixtures, with their leak checks
+    hypervisor,
+    hypervisor_process,
+)
 
 GUEST = 5
 XRGB = PixelFormat.XRGB8888
@@ -166,7 +169,7 @@ class ManualClock:
 
 @dataclass
 class Env:
-    hv: HypervisorThread
+    hv: HypervisorThread | HypervisorProcess
     platform: SimPlatform
     guest: SimDomain
     grants: SimGrantDevice
@@ -239,7 +242,7 @@ class Env:
 
 @asynccontextmanager
 async def open_env(
-    hv: HypervisorThread,
+    hv: HypervisorThread | HypervisorProcess,
     *,
     export: bool = True,
     export_errno: int = errno.ENOTTY,
@@ -325,13 +328,13 @@ def expect_sync_error(code: int, fn: object, *args: object) -> RequestError:
     return exc.value
 
 
-def dom0_counters(hv: HypervisorThread) -> dict[str, int]:
+def dom0_counters(hv: HypervisorThread | HypervisorProcess) -> dict[str, int]:
     """Dom0's live pages, grants, mappings, dma-bufs and ports (callable from trio)."""
     domains = query_counters(hv.socket_path)["domains"]
     return {k: int(v) for k, v in domains.get("0", {}).items()}
 
 
-def mappings_of_dom0(hv: HypervisorThread) -> int:
+def mappings_of_dom0(hv: HypervisorThread | HypervisorProcess) -> int:
     return dom0_counters(hv).get("mappings", 0)
 
 
@@ -421,10 +424,12 @@ async def test_wait_free_timeout_answers_and_defers_until_the_importer_lets_go(
         free_buffer(env.guest, buf)
 
 
+@pytest.mark.parametrize("machine", ["hypervisor", "hypervisor_process"])
 async def test_a_deferred_fd_number_stays_reserved_so_a_new_export_cannot_take_it(
-    hypervisor: HypervisorThread,  # noqa: F811
+    request: pytest.FixtureRequest, machine: str
 ) -> None:
-    async with open_env(hypervisor, wait_free_ms=30) as env:
+    hv = request.getfixturevalue(machine)  # in a child process fd numbers are as on Dom0
+    async with open_env(hv, wait_free_ms=30) as env:
         old = guest_buffer(env.guest, 2)
         await env.create(1, old, 32, 16)
         fd = env.store.buffer_info(1).dmabuf_fd
