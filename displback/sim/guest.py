@@ -438,6 +438,7 @@ class SimGuest:
     async def _run(self) -> AsyncIterator[SimGuest]:
         domain = SimDomain(self.hypervisor_path, self.domid)
         self._domain = domain
+        body_error: BaseException | None = None
         try:
             self._evtchn = domain.open_event_channels()
             async with open_xenstore(self.xenstore_path) as xs, trio.open_nursery() as nursery:
@@ -446,6 +447,10 @@ class SimGuest:
                 await nursery.start(self._background)
                 try:
                     yield self
+                except BaseException as exc:
+                    # Re-raised below, outside the nursery, so the caller gets its own
+                    # exception rather than an ExceptionGroup around it.
+                    body_error = exc
                 finally:
                     if not self._crashed:
                         with trio.CancelScope(shield=True):
@@ -454,6 +459,8 @@ class SimGuest:
                     nursery.cancel_scope.cancel()
         finally:
             self._release_devices()
+        if body_error is not None:
+            raise body_error
 
     async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The guest's own tasks, in a scope :meth:`crash` can cancel without touching the
