@@ -694,12 +694,13 @@ class BufferStore:
 
     # -- FB_ATTACH / FB_DETACH -----------------------------------------------------------
 
-    def attach(self, req: FbAttachReq) -> GuestFramebuffer:
+    def attach(self, req: FbAttachReq) -> None:
         """FB_ATTACH: a framebuffer of ``req.width`` × ``req.height`` in a display buffer.
 
         Pitch: ``ceil(buffer width × bpp / 8)`` for a buffer with geometry (the guest's dumb
         buffer; the framebuffer may be narrower, not wider), ``fb width × cpp`` for a pending
-        (PRIME) buffer; offset ``data_ofs``. The frame must fit the buffer's pages.
+        (PRIME) buffer; offset ``data_ofs``. The frame must fit the buffer's pages. Get the
+        new framebuffer with :meth:`framebuffer`.
         """
         _validate(req.validate)
         self._check_open()
@@ -742,7 +743,6 @@ class BufferStore:
         )
         self._fbs[req.fb_cookie] = fb
         buffer.fbs[req.fb_cookie] = fb
-        return fb
 
     def detach(self, req: FbDetachReq) -> None:
         """FB_DETACH: forget the framebuffer; outputs showing it keep its last frame."""
