@@ -41,7 +41,7 @@ from displback.protocol.ring import BackRing
 from displback.protocol.xenbus import XenbusState, parse_state
 from displback.sim.guest import FlipResult, GuestRequestError, SimGuest
 from displback.sim.guest_pattern import decode_pattern, draw_pattern, pattern_rgb
-from displback.sim.hypervisor import HypervisorThread
+from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
 from displback.sim.platform import SimGrantMapping, SimPlatform
 from displback.sim.toolstack import Toolstack
 from displback.sim.xenstored import running_xenstored
@@ -289,7 +289,7 @@ class MiniBackend:
 class World:
     """Hypervisor + xenstored + toolstack + mini backend, and a way to start guests."""
 
-    def __init__(self, hv: HypervisorThread, xs_path: str, guest_xs_path: str,
+    def __init__(self, hv: HypervisorThread | HypervisorProcess, xs_path: str, guest_xs_path: str,
                  backend: MiniBackend, toolstack: Toolstack) -> None:
         self.hv = hv
         self.xs_path = xs_path
@@ -315,7 +315,7 @@ class World:
 
 @asynccontextmanager
 async def world(
-    tmp_path: Path, hv: HypervisorThread, spec: str = "connectors=c0:64x48"
+    tmp_path: Path, hv: HypervisorThread | HypervisorProcess, spec: str = "connectors=c0:64x48"
 ) -> AsyncIterator[World]:
     async with running_xenstored(tmp_path, domains=(GUEST,)) as xsd:
         toolstack = Toolstack(xsd.xenstored, init_timeout=5)
