@@ -1,0 +1,398 @@
+"""One guest's vdispl device: the handshake's I/O and the connection it brings up and down.
+
+:class:`GuestDevice` owns a nursery for the device's lifetime. It feeds the sans-I/O
+:class:`~displback.protocol.handshake.Handshake` with what XenStore shows (re-read on every
+watch event, since events may be coalesced or spurious) and with the outcome of its own work,
+and carries out the actions it returns, in order: write our ``state``, connect, tear down,
+wake up later, forget. Everything that decides lives in the handshake; this module only does.
+
+A :class:`Connection` is one connected period: the rings and event pages of every connector
+mapped, their channels bound, a buffer store, one :class:`~displback.backend.connector.
+Connector` task per connector and one task reading the event-channel device. It lives in its
+own cancel scope inside the device's nursery: a protocol violation or the guest going away
+cancels that scope — never a sibling device — and the connection's ``finally`` releases
+everything it holds (bounded in time, shielded from the cancellation that triggered it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from displback.backend.buffers import BufferStore, ZeroCopyPolicy
+from displback.backend.connector import Connector
+from displback.backend.deferred import DeferredReleases
+from displback.backend.outputs import OutputProvider
+from displback.backend.quotas import Limits, Quota, TokenBucket
+from displback.display.interface import Output
+from displback.protocol import layout
+from displback.protocol.errors import ProtocolError
+from displback.protocol.evtpage import EventProducer
+from displback.protocol.handshake import (
+    Connect,
+    ConnectFailed,
+    ConnectSucceeded,
+    Forget,
+    Handshake,
+    Input,
+    Observed,
+    ProtocolViolation,
+    Teardown,
+    TeardownDone,
+    Tick,
+    Vanished,
+    WakeAt,
+    WriteState,
+)
+from displback.protocol.layout import FrontendConfig
+from displback.protocol.ring import BackRing
+from displback.protocol.xenbus import XenbusState, parse_state
+from displback.xen.interfaces import EventChannels, GrantDevice, GrantMapping, Platform
+from displback.xenstore.client import XenStoreClient
+from displback.xenstore.wire import XenStoreError
+
+__all__ = ["BackendSettings", "Connection", "GuestDevice"]
+
+_OBSERVE = object()
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What an admin tunes (TOML keys of the same names)."""
+
+    zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
+    wait_free_ms: int = 2000
+    limits: Limits | None = None  # None: derived from the guest's connectors
+    teardown_timeout_s: float = 5.0
+
+
+@dataclass
+class DeviceStatus:
+    """What ``displback demo`` and the logs show about a device."""
+
+    domid: int
+    devid: int
+    state: str = "new"
+    connects: int = 0
+    violations: int = 0
+    connectors: list[Connector] = field(default_factory=list)
+    store: BufferStore | None = None
+
+
+class Connection:
+    """Everything a connected device holds; built by :meth:`open`, released by :meth:`close`."""
+
+    def __init__(self, device: GuestDevice, config: FrontendConfig) -> None:
+        self.device = device
+        self.config = config
+        self.connectors: list[Connector] = []
+        self.store: BufferStore | None = None
+        self._stack = contextlib.ExitStack()
+        self._evtchn: EventChannels | None = None
+        self._outputs: list[Output] = []
+
+    def open(self, transports: tuple[layout.ConnectorTransport, ...]) -> None:
+        """Map, bind and build; on error whatever was done is undone by :meth:`close`."""
+        dev = self.device
+        platform = dev.platform
+        evtchn = platform.open_event_channels()
+        self._stack.callback(evtchn.close)
+        self._evtchn = evtchn
+        grants: GrantDevice = platform.open_grant_device()
+        # Deferred releases wait on this gntdev (the wait is keyed by fd number *within* the
+        # exporting device), so it closes only once they have drained.
+        self._stack.callback(dev.deferred.close_device_when_drained, grants)
+        limits = dev.settings.limits or Limits.for_connectors(
+            (c.width, c.height) for c in self.config.connectors
+        )
+        limiter = TokenBucket(limits.requests_per_second, limits.request_burst)
+        outputs: list[Output | None] = []
+        for cfg in self.config.connectors:
+            output = dev.outputs.acquire(dev.domid, dev.devid, cfg)
+            if output is not None:
+                self._outputs.append(output)
+                self._stack.callback(dev.outputs.release, output)
+            else:
+                dev.log.warning("no output for connector", connector=cfg.index)
+            outputs.append(output)
+        store = BufferStore(
+            domid=dev.domid,
+            grants=grants,
+            dmabufs=platform,
+            outputs=[o for o in outputs if o is not None],
+            quota=Quota(limits),
+            policy=dev.settings.zero_copy,
+            wait_free_ms=dev.settings.wait_free_ms,
+            deferred=dev.deferred,
+            be_alloc=self.config.be_alloc,
+            log=dev.log,
+        )
+        self.store = store
+        for cfg, transport, output in zip(self.config.connectors, transports, outputs, strict=True):
+            ring_map = self._map_page(grants, transport.req_ring_ref)
+            evt_map = self._map_page(grants, transport.evt_ring_ref)
+            ring = BackRing(ring_map.buffer)
+            self._stack.callback(ring.release)
+            events = EventProducer(evt_map.buffer)
+            self._stack.callback(events.release)
+            req_port = evtchn.bind_interdomain(dev.domid, transport.req_evtchn)
+            self._stack.callback(_unbind, evtchn, req_port)
+            evt_port = evtchn.bind_interdomain(dev.domid, transport.evt_evtchn)
+            self._stack.callback(_unbind, evtchn, evt_port)
+            self.connectors.append(
+                Connector(
+                    config=cfg,
+                    ring=ring,
+                    events=events,
+                    evtchn=evtchn,
+                    req_port=req_port,
+                    evt_port=evt_port,
+                    buffers=store,
+                    output=output,
+                    limiter=limiter,
+                    on_violation=dev.report_violation,
+                    log=dev.log.bind(connector=cfg.index),
+                )
+            )
+
+    def _map_page(self, grants: GrantDevice, gref: int) -> GrantMapping:
+        mapping = grants.map_grants(self.device.domid, [gref], writable=True)
+        self._stack.callback(mapping.close)
+        return mapping
+
+    async def serve(self) -> None:
+        """Run every connector and the event-channel reader until cancelled."""
+        assert self._evtchn is not None
+        evtchn = self._evtchn
+        by_port = {c.req_port: c for c in self.connectors}
+        evt_ports = [c.evt_port for c in self.connectors]
+        async with trio.open_nursery() as nursery:
+            for connector in self.connectors:
+                nursery.start_soon(connector.run)
+                connector.kick()  # requests may already wait in the ring
+            while True:
+                await trio.lowlevel.wait_readable(evtchn.fileno())
+                fired = evtchn.read_pending()
+                stray = []
+                for port in fired:
+                    target = by_port.get(port)
+                    if target is not None:
+                        target.kick()  # the connector unmasks once drained
+                    else:
+                        stray.append(port)  # the guest never signals the event page
+                if stray:
+                    evtchn.unmask([p for p in stray if p in evt_ports] or stray)
+
+    async def close(self) -> None:
+        """Release everything: buffers first (their grants may wait), then rings and ports."""
+        try:
+            if self.store is not None:
+                await self.store.aclose()
+        finally:
+            self._stack.close()
+
+
+def _unbind(evtchn: EventChannels, port: int) -> None:
+    with contextlib.suppress(OSError):
+        evtchn.unbind(port)
+
+
+class GuestDevice:
+    """The backend side of vdispl device ``devid`` of guest ``domid``."""
+
+    def __init__(
+        self,
+        *,
+        xs: XenStoreClient,
+        platform: Platform,
+        domid: int,
+        devid: int,
+        outputs: OutputProvider,
+        settings: BackendSettings,
+        deferred: DeferredReleases,
+        log: Any = None,
+    ) -> None:
+        self.xs = xs
+        self.platform = platform
+        self.domid = domid
+        self.devid = devid
+        self.outputs = outputs
+        self.settings = settings
+        self.deferred = deferred
+        base = log if log is not None else structlog.get_logger("displback.device")
+        self.log = base.bind(domid=domid, devid=devid)
+        self.backend_dir = layout.backend_dir(platform.domid, domid, devid)
+        self.frontend_dir = layout.frontend_dir(domid, devid)
+        self.status = DeviceStatus(domid, devid)
+        self._handshake = Handshake()
+        self._send, self._receive = trio.open_memory_channel[Any](math.inf)
+        self._observe_queued = False
+        self._connection: Connection | None = None
+        self._connection_scope: trio.CancelScope | None = None
+        self._connection_done: trio.Event | None = None
+        self._wake_scope: trio.CancelScope | None = None
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def _nudge(self) -> None:
+        if not self._observe_queued:
+            self._observe_queued = True
+            self._send.send_nowait(_OBSERVE)
+
+    def _feed(self, event: Input) -> None:
+        self._send.send_nowait(event)
+
+    def report_violation(self, reason: str) -> None:
+        """A connector found the guest breaking the protocol: close this device only."""
+        self._feed(ProtocolViolation(reason))
+
+    async def _observe(self) -> Input:
+        self._observe_queued = False
+        xs = self.xs
+        if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+            return Vanished()
+        frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
+        backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
+        online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
+        online = online_raw is not None and online_raw.strip() not in (b"", b"0")
+        return Observed(frontend=frontend, backend=backend, online=online)
+
+    async def _watch(self, path: str) -> None:
+        async with self.xs.watch(path) as events:
+            async for _ in events:
+                self._nudge()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drive the handshake until the device is forgotten (its directories are gone)."""
+        self.log.info("device found")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, self.backend_dir)
+            nursery.start_soon(self._watch, self.frontend_dir)
+            async for item in self._receive:
+                event = await self._observe() if item is _OBSERVE else item
+                actions = self._handshake.handle(event, trio.current_time())
+                self.status.state = self._handshake.phase.value
+                for action in actions:
+                    if isinstance(action, Forget):
+                        self.log.info("device gone")
+                        nursery.cancel_scope.cancel()
+                        return
+                    await self._do(action, nursery)
+
+    async def _do(self, action: Any, nursery: trio.Nursery) -> None:
+        match action:
+            case WriteState(state=state):
+                await self._write_state(state)
+            case Connect():
+                self._connection_done = trio.Event()
+                nursery.start_soon(self._connect_and_serve)
+            case Teardown(reason=reason):
+                self.log.info("tearing down", reason=reason)
+                await self._teardown()
+                self._feed(TeardownDone())
+            case WakeAt(deadline=deadline):
+                if self._wake_scope is not None:
+                    self._wake_scope.cancel()
+                nursery.start_soon(self._wake_at, deadline)
+            case _:  # pragma: no cover - the handshake emits nothing else
+                raise AssertionError(f"unknown action {action!r}")
+
+    async def _wake_at(self, deadline: float) -> None:
+        with trio.CancelScope() as scope:
+            self._wake_scope = scope
+            await trio.sleep_until(deadline)
+            self._feed(Tick())
+
+    async def _write_state(self, state: XenbusState) -> None:
+        writes = layout.backend_state_writes(state)
+
+        async def write(tx: Any) -> bool:
+            # Never resurrect a removed device: WRITE would create the missing directory.
+            if not await tx.exists(self.backend_dir):
+                return False
+            for node, value in writes.items():
+                await tx.write(f"{self.backend_dir}/{node}", value)
+            return True
+
+        try:
+            written = await self.xs.run_transaction(write)
+        except XenStoreError as exc:
+            self.log.warning("cannot write state", state=state.name, error=str(exc))
+            return
+        if written:
+            self.log.info("state", state=state.name)
+        self._nudge()
+
+    # --- connection -------------------------------------------------------------------------
+
+    async def _connect_and_serve(self) -> None:
+        assert self._connection_done is not None
+        done = self._connection_done
+        try:
+            with trio.CancelScope() as scope:
+                self._connection_scope = scope
+                try:
+                    connection = await self._connect()
+                except (ProtocolError, OSError) as exc:
+                    self.log.warning("connect failed", error=str(exc))
+                    self._feed(ConnectFailed(str(exc)))
+                    return
+                self._connection = connection
+                self.status.connects += 1
+                self.status.connectors = connection.connectors
+                self.status.store = connection.store
+                self._feed(ConnectSucceeded())
+                await connection.serve()
+        finally:
+            connection_ = self._connection
+            self._connection = None
+            if connection_ is not None:
+                with trio.move_on_after(self.settings.teardown_timeout_s) as cleanup:
+                    cleanup.shield = True
+                    await connection_.close()
+                if cleanup.cancelled_caught:
+                    self.log.error("teardown timed out; resources may remain")
+            done.set()
+
+    async def _connect(self) -> Connection:
+        xs = self.xs
+        read: dict[str, bytes | None] = {}
+        for node in layout.frontend_config_nodes():
+            read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
+        config = layout.parse_frontend_config(read)
+        for node in layout.transport_nodes(len(config.connectors)):
+            read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
+        transports = layout.parse_transports(read, len(config.connectors))
+        connection = Connection(self, config)
+        try:
+            connection.open(transports)
+        except BaseException:
+            await connection.close()
+            raise
+        self.log.info(
+            "connected",
+            connectors=[f"{c.width}x{c.height}" for c in config.connectors],
+            be_alloc=config.be_alloc,
+        )
+        return connection
+
+    async def _teardown(self) -> None:
+        if self._connection_scope is not None:
+            self._connection_scope.cancel()
+        if self._connection_done is not None:
+            await self._connection_done.wait()
+        self._connection_scope = None
+        self._connection_done = None
+        self.status.connectors = []
+        self.status.store = None
+
+    @property
+    def connection(self) -> Connection | None:
+        return self._connection

@@ -1,0 +1,110 @@
+"""A whole simulated machine for backend tests: hypervisor, xenstored, toolstack, display,
+the backend daemon, and guests that behave like Linux's xen-drm-front."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from displback.backend.daemon import Backend
+from displback.backend.device import BackendSettings
+from displback.backend.outputs import OutputMap
+from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.sim.guest import SimGuest
+from displback.sim.hypervisor import HypervisorThread
+from displback.sim.platform import SimPlatform
+from displback.sim.toolstack import Toolstack
+from displback.sim.xenstored import RunningXenStored, running_xenstored
+
+
+@dataclass
+class World:
+    hv: HypervisorThread
+    xs: RunningXenStored
+    toolstack: Toolstack
+    display: VirtualDisplay
+    platform: SimPlatform
+    backend: Backend
+    nursery: trio.Nursery
+    backend_scope: trio.CancelScope
+
+    def output(self, name: str) -> Any:
+        return self.display.outputs[name]
+
+    async def add_guest(self, domid: int, spec: str, *, devid: int = 0) -> None:
+        """Create domain ``domid`` (if new) and its vdispl device, waiting for InitWait."""
+        if domid not in self.xs.domain_sockets:
+            self.toolstack.create_domain(domid, f"guest{domid}")
+            await self.xs.add_domain_socket(domid)
+        await self.toolstack.add_vdispl(domid, spec, devid=devid)
+
+    @asynccontextmanager
+    async def guest(self, domid: int, **options: Any) -> AsyncIterator[SimGuest]:
+        options.setdefault("response_timeout", 3.0)
+        options.setdefault("frame_done_timeout", 3.1)
+        options.setdefault("end_access_retry", 0.05)
+        async with SimGuest.open(
+            hypervisor_path=self.hv.socket_path,
+            xenstore_path=self.xs.domain_sockets[domid],
+            domid=domid,
+            **options,
+        ) as guest:
+            yield guest
+
+    async def restart_backend(self) -> None:
+        """Kill the daemon (cancel it) and start a new one, as systemd would."""
+        self.backend_scope.cancel()
+        self.backend = Backend(self.platform, self.backend.outputs, self.backend.settings)
+        self.backend_scope = await self.nursery.start(_run_backend, self.backend)
+
+
+async def _run_backend(backend: Backend, *, task_status: Any) -> None:
+    with trio.CancelScope() as scope:
+        await backend.run(task_status=_Started(task_status, scope))
+
+
+class _Started:
+    def __init__(self, status: Any, scope: trio.CancelScope) -> None:
+        self._status = status
+        self._scope = scope
+
+    def started(self, value: Any = None) -> None:
+        self._status.started(self._scope)
+
+
+@asynccontextmanager
+async def world(
+    hv: HypervisorThread,
+    tmp_path: Path,
+    outputs: Sequence[OutputConfig] = (
+        OutputConfig("A", 640, 480),
+        OutputConfig("B", 320, 240),
+        OutputConfig("C", 640, 480),
+        OutputConfig("D", 320, 240),
+    ),
+    *,
+    settings: BackendSettings | None = None,
+    platform_options: dict[str, Any] | None = None,
+    display_options: dict[str, Any] | None = None,
+    assignments: dict[str, str] | None = None,
+) -> AsyncIterator[World]:
+    async with running_xenstored(str(tmp_path)) as xs:
+        platform = SimPlatform(hv.socket_path, xs.socket_path, **(platform_options or {}))
+        try:
+            async with VirtualDisplay.open(
+                list(outputs), dmabuf_importer=platform.open_dmabuf, **(display_options or {})
+            ) as display:
+                omap = OutputMap(display.outputs, assignments)
+                backend = Backend(platform, omap, settings)
+                toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
+                async with trio.open_nursery() as nursery:
+                    scope = await nursery.start(_run_backend, backend)
+                    yield World(hv, xs, toolstack, display, platform, backend, nursery, scope)
+                    nursery.cancel_scope.cancel()
+        finally:
+            platform.close()
