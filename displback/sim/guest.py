@@ -1163,6 +1163,8 @@ class SimGuest:
                         connector, lambda req_id: PgFlipReq(id=req_id, fb_cookie=fb.cookie)
                     )
                 except GuestRequestError:
+                    if flip.released:  # torn down under us: not the backend's failure
+                        return FlipResult.RELEASED
                     stats.flip_errors += 1
                     pipe.conn_connected = False
                     stats.state = "error"

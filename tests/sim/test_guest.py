@@ -741,3 +741,16 @@ async def test_drawing_mode_flips_a_recognisable_moving_pattern(
 
 def np_image(image: RgbImage) -> npt.NDArray[np.uint8]:
     return np.frombuffer(image.rgb, dtype=np.uint8).reshape(image.height, image.width, 3)
+
+
+async def test_unloading_while_drawing_releases_everything(
+    tmp_path: Path, hypervisor: HypervisorThread
+) -> None:
+    async with world(tmp_path, hypervisor) as w:
+        async with w.guest() as guest:
+            await guest.wait_connected()
+            guest.start_drawing(fps=100)
+            await eventually(lambda: guest.connector_stats(0).flips_ok >= 3)
+        assert guest.state is S.CLOSED
+        assert guest.connector_stats(0).flip_errors == 0
+        assert not w.backend.mappings and not w.backend.buffers
