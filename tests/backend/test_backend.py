@@ -13,8 +13,7 @@ from displback.protocol.xenbus import XenbusState
 from displback.sim.guest import FlipResult, GuestRequestError
 from displback.sim.guest_pattern import decode_pattern, draw_pattern
 from displback.sim.hypervisor import HypervisorThread
-from tests.backend.world import world
-from tests.sim.conftest import hypervisor  # noqa: F401 - fixture with leak checks
+from displback.sim.machine import sim_machine
 
 XRGB = PixelFormat.XRGB8888
 
@@ -29,7 +28,7 @@ async def test_guest_connects_flips_and_its_frames_reach_the_output(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(30):
-        async with world(hypervisor, tmp_path) as w:
+        async with sim_machine(hypervisor, tmp_path) as w:
             await w.add_guest(1, "connectors=c0:640x480;c1:320x240")
             async with w.guest(1) as guest:
                 await guest.wait_connected()
@@ -62,7 +61,7 @@ async def test_unknown_cookies_get_enoent_and_the_guest_keeps_working(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(30):
-        async with world(hypervisor, tmp_path) as w:
+        async with sim_machine(hypervisor, tmp_path) as w:
             await w.add_guest(1, "connectors=c0:640x480")
             async with w.guest(1) as guest:
                 await guest.wait_connected()

@@ -48,10 +48,6 @@ from displback.protocol.messages import (
 from displback.protocol.pagedir import build_directory, dir_pages_for
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread, query_counters
 from displback.sim.platform import SimDomain, SimGrantDevice, SimPlatform, client_resources
-from tests.sim.conftest import (  # noqa: F401 - the fixtures, with their leak checks
-    hypervisor,
-    hypervisor_process,
-)
 
 GUEST = 5
 XRGB = PixelFormat.XRGB8888

@@ -14,7 +14,6 @@ from displback.backend.deferred import DeferredReleases
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.platform import SimDomain, SimPlatform
 from displback.xen.interfaces import GrantDevice
-from tests.sim.conftest import hypervisor  # noqa: F401 - the fixture, with its leak check
 
 GUEST = 6
 

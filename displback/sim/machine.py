@@ -1,5 +1,10 @@
-"""A whole simulated machine for backend tests: hypervisor, xenstored, toolstack, display,
-the backend daemon, and guests that behave like Linux's xen-drm-front."""
+"""A whole simulated machine: hypervisor, xenstored, toolstack, virtual display, the backend
+daemon, and guests that behave like Linux's xen-drm-front.
+
+``displback demo``, the benchmark and the backend tests all start the same machine, so what
+the demo shows is what the tests prove. The hypervisor is passed in (a thread or a child
+process) because its owner decides how leaks are checked.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,15 @@ from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.sim.guest import SimGuest
-from displback.sim.hypervisor import HypervisorThread
+from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
 from displback.sim.platform import SimPlatform
 from displback.sim.toolstack import Toolstack
 from displback.sim.xenstored import RunningXenStored, running_xenstored
 
 
 @dataclass
-class World:
-    hv: HypervisorThread
+class SimMachine:
+    hv: HypervisorThread | HypervisorProcess
     xs: RunningXenStored
     toolstack: Toolstack
     display: VirtualDisplay
@@ -78,8 +83,8 @@ class _Started:
 
 
 @asynccontextmanager
-async def world(
-    hv: HypervisorThread,
+async def sim_machine(
+    hv: HypervisorThread | HypervisorProcess,
     tmp_path: Path,
     outputs: Sequence[OutputConfig] = (
         OutputConfig("A", 640, 480),
@@ -92,7 +97,7 @@ async def world(
     platform_options: dict[str, Any] | None = None,
     display_options: dict[str, Any] | None = None,
     assignments: dict[str, str] | None = None,
-) -> AsyncIterator[World]:
+) -> AsyncIterator[SimMachine]:
     async with running_xenstored(str(tmp_path)) as xs:
         platform = SimPlatform(hv.socket_path, xs.socket_path, **(platform_options or {}))
         try:
@@ -104,7 +109,7 @@ async def world(
                 toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
                 async with trio.open_nursery() as nursery:
                     scope = await nursery.start(_run_backend, backend)
-                    yield World(hv, xs, toolstack, display, platform, backend, nursery, scope)
+                    yield SimMachine(hv, xs, toolstack, display, platform, backend, nursery, scope)
                     nursery.cancel_scope.cancel()
         finally:
             platform.close()
