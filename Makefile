@@ -25,6 +25,11 @@ apt-deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+# The main job: the daemon against the simulated Xen and two simulated guests for 10 s,
+# PNG snapshots of every output in demo-out/.
+demo: $(STAMP)
+	$(VENV)/bin/displback demo --seconds 10 --snapshots demo-out
+
 test: apt-deps $(STAMP)
 	$(PY) -m pytest -q
 

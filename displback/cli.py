@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from displback import __version__
+from displback.logs import LOG_LEVELS, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,8 +18,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Para-virtual display (displif) backend for Xen Dom0.",
     )
     parser.add_argument("--version", action="version", version=f"displback {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the daemon against a simulated Xen with two simulated guests",
+        description="Start a simulated Xen machine, the backend and two guests drawing test "
+        "patterns; show a live status, write PNG snapshots of every output, check for leaks.",
+    )
+    demo.add_argument("--seconds", type=_positive_float, default=10.0, help="how long (10)")
+    demo.add_argument("--fps", type=_positive_float, default=30.0, help="guest frame rate (30)")
+    demo.add_argument(
+        "--snapshots", type=Path, default=None, help="directory for the PNGs (a new temp dir)"
+    )
+    demo.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
+    demo.set_defaults(func=_demo)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import trio
+
+    from displback.demo import run_demo
+
+    configure_logging(args.log_level)
+    return trio.run(
+        functools.partial(run_demo, seconds=args.seconds, fps=args.fps, snapshots=args.snapshots)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

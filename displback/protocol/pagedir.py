@@ -157,8 +157,20 @@ class DirectoryReader:
         refs = reader.refs
     """
 
-    def __init__(self, first_gref: int, nrefs: int, *, max_refs: int = DEFAULT_MAX_REFS) -> None:
+    def __init__(
+        self,
+        first_gref: int,
+        nrefs: int,
+        *,
+        max_refs: int = DEFAULT_MAX_REFS,
+        same_grant_table: bool = True,
+    ) -> None:
         self._walker = _ChainWalker(first_gref, nrefs, max_refs)
+        # Guest-allocated buffers: directory pages and buffer pages are all the guest's
+        # grants, so one number used for both is aliasing. A guest reading a backend-allocated
+        # directory holds the backend's refs in its own pages: two grant tables, no overlap
+        # rule between them.
+        self._same_table = same_grant_table
         self._refs: list[int] = []
         self._seen: set[int] = set()
         self._failed = False
@@ -210,10 +222,12 @@ class DirectoryReader:
         for k, ref in enumerate(refs):
             if ref == 0:
                 raise _error(f"grant ref of buffer page {base + k} is 0", "gref", ref)
-            if ref in fresh or ref in self._seen or ref in self._walker.dir_grefs:
+            if ref in fresh or ref in self._seen or (
+                self._same_table and ref in self._walker.dir_grefs
+            ):
                 raise _error(f"grant ref {ref} appears twice (aliasing)", "gref", ref)
             fresh.add(ref)
-        self._walker.check_next(next_gref, self._seen | fresh)
+        self._walker.check_next(next_gref, self._seen | fresh if self._same_table else set())
         self._seen |= fresh
         self._refs.extend(refs)
         self._walker.advance(next_gref)

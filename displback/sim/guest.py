@@ -149,6 +149,7 @@ _COOKIE_STEP: Final = 0x100
 # backend's positive status or stray edid_sz is passed on, not rejected.
 _RESPONSE: Final = struct.Struct("<HBxiI")
 _U32: Final = struct.Struct("<I")
+_U16: Final = struct.Struct("<H")
 
 _RING_FIELDS: Final = {
     "req_prod": RING_REQ_PROD_OFS,
@@ -886,8 +887,13 @@ class SimGuest:
             raise GuestRequestError(_errno.EINVAL, f"no connector {connector}")
         return link.pipes[connector]
 
-    async def _request(self, ring_index: int, build: Callable[[int], Request]) -> _Pending:
-        """Send one request on ring ``ring_index`` and wait for its answer (Linux's do_io)."""
+    async def _request(
+        self, ring_index: int, build: Callable[[int], Request | bytes]
+    ) -> _Pending:
+        """Send one request on ring ``ring_index`` and wait for its answer (Linux's do_io).
+
+        ``build`` gets the request id; it returns a request, or 64 raw bytes whose operation
+        byte is what the response must echo (see :meth:`raw_request`)."""
         link = self._require_link()
         if not 0 <= ring_index < len(link.req):
             raise GuestRequestError(_errno.EINVAL, f"no connector {ring_index}")
@@ -899,15 +905,21 @@ class SimGuest:
             req_id = req.next_id
             req.next_id = (req_id + 1) & 0xFFFF
             request = build(req_id)
-            op = request.OPERATION
-            raw = request.pack()
-            hook = self.request_hooks.get(op)
+            if isinstance(request, bytes):
+                raw = request
+                op_code = raw[2]
+            else:
+                raw = request.pack()
+                op_code = int(request.OPERATION)
+            op = Op(op_code) if op_code in Op._value2member_map_ else None
+            op_name = op.name if op is not None else f"operation 0x{op_code:02x}"
+            hook = self.request_hooks.get(op) if op is not None else None
             if hook is not None:
                 raw = hook(raw)
             if req.ring.outstanding >= 32:
                 self.stats.ring_full += 1
                 raise GuestRequestError(_errno.EIO, "request ring full", op=op)
-            pending = _Pending(req_id, int(op))
+            pending = _Pending(req_id, op_code)
             req.pending = pending
             req.ring.put_request(raw)
             stats.requests_sent += 1
@@ -922,15 +934,26 @@ class SimGuest:
             if not pending.done.is_set():
                 stats.response_timeouts += 1
                 raise GuestRequestError(
-                    _errno.ETIMEDOUT, f"{op.name}: no response in {self.response_timeout} s",
+                    _errno.ETIMEDOUT, f"{op_name}: no response in {self.response_timeout} s",
                     op=op,
                 )
             if pending.status != 0:
                 errno = -pending.status if pending.status < 0 else _errno.EIO
                 raise GuestRequestError(
-                    errno, f"{op.name}: status {pending.status}", op=op
+                    errno, f"{op_name}: status {pending.status}", op=op
                 )
             return pending
+
+    async def raw_request(self, ring_index: int, packet: bytes) -> int:
+        """Send 64 raw bytes on ring ``ring_index`` (bytes 0-1 become the request id); return
+        the response's ``edid_sz``. The response must echo the id and ``packet[2]`` (the
+        operation, known or not); a non-zero status raises :class:`GuestRequestError`."""
+        if len(packet) != 64:
+            raise ValueError("a request is 64 bytes")
+        answer = await self._request(
+            ring_index, lambda req_id: _U16.pack(req_id) + packet[2:]
+        )
+        return answer.edid_sz
 
     def _cookie(self) -> int:
         cookie = self._next_cookie
@@ -1014,15 +1037,19 @@ class SimGuest:
     def _map_backend_buffer(self, buf: DumbBuffer) -> None:
         """be-alloc: read the refs the backend wrote into our directory and map them."""
         dom = self._require_domain()
-        reader = DirectoryReader(buf.dir_grefs[0], buf.npages)
+        reader = DirectoryReader(buf.dir_grefs[0], buf.npages, same_grant_table=False)
+        error: Exception | None = None
         with dom.map_pages(buf.dir_pfns) as directory:
             page_of = {gref: i for i, gref in enumerate(buf.dir_grefs)}
             try:
                 while (gref := reader.next_page_gref) is not None:
                     index = page_of[gref]
-                    reader.feed(directory.buffer[index * PAGE_SIZE : (index + 1) * PAGE_SIZE])
+                    with directory.buffer[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] as page:
+                        reader.feed(page)
             except (ProtocolError, KeyError) as exc:
-                raise GuestRequestError(_errno.EIO, f"backend directory: {exc}") from exc
+                error = exc  # raised below, once no view of the mapping is alive
+        if error is not None:
+            raise GuestRequestError(_errno.EIO, f"backend directory: {error}") from error
         buf.backend_refs = list(reader.refs)
         if self._gntdev is None:
             self._gntdev = dom.open_grant_device()

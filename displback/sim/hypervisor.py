@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -892,6 +892,38 @@ class HypervisorProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class HasCounters(Protocol):
+    """A running hypervisor (thread or process) whose resource counters can be read."""
+
+    def counters(self) -> dict[str, Any]: ...
+
+
+def live_resources(counters: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`Machine.counters` shows as still held: connections and, per domain, every
+    non-zero counter (``{"dom5": {"grants": 2}}``); empty when nothing is held."""
+    live: dict[str, Any] = {}
+    if counters["connections"]:
+        live["connections"] = counters["connections"]
+    for domid, values in counters["domains"].items():
+        held = {k: v for k, v in values.items() if v}
+        if held:
+            live[f"dom{domid}"] = held
+    return live
+
+
+def wait_for_no_leaks(
+    hv: HasCounters, timeout: float = 5.0, *, expected: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Poll ``hv`` until only ``expected`` (default: nothing) is held, or ``timeout`` seconds
+    pass (releases by closing peers are asynchronous); return what is held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = live_resources(hv.counters())
+        if live == (expected or {}) or time.monotonic() > deadline:
+            return live
+        time.sleep(0.01)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,3 +347,14 @@ def test_chains_over_a_small_gref_space_terminate_with_refs_or_error(
         return
     assert fed == dir_pages_for(n)
     assert len(set(reader.refs)) == n
+
+
+def test_a_backend_allocated_directory_may_reuse_numbers_of_its_own_pages() -> None:
+    # The guest's directory pages are the guest's grants; the refs in them are the backend's.
+    pages = build_directory([12, 13], [12])
+    same = DirectoryReader(12, 2)
+    with pytest.raises(ProtocolError):
+        same.feed(pages[0])
+    foreign = DirectoryReader(12, 2, same_grant_table=False)
+    foreign.feed(pages[0])
+    assert foreign.refs == (12, 13)

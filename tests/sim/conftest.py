@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
 import pytest
 
-from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
+from displback.sim.hypervisor import (
+    HypervisorProcess,
+    HypervisorThread,
+    wait_for_no_leaks,
+)
 from displback.sim.platform import client_resources
-
-
-def _leaks(counters: dict[str, Any]) -> dict[str, Any]:
-    leaks: dict[str, Any] = {}
-    if counters["connections"]:
-        leaks["connections"] = counters["connections"]
-    for domid, values in counters["domains"].items():
-        live = {k: v for k, v in values.items() if v}
-        if live:
-            leaks[f"dom{domid}"] = live
-    return leaks
-
-
-class HasCounters(Protocol):
-    def counters(self) -> dict[str, Any]: ...
-
-
-def wait_for_no_leaks(
-    hv: HasCounters, timeout: float = 5.0, *, expected: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Poll the hypervisor until only ``expected`` (default: nothing) is live, or the
-    timeout; return what is live."""
-    deadline = time.monotonic() + timeout
-    while True:
-        leaks = _leaks(hv.counters())
-        if leaks == (expected or {}) or time.monotonic() > deadline:
-            return leaks
-        time.sleep(0.01)
 
 
 @pytest.fixture
