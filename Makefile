@@ -30,6 +30,10 @@ apt-deps:
 demo: $(STAMP)
 	$(VENV)/bin/displback demo --seconds 10 --snapshots demo-out
 
+# Speed and memory goals: one run prints a table and writes bench-results.json.
+bench: $(STAMP)
+	$(PY) -m bench --json bench-results.json
+
 test: apt-deps $(STAMP)
 	$(PY) -m pytest -q
 
