@@ -485,6 +485,10 @@ class XenStoreClient(_Operations):
                         else:
                             nursery.start_soon(self._restore, conn)
             finally:
+                if not conn.lost:
+                    # Cancelled from outside (the client's owner is going away): the
+                    # connection ends here, and nothing may be sent on it any more.
+                    self._lose(conn, "client cancelled", quiet=True)
                 with trio.CancelScope(shield=True):
                     await conn.transport.aclose()
             if self._closed or not self.reconnect:
@@ -504,7 +508,7 @@ class XenStoreClient(_Operations):
         self._live = conn
         self._ready.set()
 
-    def _lose(self, conn: _Connection, reason: str) -> None:
+    def _lose(self, conn: _Connection, reason: str, *, quiet: bool = False) -> None:
         """Forget ``conn``: fail everything waiting on it and let the manager reconnect."""
         if conn.lost:
             return
@@ -523,7 +527,7 @@ class XenStoreClient(_Operations):
             else:
                 error = XenStoreConnectionError(f"{reason} while waiting for {what}")
             self._finish(pending, error)
-        if self._closed:
+        if self._closed or quiet:
             return
         if self.reconnect:
             log.warning("xenstore: %s; reconnecting", reason)
