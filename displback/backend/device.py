@@ -249,6 +249,8 @@ class GuestDevice:
 
     def report_violation(self, reason: str) -> None:
         """A connector found the guest breaking the protocol: close this device only."""
+        self.status.violations += 1
+        self.log.warning("protocol violation", reason=reason)
         self._feed(ProtocolViolation(reason))
 
     async def _observe(self) -> Input:
