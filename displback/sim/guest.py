@@ -577,7 +577,13 @@ class SimGuest:
         """``xenbus_switch_state``: write our ``state`` node unless it already says so."""
         if state == self._state:
             return
-        await self.xenstore.write(f"{self.frontend_path}/{STATE}", state.encode())
+        try:
+            await self.xenstore.write(f"{self.frontend_path}/{STATE}", state.encode())
+        except XenStoreError as exc:
+            # Like Linux: the failure is reported and the caller goes on (its teardown still
+            # runs); our state stays what the store last said.
+            log.warning("guest %d: writing state %s: %s", self.domid, state.name, exc)
+            return
         self._state = state
         self._changed()
 
@@ -597,7 +603,13 @@ class SimGuest:
     async def _watch_states(self, path: str) -> None:
         async with self.xenstore.watch(path) as events:
             async for _changed in events:
-                self._backend_state = parse_state(await self.xenstore.read_or_none(path))
+                try:
+                    raw = await self.xenstore.read_or_none(path)
+                except XenStoreError:
+                    # xenbus_read_driver_state: any read error is Unknown. A removed backend
+                    # directory reads EACCES (its parent is not ours to read), not ENOENT.
+                    raw = None
+                self._backend_state = parse_state(raw)
                 self._changed()
                 await self._on_backend_state(self._backend_state)
 
