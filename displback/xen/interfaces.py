@@ -128,9 +128,7 @@ class GrantDevice(Protocol):
     ``CONFIG_XEN_GNTDEV_DMABUF``.
     """
 
-    def map_grants(
-        self, domid: int, refs: list[int], *, writable: bool = True
-    ) -> GrantMapping:
+    def map_grants(self, domid: int, refs: list[int], *, writable: bool = True) -> GrantMapping:
         """Map ``refs`` of domain ``domid`` as one contiguous buffer."""
         ...
 

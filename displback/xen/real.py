@@ -123,9 +123,16 @@ def _check_count(count: int) -> None:
 class RealEventChannels:
     """One open of ``/dev/xen/evtchn`` (implements ``EventChannels``)."""
 
-    def __init__(self, fd: int, *, ioctl: IoctlFn = _fcntl_ioctl) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        ioctl: IoctlFn = _fcntl_ioctl,
+        read: Callable[[int, int], bytes] = os.read,
+    ) -> None:
         self._fd = fd
         self._ioctl = ioctl
+        self._read = read
         self._bound: set[int] = set()
         self._lock = threading.Lock()
         self._overflows = 0
@@ -196,7 +203,7 @@ class RealEventChannels:
         if self._fd < 0:
             raise OSError(errno.EBADF, "event-channel device is closed")
         try:
-            data = os.read(self._fd, 4 * _MAX_PENDING_READ)
+            data = self._read(self._fd, 4 * _MAX_PENDING_READ)
         except BlockingIOError:
             return []
         except OSError as exc:
@@ -502,20 +509,26 @@ class RealGrantDevice:
 
 
 class RealDmaBufMapping:
-    """A dma-buf mapped for CPU access; holds a dup of its fd (implements ``DmaBufMapping``)."""
+    """A dma-buf mapped for CPU access (implements ``DmaBufMapping``).
 
-    def __init__(self, fd: int, memory: _MappedMemory) -> None:
-        self._fd = fd
+    The mapping itself holds a reference to the dma-buf (the kernel's vma keeps the file),
+    so the caller may close its fd at once.
+    """
+
+    def __init__(self, memory: _MappedMemory) -> None:
         self._memory = memory
 
     @property
     def buffer(self) -> memoryview:
         return self._memory.buffer
 
+    @property
+    def closed(self) -> bool:
+        return self._memory.closed
+
     def close(self) -> None:
-        """Unmap and close the held fd."""
-        if self._memory.close():
-            os.close(self._fd)
+        """Unmap (``BufferError`` while views of :attr:`buffer` are held)."""
+        self._memory.close()
 
     def __enter__(self) -> Self:
         return self
@@ -530,18 +543,13 @@ class RealDmaBufMapping:
 
 
 def open_dmabuf(fd: int) -> RealDmaBufMapping:
-    """Map the whole dma-buf ``fd`` read-write (its size is where ``lseek(SEEK_END)`` says)."""
-    held = os.dup(fd)
-    try:
-        size = os.lseek(held, 0, os.SEEK_END)
-        os.lseek(held, 0, os.SEEK_SET)
-        if size <= 0:
-            raise OSError(errno.EINVAL, "not a dma-buf (no size)")
-        mm = mmap.mmap(held, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(held)
-        raise
-    return RealDmaBufMapping(held, _MappedMemory(mm, True))
+    """Map the whole dma-buf ``fd`` read-write (its size is what ``lseek(SEEK_END)`` says)."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, 0, os.SEEK_SET)
+    if size <= 0:
+        raise OSError(errno.EINVAL, "not a dma-buf (no size)")
+    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return RealDmaBufMapping(_MappedMemory(mm, True))
 
 
 class RealPlatform:
