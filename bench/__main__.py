@@ -1,0 +1,224 @@
+"""``python -m bench``: run every benchmark once, print the table, write the JSON.
+
+``--quick`` is a smoke run of about half a minute (fewer flips, shorter windows, 1080p only,
+at most two capacity steps); its numbers are noisier and are not the ones to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench import buffers, flips
+from bench.report import Metric, Report, Target
+from displback.logs import configure_logging
+
+PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each benchmark one run does."""
+
+    rt_flips: int
+    cpu_sizes: tuple[tuple[int, int], ...]
+    cpu_seconds: float
+    cpu_warmup: float
+    dbuf_runs: int
+    memcpy_bytes: int
+    copy_sizes: tuple[tuple[int, int], ...]
+    copy_repeats: int
+    capacity_guests: int
+    capacity_window: float
+    capacity_settle: float
+
+
+FULL = Plan(
+    rt_flips=2000, cpu_sizes=((1920, 1080), (2560, 1600)), cpu_seconds=4.0, cpu_warmup=1.0,
+    dbuf_runs=7, memcpy_bytes=64 << 20, copy_sizes=((1920, 1080), (2560, 1600)),
+    copy_repeats=20, capacity_guests=8, capacity_window=3.0, capacity_settle=1.5,
+)
+QUICK = Plan(
+    rt_flips=500, cpu_sizes=((1920, 1080),), cpu_seconds=1.0, cpu_warmup=0.5,
+    dbuf_runs=3, memcpy_bytes=16 << 20, copy_sizes=((1920, 1080),), copy_repeats=5,
+    capacity_guests=2, capacity_window=1.0, capacity_settle=0.5,
+)
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+async def _roundtrip(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    rt = await flips.flip_round_trip(tmp / "rt", flips=plan.rt_flips)
+    report.details["flip_round_trip"] = rt
+    hz = f"{rt['refresh_hz']:g} Hz output, {rt['flips']} flips"
+    report.add(Metric("flip_rt_p50_ms", f"PG_FLIP→EVT round trip p50 ({hz})",
+                      rt["round_trip"]["p50_ms"], "ms"))
+    report.add(Metric("flip_rt_p99_ms", "PG_FLIP→EVT round trip p99",
+                      rt["round_trip"]["p99_ms"], "ms"))
+    report.add(Metric("flip_overhead_p50_ms", "flip overhead p50 (round trip − display wait)",
+                      rt["overhead"]["p50_ms"], "ms"))
+    report.add(Metric("flip_overhead_p99_ms", "flip overhead p99",
+                      rt["overhead"]["p99_ms"], "ms", Target("<=", 0.3)))
+
+
+async def _cpu(report: Report, plan: Plan, tmp: Path, profile: cProfile.Profile | None) -> None:
+    floor = await flips.trio_wakeup_cost(seconds=min(2.0, plan.cpu_seconds))
+    report.details["trio_wakeup_cost"] = floor
+    report.add(Metric("trio_60hz_loop_percent",
+                      "reference: bare trio task waking 60×/s, % of one core",
+                      floor["percent_of_core"], "%",
+                      note=f"{floor['cpu_per_wakeup_us']:.0f} µs per wake-up"))
+    results = []
+    for copy in (False, True):
+        for width, height in plan.cpu_sizes:
+            mode = "copy" if copy else "zero-copy"
+            _say(f"  cpu: {mode} {width}x{height}")
+            use_profile = profile if (not copy and (width, height) == (1920, 1080)) else None
+            result = await flips.cpu_per_flip(
+                tmp / f"cpu-{mode}-{width}", size=(width, height), copy=copy,
+                seconds=plan.cpu_seconds, warmup=plan.cpu_warmup,
+                idle_seconds=min(1.0, plan.cpu_seconds), profile=use_profile,
+            )
+            results.append(result)
+            key = f"{'copy' if copy else 'zc'}_{width}x{height}"
+            target = Target("<=", 1.0) if not copy and (width, height) == (1920, 1080) else None
+            report.add(Metric(f"cpu_{key}_us_per_flip",
+                              f"backend CPU per flip, {mode} {width}x{height}",
+                              result["cpu_per_flip_us"], "µs"))
+            report.add(Metric(f"cpu_{key}_percent",
+                              f"  = % of one core per 60 fps connector ({result['fps']:.1f} fps)",
+                              result["percent_of_core_per_60fps"], "%", target))
+    report.details["cpu_per_flip"] = results
+
+
+async def _dbuf(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    results = {}
+    for copy in (False, True):
+        mode = "copy" if copy else "zero-copy"
+        result = await buffers.dbuf_create_time(tmp / f"dbuf-{mode}", copy=copy,
+                                                runs=plan.dbuf_runs)
+        results[mode] = result
+        report.add(Metric(
+            f"dbuf_create_{'copy' if copy else 'zc'}_p50_ms",
+            f"DBUF_CREATE {result['width']}x{result['height']}x32 p50, {mode} "
+            f"({result['pages']} grefs, {result['directory_pages']} dir pages)",
+            result["create_s"]["p50"] * 1000, "ms"))
+    report.details["dbuf_create"] = results
+
+
+async def _copy(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    memcpy = buffers.memcpy_bandwidth(plan.memcpy_bytes)
+    mib = plan.memcpy_bytes >> 20
+    report.add(Metric("memcpy_numpy_gbps", f"memcpy bandwidth, numpy copyto {mib} MiB",
+                      memcpy["numpy"]["median_bps"] / 1e9, "GB/s"))
+    report.add(Metric("memcpy_memoryview_gbps", f"memcpy bandwidth, memoryview slice {mib} MiB",
+                      memcpy["memoryview"]["median_bps"] / 1e9, "GB/s"))
+    baseline = memcpy["baseline_bps"]
+    copies = await buffers.copy_bandwidth(tmp / "copy", list(plan.copy_sizes),
+                                          repeats=plan.copy_repeats)
+    for name, result in copies.items():
+        report.add(Metric(f"copy_{name}_gbps", f"copy-mode bandwidth {name} (present_on)",
+                          result["median_bps"] / 1e9, "GB/s",
+                          note=f"{result['median_s'] * 1000:.2f} ms per frame"))
+        report.add(Metric(f"copy_{name}_percent", "  = % of memcpy of the same size",
+                          result["percent_of_same_size_memcpy"], "%", Target(">=", 70.0)))
+        report.add(Metric(f"copy_{name}_percent_large", f"  = % of memcpy of {mib} MiB",
+                          100 * result["median_bps"] / baseline, "%"))
+    odd = buffers.copy_frame_bandwidth(1366, 768, repeats=plan.copy_repeats)
+    report.add(Metric("copy_frame_1366x768_percent",
+                      "copy_frame 1366x768, pitch 5464→5504 (row by row), % of same-size memcpy",
+                      odd["percent_of_same_size_memcpy"], "%"))
+    report.details["memcpy"] = memcpy
+    report.details["copy_bandwidth"] = {"present_on": copies, "copy_frame_1366x768": odd}
+
+
+async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    result = await flips.capacity(
+        tmp / "cap", max_guests=plan.capacity_guests, window=plan.capacity_window,
+        settle=plan.capacity_settle,
+    )
+    report.details["capacity"] = result
+    cap = result["max_connectors_tried"]
+    largest = result["largest_passing_connectors"]
+    note = f"cap {cap}" + (" reached" if largest == cap else "")
+    from bench.report import machine_info
+
+    cores = machine_info()["cpus_usable"]
+    report.add(Metric("capacity_connectors",
+                      f"60 fps 1024x768 connectors sustained on {cores} cores "
+                      f"(2 per guest, cap {cap})", largest, "", note=note))
+
+
+RUNNERS: dict[str, Callable[[Report, Plan, Path, Any], Awaitable[None]]] = {
+    "roundtrip": _roundtrip,
+    "cpu": _cpu,
+    "dbuf": _dbuf,
+    "copy": _copy,
+    "capacity": _capacity,
+}
+
+
+async def run(
+    plan: Plan, parts: Sequence[str], *, mode: str, profile: cProfile.Profile | None = None
+) -> Report:
+    """Run ``parts`` of the benchmark; a part that fails is recorded, the others still run."""
+    report = Report(mode)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="displback-bench-") as tmp:
+        for part in parts:
+            _say(f"{part} ...")
+            part_start = time.perf_counter()
+            try:
+                await RUNNERS[part](report, plan, Path(tmp) / part, profile)
+            except Exception as exc:  # report it, go on with the next part
+                report.errors.append(f"{part}: {type(exc).__name__}: {exc}")
+                _say(f"{part} FAILED: {exc!r}")
+            _say(f"{part} done in {time.perf_counter() - part_start:.1f} s")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"),
+                        help="where to write the results (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the backend during the zero-copy 1080p CPU window and "
+                             "print the top functions to stderr")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.only.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(unknown)}")
+    configure_logging("error")
+    plan = QUICK if args.quick else FULL
+    profile = cProfile.Profile() if args.profile else None
+    report = trio.run(lambda: run(plan, parts, mode="quick" if args.quick else "full",
+                                  profile=profile))
+    if profile is not None:
+        print(flips.profile_text(profile), file=sys.stderr)
+    print(report.table())
+    print()
+    print(f"{report.summary()}; {report.seconds:.0f} s; results in {args.json}")
+    for error in report.errors:
+        print(f"ERROR: {error}")
+    report.write_json(args.json)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Buffer-path benchmarks: DBUF_CREATE of the largest buffer, memcpy bandwidth, and the copy
+path's bandwidth against it.
+
+Both drive the backend's :class:`~displback.backend.buffers.BufferStore` directly, as
+``tests/backend/test_buffers.py`` does: a :class:`~displback.sim.platform.SimDomain` in this
+process plays the guest (allocates, grants and lists pages in directory pages the way Linux
+does — not timed), the store serves the request (timed), the hypervisor runs in a child
+process. What is timed is exactly the backend's work between a request and its response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from bench.report import percentile
+from displback.backend.buffers import BufferKind, BufferStore
+from displback.backend.deferred import DeferredReleases
+from displback.backend.quotas import Limits, Quota
+from displback.display.pixels import copy_frame
+from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.protocol.constants import (
+    LINUX_MAX_HEIGHT,
+    LINUX_MAX_WIDTH,
+    PixelFormat,
+    pages_for,
+    pitch_for,
+)
+from displback.protocol.messages import DbufCreateReq, DbufDestroyReq, FbAttachReq
+from displback.protocol.pagedir import build_directory, dir_pages_for
+from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
+from displback.sim.platform import SimDomain, SimPlatform
+
+__all__ = ["copy_bandwidth", "dbuf_create_time", "memcpy_bandwidth", "StoreBench"]
+
+GUEST = 7
+XRGB = PixelFormat.XRGB8888
+
+
+class _QuietLog:
+    """The store's logger: only warnings are kept (for the report)."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def debug(self, msg: str, /) -> None:
+        pass
+
+    def info(self, msg: str, /) -> None:
+        pass
+
+    def warning(self, msg: str, /) -> None:
+        self.warnings.append(msg)
+
+
+@dataclass
+class _GuestBuffer:
+    pfns: list[int]
+    refs: list[int]
+    dir_pfns: list[int]
+    dir_grefs: list[int]
+
+
+@dataclass
+class StoreBench:
+    """A buffer store of one guest device, the guest's domain handle and one output."""
+
+    store: BufferStore
+    guest: SimDomain
+    output: Any
+    log: _QuietLog
+    _ids: int = 0
+
+    def _id(self) -> int:
+        self._ids = (self._ids + 1) & 0xFFFF
+        return self._ids
+
+    def grant_buffer(self, width: int, height: int, bpp: int = 32) -> _GuestBuffer:
+        """What the guest does before DBUF_CREATE: pages, grants, the directory."""
+        npages = pages_for(pitch_for(width, bpp) * height)
+        pfns = self.guest.alloc_pages(npages)
+        refs = self.guest.grant_pages(pfns, 0)
+        dir_pfns = self.guest.alloc_pages(dir_pages_for(npages))
+        dir_grefs = self.guest.grant_pages(dir_pfns, 0)
+        with self.guest.map_pages(dir_pfns) as directory:
+            directory.buffer[:] = b"".join(build_directory(refs, dir_grefs))
+        return _GuestBuffer(pfns, refs, dir_pfns, dir_grefs)
+
+    def free_buffer(self, buf: _GuestBuffer) -> None:
+        self.guest.end_access_pages(buf.refs + buf.dir_grefs)
+        self.guest.free_pages(buf.pfns + buf.dir_pfns)
+
+    def create_req(self, cookie: int, buf: _GuestBuffer, width: int, height: int) -> DbufCreateReq:
+        return DbufCreateReq(
+            id=self._id(), dbuf_cookie=cookie, width=width, height=height, bpp=32,
+            buffer_sz=pitch_for(width, 32) * height, flags=0,
+            gref_directory=buf.dir_grefs[0], data_ofs=0,
+        )
+
+    async def destroy(self, cookie: int) -> None:
+        await self.store.destroy(DbufDestroyReq(id=self._id(), dbuf_cookie=cookie))
+
+
+@asynccontextmanager
+async def store_bench(tmp: Path, *, copy: bool) -> AsyncIterator[StoreBench]:
+    """A store that exports guest buffers (zero-copy) or, with ``copy``, maps and copies."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    log = _QuietLog()
+    try:
+        with (
+            contextlib.ExitStack() as cleanup,
+            SimPlatform(hv.socket_path, "unused", dmabuf_export_supported=not copy) as platform,
+            SimDomain(hv.socket_path, GUEST) as guest,
+        ):
+            grants = platform.open_grant_device()
+            deferred = DeferredReleases(per_guest_limit=8, retry_interval=0.01, log=log)
+            cleanup.callback(deferred.close_device_when_drained, grants)
+            try:
+                async with (
+                    trio.open_nursery() as nursery,
+                    VirtualDisplay.open(
+                        [OutputConfig("bench", 1920, 1080)], dmabuf_importer=platform.open_dmabuf
+                    ) as display,
+                ):
+                    await nursery.start(deferred.run)
+                    output = display.outputs["bench"]
+                    store = BufferStore(
+                        domid=GUEST, grants=grants, dmabufs=platform, outputs=[output],
+                        quota=Quota(Limits.for_connectors([(LINUX_MAX_WIDTH, LINUX_MAX_HEIGHT)])),
+                        deferred=deferred, be_alloc=False, log=log,
+                    )
+                    try:
+                        yield StoreBench(store, guest, output, log)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await store.aclose()
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await deferred.aclose()
+        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
+        if leaks:
+            raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+    finally:
+        await trio.to_thread.run_sync(hv.stop)
+
+
+def _summary(samples: list[float]) -> dict[str, Any]:
+    return {
+        "p50": percentile(samples, 50),
+        "min": min(samples),
+        "max": max(samples),
+        "samples": samples,
+    }
+
+
+async def dbuf_create_time(
+    tmp: Path, *, copy: bool, runs: int = 7,
+    width: int = LINUX_MAX_WIDTH, height: int = LINUX_MAX_HEIGHT,
+) -> dict[str, Any]:
+    """The store's DBUF_CREATE (and, for information, DBUF_DESTROY) time, in seconds, for a
+    ``width`` × ``height`` × 32 buffer, ``runs`` times."""
+    creates: list[float] = []
+    destroys: list[float] = []
+    kind = None
+    npages = pages_for(pitch_for(width, 32) * height)
+    async with store_bench(tmp, copy=copy) as bench:
+        for run in range(runs):
+            buf = bench.grant_buffer(width, height)
+            req = bench.create_req(0x1000 + run, buf, width, height)
+            start = time.perf_counter()
+            await bench.store.create(req)
+            creates.append(time.perf_counter() - start)
+            kind = bench.store.buffer_info(req.dbuf_cookie).kind
+            start = time.perf_counter()
+            await bench.destroy(req.dbuf_cookie)
+            destroys.append(time.perf_counter() - start)
+            bench.free_buffer(buf)
+    expected = BufferKind.COPY if copy else BufferKind.ZERO_COPY
+    if kind is not expected:
+        raise RuntimeError(f"buffers were {kind}, not {expected}")
+    return {
+        "width": width,
+        "height": height,
+        "bpp": 32,
+        "pages": npages,
+        "directory_pages": dir_pages_for(npages),
+        "kind": expected.value,
+        "create_s": _summary(creates),
+        "destroy_s": _summary(destroys),
+    }
+
+
+def _best_rate(nbytes: int, copy: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Bytes per second of ``copy`` (two warm-ups, so alternating targets are both touched,
+    then ``repeats`` timed): median and best."""
+    copy()
+    copy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy()
+        times.append(time.perf_counter() - start)
+    return {
+        "bytes": nbytes,
+        "median_s": percentile(times, 50),
+        "median_bps": nbytes / percentile(times, 50),
+        "best_bps": nbytes / min(times),
+    }
+
+
+def memcpy_bandwidth(
+    nbytes: int = 64 << 20, *, repeats: int = 10, targets: int = 1
+) -> dict[str, Any]:
+    """This machine's memcpy: ``np.copyto`` and a memoryview slice assignment of ``nbytes``
+    from one buffer into ``targets`` buffers in turn (2 = the copy path's pattern: one guest
+    frame, two dumb buffers). Every buffer is touched first, so no page fault is timed."""
+    src = np.full(nbytes, 0x5A, dtype=np.uint8)
+    dsts = [np.zeros(nbytes, dtype=np.uint8) for _ in range(targets)]
+    turn = [0]
+
+    def numpy_copy() -> None:
+        turn[0] = (turn[0] + 1) % targets
+        np.copyto(dsts[turn[0]], src)
+
+    numpy_rate = _best_rate(nbytes, numpy_copy, repeats)
+    msrc = memoryview(bytearray(src.tobytes()))
+    mdsts = [memoryview(bytearray(b"\x01" * nbytes)) for _ in range(targets)]
+
+    def slice_copy() -> None:
+        turn[0] = (turn[0] + 1) % targets
+        mdsts[turn[0]][:] = msrc
+
+    view_rate = _best_rate(nbytes, slice_copy, repeats)
+    return {
+        "targets": targets,
+        "numpy": numpy_rate,
+        "memoryview": view_rate,
+        "baseline_bps": max(numpy_rate["median_bps"], view_rate["median_bps"]),
+    }
+
+
+async def copy_bandwidth(
+    tmp: Path, sizes: list[tuple[int, int]], *, repeats: int = 20
+) -> dict[str, Any]:
+    """The copy path per frame: ``GuestFramebuffer.present_on`` of a copy-mode buffer (a
+    guest grant mapping copied into the output's dumb buffer), timed per call, for each
+    size; plus ``copy_frame`` alone between a guest-pitch and a wider dumb-pitch buffer."""
+    results: dict[str, Any] = {}
+    async with store_bench(tmp, copy=True) as bench:
+        for index, (width, height) in enumerate(sizes):
+            buf = bench.grant_buffer(width, height)
+            with bench.guest.map_pages(buf.pfns) as pixels:
+                pixels.buffer[:] = bytes([0x3C]) * len(pixels.buffer)
+            cookie = 0x2000 + index
+            await bench.store.create(bench.create_req(cookie, buf, width, height))
+            bench.store.attach(FbAttachReq(
+                id=bench._id(), dbuf_cookie=cookie, fb_cookie=cookie | 0x10000, width=width,
+                height=height, pixel_format=XRGB,
+            ))
+            fb = bench.store.framebuffer(cookie | 0x10000)
+            if fb.zero_copy:
+                raise RuntimeError("the copy-mode store did not copy")
+            frame_bytes = width * XRGB.cpp * height
+            rate = _best_rate(frame_bytes, functools.partial(fb.present_on, bench.output), repeats)
+            await bench.destroy(cookie)
+            bench.free_buffer(buf)
+            same_size = memcpy_bandwidth(frame_bytes, repeats=repeats, targets=2)
+            results[f"{width}x{height}"] = {
+                **rate, "guest_pitch": pitch_for(width, 32),
+                "dumb_pitch": -(-width * 4 // 64) * 64,
+                "memcpy_same_size": same_size,
+                "percent_of_same_size_memcpy": 100 * rate["median_bps"]
+                / same_size["baseline_bps"],
+            }
+    return results
+
+
+def copy_frame_bandwidth(
+    width: int, height: int, *, dst_pitch_align: int = 64, repeats: int = 20
+) -> dict[str, Any]:
+    """``copy_frame`` alone, guest pitch → the display's pitch (row by row when they differ)."""
+    src_pitch = width * 4
+    dst_pitch = -(-src_pitch // dst_pitch_align) * dst_pitch_align
+    src = memoryview(bytearray(b"\x3c" * (src_pitch * height)))
+    dst = memoryview(bytearray(dst_pitch * height))
+    rate = _best_rate(
+        width * 4 * height,
+        lambda: copy_frame(src, 0, src_pitch, dst, 0, dst_pitch, width * 4, height),
+        repeats,
+    )
+    same_size = memcpy_bandwidth(width * 4 * height, repeats=repeats, targets=1)
+    return {
+        **rate, "guest_pitch": src_pitch, "dumb_pitch": dst_pitch,
+        "memcpy_same_size": same_size,
+        "percent_of_same_size_memcpy": 100 * rate["median_bps"] / same_size["baseline_bps"],
+    }

@@ -1,0 +1,288 @@
+"""Flip-path benchmarks with guests in their own processes: the PG_FLIP → EVT_PG_FLIP round
+trip and the backend's share of it, backend CPU time per flip, and how many 60 fps connectors
+the machine sustains.
+
+Each function starts its own simulated machine (:func:`bench.machine.bench_machine`): the
+measuring process holds only the backend, the virtual display and xenstored, so its CPU time
+(``time.process_time``, all threads) is the backend's.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.guestproc import FlipLog
+from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
+from bench.report import percentile
+from displback.display.virtual import OutputConfig
+
+__all__ = [
+    "capacity", "cpu_per_flip", "flip_round_trip", "profile_text", "trio_wakeup_cost",
+]
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    ms = [v * 1000.0 for v in values]
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": sum(ms) / len(ms) if ms else float("nan"),
+        "max_ms": max(ms) if ms else float("nan"),
+    }
+
+
+async def flip_round_trip(
+    tmp: Path, *, flips: int = 1000, refresh_hz: float = 1000.0,
+    size: tuple[int, int] = (1920, 1080), warmup: int = 50,
+) -> dict[str, Any]:
+    """Round trip of ``flips`` page flips as one guest process sees them, split into what the
+    display waited for and what is left: the backend's overhead.
+
+    Per flip, on one clock (``CLOCK_MONOTONIC`` in both processes): the guest sends PG_FLIP
+    (``sent``), the backend calls ``Output.flip`` (``called``), the flip returns at its
+    vblank (``returned``), the guest has its EVT_PG_FLIP (``done``). Round trip =
+    ``done - sent``; overhead = ``(called - sent) + (done - returned)``: everything but the
+    display's wait, i.e. ring, request handling, event page, both event channels and both
+    processes' wake-ups.
+    """
+    width, height = size
+    outputs = [OutputConfig("rt", width, height, refresh_hz=refresh_hz)]
+    async with bench_machine(tmp, outputs) as machine:
+        probe = FlipProbe(machine.output("rt"))
+        guest = await machine.start_guest(1, connector_spec([size]))
+        await guest.flip(warmup)
+        probe.clear()
+        (log,) = await guest.flip(flips, record=True)
+        records = list(probe.records)
+        probe.remove()
+    return _split_round_trips(log, records, refresh_hz)
+
+
+def _split_round_trips(
+    log: FlipLog, records: list[FlipRecord], refresh_hz: float
+) -> dict[str, Any]:
+    if len(log.times) != len(records):
+        raise RuntimeError(
+            f"{len(log.times)} guest flips but {len(records)} display flips: cannot pair them"
+        )
+    round_trip, request_leg, event_leg, display, late = [], [], [], [], []
+    for (sent, done), rec in zip(log.times, records, strict=True):
+        if not sent <= rec.called <= rec.returned <= done:
+            raise RuntimeError(f"flip times out of order: {sent}, {rec}, {done}")
+        round_trip.append(done - sent)
+        request_leg.append(rec.called - sent)
+        event_leg.append(done - rec.returned)
+        display.append(rec.returned - rec.called)
+        late.append(rec.returned - rec.vblank)
+    overhead = [a + b for a, b in zip(request_leg, event_leg, strict=True)]
+    return {
+        "flips": len(round_trip),
+        "refresh_hz": refresh_hz,
+        "not_done": log.not_done,
+        "round_trip": _ms(round_trip),
+        "overhead": _ms(overhead),
+        "request_leg": _ms(request_leg),
+        "event_leg": _ms(event_leg),
+        "display_wait": _ms(display),
+        "vblank_task_lateness": _ms(late),
+    }
+
+
+@dataclass
+class _Usage:
+    """Process CPU (all threads) and wall time at one instant."""
+
+    cpu: float
+    user: float
+    system: float
+    wall: float
+
+    @classmethod
+    def now(cls) -> _Usage:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(time.process_time(), ru.ru_utime, ru.ru_stime, time.perf_counter())
+
+    def since(self, start: _Usage) -> dict[str, float]:
+        return {
+            "cpu_s": self.cpu - start.cpu,
+            "user_s": self.user - start.user,
+            "system_s": self.system - start.system,
+            "wall_s": self.wall - start.wall,
+        }
+
+
+async def cpu_per_flip(
+    tmp: Path, *, size: tuple[int, int], copy: bool, seconds: float = 4.0,
+    warmup: float = 1.0, idle_seconds: float = 1.0, profile: cProfile.Profile | None = None,
+) -> dict[str, Any]:
+    """Backend CPU per flip while one guest process flips a ``size`` connector at 60 fps.
+
+    ``copy``: Dom0 cannot export dma-bufs, so each flip also copies the frame. The idle
+    cost (the guest connected and showing, not flipping) is measured first, for reference.
+    ``profile``, if given, runs during the measured window.
+    """
+    width, height = size
+    outputs = [OutputConfig("cpu", width, height)]
+    async with bench_machine(tmp, outputs, copy=copy) as machine:
+        output = machine.output("cpu")
+        guest = await machine.start_guest(1, connector_spec([size]))
+        store = machine.sim.backend.statuses()[0].store
+        kinds = None if store is None else store.stats
+        await trio.sleep(0.2)
+        idle_start = _Usage.now()
+        await trio.sleep(idle_seconds)
+        idle = _Usage.now().since(idle_start)
+        await guest.start_flipping()
+        await trio.sleep(warmup)
+        flips0, missed0 = output.stats.flips_completed, output.stats.missed_vblanks
+        start = _Usage.now()
+        if profile is not None:
+            profile.enable()
+        await trio.sleep(seconds)
+        if profile is not None:
+            profile.disable()
+        used = _Usage.now().since(start)
+        flips = output.stats.flips_completed - flips0
+        missed = output.stats.missed_vblanks - missed0
+        logs = await guest.stop()
+        stats = await guest.stats()
+    per_flip = used["cpu_s"] / flips if flips else float("nan")
+    return {
+        "width": width,
+        "height": height,
+        "mode": "copy" if copy else "zero-copy",
+        "buffers": None if kinds is None else {"zero_copy": kinds.zero_copy, "copy": kinds.copy},
+        "flips": flips,
+        "fps": flips / used["wall_s"],
+        "missed_vblanks": missed,
+        "guest_not_done": sum(log.not_done for log in logs),
+        "frame_done_timeouts": sum(s["frame_done_timeouts"] for s in stats),
+        "window": used,
+        "cpu_per_flip_us": per_flip * 1e6,
+        "percent_of_core_per_60fps": per_flip * 60 * 100,
+        "idle_percent_of_core": 100 * idle["cpu_s"] / idle["wall_s"],
+    }
+
+
+async def trio_wakeup_cost(*, seconds: float = 2.0, rate: float = 60.0) -> dict[str, Any]:
+    """The floor this machine puts under any trio program: CPU of a bare task sleeping until
+    the next tick ``rate`` times a second (one timer wake-up per tick, nothing else)."""
+    start = _Usage.now()
+    deadline = trio.current_time()
+    wakeups = 0
+    while wakeups < seconds * rate:
+        deadline += 1.0 / rate
+        await trio.sleep_until(deadline)
+        wakeups += 1
+    used = _Usage.now().since(start)
+    return {
+        "rate_hz": rate,
+        "wakeups": wakeups,
+        "window": used,
+        "cpu_per_wakeup_us": 1e6 * used["cpu_s"] / wakeups,
+        "percent_of_core": 100 * used["cpu_s"] / used["wall_s"],
+    }
+
+
+def _system_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [float(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+async def capacity(
+    tmp: Path, *, max_guests: int = 8, connectors_per_guest: int = 2,
+    size: tuple[int, int] = (1024, 768), window: float = 3.0, settle: float = 1.5,
+    min_fps: float = 59.5,
+) -> dict[str, Any]:
+    """Add guest processes (``connectors_per_guest`` connectors of ``size``, zero-copy,
+    flipping pre-drawn buffers at 60 fps) one at a time until a step fails or
+    ``max_guests`` run. A step passes when, over ``window`` seconds, every connector
+    achieved ``min_fps``, no output missed a vblank and no guest saw a frame-done timeout
+    (or any failed flip)."""
+    names = {
+        (domid, i): f"g{domid}c{i}"
+        for domid in range(1, max_guests + 1) for i in range(connectors_per_guest)
+    }
+    outputs = [OutputConfig(name, *size) for name in names.values()]
+    assignments = {f"{domid}/0/{i}": name for (domid, i), name in names.items()}
+    steps: list[dict[str, Any]] = []
+    largest = 0
+    async with bench_machine(tmp, outputs, assignments=assignments) as machine:
+        for domid in range(1, max_guests + 1):
+            guest = await machine.start_guest(domid, connector_spec([size] * connectors_per_guest))
+            await guest.start_flipping()
+            await trio.sleep(settle)
+            active = [name for (d, _i), name in names.items() if d <= domid]
+            step = await _measure_step(machine, active, window, min_fps)
+            steps.append(step)
+            if not step["passed"]:
+                break
+            largest = step["connectors"]
+    return {
+        "size": list(size),
+        "connectors_per_guest": connectors_per_guest,
+        "max_connectors_tried": max_guests * connectors_per_guest,
+        "fps_required": min_fps,
+        "window_s": window,
+        "largest_passing_connectors": largest,
+        "steps": steps,
+    }
+
+
+async def _measure_step(
+    machine: Any, active: list[str], window: float, min_fps: float
+) -> dict[str, Any]:
+    outputs = [machine.output(name) for name in active]
+    guests = list(machine.guests.values())
+    before_stats = [await g.stats() for g in guests]
+    flips0 = [o.stats.flips_completed for o in outputs]
+    missed0 = [o.stats.missed_vblanks for o in outputs]
+    busy0 = _system_busy()
+    start = _Usage.now()
+    await trio.sleep(window)
+    used = _Usage.now().since(start)
+    busy1 = _system_busy()
+    fps = [
+        (o.stats.flips_completed - f0) / used["wall_s"]
+        for o, f0 in zip(outputs, flips0, strict=True)
+    ]
+    missed = sum(o.stats.missed_vblanks - m0 for o, m0 in zip(outputs, missed0, strict=True))
+    after_stats = [await g.stats() for g in guests]
+    failures = 0
+    for before, after in zip(before_stats, after_stats, strict=True):
+        for b, a in zip(before, after, strict=True):
+            for key in ("frame_done_timeouts", "flip_errors", "response_timeouts"):
+                failures += a[key] - b[key]
+    total = busy1[1] - busy0[1]
+    passed = min(fps) >= min_fps and missed == 0 and failures == 0
+    return {
+        "guests": len(guests),
+        "connectors": len(outputs),
+        "min_fps": min(fps),
+        "mean_fps": sum(fps) / len(fps),
+        "missed_vblanks": missed,
+        "failed_flips": failures,
+        "backend_percent_of_core": 100 * used["cpu_s"] / used["wall_s"],
+        "machine_busy_percent": 100 * (busy1[0] - busy0[0]) / total if total else None,
+        "passed": passed,
+    }
+
+
+def profile_text(profile: cProfile.Profile, limit: int = 25) -> str:
+    """The top of a profile by internal time, as text."""
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(limit)
+    return out.getvalue()

@@ -1,0 +1,265 @@
+"""Benchmark guests in their own processes: pre-drawn double buffers, flipped on command.
+
+The process that measures the backend must hold only the backend, the virtual display and
+xenstored, so each guest runs in a child made with ``multiprocessing`` (spawn), as
+``tests/sim/test_guest_xproc.py`` does. A guest connects, gives every connector two buffers
+at its resolution, draws the test pattern into both once, shows the first with SET_CONFIG
+and then waits for commands on a pipe:
+
+``("flip", count, record)``
+    flip every connector, alternating its two buffers, ``count`` times each (``None``: until
+    ``stop``). Each connector issues its next PG_FLIP as soon as EVT_PG_FLIP of the previous
+    one arrived — paced by the output's vblanks, as a compositor driven by page-flip events
+    is — so a 60 Hz output is flipped at 60 fps. With ``record`` every flip's send and
+    completion times (``time.perf_counter``, i.e. ``CLOCK_MONOTONIC``, comparable across
+    processes) are kept. With a count, the reply comes when all are done.
+``("stats",)``
+    the guest's counters now, while flipping goes on.
+``("stop",)``
+    stop flipping (each connector finishes its flip in flight) and reply with the results.
+``("quit",)``
+    disable, detach and destroy everything, unload the driver, reply ``("bye", state)``.
+
+Replies are ``(kind, payload)`` tuples; a failure in the child is sent as ``("error", text)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import trio
+
+from displback.protocol.constants import PixelFormat
+from displback.sim.guest import DumbBuffer, FlipResult, Framebuffer, SimGuest
+from displback.sim.guest_pattern import draw_pattern
+
+__all__ = ["FlipLog", "GuestProcess", "guest_main"]
+
+XRGB = PixelFormat.XRGB8888
+
+
+@dataclass
+class FlipLog:
+    """What one connector did during a ``flip`` command."""
+
+    connector: int
+    flips: int = 0
+    not_done: int = 0  # flips that ended in a frame-done timeout or release
+    times: list[tuple[float, float]] = field(default_factory=list)  # (sent, completed)
+
+
+@dataclass
+class _Screen:
+    index: int
+    buffers: list[DumbBuffer]
+    fbs: list[Framebuffer]
+    shown: int = 0
+
+
+async def _prepare(guest: SimGuest, index: int) -> _Screen:
+    width, height = guest.resolutions[index]
+    buffers: list[DumbBuffer] = []
+    fbs: list[Framebuffer] = []
+    for frame in range(2):
+        buf = await guest.create_dumb(width, height, XRGB.bpp)
+        buffers.append(buf)
+        draw_pattern(buf.buffer, width=width, height=height, pitch=buf.pitch, fmt=XRGB,
+                     connector=index, frame=frame)
+        fbs.append(await guest.add_fb(buf, width, height, XRGB))
+    await guest.set_config(index, fbs[0])
+    return _Screen(index, buffers, fbs)
+
+
+async def _release(guest: SimGuest, screen: _Screen) -> None:
+    await guest.set_config(screen.index, None)
+    for fb in screen.fbs:
+        await guest.rm_fb(fb)
+    for buf in screen.buffers:
+        await guest.destroy_dumb(buf)
+
+
+async def _flip(
+    guest: SimGuest, screen: _Screen, log: FlipLog, count: int | None, record: bool,
+    stop: trio.Event,
+) -> None:
+    while (count is None or log.flips < count) and not stop.is_set():
+        fb = screen.fbs[(screen.shown + 1) % 2]
+        sent = time.perf_counter()
+        result = await guest.page_flip(screen.index, fb)
+        done = time.perf_counter()
+        screen.shown += 1
+        log.flips += 1
+        if result is not FlipResult.DONE:
+            log.not_done += 1
+        if record:
+            log.times.append((sent, done))
+
+
+def _stats(guest: SimGuest, screens: list[_Screen]) -> list[dict[str, int]]:
+    out = []
+    for screen in screens:
+        s = guest.connector_stats(screen.index)
+        out.append({
+            "flips_ok": s.flips_ok,
+            "frame_done_timeouts": s.frame_done_timeouts,
+            "flip_errors": s.flip_errors,
+            "response_timeouts": s.response_timeouts,
+        })
+    return out
+
+
+async def _serve(hv_path: str, xs_path: str, domid: int, conn: Connection) -> None:
+    async with SimGuest.open(
+        hypervisor_path=hv_path, xenstore_path=xs_path, domid=domid,
+        response_timeout=3.0, frame_done_timeout=3.1, end_access_retry=0.05,
+    ) as guest:
+        await guest.wait_connected(timeout=30)
+        screens = [await _prepare(guest, i) for i in range(len(guest.resolutions))]
+        conn.send(("ready", [tuple(r) for r in guest.resolutions]))
+        logs: list[FlipLog] = []
+        stop = trio.Event()
+        flipping: trio.Nursery | None = None
+        async with trio.open_nursery() as nursery:
+            while True:
+                command = await trio.to_thread.run_sync(conn.recv, abandon_on_cancel=True)
+                kind = command[0]
+                if kind == "flip":
+                    _, count, record = command
+                    logs = [FlipLog(s.index) for s in screens]
+                    stop = trio.Event()
+                    if count is not None:
+                        async with trio.open_nursery() as inner:
+                            for screen, log in zip(screens, logs, strict=True):
+                                inner.start_soon(_flip, guest, screen, log, count, record, stop)
+                        conn.send(("flipped", logs))
+                    else:
+                        flipping = await nursery.start(_flip_all, guest, screens, logs, record,
+                                                       stop)
+                        conn.send(("flipping", None))
+                elif kind == "stats":
+                    conn.send(("stats", _stats(guest, screens)))
+                elif kind == "stop":
+                    stop.set()
+                    if flipping is not None:
+                        await _wait_done(flipping)
+                        flipping = None
+                    conn.send(("stopped", logs))
+                elif kind == "quit":
+                    stop.set()
+                    if flipping is not None:
+                        await _wait_done(flipping)
+                    break
+                else:
+                    conn.send(("error", f"unknown command {kind!r}"))
+            nursery.cancel_scope.cancel()
+        final = _stats(guest, screens)
+        for screen in screens:
+            await _release(guest, screen)
+    conn.send(("bye", {"state": int(guest.state), "stats": final}))
+
+
+async def _flip_all(
+    guest: SimGuest, screens: list[_Screen], logs: list[FlipLog], record: bool,
+    stop: trio.Event, *, task_status: Any,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        for screen, log in zip(screens, logs, strict=True):
+            nursery.start_soon(_flip, guest, screen, log, None, record, stop)
+
+
+async def _wait_done(nursery: trio.Nursery) -> None:
+    while nursery.child_tasks:
+        await trio.sleep(0.005)
+
+
+def guest_main(hv_path: str, xs_path: str, domid: int, conn: Connection) -> None:
+    """The child process: run the guest; report an exception instead of dying silently."""
+    try:
+        trio.run(_serve, hv_path, xs_path, domid, conn)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class GuestError(RuntimeError):
+    """The guest process failed or did not answer."""
+
+
+class GuestProcess:
+    """The parent's handle of one benchmark guest process (call from trio)."""
+
+    def __init__(self, hv_path: str, xs_path: str, domid: int, *, timeout: float = 60.0):
+        ctx = multiprocessing.get_context("spawn")
+        self.domid = domid
+        self.timeout = timeout
+        self._conn, theirs = ctx.Pipe()
+        self._proc: BaseProcess = ctx.Process(
+            target=guest_main, args=(hv_path, xs_path, domid, theirs), daemon=True,
+            name=f"bench-guest-{domid}",
+        )
+        self._proc.start()
+        theirs.close()
+        self.resolutions: list[tuple[int, int]] = []
+
+    async def _receive(self, expected: str, timeout: float | None = None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        ready = await trio.to_thread.run_sync(self._conn.poll, limit, abandon_on_cancel=True)
+        if not ready:
+            raise GuestError(f"guest {self.domid} did not answer within {limit} s")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise GuestError(f"guest {self.domid} process ended") from None
+        if kind == "error":
+            raise GuestError(f"guest {self.domid}: {payload}")
+        if kind != expected:
+            raise GuestError(f"guest {self.domid}: expected {expected!r}, got {kind!r}")
+        return payload
+
+    async def ready(self) -> list[tuple[int, int]]:
+        """Wait until the guest is connected and shows its first frames."""
+        self.resolutions = [(int(w), int(h)) for w, h in await self._receive("ready")]
+        return self.resolutions
+
+    async def flip(self, count: int, *, record: bool = False) -> list[FlipLog]:
+        """Flip every connector ``count`` times; the logs."""
+        self._conn.send(("flip", count, record))
+        logs: list[FlipLog] = await self._receive("flipped")
+        return logs
+
+    async def start_flipping(self, *, record: bool = False) -> None:
+        self._conn.send(("flip", None, record))
+        await self._receive("flipping")
+
+    async def stats(self) -> list[dict[str, int]]:
+        self._conn.send(("stats",))
+        stats: list[dict[str, int]] = await self._receive("stats")
+        return stats
+
+    async def stop(self) -> list[FlipLog]:
+        self._conn.send(("stop",))
+        logs: list[FlipLog] = await self._receive("stopped")
+        return logs
+
+    async def quit(self) -> dict[str, Any]:
+        """Release everything and unload; the final counters. The process then exits."""
+        self._conn.send(("quit",))
+        bye: dict[str, Any] = await self._receive("bye")
+        await trio.to_thread.run_sync(self._proc.join, 10)
+        return bye
+
+    def kill(self) -> None:
+        """End the process if it still runs (after a failure) and close the pipe."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(5)
+        self._conn.close()

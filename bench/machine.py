@@ -1,0 +1,145 @@
+"""The machine a benchmark runs on: the simulated Xen with the hypervisor in a child process,
+the backend and virtual display in this process, guests in their own processes.
+
+:func:`bench_machine` starts :func:`displback.sim.machine.sim_machine` around a
+:class:`~displback.sim.hypervisor.HypervisorProcess`, so the only things running in the
+measuring process are the backend daemon, the virtual display and xenstored (plus the idle
+toolstack). On the way out it checks that the hypervisor holds nothing any more.
+
+:class:`FlipProbe` times the backend's calls of ``Output.flip`` from outside: it wraps the
+``flip`` of one output object (an instance attribute; the display's code is untouched) and
+keeps, per flip, when the backend asked, when the flip returned and the vblank it landed at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.guestproc import GuestProcess
+from displback.backend.device import BackendSettings
+from displback.display.interface import FlipResult, Framebuffer
+from displback.display.virtual import OutputConfig
+from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
+from displback.sim.machine import SimMachine, sim_machine
+
+__all__ = ["BenchMachine", "FlipProbe", "FlipRecord", "bench_machine"]
+
+
+@dataclass(frozen=True, slots=True)
+class FlipRecord:
+    """One ``Output.flip`` by the backend, on ``time.perf_counter``'s clock.
+
+    ``called``: the backend asked for the flip; ``returned``: the flip call returned to the
+    backend; ``vblank``: the time of the vblank the frame landed at.
+    """
+
+    called: float
+    returned: float
+    vblank: float
+
+
+class FlipProbe:
+    """Records every flip of one output (see the module docstring); :meth:`remove` undoes."""
+
+    def __init__(self, output: Any) -> None:
+        self.output = output
+        self.records: list[FlipRecord] = []
+        original: Callable[[Framebuffer], Awaitable[FlipResult]] = output.flip
+
+        async def flip(fb: Framebuffer) -> FlipResult:
+            called = time.perf_counter()
+            result = await original(fb)
+            returned = time.perf_counter()
+            # trio's clock is perf_counter plus a per-run offset; FlipResult is on trio's.
+            offset = trio.current_time() - time.perf_counter()
+            self.records.append(FlipRecord(called, returned, result.timestamp - offset))
+            return result
+
+        setattr(output, "flip", flip)  # noqa: B010 - an instance attribute, on purpose
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def remove(self) -> None:
+        if "flip" in vars(self.output):
+            delattr(self.output, "flip")
+
+
+@dataclass
+class BenchMachine:
+    """A running simulated machine and the guest processes started on it."""
+
+    sim: SimMachine
+    hv: HypervisorProcess
+    guests: dict[int, GuestProcess] = field(default_factory=dict)
+
+    def output(self, name: str) -> Any:
+        return self.sim.display.outputs[name]
+
+    async def start_guest(self, domid: int, spec: str) -> GuestProcess:
+        """Create domain ``domid`` with vdispl ``spec``, start its guest process and wait
+        until it shows its first frames on every connector."""
+        await self.sim.add_guest(domid, spec)
+        guest = GuestProcess(self.hv.socket_path, self.sim.xs.domain_sockets[domid], domid)
+        self.guests[domid] = guest
+        await guest.ready()
+        return guest
+
+    async def stop_guest(self, domid: int) -> dict[str, Any]:
+        """Unload the guest's driver, end its process and detach its vdispl device."""
+        guest = self.guests.pop(domid)
+        try:
+            bye = await guest.quit()
+        finally:
+            guest.kill()
+        await self.sim.toolstack.remove_vdispl(domid, 0)
+        return bye
+
+
+def connector_spec(resolutions: Sequence[tuple[int, int]], *, prefix: str = "c") -> str:
+    """An xl.cfg ``vdispl`` spec for guest-allocated buffers with these connectors."""
+    connectors = ";".join(f"{prefix}{i}:{w}x{h}" for i, (w, h) in enumerate(resolutions))
+    return f"backend=Domain-0,be-alloc=0,connectors={connectors}"
+
+
+@asynccontextmanager
+async def bench_machine(
+    tmp: Path,
+    outputs: Sequence[OutputConfig],
+    *,
+    assignments: dict[str, str] | None = None,
+    copy: bool = False,
+) -> AsyncIterator[BenchMachine]:
+    """A simulated machine with these outputs; ``copy`` makes Dom0 unable to export dma-bufs
+    (the backend then maps guest buffers and copies every frame into dumb buffers).
+
+    Raises RuntimeError on the way out if the hypervisor still holds anything.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    leaks: dict[str, Any] = {}
+    try:
+        platform_options = {"dmabuf_export_supported": False} if copy else None
+        async with sim_machine(
+            hv, tmp, outputs, settings=BackendSettings(), assignments=assignments,
+            platform_options=platform_options,
+        ) as sim:
+            machine = BenchMachine(sim, hv)
+            try:
+                yield machine
+            finally:
+                with trio.CancelScope(shield=True):
+                    for domid in list(machine.guests):
+                        await machine.stop_guest(domid)
+        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
+    finally:
+        await trio.to_thread.run_sync(hv.stop)
+    if leaks:
+        raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
