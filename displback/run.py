@@ -1,0 +1,392 @@
+"""``displback run``: the backend daemon on a real Dom0, until SIGTERM or SIGINT.
+
+It opens the real platform (:class:`~displback.xen.real.RealPlatform`: ``/dev/xen/evtchn``,
+``/dev/xen/gntdev``, XenStore), a display, and serves every vdispl device of this domain with
+:class:`~displback.backend.daemon.Backend`. The display is ``virtual`` (outputs in memory,
+named ``--virtual-output NAME=WxH``, optionally written as PNGs to ``--snapshot-dir``) until a
+KMS display exists in :mod:`displback.kms`.
+
+Options are gathered in :class:`RunConfig`, whose field names are the future TOML keys.
+What gntdev can do with dma-bufs is probed once at start and logged in one line; with
+``--zero-copy require`` a Dom0 that cannot export guest grants refuses to start.
+
+Shutdown (SIGTERM/SIGINT): every known device is told ``Closing``, the daemon is cancelled
+(connections release their mappings, ports and buffers), then each device's backend state
+is set to ``Closed`` so the guests see the backend gone; the devices are closed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+import trio
+
+from displback.backend.buffers import ZeroCopyPolicy
+from displback.backend.daemon import Backend
+from displback.backend.device import BackendSettings
+from displback.backend.outputs import OutputMap
+from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.logs import LOG_LEVELS, configure_logging
+from displback.protocol import layout
+from displback.protocol.xenbus import XenbusState
+from displback.xen.interfaces import Platform
+from displback.xen.real import (
+    DmaBufSupport,
+    RealPlatform,
+    default_xenstore_path,
+    read_own_domid,
+)
+from displback.xenstore.client import open_xenstore
+from displback.xenstore.wire import XenStoreError
+
+__all__ = ["RunConfig", "add_run_parser", "run_command", "serve"]
+
+_OUTPUT_SPEC = re.compile(r"^([A-Za-z0-9_.:-]+)=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
+
+
+@dataclass
+class RunConfig:
+    """What ``displback run`` is told; field names are the TOML keys of a later config file."""
+
+    xenstore: str | None = None  # None: xenstored's socket if present, else /dev/xen/xenbus
+    domid: int | None = None  # None: read "domid" from XenStore (0 when absent)
+    display: Literal["virtual", "kms"] = "virtual"
+    virtual_outputs: list[OutputConfig] = field(default_factory=list)
+    snapshot_dir: Path | None = None
+    snapshot_interval_s: float = 1.0
+    card: str | None = None
+    connectors: list[str] = field(default_factory=list)
+    assign: dict[str, str] = field(default_factory=dict)  # "domid/devid/index" -> output
+    zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
+    wait_free_ms: int = 2000
+    log_level: str = "info"
+    log_format: Literal["console", "json"] = "console"
+
+
+def parse_output(text: str) -> OutputConfig:
+    """``NAME=WxH`` or ``NAME=WxH@HZ`` → an output config (``ArgumentTypeError`` if bad)."""
+    match = _OUTPUT_SPEC.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
+    name, width, height, hz = match.groups()
+    try:
+        return OutputConfig(name, int(width), int(height), float(hz) if hz else 60.0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_assign(text: str) -> tuple[str, str]:
+    key, sep, output = text.partition("=")
+    if not sep or not key or not output:
+        raise argparse.ArgumentTypeError(f"expected DOMID/DEVID/INDEX=OUTPUT, not {text!r}")
+    return key, output
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def add_run_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``run`` subcommand to ``subparsers`` (from ``add_subparsers``)."""
+    run: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run the backend daemon on this Xen domain (Dom0 or a driver domain)",
+        description="Serve every vdispl device of this domain until SIGTERM/SIGINT.",
+    )
+    run.add_argument(
+        "--xenstore",
+        metavar="PATH",
+        default=None,
+        help="xenstored socket or xenbus device (default: /run/xenstored/socket if present, "
+        "else /dev/xen/xenbus)",
+    )
+    run.add_argument(
+        "--domid", type=_non_negative_int, default=None, help="this domain's id (from XenStore)"
+    )
+    run.add_argument(
+        "--display",
+        choices=("virtual", "kms"),
+        default="virtual",
+        help="where guest connectors are shown (virtual: in memory, see --snapshot-dir)",
+    )
+    run.add_argument(
+        "--virtual-output",
+        dest="virtual_outputs",
+        metavar="NAME=WxH[@HZ]",
+        type=parse_output,
+        action="append",
+        default=[],
+        help="one virtual output (repeat; at least one for --display virtual)",
+    )
+    run.add_argument("--snapshot-dir", type=Path, default=None, help="write <output>.png here")
+    run.add_argument(
+        "--snapshot-interval",
+        dest="snapshot_interval_s",
+        type=_positive_float,
+        default=1.0,
+        help="seconds between snapshots (1)",
+    )
+    run.add_argument("--card", default=None, help="DRM card for --display kms (/dev/dri/cardN)")
+    run.add_argument(
+        "--connector",
+        dest="connectors",
+        action="append",
+        default=[],
+        help="KMS connector name for --display kms (repeat)",
+    )
+    run.add_argument(
+        "--assign",
+        metavar="DOMID/DEVID/INDEX=OUTPUT",
+        type=_parse_assign,
+        action="append",
+        default=[],
+        help="show a guest connector (or unique-id) on a named output (repeat)",
+    )
+    run.add_argument(
+        "--zero-copy",
+        choices=[p.value for p in ZeroCopyPolicy],
+        default=ZeroCopyPolicy.AUTO.value,
+        help="scan guest buffers out directly: auto (when possible), require, off",
+    )
+    run.add_argument(
+        "--wait-free-ms",
+        type=_non_negative_int,
+        default=2000,
+        help="how long a buffer destroy waits for the display to let go (2000)",
+    )
+    run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    run.add_argument("--log-format", choices=("console", "json"), default="console")
+    run.set_defaults(func=run_command)
+    return run
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` an ``argparse`` namespace of ``displback run`` describes."""
+    return RunConfig(
+        xenstore=args.xenstore,
+        domid=args.domid,
+        display=args.display,
+        virtual_outputs=list(args.virtual_outputs),
+        snapshot_dir=args.snapshot_dir,
+        snapshot_interval_s=args.snapshot_interval_s,
+        card=args.card,
+        connectors=list(args.connectors),
+        assign=dict(args.assign),
+        zero_copy=ZeroCopyPolicy(args.zero_copy),
+        wait_free_ms=args.wait_free_ms,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def check_config(config: RunConfig) -> None:
+    """Refuse inconsistent options before touching any device."""
+    if config.display == "virtual":
+        if not config.virtual_outputs:
+            raise StartupError("--display virtual needs at least one --virtual-output NAME=WxH")
+        names = [o.name for o in config.virtual_outputs]
+        if len(set(names)) != len(names):
+            raise StartupError(f"duplicate output names: {names}")
+        unknown = sorted(set(config.assign.values()) - set(names))
+        if unknown:
+            raise StartupError(f"--assign names unknown outputs: {', '.join(unknown)}")
+    else:
+        if importlib.util.find_spec("displback.kms") is None:
+            raise StartupError(
+                "--display kms is not available in this build (displback.kms is missing); "
+                "use --display virtual"
+            )
+        raise StartupError("--display kms: KMS output is not wired into 'run' yet")
+
+
+async def serve(
+    config: RunConfig,
+    *,
+    platform: Platform | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until cancelled or signalled; ``task_status.started(backend)``."""
+    log = structlog.get_logger("displback.run")
+    check_config(config)
+    xenstore = config.xenstore or default_xenstore_path()
+    own = platform is None
+    if platform is None:
+        domid = config.domid if config.domid is not None else await read_own_domid(xenstore)
+        platform = RealPlatform(xenstore, domid)
+    try:
+        support: DmaBufSupport | None = getattr(platform, "dmabuf_support", None)
+        log.info(
+            "platform",
+            domid=platform.domid,
+            xenstore=platform.xenstore_path,
+            dmabuf_export=support.export_supported if support else None,
+            dmabuf_import=support.import_supported if support else None,
+            detail=support.reason if support else "not probed",
+        )
+        if (
+            config.zero_copy is ZeroCopyPolicy.REQUIRE
+            and support is not None
+            and not support.export_supported
+        ):
+            raise StartupError(f"--zero-copy require, but {support.reason}")
+        settings = BackendSettings(zero_copy=config.zero_copy, wait_free_ms=config.wait_free_ms)
+        async with VirtualDisplay.open(
+            config.virtual_outputs, dmabuf_importer=platform.open_dmabuf
+        ) as display:
+            outputs = OutputMap(display.outputs, config.assign)
+            backend = Backend(platform, outputs, settings, log=log)
+            keys: list[tuple[int, int]] = []
+            async with trio.open_nursery() as nursery:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    await nursery.start(backend.run)
+                    if config.snapshot_dir is not None:
+                        nursery.start_soon(_snapshots, display, backend, config)
+                    task_status.started(backend)
+                    async for signum in signals:
+                        log.info("shutting down", signal=signal.Signals(signum).name)
+                        break
+                keys = [(key.domid, key.devid) for key in backend.devices]
+                # Cancelling the daemon releases every connection (mappings, ports, buffers).
+                nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await _set_states(platform, keys, XenbusState.CLOSED, log)
+            if config.snapshot_dir is not None:
+                with contextlib.suppress(OSError):
+                    await _write_snapshots(display, backend, config.snapshot_dir)
+    finally:
+        if own:
+            platform.close()
+
+
+async def _set_states(
+    platform: Platform, keys: list[tuple[int, int]], state: XenbusState, log: Any
+) -> None:
+    """Write backend ``state`` of each ``(domid, devid)`` whose directory still exists."""
+    if not keys:
+        return
+    writes = layout.backend_state_writes(state)
+    with trio.move_on_after(5) as scope:
+        async with open_xenstore(platform.xenstore_path, reconnect=False) as xs:
+            for domid, devid in keys:
+                directory = layout.backend_dir(platform.domid, domid, devid)
+
+                async def write(tx: Any, directory: str = directory) -> bool:
+                    if not await tx.exists(directory):
+                        return False  # never resurrect a removed device
+                    for node, value in writes.items():
+                        await tx.write(f"{directory}/{node}", value)
+                    return True
+
+                try:
+                    if await xs.run_transaction(write):
+                        log.info("state", domid=domid, devid=devid, state=state.name)
+                except XenStoreError as exc:
+                    log.warning("cannot write state", state=state.name, error=str(exc))
+    if scope.cancelled_caught:
+        log.warning("timed out writing states", state=state.name)
+
+
+def _status(backend: Backend) -> list[dict[str, Any]]:
+    rows = []
+    for status in backend.statuses():
+        store = status.store
+        rows.append(
+            {
+                "domid": status.domid,
+                "devid": status.devid,
+                "state": status.state,
+                "connects": status.connects,
+                "violations": status.violations,
+                "connectors": [asdict(c.stats) for c in status.connectors],
+                "buffers": asdict(store.stats) if store is not None else None,
+                "export_supported": store.export_supported if store is not None else None,
+            }
+        )
+    return rows
+
+
+async def _write_snapshots(display: VirtualDisplay, backend: Backend, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    images = {name: output.snapshot() for name, output in display.outputs.items()}
+    status = json.dumps(_status(backend), indent=1, default=str)
+
+    def write() -> None:
+        for name, image in images.items():
+            tmp = directory / f".{name}.png.tmp"
+            image.write_png(tmp)
+            os.replace(tmp, directory / f"{name}.png")
+        tmp = directory / ".status.json.tmp"
+        tmp.write_text(status)
+        os.replace(tmp, directory / "status.json")
+
+    await trio.to_thread.run_sync(write)
+
+
+async def _snapshots(display: VirtualDisplay, backend: Backend, config: RunConfig) -> None:
+    assert config.snapshot_dir is not None
+    while True:
+        await _write_snapshots(display, backend, config.snapshot_dir)
+        await trio.sleep(config.snapshot_interval_s)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Handler of ``displback run``: 0 after a signalled shutdown, 1 if it cannot start."""
+    config = config_from_args(args)
+    configure_logging(config.log_level, fmt=config.log_format)
+    log = structlog.get_logger("displback.run")
+    try:
+        trio.run(serve, config)
+    except StartupError as exc:
+        log.error("cannot start", reason=str(exc))
+        return 1
+    except OSError as exc:
+        log.error("cannot start", error=str(exc), path=exc.filename)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m displback.run``: the same as ``displback run`` (until cli.py wires it)."""
+    parser = argparse.ArgumentParser(prog="displback")
+    add_run_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", *(argv if argv is not None else [])])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
