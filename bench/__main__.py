@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from bench import buffers, flips
-from bench.report import Metric, Report, Target
+from bench.report import Metric, Report, Target, busy_percent, cpu_jiffies
 from displback.logs import configure_logging
 
 PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity")
@@ -151,7 +151,8 @@ async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
     report.details["capacity"] = result
     cap = result["max_connectors_tried"]
     largest = result["largest_passing_connectors"]
-    note = f"cap {cap}" + (" reached" if largest == cap else "")
+    note = (f"cap {cap}" + (" reached" if largest == cap else "")
+            + f"; machine {result['machine_busy_percent_before']:.0f} % busy before")
     from bench.report import machine_info
 
     cores = machine_info()["cpus_usable"]
@@ -174,6 +175,10 @@ async def run(
 ) -> Report:
     """Run ``parts`` of the benchmark; a part that fails is recorded, the others still run."""
     report = Report(mode)
+    jiffies = cpu_jiffies()
+    await trio.sleep(1.0)
+    report.busy_before = busy_percent(jiffies, cpu_jiffies())
+    _say(f"the machine was {report.busy_before:.0f} % busy before the run (all CPUs)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="displback-bench-") as tmp:
         for part in parts:
@@ -214,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table())
     print()
     print(f"{report.summary()}; {report.seconds:.0f} s; results in {args.json}")
+    if report.busy_before > 10:
+        print(f"NOTE: other work kept the machine {report.busy_before:.0f} % busy just before "
+              "the run; latency, CPU and capacity numbers are pessimistic")
     for error in report.errors:
         print(f"ERROR: {error}")
     report.write_json(args.json)

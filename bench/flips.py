@@ -22,7 +22,7 @@ import trio
 
 from bench.guestproc import FlipLog
 from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
-from bench.report import percentile
+from bench.report import busy_percent, cpu_jiffies, percentile
 from displback.display.virtual import OutputConfig
 
 __all__ = [
@@ -193,24 +193,18 @@ async def trio_wakeup_cost(*, seconds: float = 2.0, rate: float = 60.0) -> dict[
     }
 
 
-def _system_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [float(x) for x in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return sum(fields) - idle, sum(fields)
-
-
 async def capacity(
     tmp: Path, *, max_guests: int = 8, connectors_per_guest: int = 2,
     size: tuple[int, int] = (1024, 768), window: float = 3.0, settle: float = 1.5,
-    min_fps: float = 59.5,
+    min_fps: float = 59.5, attempts: int = 2,
 ) -> dict[str, Any]:
     """Add guest processes (``connectors_per_guest`` connectors of ``size``, zero-copy,
     flipping pre-drawn buffers at 60 fps) one at a time until a step fails or
-    ``max_guests`` run. A step passes when, over ``window`` seconds, every connector
+    ``max_guests`` run. A step passes when, over one ``window`` of seconds, every connector
     achieved ``min_fps``, no output missed a vblank and no guest saw a frame-done timeout
-    (or any failed flip)."""
+    (or any failed flip); a step gets up to ``attempts`` windows, so one disturbance from
+    outside (the machine is shared) does not decide it. How busy the machine was before the
+    first guest started is measured too."""
     names = {
         (domid, i): f"g{domid}c{i}"
         for domid in range(1, max_guests + 1) for i in range(connectors_per_guest)
@@ -219,13 +213,21 @@ async def capacity(
     assignments = {f"{domid}/0/{i}": name for (domid, i), name in names.items()}
     steps: list[dict[str, Any]] = []
     largest = 0
+    busy0 = cpu_jiffies()
+    await trio.sleep(min(1.0, window))
+    before = busy_percent(busy0, cpu_jiffies())
     async with bench_machine(tmp, outputs, assignments=assignments) as machine:
         for domid in range(1, max_guests + 1):
             guest = await machine.start_guest(domid, connector_spec([size] * connectors_per_guest))
             await guest.start_flipping()
             await trio.sleep(settle)
             active = [name for (d, _i), name in names.items() if d <= domid]
-            step = await _measure_step(machine, active, window, min_fps)
+            tries = []
+            for _ in range(attempts):
+                tries.append(await _measure_step(machine, active, window, min_fps))
+                if tries[-1]["passed"]:
+                    break
+            step = {**tries[-1], "windows": len(tries), "earlier_windows": tries[:-1]}
             steps.append(step)
             if not step["passed"]:
                 break
@@ -236,6 +238,8 @@ async def capacity(
         "max_connectors_tried": max_guests * connectors_per_guest,
         "fps_required": min_fps,
         "window_s": window,
+        "attempts_per_step": attempts,
+        "machine_busy_percent_before": before,
         "largest_passing_connectors": largest,
         "steps": steps,
     }
@@ -249,11 +253,11 @@ async def _measure_step(
     before_stats = [await g.stats() for g in guests]
     flips0 = [o.stats.flips_completed for o in outputs]
     missed0 = [o.stats.missed_vblanks for o in outputs]
-    busy0 = _system_busy()
+    busy0 = cpu_jiffies()
     start = _Usage.now()
     await trio.sleep(window)
     used = _Usage.now().since(start)
-    busy1 = _system_busy()
+    busy = busy_percent(busy0, cpu_jiffies())
     fps = [
         (o.stats.flips_completed - f0) / used["wall_s"]
         for o, f0 in zip(outputs, flips0, strict=True)
@@ -265,7 +269,6 @@ async def _measure_step(
         for b, a in zip(before, after, strict=True):
             for key in ("frame_done_timeouts", "flip_errors", "response_timeouts"):
                 failures += a[key] - b[key]
-    total = busy1[1] - busy0[1]
     passed = min(fps) >= min_fps and missed == 0 and failures == 0
     return {
         "guests": len(guests),
@@ -275,7 +278,7 @@ async def _measure_step(
         "missed_vblanks": missed,
         "failed_flips": failures,
         "backend_percent_of_core": 100 * used["cpu_s"] / used["wall_s"],
-        "machine_busy_percent": 100 * (busy1[0] - busy0[0]) / total if total else None,
+        "machine_busy_percent": busy,
         "passed": passed,
     }
 

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Metric", "Report", "Target", "machine_info", "percentile"]
+__all__ = [
+    "Metric", "Report", "Target", "busy_percent", "cpu_jiffies", "machine_info", "percentile",
+]
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -102,6 +104,7 @@ class Report:
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    busy_before: float = float("nan")  # % of all CPUs busy just before the run (others' work)
 
     def add(self, metric: Metric) -> Metric:
         self.metrics.append(metric)
@@ -119,11 +122,14 @@ class Report:
         lines.append("  ".join("-" * w for w in widths))
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        notes = [f"  {m.label.strip(' =')}: {m.note}" for m in self.metrics if m.note]
+        if notes:
+            lines += ["", "notes:", *notes]
         return "\n".join(lines)
 
     def summary(self) -> str:
         judged = [m for m in self.metrics if m.target is not None]
-        missed = [m.label for m in judged if m.status == "MISS"]
+        missed = [m.key for m in judged if m.status == "MISS"]
         text = f"{len(judged) - len(missed)}/{len(judged)} targets met"
         if missed:
             text += "; missed: " + ", ".join(missed)
@@ -137,6 +143,7 @@ class Report:
             "seconds": round(self.seconds, 1),
             "machine": self.machine_before,
             "loadavg_after": os.getloadavg(),
+            "machine_busy_percent_before": self.busy_before,
             "metrics": [m.as_json() for m in self.metrics],
             "details": self.details,
             "errors": self.errors,
@@ -173,6 +180,20 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def cpu_jiffies() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, all CPUs, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [float(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_percent(start: tuple[float, float], end: tuple[float, float]) -> float:
+    """How busy all CPUs together were between two :func:`cpu_jiffies` readings (0–100)."""
+    total = end[1] - start[1]
+    return 100.0 * (end[0] - start[0]) / total if total > 0 else float("nan")
 
 
 def machine_info() -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_report_judges_targets_and_writes_json(tmp_path: Path) -> None:
     assert [m.status for m in report.metrics] == ["PASS", "MISS", ""]
     table = report.table()
     assert "≤ 0.3 ms" in table and "MISS" in table and "n/a" in table
-    assert report.summary() == "1/2 targets met; missed: too low"
+    assert report.summary() == "1/2 targets met; missed: b"
     path = tmp_path / "r.json"
     report.write_json(path)
     data = json.loads(path.read_text())
