@@ -109,7 +109,7 @@ class Backend:
                         log=self.log,
                     )
                     self.devices[key] = device
-                    nursery.start_soon(self._run_device, key, device)
+                    nursery.start_soon(self._run_device, key, device, xs, nursery, deferred)
 
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:
@@ -120,12 +120,25 @@ class Backend:
                 self.log.warning("ignoring unexpected node", path=path, error=str(exc))
             return None
 
-    async def _run_device(self, key: _Key, device: GuestDevice) -> None:
+    async def _run_device(
+        self,
+        key: _Key,
+        device: GuestDevice,
+        xs: XenStoreClient,
+        nursery: trio.Nursery,
+        deferred: DeferredReleases,
+    ) -> None:
         try:
             await device.run()
         except Exception:
             # One device's failure must never take the daemon (and other guests) down.
             self.log.exception("device failed", domid=key.domid, devid=key.devid)
+            return
         finally:
             if self.devices.get(key) is device:
                 del self.devices[key]
+        # The device was forgotten. A new device of the same number may already exist (the
+        # toolstack detached and attached again): its watch event found this one still
+        # here, so look again now that the number is free.
+        if not nursery.cancel_scope.cancel_called:
+            await self._scan(xs, nursery, deferred)

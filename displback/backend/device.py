@@ -232,6 +232,7 @@ class GuestDevice:
         self._handshake = Handshake()
         self._send, self._receive = trio.open_memory_channel[Any](math.inf)
         self._observe_queued = False
+        self._offline_seen = False
         self._connection: Connection | None = None
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
@@ -262,6 +263,13 @@ class GuestDevice:
         backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
         online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
+        if not online:
+            self._offline_seen = True
+        elif self._offline_seen:
+            # libxl never brings a device it is removing back online: these are the
+            # directories of a new device of the same number (detach + attach while we were
+            # busy). This one is gone; the daemon serves the new one with a new GuestDevice.
+            return Vanished()
         return Observed(frontend=frontend, backend=backend, online=online)
 
     async def _watch(self, path: str) -> None:
