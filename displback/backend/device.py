@@ -59,6 +59,9 @@ from displback.xenstore.wire import XenStoreError
 __all__ = ["BackendSettings", "Connection", "GuestDevice"]
 
 _OBSERVE = object()
+#: How often teardown looks whether a flip still in flight has landed (outputs have no event
+#: for it; this runs only at teardown, for at most one vblank).
+_FLIP_SETTLE_POLL_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -189,10 +192,19 @@ class Connection:
                     evtchn.unmask([p for p in stray if p in evt_ports] or stray)
 
     async def close(self) -> None:
-        """Release everything: buffers first (their grants may wait), then rings and ports."""
+        """Release everything: buffers first (their grants may wait), then rings and ports.
+
+        An output is handed back only once no flip of ours is in flight on it: a flip whose
+        task was cancelled by the teardown still lands at the next vblank, and the output's
+        next holder (often this guest reconnecting at once) would otherwise meet
+        ``FlipPending`` on its first SET_CONFIG and fail it.
+        """
         try:
             if self.store is not None:
                 await self.store.aclose()
+            for output in self._outputs:
+                while output.flip_pending:
+                    await trio.sleep(_FLIP_SETTLE_POLL_S)
         finally:
             self._stack.close()
 
