@@ -835,10 +835,8 @@ class KmsOutput:
             return _Shown(fb, fb.fb_id, placement, fb._frame(), None)
         canvas = self._spare_canvas(fb.fourcc)
         _compose(memoryview(canvas.mapped), canvas.dumb.pitch, self._mode, fb._frame())
-        shown = self._canvas_shown(fb, canvas)
-        shown.frame = fb._frame()
-        shown.placement = placement
-        return shown
+        # Snapshots read the canvas: what is on screen, not what the backend writes next.
+        return self._canvas_shown(fb, canvas)
 
     def _spare_canvas(self, fourcc: PixelFormat) -> _Canvas:
         """A canvas of this format and mode that is neither on screen nor about to be."""
@@ -1007,16 +1005,10 @@ class KmsOutput:
         shown = self._shown
         if shown is None or self._pending is not None:
             return
-        if self._mode != old or shown.canvas is not None or shown.fb is None:
-            frame = shown.frame
-            canvas = self._spare_canvas(frame.fourcc)
-            _compose(memoryview(canvas.mapped), canvas.dumb.pitch, self._mode, frame)
+        if self._mode != old or shown.canvas is not None:
+            canvas = self._spare_canvas(shown.frame.fourcc)
+            _compose(memoryview(canvas.mapped), canvas.dumb.pitch, self._mode, shown.frame)
             shown = self._canvas_shown(shown.fb, canvas)
-            if self._shown is not None and self._shown.fb is not None:
-                shown.frame = self._shown.frame
-                shown.placement = _Placement.centred(
-                    shown.frame.width, shown.frame.height, self._mode.width, self._mode.height
-                )
         self._show_now(shown)
         self._shown = shown
 

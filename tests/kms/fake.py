@@ -591,7 +591,7 @@ class FakeCard:
         total = sum(counts)
         props = list(_u32_at(a.props_ptr, total))
         values = list(_u64_at(a.prop_values_ptr, total))
-        state = {
+        state: dict[str, Any] = {
             "FB_ID": self.crtc.fb_id,
             "CRTC_ID": self.crtc_id if self.crtc.fb_id else 0,
             "ACTIVE": int(self.crtc.mode is not None),
@@ -662,8 +662,8 @@ class FakeCard:
         if a.flags & uapi.DRM_MODE_ATOMIC_TEST_ONLY:
             return
         self.crtc.fb_id = state["FB_ID"] if active else 0
-        self.crtc.mode = mode if active else None  # type: ignore[assignment]
-        self.crtc.src, self.crtc.dst = tuple(src), tuple(dst)  # type: ignore[assignment]
+        self.crtc.mode = mode if active else None
+        self.crtc.src, self.crtc.dst = tuple(src), tuple(dst)
         self.conn.crtc_id = state["CONN_CRTC"]
         if event:
             self._queue_event(a.user_data)
