@@ -37,6 +37,7 @@ class SimMachine:
     backend: Backend
     nursery: trio.Nursery
     backend_scope: trio.CancelScope
+    backend_exited: trio.Event
 
     def output(self, name: str) -> Any:
         return self.display.outputs[name]
@@ -62,15 +63,23 @@ class SimMachine:
             yield guest
 
     async def restart_backend(self) -> None:
-        """Kill the daemon (cancel it) and start a new one, as systemd would."""
+        """Kill the daemon (cancel it) and start a new one, as systemd would: once the old
+        one has exited (a new process could not share the old one's outputs either)."""
         self.backend_scope.cancel()
+        await self.backend_exited.wait()
         self.backend = Backend(self.platform, self.backend.outputs, self.backend.settings)
-        self.backend_scope = await self.nursery.start(_run_backend, self.backend)
+        self.backend_exited = trio.Event()
+        self.backend_scope = await self.nursery.start(
+            _run_backend, self.backend, self.backend_exited
+        )
 
 
-async def _run_backend(backend: Backend, *, task_status: Any) -> None:
-    with trio.CancelScope() as scope:
-        await backend.run(task_status=_Started(task_status, scope))
+async def _run_backend(backend: Backend, exited: trio.Event, *, task_status: Any) -> None:
+    try:
+        with trio.CancelScope() as scope:
+            await backend.run(task_status=_Started(task_status, scope))
+    finally:
+        exited.set()
 
 
 class _Started:
@@ -108,8 +117,11 @@ async def sim_machine(
                 backend = Backend(platform, omap, settings)
                 toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
                 async with trio.open_nursery() as nursery:
-                    scope = await nursery.start(_run_backend, backend)
-                    yield SimMachine(hv, xs, toolstack, display, platform, backend, nursery, scope)
+                    exited = trio.Event()
+                    scope = await nursery.start(_run_backend, backend, exited)
+                    yield SimMachine(
+                        hv, xs, toolstack, display, platform, backend, nursery, scope, exited
+                    )
                     nursery.cancel_scope.cancel()
         finally:
             platform.close()
