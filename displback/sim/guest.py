@@ -382,6 +382,7 @@ class SimGuest:
         self.stats = GuestStats()
         self.request_hooks: dict[Op, RequestHook] = {}
         self.on_published: Callable[[SimGuest], Awaitable[None] | None] | None = None
+        self.on_directory: Callable[[DumbBuffer], None] | None = None
         self.frontend_path = frontend_dir(domid, devid)
         self.backend_path = ""
         self.backend_domid = 0
@@ -1019,6 +1020,8 @@ class SimGuest:
             with dom.map_pages(buf.dir_pfns) as directory:
                 for i, page in enumerate(build_directory(refs, buf.dir_grefs)):
                     directory.buffer[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
+            if self.on_directory is not None:
+                self.on_directory(buf)  # e.g. scribble_directory before DBUF_CREATE
         except OSError as exc:
             self._destroy_local(buf)
             raise GuestRequestError(exc.errno or _errno.ENOMEM, str(exc)) from exc
