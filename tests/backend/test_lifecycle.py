@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 
 from displback.backend.device import DeviceStatus
+from displback.display.virtual import OutputConfig
 from displback.protocol.xenbus import XenbusState
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
@@ -43,6 +44,10 @@ async def _flips_continue(guest: SimGuest, connector: int = 0, more: int = 3) ->
     stats = guest.connector_stats(connector)
     target = stats.flips_ok + more
     await wait_until(lambda: stats.flips_ok >= target)
+
+
+async def _handshakes_reach(guest: SimGuest, count: int) -> None:
+    await wait_until(lambda: guest.stats.handshakes >= count)
 
 
 async def test_driver_unload_and_reload_reconnects(
@@ -135,7 +140,8 @@ async def test_daemon_restart_with_the_guest_running_resets_it_and_it_flips_agai
                 guest.start_drawing(fps=200)
                 await _flips_continue(guest)
                 await w.restart_backend()
-                await wait_until(lambda: guest.stats.handshakes == 2 and guest.connected)
+                await wait_until(lambda: guest.stats.handshakes == 2)
+                await guest.wait_connected()
                 assert guest.state is XenbusState.CONNECTED
                 await _flips_continue(guest)
                 stats = guest.connector_stats(0)
@@ -195,3 +201,61 @@ async def test_a_protocol_violation_closes_only_that_device_which_reconnects_lat
                     stats = good.connector_stats(0)
                     assert stats.frame_done_timeouts == stats.flip_errors == 0
                     assert good.stats.disconnects == 0
+
+
+async def test_a_device_detached_and_attached_again_at_once_is_served_again(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, SPEC)
+            for round_ in range(3):
+                async with w.guest(1) as guest:
+                    await guest.wait_connected()
+                    await _show_frames(w, guest, 10 * round_)
+                # xl vdispl-detach immediately followed by xl vdispl-attach.
+                assert await w.toolstack.remove_vdispl(1, 0)
+                await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                await _show_frames(w, guest, 100)
+
+
+async def test_reconnecting_right_after_a_teardown_mid_flip_gets_no_errors(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """A connection torn down while its output still has a flip in flight hands the output
+    on only once that flip has landed: the next connection's first SET_CONFIG must not
+    meet it. (A slow output makes the window wide.)"""
+    outputs = [OutputConfig("A", 320, 240, refresh_hz=20)]
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path, outputs) as w:
+            await w.add_guest(1, SPEC)
+            for _ in range(5):
+                async with w.guest(1, remove_timeout=0.2) as guest:
+                    await guest.wait_connected()
+                    guest.start_drawing(fps=1000)
+                    await _flips_continue(guest, more=2)
+                    # ... and unload at once, mid-flip; reload at once.
+                stats = guest.connector_stats(0)
+                assert stats.set_config_errors == stats.flip_errors == 0
+
+
+async def test_daemon_restarts_mid_flip_cost_the_guest_no_errors(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    outputs = [OutputConfig("A", 320, 240, refresh_hz=20)]
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path, outputs) as w:
+            await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=1000)
+                for _ in range(4):
+                    await _flips_continue(guest, more=2)
+                    target = guest.stats.handshakes + 1
+                    await w.restart_backend()
+                    await _handshakes_reach(guest, target)
+                await _flips_continue(guest)
+                stats = guest.connector_stats(0)
+                assert stats.set_config_errors == stats.flip_errors == 0
