@@ -663,7 +663,8 @@ class FakeCard:
             return
         self.crtc.fb_id = state["FB_ID"] if active else 0
         self.crtc.mode = mode if active else None
-        self.crtc.src, self.crtc.dst = tuple(src), tuple(dst)
+        self.crtc.src = (src[0], src[1], src[2], src[3])
+        self.crtc.dst = (dst[0], dst[1], dst[2], dst[3])
         self.conn.crtc_id = state["CONN_CRTC"]
         if event:
             self._queue_event(a.user_data)
