@@ -6,13 +6,14 @@ import argparse
 import errno
 import io
 import json
+import os
 import struct
 from collections.abc import Iterator
 
 import pytest
 
 from displback.kms import uapi
-from displback.kms.device import DrmError, parse_events
+from displback.kms.device import DrmDevice, DrmError, parse_events
 from displback.kms.info import add_kms_info_parser, kms_info
 from tests.kms.fake import FakeCard, bochs_card, vkms_card
 
@@ -135,3 +136,18 @@ def test_events_are_split_and_unknown_kinds_skipped() -> None:
 def test_malformed_events_raise_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         parse_events(data)
+
+
+def test_real_syscalls_reach_the_kernel_and_fail_on_a_non_drm_fd() -> None:
+    fd = os.open("/dev/null", os.O_RDWR)
+    dev = DrmDevice(fd)  # the default KernelSyscalls: fcntl.ioctl with the ctypes struct
+    try:
+        for call, name in ((dev.version, "VERSION"), (dev.set_master, "SET_MASTER")):
+            with pytest.raises(DrmError) as info:
+                call()
+            assert (info.value.ioctl, info.value.errno) == (name, errno.ENOTTY)
+    finally:
+        dev.close()
+    assert dev.closed
+    with pytest.raises(DrmError, match="closed"):
+        dev.get_cap(uapi.Cap.PRIME)
