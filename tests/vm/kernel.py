@@ -37,7 +37,9 @@ def source_version() -> str:
     try:
         out = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as exc:
         raise KernelBuildError(
@@ -110,15 +112,21 @@ def build(jobs: int | None = None, keep_tree: bool = False) -> Path:
     _run(["make", "x86_64_defconfig"], tree, log)
     _run(
         [
-            "scripts/kconfig/merge_config.sh", "-m", ".config",
-            "kernel/configs/kvm_guest.config", "kernel/configs/xen.config", "displback.config",
+            "scripts/kconfig/merge_config.sh",
+            "-m",
+            ".config",
+            "kernel/configs/kvm_guest.config",
+            "kernel/configs/xen.config",
+            "displback.config",
         ],
-        tree, log,
+        tree,
+        log,
     )
     _run(["make", "olddefconfig"], tree, log)
     config = wanted_options((tree / ".config").read_text())
     missing = {
-        name: value for name, value in wanted_options(fragment_text).items()
+        name: value
+        for name, value in wanted_options(fragment_text).items()
         if config.get(name) != value
     }
     if missing:

@@ -1,0 +1,92 @@
+"""Fixtures of the VM tests: the cached kernel, the images, and a booted nested-Xen Dom0.
+
+The tests here are marked ``vm`` and run only when selected (``pytest -m vm tests/vm``, i.e.
+``make test-vm``): each boots Xen under QEMU TCG, which takes tens of seconds, and the first
+run builds the kernel (~13 minutes on 2 cores, then cached in ``~/.cache/displback``).
+Missing tools are failures, not skips, once the tests are selected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.vm import initramfs, kernel
+from tests.vm.dom0 import Dom0
+from tests.vm.machine import XenVM, xen_elf
+
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 240.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: boots a nested Xen under QEMU (slow; make test-vm)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "vm" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="VM test: run with `make test-vm` (pytest -m vm tests/vm)")
+    for item in items:
+        if "vm" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass(frozen=True)
+class VMAssets:
+    xen: Path
+    bzimage: Path
+    dom0_initramfs: Path
+    domu_initramfs: Path
+
+
+@pytest.fixture(scope="session")
+def vm_assets(tmp_path_factory: pytest.TempPathFactory) -> VMAssets:
+    started = time.monotonic()
+    bzimage = kernel.build()  # cached after the first build
+    print(f"kernel: {bzimage} ({time.monotonic() - started:.1f} s)")
+    work = tmp_path_factory.mktemp("vm-assets")
+    drmtest = initramfs.compile_drmtest(work / "drmtest")
+    return VMAssets(
+        xen=xen_elf(kernel.CACHE_ROOT),
+        bzimage=bzimage,
+        dom0_initramfs=initramfs.build_dom0(work / "dom0.cpio"),
+        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest),
+    )
+
+
+def _place(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@pytest.fixture
+def dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
+    """A freshly booted Dom0 with xenstored, xen-init-dom0 and xenconsoled running."""
+    share = tmp_path / "share"
+    share.mkdir()
+    _place(vm_assets.bzimage, share / "bzImage")
+    _place(vm_assets.domu_initramfs, share / "domU.cpio")
+    (share / "dom0.sh").write_text(Dom0.boot_script())
+    vm = XenVM(
+        tmp_path,
+        xen=vm_assets.xen,
+        kernel=vm_assets.bzimage,
+        initramfs=vm_assets.dom0_initramfs,
+        share=share,
+    )
+    try:
+        dom0 = Dom0(vm, share, REPO)
+        dom0.wait_ready(BOOT_TIMEOUT)
+        yield dom0
+        dom0.report()
+    finally:
+        vm.close()

@@ -1,0 +1,156 @@
+"""The two busybox initramfs images of the VM tests (Dom0 and DomU), written as newc cpio.
+
+Nothing is downloaded: busybox comes from Debian's ``busybox-static``, the guest's test
+program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
+
+* Dom0: ``/init`` mounts proc, sys, devtmpfs, the host's root read-only over 9p
+  (``hostroot``) and the test's shared directory read-write (``share``, at ``/mnt`` inside),
+  puts tmpfs on the host's ``/run``, ``/tmp``, ``/var/lib/xen``, ``/var/log``, mounts xenfs
+  and chroots into the host root to run ``/mnt/dom0.sh`` (written by the harness).
+* DomU: ``/init`` runs ``drmtest`` with the arguments found on the kernel command line
+  (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
+  ``halt``/``reboot``/``stay``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")
+GUEST_SOURCE = Path(__file__).with_name("guest") / "drmtest.c"
+DRM_HEADERS = Path("/usr/include/libdrm")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    mode: int
+    data: bytes = b""
+
+
+def _newc(entries: list[_Entry]) -> bytes:
+    """A newc ("070701") cpio archive of ``entries`` (uid/gid 0, mtime 0)."""
+    out = bytearray()
+
+    def pad4() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, entry in enumerate([*entries, _Entry("TRAILER!!!", 0)], start=1):
+        name = entry.name.encode() + b"\0"
+        fields = [ino, entry.mode, 0, 0, 1, 0, len(entry.data), 0, 0, 0, 0, len(name), 0]
+        out += b"070701" + b"".join(f"{f:08X}".encode() for f in fields)
+        out += name
+        pad4()
+        out += entry.data
+        pad4()
+    return bytes(out)
+
+
+def _dir(name: str) -> _Entry:
+    return _Entry(name, 0o040755)
+
+
+def _file(name: str, data: bytes, mode: int = 0o755) -> _Entry:
+    return _Entry(name, 0o100000 | mode, data)
+
+
+def _base(init: str) -> list[_Entry]:
+    if not BUSYBOX.is_file():
+        raise FileNotFoundError(f"{BUSYBOX} missing: apt-get install busybox-static")
+    return [
+        *(_dir(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "host")),
+        _file("bin/busybox", BUSYBOX.read_bytes()),
+        _file("init", init.encode()),
+    ]
+
+
+DOM0_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "@@INITRAMFS DOM0@@"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host || {
+    echo "@@FAIL mount hostroot@@"; exec sh; }
+for d in run tmp var/lib/xen var/log; do mount -t tmpfs -o mode=0755 tmpfs /host/$d; done
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs devtmpfs /host/dev
+mkdir -p /host/dev/pts /host/dev/shm
+mount -t devpts devpts /host/dev/pts
+mount -t tmpfs tmpfs /host/dev/shm
+mount -t xenfs xenfs /host/proc/xen || echo "@@FAIL mount xenfs@@"
+mount -t debugfs debugfs /host/sys/kernel/debug
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none share /host/mnt || {
+    echo "@@FAIL mount share@@"; exec sh; }
+echo "@@CHROOT@@"
+exec chroot /host /bin/sh /mnt/dom0.sh
+"""
+
+DOMU_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+flips=10; hold=600; conns=0; then=stay
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        drmtest.flips=*) flips=${arg#*=} ;;
+        drmtest.hold=*) hold=${arg#*=} ;;
+        drmtest.connectors=*) conns=$(echo ${arg#*=} | tr , ' ') ;;
+        drmtest.then=*) then=${arg#*=} ;;
+    esac
+done
+echo "DOMU INIT flips=$flips hold=$hold connectors=$conns then=$then"
+/bin/drmtest /dev/dri/card0 $flips $hold $conns
+echo "DOMU DRMTEST rc=$?"
+case "$then" in
+    halt) poweroff -f ;;
+    reboot) reboot -f ;;
+esac
+exec sh
+"""
+
+
+def compile_drmtest(out: Path) -> Path:
+    """``gcc -static`` the guest's DRM test program into ``out``."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("gcc missing: apt-get install build-essential")
+    if not (DRM_HEADERS / "drm_mode.h").is_file():
+        raise FileNotFoundError(f"{DRM_HEADERS}/drm_mode.h missing: apt-get install libdrm-dev")
+    subprocess.run(
+        [
+            compiler,
+            "-static",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            f"-I{DRM_HEADERS}",
+            "-o",
+            str(out),
+            str(GUEST_SOURCE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out
+
+
+def build_dom0(path: Path) -> Path:
+    """Write the Dom0 initramfs to ``path``."""
+    path.write_bytes(_newc(_base(DOM0_INIT)))
+    return path
+
+
+def build_domu(path: Path, drmtest: Path) -> Path:
+    """Write the DomU initramfs (with the compiled ``drmtest``) to ``path``."""
+    entries = [*_base(DOMU_INIT), _file("bin/drmtest", drmtest.read_bytes())]
+    path.write_bytes(_newc(entries))
+    return path

@@ -1,0 +1,250 @@
+"""A nested Xen under QEMU (TCG) for the VM tests: boot, serial console, HMP monitor.
+
+:class:`XenVM` starts ``qemu-system-x86_64`` with Xen as the multiboot kernel, our bzImage
+and Dom0 initramfs as modules, the host root exported read-only over 9p and a per-test
+shared directory read-write (Dom0 sees it at ``/mnt``). The serial line (Xen's com1, which
+also carries Dom0's hvc0) is read by a thread into memory and ``console.log``; the HMP
+monitor is a UNIX socket. Every wait has a timeout, and a failure raises :class:`VMError`
+with the console's tail.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
+QEMU = "qemu-system-x86_64"
+XEN_ARGS = "console=com1 dom0_mem=1536M noreboot loglvl=all guest_loglvl=all"
+DOM0_ARGS = "console=hvc0 earlyprintk=xen rdinit=/init loglevel=5"
+CPU = "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3"
+_RC = re.compile(rb"@@RC=(\d+)@@")
+
+
+class VMError(AssertionError):
+    """A VM step failed or timed out; carries the console's tail."""
+
+
+def xen_elf(cache: Path) -> Path:
+    """Xen's ELF image (QEMU's multiboot loader takes it, not the gzip)."""
+    if not XEN_GZ.is_file():
+        raise FileNotFoundError(f"{XEN_GZ} missing: apt-get install xen-hypervisor-4.17-amd64")
+    out = cache / "xen-4.17.elf"
+    if not out.is_file() or out.stat().st_mtime < XEN_GZ.stat().st_mtime:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(gzip.decompress(XEN_GZ.read_bytes()))
+        tmp.rename(out)
+    return out
+
+
+class XenVM:
+    """One QEMU process running Xen + our Dom0; use as a context manager."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        xen: Path,
+        kernel: Path,
+        initramfs: Path,
+        share: Path,
+        memory_mb: int = 3072,
+        display: bool = True,
+    ) -> None:
+        self.workdir = workdir
+        self.share = share
+        self.console_log = workdir / "console.log"
+        self.monitor_path = workdir / "monitor.sock"
+        self._buffer = bytearray()
+        self._cursor = 0
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self.started = time.monotonic()
+        if shutil.which(QEMU) is None:
+            raise FileNotFoundError(f"{QEMU} missing: apt-get install qemu-system-x86")
+        modules = f"{kernel} {DOM0_ARGS},{initramfs}"
+        cmd = [
+            QEMU,
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            CPU,
+            "-m",
+            str(memory_mb),
+            "-smp",
+            "2",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            f"unix:{self.monitor_path},server=on,wait=off",
+            "-kernel",
+            str(xen),
+            "-append",
+            XEN_ARGS,
+            "-initrd",
+            modules,
+            "-fsdev",
+            "local,id=fs0,path=/,security_model=none,readonly=on",
+            "-device",
+            "virtio-9p-pci,fsdev=fs0,mount_tag=hostroot",
+            "-fsdev",
+            f"local,id=fs1,path={share},security_model=none",
+            "-device",
+            "virtio-9p-pci,fsdev=fs1,mount_tag=share",
+            "-net",
+            "none",
+        ]
+        if display:
+            cmd += ["-device", "bochs-display"]
+        self.command = cmd
+        self._log = self.console_log.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    # --- console ---------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            with self._changed:
+                if chunk:
+                    self._buffer += chunk
+                    self._log.write(chunk)
+                    self._log.flush()
+                self._changed.notify_all()
+            if not chunk:
+                return
+
+    def tail(self, lines: int = 60) -> str:
+        """The console's last ``lines`` lines."""
+        with self._lock:
+            text = self._buffer.decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def fail(self, message: str) -> VMError:
+        elapsed = time.monotonic() - self.started
+        return VMError(
+            f"{message} (after {elapsed:.1f} s; console log {self.console_log})\n"
+            f"--- console tail ---\n{self.tail()}"
+        )
+
+    def expect(
+        self, pattern: str | bytes | re.Pattern[bytes], timeout: float, *, what: str = ""
+    ) -> re.Match[bytes]:
+        """Wait for ``pattern`` in console output after the last match; return the match."""
+        if isinstance(pattern, re.Pattern):
+            regex = pattern
+        else:
+            regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        label = what or repr(regex.pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = regex.search(self._buffer, self._cursor)
+                if match is not None:
+                    self._cursor = match.end()
+                    return match
+                if self.proc.poll() is not None:
+                    raise self.fail(f"QEMU exited ({self.proc.returncode}) waiting for {label}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.fail(f"timed out after {timeout:g} s waiting for {label}")
+                self._changed.wait(min(left, 1.0))
+
+    def send(self, text: str) -> None:
+        """Type ``text`` on the serial line, in small chunks (Xen's input ring is small)."""
+        assert self.proc.stdin is not None
+        data = text.encode()
+        for i in range(0, len(data), 32):
+            self.proc.stdin.write(data[i : i + 32])
+            self.proc.stdin.flush()
+            time.sleep(0.02)
+
+    def sh(self, command: str, timeout: float = 60.0, *, check: bool = True) -> int:
+        """Run ``command`` in Dom0's shell; return its exit status (``check``: must be 0)."""
+        self.send(f'{command}; echo "@@""RC=$?@@"\n')
+        match = self.expect(_RC, timeout, what=f"end of `{command}`")
+        rc = int(match.group(1))
+        if check and rc != 0:
+            raise self.fail(f"`{command}` exited {rc}")
+        return rc
+
+    # --- monitor ---------------------------------------------------------------------------
+
+    def monitor(self, command: str, timeout: float = 30.0) -> str:
+        """Run one HMP command and return its output."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.monitor_path))
+            out = b""
+            while b"(qemu)" not in out:
+                out += sock.recv(4096)
+            sock.sendall(command.encode() + b"\n")
+            out = b""
+            while out.count(b"(qemu)") < 1 or not out.rstrip().endswith(b"(qemu)"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                out += chunk
+        return out.decode("utf-8", "replace")
+
+    def screendump(self, path: Path) -> Path:
+        """HMP ``screendump`` of the bochs display to a PPM file."""
+        self.monitor(f"screendump {path}")
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return path
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def wait_file(
+        self, path: Path, predicate: Callable[[str], bool], timeout: float, *, what: str
+    ) -> str:
+        """Poll a file in the shared directory until ``predicate(text)``; return the text."""
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            if path.exists():
+                text = path.read_text(errors="replace")
+                if predicate(text):
+                    return text
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        tail = "\n".join(text.splitlines()[-30:])
+        raise self.fail(f"timed out after {timeout:g} s waiting for {what} in {path}:\n{tail}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        self._log.close()
+
+    def __enter__(self) -> XenVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

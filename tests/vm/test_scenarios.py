@@ -1,0 +1,215 @@
+"""The backend on a real (nested) Xen: handshake with libxl and xen-drm-front, pixels,
+backend-allocated buffers, the PV Dom0's zero-copy refusal, and guest/daemon lifecycles.
+
+Each test boots its own Dom0 (x86 PV, under QEMU TCG) and starts ``displback run`` with a
+virtual display whose snapshots (PNG + status.json) land in the shared directory; the guest is
+a busybox initramfs running ``drmtest`` (tests/vm/guest/drmtest.c) against xen-drm-front.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+
+from tests.vm.dom0 import Dom0, Guest
+
+pytestmark = pytest.mark.vm
+
+OUTPUTS = ("--virtual-output", "id0=1024x768", "--virtual-output", "id1=800x600")
+SIZES = {0: (1024, 768), 1: (800, 600)}
+GUEST_TIMEOUT = 180.0
+
+
+def expected_rgb(width: int, height: int, frame: int, connector: int) -> bytes:
+    """drmtest's pattern as packed RGB: R = x + frame, G = y, B = (x ^ y) + 64 * connector."""
+    out = bytearray(3 * width * height)
+    red = bytes((x + frame) & 255 for x in range(width))
+    for y in range(height):
+        row = memoryview(out)[3 * width * y : 3 * width * (y + 1)]
+        row[0::3] = red
+        row[1::3] = bytes([y & 255]) * width
+        row[2::3] = bytes(((x ^ y) + 64 * connector) & 255 for x in range(width))
+    return bytes(out)
+
+
+def wait_pixels(dom0: Dom0, output: str, connector: int, frame: int, timeout: float = 30) -> None:
+    width, height = SIZES[connector]
+    want = expected_rgb(width, height, frame, connector)
+    path = dom0.share / "snap" / f"{output}.png"
+    deadline = time.monotonic() + timeout
+    got = b""
+    while time.monotonic() < deadline:
+        try:
+            got = Image.open(path).convert("RGB").tobytes()
+        except (OSError, SyntaxError):
+            got = b""
+        if got == want:
+            return
+        time.sleep(0.5)
+    wrong = sum(
+        1 for i in range(0, min(len(got), len(want)), 3) if got[i : i + 3] != want[i : i + 3]
+    )
+    raise AssertionError(
+        f"{path}: {len(got)} bytes, {wrong} of {len(want) // 3} pixels differ from frame {frame}"
+    )
+
+
+def wait_flips_done(dom0: Dom0, guest: Guest, connectors: tuple[int, ...], flips: int) -> None:
+    for index in connectors:
+        text = dom0.wait_guest(
+            guest, rf"DRMTEST FLIPS {index} ok=\d+", GUEST_TIMEOUT, what=f"flips on {index}"
+        )
+        assert f"DRMTEST FLIPS {index} ok={flips} of {flips} frame={flips}" in text, text[-2000:]
+
+
+def events(dom0: Dom0, name: str) -> list[dict[str, object]]:
+    return [e for e in dom0.daemon_events() if e.get("event") == name]
+
+
+def test_xl_create_with_vdispl_reaches_connected_on_two_connectors(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    started = time.monotonic()
+    guest = dom0.xl_create("guest1", flips=2)  # fails unless InitWait came within 10 s
+    dom0.wait_guest(
+        guest,
+        r"DRMTEST RESOURCES crtcs=2 connectors=2",
+        GUEST_TIMEOUT,
+        what="the guest's DRM card with 2 connectors",
+    )
+    dom0.timings["guest: card with 2 connectors"] = round(time.monotonic() - started, 1)
+    backend = f"/local/domain/0/backend/vdispl/{guest.domid}/0"
+    frontend = f"/local/domain/{guest.domid}/device/vdispl/0"
+    assert dom0.xenstore_read(f"{backend}/state") == "4"
+    assert dom0.xenstore_read(f"{frontend}/state") == "4"
+    assert [e["state"] for e in events(dom0, "state") if e.get("domid") == guest.domid][:2] == [
+        "INIT_WAIT",
+        "CONNECTED",
+    ]
+
+
+def test_guest_pattern_reaches_the_display_in_copy_mode(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", flips=10)
+    started = time.monotonic()
+    wait_flips_done(dom0, guest, (0, 1), 10)
+    dom0.timings["guest: 2x10 flips"] = round(time.monotonic() - started, 1)
+    wait_pixels(dom0, "id0", 0, 10)
+    wait_pixels(dom0, "id1", 1, 10)
+    [status] = dom0.status()
+    assert status["buffers"]["copy"] == 4 and status["buffers"]["zero_copy"] == 0
+
+
+def test_pv_dom0_refuses_guest_zero_copy_once_and_falls_back_to_copying(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS, "--zero-copy", "auto")
+    [platform] = events(dom0, "platform")
+    assert platform["dmabuf_export"] is False, platform
+    assert platform["dmabuf_import"] is True, platform
+    assert "x86 PV" in str(platform["detail"])
+    guest = dom0.xl_create("guest1", flips=3)
+    wait_flips_done(dom0, guest, (0, 1), 3)
+    wait_pixels(dom0, "id0", 0, 3)
+    [status] = dom0.status()
+    assert status["export_supported"] is False
+    assert status["buffers"]["copy"] == 4
+
+
+def test_zero_copy_required_on_a_pv_dom0_refuses_to_start(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS, "--zero-copy", "require", wait=False)
+    text = dom0.vm.wait_file(
+        dom0.share / "daemon.log", lambda t: "cannot start" in t, 120, what="the refusal"
+    )
+    assert "x86 PV" in text
+
+
+def test_backend_allocated_buffers_are_shown(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", be_alloc=True, flips=5)
+    wait_flips_done(dom0, guest, (0, 1), 5)
+    wait_pixels(dom0, "id0", 0, 5)
+    wait_pixels(dom0, "id1", 1, 5)
+    [status] = dom0.status()
+    assert status["buffers"]["backend_allocated"] == 4
+
+
+def _no_guest_resources(dom0: Dom0) -> None:
+    deadline = time.monotonic() + 30
+    held = dom0.daemon_resources()
+    while time.monotonic() < deadline:
+        held = dom0.daemon_resources()
+        if held["gntdev_maps"] == held["dmabuf_fds"] == held["evtchn_fds"] == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the daemon still holds guest resources: {held}")
+
+
+def test_guest_reboots_three_times_and_reconnects_each_time(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    dom0.xl_create("guest1", flips=3, hold=1, then="reboot")
+    deadline = time.monotonic() + 4 * GUEST_TIMEOUT
+    while len(events(dom0, "connected")) < 4:
+        if time.monotonic() > deadline:
+            raise dom0.vm.fail(f"connected {len(events(dom0, 'connected'))} times, wanted 4")
+        time.sleep(1)
+    dom0.sh("xl destroy guest1")
+    _no_guest_resources(dom0)
+
+
+def test_destroy_mid_flip_releases_everything(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", flips=100000)
+    dom0.wait_guest(guest, r"DRMTEST SETCRTC 0 ok", GUEST_TIMEOUT, what="flipping")
+    time.sleep(2)
+    dom0.sh("xl destroy guest1")
+    _no_guest_resources(dom0)
+    assert dom0.status() == [] or all(s["state"] != "connected" for s in dom0.status())
+
+
+def test_daemon_killed_and_restarted_with_the_guest_running(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", flips=3)
+    wait_flips_done(dom0, guest, (0, 1), 3)
+    assert dom0.daemon_pid is not None
+    dom0.sh(f"kill -KILL {dom0.daemon_pid}")
+    (dom0.share / "daemon.log").rename(dom0.share / "daemon-1.log")
+    dom0.start_daemon(*OUTPUTS)
+    deadline = time.monotonic() + GUEST_TIMEOUT
+    while not events(dom0, "connected"):
+        if time.monotonic() > deadline:
+            raise dom0.vm.fail("the guest did not reconnect to the restarted daemon")
+        time.sleep(1)
+
+
+def test_two_guests_at_once_then_both_destroyed(dom0: Dom0) -> None:
+    dom0.start_daemon(
+        "--virtual-output",
+        "a0=640x480",
+        "--virtual-output",
+        "a1=640x480",
+        "--virtual-output",
+        "b0=640x480",
+        "--virtual-output",
+        "b1=640x480",
+    )
+    one = dom0.xl_create("guest1", connectors="id0:640x480;id1:640x480", flips=3)
+    two = dom0.xl_create("guest2", connectors="id0:640x480;id1:640x480", flips=3, draw="0")
+    for guest in (one, two):
+        dom0.wait_guest(guest, r"DRMTEST DONE", GUEST_TIMEOUT, what="both guests drawn")
+    assert len(dom0.status()) == 2
+    dom0.sh("xl destroy guest1; xl destroy guest2")
+    _no_guest_resources(dom0)
+
+
+def test_sigterm_tells_the_guest_closed(dom0: Dom0) -> None:
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", flips=2)
+    wait_flips_done(dom0, guest, (0, 1), 2)
+    dom0.sh(f"kill -TERM {dom0.daemon_pid}")
+    dom0.vm.wait_file(
+        dom0.share / "daemon.log",
+        lambda t: '"state": "CLOSED"' in t,
+        60,
+        what="Closed written on shutdown",
+    )
+    assert dom0.xenstore_read(f"/local/domain/0/backend/vdispl/{guest.domid}/0/state") == "6"
