@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := gcc libc6-dev libatomic1 libxen-dev xenstore-utils edid-decode
+APT_PACKAGES := gcc libc6-dev libatomic1 libxen-dev libdrm-dev xenstore-utils edid-decode
 
 .PHONY: test demo bench lint apt-deps clean
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from displback import __version__
+from displback.kms.info import add_kms_info_parser
 from displback.logs import LOG_LEVELS, configure_logging
 
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     demo.set_defaults(func=_demo)
+
+    add_kms_info_parser(commands)
     return parser
 
 
