@@ -110,6 +110,7 @@ class XenVM:
         if display:
             cmd += ["-device", "bochs-display"]
         self.command = cmd
+        (workdir / "qemu-command.txt").write_text(" ".join(f"'{a}'" for a in cmd) + "\n")
         self._log = self.console_log.open("wb")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
