@@ -11,6 +11,7 @@ from pathlib import Path
 from displback import __version__
 from displback.kms.info import add_kms_info_parser
 from displback.logs import LOG_LEVELS, configure_logging
+from displback.run import add_run_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", choices=LOG_LEVELS, default="warning")
     demo.set_defaults(func=_demo)
 
+    add_run_parser(commands)
     add_kms_info_parser(commands)
     return parser
 
