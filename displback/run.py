@@ -3,8 +3,9 @@
 It opens the real platform (:class:`~displback.xen.real.RealPlatform`: ``/dev/xen/evtchn``,
 ``/dev/xen/gntdev``, XenStore), a display, and serves every vdispl device of this domain with
 :class:`~displback.backend.daemon.Backend`. The display is ``virtual`` (outputs in memory,
-named ``--virtual-output NAME=WxH``, optionally written as PNGs to ``--snapshot-dir``) until a
-KMS display exists in :mod:`displback.kms`.
+named ``--virtual-output NAME=WxH``) or ``kms`` (DRM/KMS connectors of a card, named
+``--connector NAME[=WxH]``); with ``--snapshot-dir`` every output is written as a PNG, with a
+``status.json`` of the devices, every ``--snapshot-interval`` seconds.
 
 Options are gathered in :class:`RunConfig`, whose field names are the future TOML keys.
 What gntdev can do with dma-bufs is probed once at start and logged in one line; with
@@ -25,6 +26,7 @@ import os
 import re
 import signal
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,7 @@ from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap
+from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.protocol import layout
@@ -65,8 +68,8 @@ class RunConfig:
     virtual_outputs: list[OutputConfig] = field(default_factory=list)
     snapshot_dir: Path | None = None
     snapshot_interval_s: float = 1.0
-    card: str | None = None
-    connectors: list[str] = field(default_factory=list)
+    card: str | None = None  # None: the first card with the connectors
+    connectors: list[str] = field(default_factory=list)  # "NAME" or "NAME=WxH[@HZ]"
     assign: dict[str, str] = field(default_factory=dict)  # "domid/devid/index" -> output
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
@@ -161,7 +164,8 @@ def add_run_parser(
         dest="connectors",
         action="append",
         default=[],
-        help="KMS connector name for --display kms (repeat)",
+        metavar="NAME[=WxH[@HZ]]",
+        help="KMS connector for --display kms, with the guest resolution wanted (repeat)",
     )
     run.add_argument(
         "--assign",
@@ -229,7 +233,37 @@ def check_config(config: RunConfig) -> None:
                 "--display kms is not available in this build (displback.kms is missing); "
                 "use --display virtual"
             )
-        raise StartupError("--display kms: KMS output is not wired into 'run' yet")
+        if not config.connectors:
+            raise StartupError("--display kms needs at least one --connector NAME[=WxH]")
+        for spec in config.connectors:
+            _kms_output(spec)
+
+
+def _kms_output(spec: str) -> Any:
+    """``NAME`` or ``NAME=WxH[@HZ]`` → a ``KmsOutputConfig`` (``StartupError`` if bad)."""
+    from displback.kms.display import KmsOutputConfig
+
+    name, sep, mode = spec.partition("=")
+    try:
+        if not sep:
+            return KmsOutputConfig(name)
+        parsed = parse_output(f"{name}={mode}")
+        hz = parsed.refresh_hz if "@" in mode else None
+        return KmsOutputConfig(name, parsed.width, parsed.height, hz)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise StartupError(f"--connector {spec!r}: {exc}") from None
+
+
+def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContextManager[Any]:
+    if config.display == "kms":
+        from displback.kms.display import KmsDisplay
+
+        return KmsDisplay.open(
+            [_kms_output(spec) for spec in config.connectors],
+            card=config.card,
+            dmabuf_importer=platform.open_dmabuf,
+        )
+    return VirtualDisplay.open(config.virtual_outputs, dmabuf_importer=platform.open_dmabuf)
 
 
 async def serve(
@@ -263,9 +297,7 @@ async def serve(
         ):
             raise StartupError(f"--zero-copy require, but {support.reason}")
         settings = BackendSettings(zero_copy=config.zero_copy, wait_free_ms=config.wait_free_ms)
-        async with VirtualDisplay.open(
-            config.virtual_outputs, dmabuf_importer=platform.open_dmabuf
-        ) as display:
+        async with _open_display(config, platform) as display:
             outputs = OutputMap(display.outputs, config.assign)
             backend = Backend(platform, outputs, settings, log=log)
             keys: list[tuple[int, int]] = []
@@ -338,9 +370,14 @@ def _status(backend: Backend) -> list[dict[str, Any]]:
     return rows
 
 
-async def _write_snapshots(display: VirtualDisplay, backend: Backend, directory: Path) -> None:
+async def _write_snapshots(display: Display, backend: Backend, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    images = {name: output.snapshot() for name, output in display.outputs.items()}
+    images = {}
+    for name, output in display.outputs.items():
+        try:
+            images[name] = output.snapshot()
+        except Exception as exc:  # a zero-copy KMS frame may not be mappable
+            structlog.get_logger("displback.run").debug("no snapshot", output=name, error=str(exc))
     status = json.dumps(_status(backend), indent=1, default=str)
 
     def write() -> None:
@@ -355,7 +392,7 @@ async def _write_snapshots(display: VirtualDisplay, backend: Backend, directory:
     await trio.to_thread.run_sync(write)
 
 
-async def _snapshots(display: VirtualDisplay, backend: Backend, config: RunConfig) -> None:
+async def _snapshots(display: Display, backend: Backend, config: RunConfig) -> None:
     assert config.snapshot_dir is not None
     while True:
         await _write_snapshots(display, backend, config.snapshot_dir)

@@ -91,7 +91,8 @@ def test_malformed_virtual_outputs_are_refused(bad: str) -> None:
             RunConfig(virtual_outputs=[OutputConfig("a", 8, 8)], assign={"1/0/0": "b"}),
             "unknown outputs: b",
         ),
-        (RunConfig(display="kms", card="/dev/dri/card0"), "--display kms"),
+        (RunConfig(display="kms", card="/dev/dri/card0"), "at least one --connector"),
+        (RunConfig(display="kms", connectors=["Virtual-1=0x1"]), "--connector 'Virtual-1=0x1'"),
     ],
 )
 async def test_inconsistent_options_refuse_to_start(config: RunConfig, message: str) -> None:
