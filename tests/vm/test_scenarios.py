@@ -213,3 +213,38 @@ def test_sigterm_tells_the_guest_closed(dom0: Dom0) -> None:
         what="Closed written on shutdown",
     )
     assert dom0.xenstore_read(f"/local/domain/0/backend/vdispl/{guest.domid}/0/state") == "6"
+
+
+def _bochs_card(dom0: Dom0) -> str:
+    text = dom0.output(
+        "for c in /sys/class/drm/card[0-9]; do echo $c $(readlink $c/device/driver); done"
+    )
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].endswith("/bochs-drm"):
+            return "/dev/dri/" + parts[0].rsplit("/", 1)[1]
+    raise AssertionError(f"no bochs card in Dom0:\n{text}")
+
+
+def test_guest_pattern_on_bochs_through_kms_matches_qemus_screendump(dom0: Dom0) -> None:
+    card = _bochs_card(dom0)
+    dom0.start_daemon("--display", "kms", "--card", card, "--connector", "Virtual-1=1024x768")
+    guest = dom0.xl_create("guest1", connectors="id0:1024x768", flips=6, draw="0")
+    wait_flips_done(dom0, guest, (0,), 6)
+    want = expected_rgb(1024, 768, 6, 0)
+    deadline = time.monotonic() + 30
+    got = b""
+    attempt = 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        path = dom0.vm.workdir / f"screen-{attempt}.ppm"
+        dom0.vm.screendump(path)
+        image = Image.open(path).convert("RGB")
+        got = image.crop((0, 0, 1024, 768)).tobytes() if image.size >= (1024, 768) else b""
+        if got == want:
+            return
+        time.sleep(1)
+    wrong = sum(
+        1 for i in range(0, min(len(got), len(want)), 3) if got[i : i + 3] != want[i : i + 3]
+    )
+    raise AssertionError(f"bochs screendump: {wrong} of {len(want) // 3} pixels differ")
