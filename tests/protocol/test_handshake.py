@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import pytest
@@ -517,32 +518,8 @@ class Backend:
         self.feed(TeardownDone(), now)
 
 
-@given(
-    start=states,
-    steps=st.lists(
-        st.tuples(
-            st.one_of(
-                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
-                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
-                st.tuples(st.just("fe"), states, st.just(True), st.just(False)),
-                st.tuples(st.just("fe"), states, st.just(False), st.booleans()),
-                st.tuples(st.just("result"), st.booleans()),
-                st.tuples(st.just("result"), st.just(True)),
-                st.tuples(st.just("teardown-done")),
-                st.tuples(st.just("teardown-done")),
-                st.tuples(st.just("violation")),
-                st.tuples(st.just("tick")),
-                st.tuples(st.just("vanish")),
-            ),
-            st.floats(0, 3),
-        ),
-        max_size=80,
-    ),
-)
-@settings(max_examples=400, deadline=None, derandomize=True)
-def test_with_a_well_behaved_io_layer_the_invariants_hold(
-    start: S, steps: list[tuple[tuple[object, ...], float]]
-) -> None:
+def _run_io(start: S, steps: list[tuple[tuple[object, ...], float]]) -> None:
+    """Drive a well-behaved I/O layer through ``steps``; its invariants are asserted."""
     io = Backend(node=start)
     now = 0.0
     for step, dt in steps:
@@ -575,6 +552,40 @@ def test_with_a_well_behaved_io_layer_the_invariants_hold(
     )
 
 
+_STEP_KINDS = 11  # the weights below: frontend observations are drawn most often
+
+
+def _step(kind: int, state: S, flag: bool) -> tuple[object, ...]:
+    if kind < 3:
+        return ("fe", state, True, False)
+    if kind == 3:
+        return ("fe", state, False, flag)
+    if kind == 4:
+        return ("result", flag)
+    if kind == 5:
+        return ("result", True)
+    if kind < 8:
+        return ("teardown-done",)
+    return (("violation",), ("tick",), ("vanish",))[kind - 8]
+
+
+@given(
+    start=states,
+    steps=st.lists(
+        st.tuples(
+            st.builds(_step, st.integers(0, _STEP_KINDS - 1), states, st.booleans()),
+            st.floats(0, 3),
+        ),
+        max_size=80,
+    ),
+)
+@settings(max_examples=400, deadline=None)
+def test_with_a_well_behaved_io_layer_the_invariants_hold(
+    start: S, steps: list[tuple[tuple[object, ...], float]]
+) -> None:
+    _run_io(start, steps)
+
+
 @given(start=states, frontend=states, online=st.booleans())
 def test_first_write_after_discovery_is_init_wait_only_for_a_fresh_online_device(
     start: S, frontend: S, online: bool
@@ -590,8 +601,19 @@ def test_first_write_after_discovery_is_init_wait_only_for_a_fresh_online_device
 
 
 def test_random_runs_pass_through_every_phase() -> None:
-    # Guards the property test above against generating only trivial runs (derandomized,
-    # so this is deterministic for a given hypothesis version).
+    # Guards the property test above against generating only trivial runs. Seeded walks of
+    # the same step kinds with Python's own generator: deterministic whatever the
+    # hypothesis version (a derandomized hypothesis run changes with the version).
+    rng = random.Random(20261125)
+    all_states = list(S)
     phases_seen.clear()
-    test_with_a_well_behaved_io_layer_the_invariants_hold()
+    for _ in range(400):
+        steps = [
+            (
+                _step(rng.randrange(_STEP_KINDS), rng.choice(all_states), rng.random() < 0.5),
+                rng.uniform(0, 3),
+            )
+            for _ in range(rng.randrange(81))
+        ]
+        _run_io(rng.choice(all_states), steps)
     assert phases_seen == set(Phase)
