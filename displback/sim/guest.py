@@ -823,6 +823,10 @@ class SimGuest:
         evtchn = self._require_evtchn()
         while True:
             await trio.lowlevel.wait_readable(evtchn.fileno())
+            if self._crashed:
+                # crash() closed the device while this task was already woken (its cancel
+                # only lands at the next checkpoint).
+                return
             fired = evtchn.read_pending()
             for port in fired:
                 handler = self._port_handlers.get(port)
