@@ -29,23 +29,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import types
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
-from PIL import Image
 
+from displback.display.common import (
+    MAX_SIZE,
+    DisplayBase,
+    DumbBufferMixin,
+    FramebufferBase,
+    OutputBase,
+    check_dumb_size,
+    check_output_names,
+    on_black,
+    size_fits,
+)
 from displback.display.interface import (
-    DisplayClosed,
-    FlipPending,
     FlipResult,
     Framebuffer,
     ImportRefused,
-    InvalidFramebuffer,
     Mode,
     OutputStats,
     UnsupportedFormat,
@@ -67,8 +72,6 @@ __all__ = [
     "VirtualOutput",
 ]
 
-# Largest framebuffer or mode side, in pixels (what common KMS drivers accept).
-MAX_SIZE = 16384
 _MAX_REFRESH_HZ = 1000.0
 
 
@@ -97,7 +100,7 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("an output needs a name")
-        if not (1 <= self.width <= MAX_SIZE and 1 <= self.height <= MAX_SIZE):
+        if not size_fits(self.width, self.height):
             raise ValueError(f"output {self.name}: bad resolution {self.width}x{self.height}")
         if not (0.0 < self.refresh_hz <= _MAX_REFRESH_HZ):
             raise ValueError(f"output {self.name}: bad refresh rate {self.refresh_hz} Hz")
@@ -127,20 +130,10 @@ class _PendingFlip:
     result: FlipResult | None = None
 
 
-class VirtualFramebuffer:
+class VirtualFramebuffer(FramebufferBase["VirtualOutput"]):
     """A framebuffer of a :class:`VirtualOutput`: an imported dma-buf or a dumb buffer."""
 
-    __slots__ = (
-        "_fourcc",
-        "_height",
-        "_mapping",
-        "_memory",
-        "_offset",
-        "_output",
-        "_pitch",
-        "_released",
-        "_width",
-    )
+    __slots__ = ("_mapping", "_memory")
 
     def __init__(
         self,
@@ -154,51 +147,15 @@ class VirtualFramebuffer:
         memory: memoryview,
         mapping: DmabufMapping | None,
     ) -> None:
-        self._output = output
-        self._width = width
-        self._height = height
-        self._fourcc = fourcc
-        self._pitch = pitch
-        self._offset = offset
+        super().__init__(
+            output, width=width, height=height, fourcc=fourcc, pitch=pitch, offset=offset
+        )
         self._memory: memoryview | None = memory
         self._mapping = mapping
-        self._released = False
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    @property
-    def height(self) -> int:
-        return self._height
-
-    @property
-    def fourcc(self) -> PixelFormat:
-        return self._fourcc
-
-    @property
-    def pitch(self) -> int:
-        return self._pitch
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     @property
     def zero_copy(self) -> bool:
         return self._mapping is not None
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def __repr__(self) -> str:
-        kind = "dma-buf" if self.zero_copy else "dumb"
-        state = " released" if self._released else ""
-        return (
-            f"<{type(self).__name__} {kind} {self._width}x{self._height} "
-            f"{self._fourcc.name} pitch {self._pitch} offset {self._offset}{state}>"
-        )
 
     def _frame(self) -> _Frame:
         assert self._memory is not None
@@ -226,7 +183,7 @@ class VirtualFramebuffer:
                 memory.release()
 
 
-class VirtualDumbFramebuffer(VirtualFramebuffer):
+class VirtualDumbFramebuffer(VirtualFramebuffer, DumbBufferMixin):
     """A display-owned framebuffer: zeroed bytes the backend copies guest pixels into."""
 
     __slots__ = ("_buffer", "_size")
@@ -249,14 +206,6 @@ class VirtualDumbFramebuffer(VirtualFramebuffer):
         self._buffer = buffer
         self._size = size
 
-    @property
-    def buffer(self) -> memoryview:
-        return self._buffer
-
-    @property
-    def size(self) -> int:
-        return self._size
-
 
 def _parse_format(fourcc: int) -> PixelFormat | None:
     try:
@@ -273,8 +222,11 @@ def _kept_copy(frame: _Frame) -> _Frame:
     return _Frame(data, 0, row_bytes, frame.width, frame.height, frame.fourcc, None)
 
 
-class VirtualOutput:
+class VirtualOutput(OutputBase[VirtualFramebuffer]):
     """One virtual scanout; created and run by :class:`VirtualDisplay`."""
+
+    _FRAMEBUFFER = VirtualFramebuffer
+    _display: VirtualDisplay
 
     def __init__(self, display: VirtualDisplay, config: OutputConfig) -> None:
         self._display = display
@@ -300,16 +252,8 @@ class VirtualOutput:
         return self._config.name
 
     @property
-    def mode(self) -> Mode:
-        return self._mode
-
-    @property
     def enabled(self) -> bool:
         return self._scanout is not None
-
-    @property
-    def flip_pending(self) -> bool:
-        return self._pending is not None
 
     @property
     def current_fb(self) -> VirtualFramebuffer | None:
@@ -324,11 +268,6 @@ class VirtualOutput:
             missed_vblanks=self._missed_vblanks,
             vblanks=seq,
         )
-
-    @property
-    def live_framebuffers(self) -> int:
-        """How many framebuffers of this output are not yet released."""
-        return len(self._live)
 
     def __repr__(self) -> str:
         w, h, hz = self._mode
@@ -348,7 +287,7 @@ class VirtualOutput:
             raise ImportRefused(f"unknown pixel format 0x{fourcc:08x}")
         if d.import_formats is not None and fmt not in d.import_formats:
             raise ImportRefused(f"{fmt.name} is not scanned out from imported buffers")
-        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
+        if not size_fits(width, height):
             raise ImportRefused(f"size {width}x{height} outside 1..{MAX_SIZE}")
         if fmt is PixelFormat.YUYV and width % 2:
             raise ImportRefused(f"YUYV needs an even width, not {width}")
@@ -392,10 +331,7 @@ class VirtualOutput:
         fmt = _parse_format(fourcc)
         if fmt is None:
             raise UnsupportedFormat(f"unknown pixel format 0x{fourcc:08x}")
-        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
-            raise ValueError(f"dumb buffer size {width}x{height} outside 1..{MAX_SIZE}")
-        if fmt is PixelFormat.YUYV and width % 2:
-            raise ValueError(f"YUYV needs an even width, not {width}")
+        check_dumb_size(width, height, fmt)
         align = self._display.dumb_pitch_align
         pitch = -(-width * fmt.cpp // align) * align
         fb = VirtualDumbFramebuffer(self, width=width, height=height, fourcc=fmt, pitch=pitch)
@@ -416,24 +352,15 @@ class VirtualOutput:
     # -- scanout -------------------------------------------------------------------------
 
     async def flip(self, fb: Framebuffer) -> FlipResult:
-        self._check_open()
-        vfb = self._own(fb, allow_released=False)
-        if self._pending is not None:
-            raise FlipPending(f"output {self.name}: a flip is already pending")
+        vfb = self._flippable(fb)
         pending = _PendingFlip(vfb, vfb._frame(), self._seq_now() + 1, trio.Event())
         self._pending = pending
         self._wake.set()
         # Cancelled here, the flip still lands at the next vblank, like a queued KMS flip.
-        await pending.done.wait()
-        if pending.result is None:
-            raise DisplayClosed(f"output {self.name}: display closed before the flip landed")
-        return pending.result
+        return await self._landed(pending)
 
     async def disable(self) -> None:
-        await trio.lowlevel.checkpoint()
-        self._check_open()
-        if self._pending is not None:
-            raise FlipPending(f"output {self.name}: cannot disable while a flip is pending")
+        await self._check_disable()
         self._scanout_off()
 
     def snapshot(self) -> RgbImage:
@@ -452,25 +379,9 @@ class VirtualOutput:
         )
         if image.width == mw and image.height == mh:
             return image
-        canvas = Image.new("RGB", (mw, mh))
-        canvas.paste(image.to_pil().crop((0, 0, min(image.width, mw), rows)), (0, 0))
-        return RgbImage(mw, mh, canvas.tobytes())
-
-    def write_png(self, path: str | os.PathLike[str]) -> None:
-        self.snapshot().write_png(path)
+        return on_black(image.to_pil().crop((0, 0, min(image.width, mw), rows)), self._mode)
 
     # -- internals -----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._display.closed:
-            raise DisplayClosed(f"output {self.name}: the display is closed")
-
-    def _own(self, fb: Framebuffer, *, allow_released: bool) -> VirtualFramebuffer:
-        if not isinstance(fb, VirtualFramebuffer) or fb._output is not self:
-            raise InvalidFramebuffer(f"{fb!r} is not a framebuffer of output {self.name}")
-        if fb.released and not allow_released:
-            raise InvalidFramebuffer(f"{fb!r} was released")
-        return fb
 
     def _seq_now(self) -> int:
         """The number of the latest vblank at trio's current time (never going backwards)."""
@@ -533,16 +444,11 @@ class VirtualOutput:
 
     def _close(self) -> None:
         """Stop scanout, wake a pending flip with DisplayClosed, release every framebuffer."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.done.set()
-        self._scanout_off()
-        for fb in list(self._live):
-            self._live.discard(fb)
+        for fb in self._close_bookkeeping():
             fb._drop()
 
 
-class VirtualDisplay:
+class VirtualDisplay(DisplayBase[VirtualOutput]):
     """Virtual outputs with vblank timers in a nursery; open with :meth:`open`."""
 
     def __init__(
@@ -556,11 +462,7 @@ class VirtualDisplay:
         offset_align: int = 1,
         dumb_pitch_align: int = 64,
     ) -> None:
-        if not outputs:
-            raise ValueError("a display needs at least one output")
-        names = [config.name for config in outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"output names are not unique: {names}")
+        check_output_names([config.name for config in outputs], "output")
         for what, value in (
             ("pitch_align", pitch_align),
             ("offset_align", offset_align),
@@ -601,35 +503,10 @@ class VirtualDisplay:
             offset_align=offset_align,
             dumb_pitch_align=dumb_pitch_align,
         )
-        async with trio.open_nursery() as nursery:
-            display._nursery = nursery
-            try:
-                for output in display._outputs.values():
-                    await nursery.start(output._run_vblanks)
-                yield display
-            finally:
-                display._close()
-
-    @property
-    def outputs(self) -> Mapping[str, VirtualOutput]:
-        return types.MappingProxyType(self._outputs)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def aclose(self) -> None:
-        self._close()
-        await trio.lowlevel.checkpoint()
-
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for output in self._outputs.values():
-            output._close()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        async with display._running() as nursery:
+            for output in display._outputs.values():
+                await nursery.start(output._run_vblanks)
+            yield display
 
 
 if TYPE_CHECKING:

@@ -47,29 +47,36 @@ import math
 import mmap
 import os
 import time
-import types
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
-from PIL import Image
 
+from displback.display.common import (
+    MAX_SIZE,
+    DisplayBase,
+    DumbBufferMixin,
+    FramebufferBase,
+    OutputBase,
+    check_dumb_size,
+    check_output_names,
+    on_black,
+    size_fits,
+)
 from displback.display.interface import (
-    DisplayClosed,
     DisplayError,
     FlipPending,
     FlipResult,
     Framebuffer,
     ImportRefused,
-    InvalidFramebuffer,
     Mode,
     OutputStats,
     UnsupportedFormat,
 )
 from displback.display.pixels import RgbImage, copy_frame, frame_end, to_rgb
-from displback.display.virtual import MAX_SIZE, DmabufImporter, DmabufMapping
+from displback.display.virtual import DmabufImporter, DmabufMapping
 from displback.kms import uapi
 from displback.kms.device import (
     Connector,
@@ -123,7 +130,7 @@ class KmsOutputConfig:
         if (
             self.width is not None
             and self.height is not None
-            and not (1 <= self.width <= MAX_SIZE and 1 <= self.height <= MAX_SIZE)
+            and not size_fits(self.width, self.height)
         ):
             raise ValueError(f"{self.connector}: bad resolution {self.width}x{self.height}")
 
@@ -206,22 +213,10 @@ class _Frame:
     fourcc: PixelFormat
 
 
-class KmsFramebuffer:
+class KmsFramebuffer(FramebufferBase["KmsOutput"]):
     """A framebuffer of a :class:`KmsOutput`: an imported dma-buf or a dumb buffer."""
 
-    __slots__ = (
-        "_dmabuf_fd",
-        "_fb_id",
-        "_fourcc",
-        "_handle",
-        "_height",
-        "_mapping",
-        "_offset",
-        "_output",
-        "_pitch",
-        "_released",
-        "_width",
-    )
+    __slots__ = ("_dmabuf_fd", "_fb_id", "_handle", "_mapping")
 
     def __init__(
         self,
@@ -236,58 +231,25 @@ class KmsFramebuffer:
         offset: int,
         dmabuf_fd: int | None,
     ) -> None:
-        self._output = output
+        super().__init__(
+            output, width=width, height=height, fourcc=fourcc, pitch=pitch, offset=offset
+        )
         self._fb_id = fb_id
         self._handle = handle
-        self._width = width
-        self._height = height
-        self._fourcc = fourcc
-        self._pitch = pitch
-        self._offset = offset
         self._dmabuf_fd = dmabuf_fd
         self._mapping: DmabufMapping | None = None
-        self._released = False
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    @property
-    def height(self) -> int:
-        return self._height
-
-    @property
-    def fourcc(self) -> PixelFormat:
-        return self._fourcc
-
-    @property
-    def pitch(self) -> int:
-        return self._pitch
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     @property
     def zero_copy(self) -> bool:
         return self._dmabuf_fd is not None
 
     @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
     def fb_id(self) -> int:
         """The KMS framebuffer id (0 once released)."""
         return 0 if self._released else self._fb_id
 
-    def __repr__(self) -> str:
-        kind = "dma-buf" if self.zero_copy else "dumb"
-        state = " released" if self._released else ""
-        return (
-            f"<{type(self).__name__} FB {self._fb_id} {kind} {self._width}x{self._height} "
-            f"{self._fourcc.name} pitch {self._pitch} offset {self._offset}{state}>"
-        )
+    def _repr_id(self) -> str:
+        return f" FB {self._fb_id}"
 
     def _frame(self) -> _Frame:
         return _Frame(
@@ -322,7 +284,7 @@ class KmsFramebuffer:
         _quietly(dev.gem_close, self._handle)
 
 
-class KmsDumbFramebuffer(KmsFramebuffer):
+class KmsDumbFramebuffer(KmsFramebuffer, DumbBufferMixin):
     """A dumb buffer scanned out by KMS, mapped for the backend to write pixels into."""
 
     __slots__ = ("_buffer", "_map", "_size")
@@ -352,14 +314,6 @@ class KmsDumbFramebuffer(KmsFramebuffer):
         self._map: mmap.mmap | None = mapped
         self._buffer = memoryview(mapped)
         self._size = dumb.size
-
-    @property
-    def buffer(self) -> memoryview:
-        return self._buffer
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def _memory(self) -> memoryview | None:
         return None if self._released else self._buffer
@@ -482,8 +436,11 @@ def _monotonic() -> float:
 # ---- outputs ------------------------------------------------------------------------------
 
 
-class KmsOutput:
+class KmsOutput(OutputBase[KmsFramebuffer]):
     """One connector of the card with its CRTC (and primary plane); made by KmsDisplay."""
+
+    _FRAMEBUFFER = KmsFramebuffer
+    _display: KmsDisplay
 
     def __init__(
         self,
@@ -528,10 +485,6 @@ class KmsOutput:
         return self._connector.name
 
     @property
-    def mode(self) -> Mode:
-        return self._mode
-
-    @property
     def modeinfo(self) -> ModeInfo | None:
         """The KMS mode chosen for the connector (None while it offers none)."""
         return self._modeinfo
@@ -545,16 +498,8 @@ class KmsOutput:
         return self._shown is not None
 
     @property
-    def flip_pending(self) -> bool:
-        return self._pending is not None
-
-    @property
     def current_fb(self) -> KmsFramebuffer | None:
         return None if self._shown is None else self._shown.fb
-
-    @property
-    def live_framebuffers(self) -> int:
-        return len(self._live)
 
     @property
     def stats(self) -> OutputStats:
@@ -606,7 +551,7 @@ class KmsOutput:
         if not d.prime_import:
             raise ImportRefused(f"{d.driver} cannot import dma-bufs (no PRIME import)")
         fmt = self._check_format(fourcc, ImportRefused)
-        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
+        if not size_fits(width, height):
             raise ImportRefused(f"size {width}x{height} outside 1..{MAX_SIZE}")
         if pitch < width * fmt.cpp or offset < 0:
             raise ImportRefused(f"pitch {pitch} / offset {offset} do not fit a {width}-pixel row")
@@ -650,10 +595,7 @@ class KmsOutput:
     def create_dumb(self, *, width: int, height: int, fourcc: int) -> KmsDumbFramebuffer:
         self._check_open()
         fmt = self._check_format(fourcc, UnsupportedFormat)
-        if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
-            raise ValueError(f"dumb buffer size {width}x{height} outside 1..{MAX_SIZE}")
-        if fmt is PixelFormat.YUYV and width % 2:
-            raise ValueError(f"YUYV needs an even width, not {width}")
+        check_dumb_size(width, height, fmt)
         fb_id, dumb, mapped = self._display._new_dumb(width, height, fmt)
         fb = KmsDumbFramebuffer(
             self, fb_id=fb_id, dumb=dumb, mapped=mapped, width=width, height=height, fourcc=fmt
@@ -698,10 +640,7 @@ class KmsOutput:
     # -- scanout -------------------------------------------------------------------------
 
     async def flip(self, fb: Framebuffer) -> FlipResult:
-        self._check_open()
-        kfb = self._own(fb, allow_released=False)
-        if self._pending is not None:
-            raise FlipPending(f"output {self.name}: a flip is already pending")
+        kfb = self._flippable(fb)
         shown = self._prepare(kfb)
         pending = _PendingFlip(kfb, shown, next(self._display._tokens), _monotonic(), trio.Event())
         self._pending = pending
@@ -729,16 +668,10 @@ class KmsOutput:
         self._display._awaiting[pending.token] = self
         self._wake.set()
         # Cancelled here, the flip still lands (the event or the timer lands it).
-        await pending.done.wait()
-        if pending.result is None:
-            raise DisplayClosed(f"output {self.name}: display closed before the flip landed")
-        return pending.result
+        return await self._landed(pending)
 
     async def disable(self) -> None:
-        await trio.lowlevel.checkpoint()
-        self._check_open()
-        if self._pending is not None:
-            raise FlipPending(f"output {self.name}: cannot disable while a flip is pending")
+        await self._check_disable()
         if self._hw_on:
             try:
                 await trio.to_thread.run_sync(self._hw_off)
@@ -768,25 +701,9 @@ class KmsOutput:
         )
         if p.covers(mw, mh):
             return image
-        canvas = Image.new("RGB", (mw, mh))
-        canvas.paste(image.to_pil(), (p.dst_x, p.dst_y))
-        return RgbImage(mw, mh, canvas.tobytes())
-
-    def write_png(self, path: str | os.PathLike[str]) -> None:
-        self.snapshot().write_png(path)
+        return on_black(image.to_pil(), self._mode, (p.dst_x, p.dst_y))
 
     # -- internals: planning and programming the hardware --------------------------------
-
-    def _check_open(self) -> None:
-        if self._display.closed:
-            raise DisplayClosed(f"output {self.name}: the display is closed")
-
-    def _own(self, fb: Framebuffer, *, allow_released: bool) -> KmsFramebuffer:
-        if not isinstance(fb, KmsFramebuffer) or fb._output is not self:
-            raise InvalidFramebuffer(f"{fb!r} is not a framebuffer of output {self.name}")
-        if fb.released and not allow_released:
-            raise InvalidFramebuffer(f"{fb!r} was released")
-        return fb
 
     def _letterbox_reason(self, width: int, height: int) -> str:
         w, h, _ = self._mode
@@ -1014,14 +931,10 @@ class KmsOutput:
 
     def _close(self) -> None:
         """Wake a pending flip with DisplayClosed, stop scanout, free every framebuffer."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.done.set()
-        self._scanout_off()
+        live = self._close_bookkeeping()
         self._hw_on = False
         dev = self._display.device
-        for fb in list(self._live):
-            self._live.discard(fb)
+        for fb in live:
             fb._drop(dev)
         for canvas in self._canvases:
             _quietly(dev.rm_fb, canvas.fb_id)
@@ -1047,7 +960,7 @@ class _SavedCrtc:
     connectors: tuple[int, ...]
 
 
-class KmsDisplay:
+class KmsDisplay(DisplayBase[KmsOutput]):
     """Outputs on the connectors of one DRM card; open with :meth:`open`."""
 
     def __init__(
@@ -1061,11 +974,7 @@ class KmsDisplay:
         hotplug_poll_s: float = 1.0,
         owns_device: bool = True,
     ) -> None:
-        if not outputs:
-            raise ValueError("a display needs at least one output")
-        names = [c.connector for c in outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"connector names are not unique: {names}")
+        check_output_names([c.connector for c in outputs], "connector")
         self.device = device
         self.importer = dmabuf_importer
         self.flip_timeout_s = flip_timeout_s
@@ -1260,29 +1169,13 @@ class KmsDisplay:
             hotplug_poll_s=hotplug_poll_s,
             owns_device=owns,
         )
-        async with trio.open_nursery() as nursery:
-            display._nursery = nursery
-            try:
-                nursery.start_soon(display._read_events)
-                if hotplug_poll_s > 0:
-                    nursery.start_soon(display._poll_hotplug)
-                for output in display._outputs.values():
-                    await nursery.start(output._run)
-                yield display
-            finally:
-                display._close()
-
-    @property
-    def outputs(self) -> Mapping[str, KmsOutput]:
-        return types.MappingProxyType(self._outputs)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def aclose(self) -> None:
-        self._close()
-        await trio.lowlevel.checkpoint()
+        async with display._running() as nursery:
+            nursery.start_soon(display._read_events)
+            if hotplug_poll_s > 0:
+                nursery.start_soon(display._poll_hotplug)
+            for output in display._outputs.values():
+                await nursery.start(output._run)
+            yield display
 
     async def _read_events(self) -> None:
         while True:
@@ -1302,16 +1195,10 @@ class KmsDisplay:
                 except (DrmError, DisplayError) as exc:
                     log.warning("%s: hot-plug check failed: %s", output, exc)
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _shut_down(self) -> None:
         self._restore()
-        for output in self._outputs.values():
-            output._close()
+        super()._shut_down()
         self._teardown()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     def _restore(self) -> None:
         """Set every CRTC we touched back as it was (or off, if that fails)."""
