@@ -5,39 +5,8 @@ display (simulation, tests, headless hosts); :mod:`.pixels` converts frames to R
 rows for the copy path. See docs/display.md.
 """
 
-from displback.display.interface import (
-    Display,
-    DisplayClosed,
-    DisplayError,
-    DumbFramebuffer,
-    FlipPending,
-    FlipResult,
-    Framebuffer,
-    ImportRefused,
-    InvalidFramebuffer,
-    Mode,
-    Output,
-    OutputStats,
-    UnsupportedFormat,
-)
-from displback.display.pixels import RgbImage, copy_frame, frame_end, to_rgb
+from displback.display import interface
+from displback.display.interface import *  # noqa: F403 - the package re-exports the interface
+from displback.display.pixels import copy_frame, frame_end, to_rgb
 
-__all__ = [
-    "Display",
-    "DisplayClosed",
-    "DisplayError",
-    "DumbFramebuffer",
-    "FlipPending",
-    "FlipResult",
-    "Framebuffer",
-    "ImportRefused",
-    "InvalidFramebuffer",
-    "Mode",
-    "Output",
-    "OutputStats",
-    "RgbImage",
-    "UnsupportedFormat",
-    "copy_frame",
-    "frame_end",
-    "to_rgb",
-]
+__all__ = [*interface.__all__, "copy_frame", "frame_end", "to_rgb"]
