@@ -29,7 +29,7 @@ from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import Limits, Quota, TokenBucket
-from displback.display.interface import Output
+from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
@@ -205,6 +205,10 @@ class Connection:
             for output in self._outputs:
                 while output.flip_pending:
                     await trio.sleep(_FLIP_SETTLE_POLL_S)
+                # A guest that went away leaves a dark output, not its last frame.
+                if output.enabled:
+                    with contextlib.suppress(DisplayError):
+                        await output.disable()
         finally:
             self._stack.close()
 

@@ -27,6 +27,7 @@ from displback.protocol.pagedir import dir_pages_for
 __all__ = ["Limits", "Quota", "QuotaExceeded", "TokenBucket"]
 
 _MAX_BPP = 32
+MIN_REQUESTS_PER_SECOND = 20.0
 
 
 class QuotaExceeded(Exception):
@@ -53,13 +54,15 @@ class Limits:
         for name in ("max_buffers", "max_pages_per_buffer", "max_total_pages", "request_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limit {name} must be at least 1")
-        if self.max_dir_pages < dir_pages_for(self.max_pages_per_buffer):
+        if self.max_dir_pages < 1:
+            raise ValueError("limit max_dir_pages must be at least 1")
+        # The guest waits 3 s per request and may queue up to 32 on a ring: a slower rate
+        # would time out requests of a guest that did nothing wrong.
+        if not self.requests_per_second >= MIN_REQUESTS_PER_SECOND:
             raise ValueError(
-                f"max_dir_pages {self.max_dir_pages} cannot describe a buffer of "
-                f"max_pages_per_buffer {self.max_pages_per_buffer} pages"
+                f"requests_per_second must be at least {MIN_REQUESTS_PER_SECOND} "
+                "(32 queued requests within the guest's 3 s timeout)"
             )
-        if not self.requests_per_second > 0:
-            raise ValueError("requests_per_second must be positive")
 
     @classmethod
     def for_connectors(cls, resolutions: Iterable[tuple[int, int]]) -> Limits:
@@ -89,16 +92,16 @@ class Quota:
     def check_buffer(self, npages: int) -> None:
         """Raise :class:`QuotaExceeded` unless a buffer of ``npages`` pages may be created."""
         lim = self.limits
-        if npages > lim.max_pages_per_buffer:
-            raise QuotaExceeded(
-                "max_pages_per_buffer",
-                f"buffer of {npages} pages exceeds the per-buffer limit {lim.max_pages_per_buffer}",
-                EINVAL,
-            )
         if dir_pages_for(npages) > lim.max_dir_pages:
             raise QuotaExceeded(
                 "max_dir_pages",
                 f"buffer needs {dir_pages_for(npages)} directory pages, limit {lim.max_dir_pages}",
+                EINVAL,
+            )
+        if npages > lim.max_pages_per_buffer:
+            raise QuotaExceeded(
+                "max_pages_per_buffer",
+                f"buffer of {npages} pages exceeds the per-buffer limit {lim.max_pages_per_buffer}",
                 EINVAL,
             )
         if self.buffers + 1 > lim.max_buffers:

@@ -33,7 +33,7 @@ def test_buffer_count_is_limited_and_released_buffers_free_their_share() -> None
         max_pages_per_buffer=10,
         max_total_pages=100,
         max_dir_pages=1,
-        requests_per_second=1,
+        requests_per_second=100,
         request_burst=1,
     )
     quota = Quota(lim)
@@ -55,11 +55,19 @@ def test_releasing_more_than_charged_is_a_bug_not_a_quota() -> None:
 
 def test_limits_refuse_inconsistent_settings() -> None:
     with pytest.raises(ValueError):
-        Limits(1, 5000, 5000, 1, 10.0, 10)  # 5000 pages need 5 directory pages
+        Limits(0, 1, 1, 1, 100.0, 10)
     with pytest.raises(ValueError):
-        Limits(0, 1, 1, 1, 10.0, 10)
-    with pytest.raises(ValueError):
-        Limits(1, 1, 1, 1, 0.0, 10)
+        Limits(1, 1, 1, 0, 100.0, 10)
+    with pytest.raises(ValueError, match="at least 20"):
+        Limits(1, 1, 1, 1, 5.0, 10)  # 32 queued requests would outlast the guest's 3 s
+
+
+def test_the_directory_limit_refuses_on_its_own() -> None:
+    quota = Quota(Limits(4, 5000, 5000, 1, 100.0, 10))
+    quota.check_buffer(1023)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.check_buffer(1024)  # fits the per-buffer limit, needs a second directory page
+    assert exc.value.limit == "max_dir_pages" and exc.value.errno == EINVAL
 
 
 def test_token_bucket_allows_a_burst_then_the_rate() -> None:

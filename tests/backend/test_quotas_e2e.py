@@ -61,8 +61,9 @@ async def _still_works(guest: SimGuest) -> None:
         (_limits(), [1000, 900], 200, ENOMEM, 100),
         # max_pages_per_buffer 1100: one page more is a shape no quota allows.
         (_limits(), [], 1101, EINVAL, 1100),
-        # max_dir_pages 1 (so at most 1023 pages a buffer): 1024 pages need a second page.
-        (_limits(max_pages_per_buffer=1023, max_dir_pages=1), [], 1024, EINVAL, 1023),
+        # max_dir_pages 1 (so at most 1023 pages a buffer, though max_pages_per_buffer is
+        # 1100): 1024 pages need a second directory page.
+        (_limits(max_dir_pages=1), [], 1024, EINVAL, 1023),
     ],
     ids=["buffers", "total-pages", "pages-per-buffer", "directory-pages"],
 )
