@@ -15,10 +15,9 @@ import ctypes.util
 import errno
 import mmap
 import os
-from types import TracebackType
-from typing import Self
 
 from displback.protocol.constants import PAGE_SIZE
+from displback.xen.mapping import ClosesOnExit, MappedMemory
 
 __all__ = ["PageMapping", "runs_of"]
 
@@ -49,7 +48,7 @@ def runs_of(pfns: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class PageMapping:
+class PageMapping(ClosesOnExit):
     """``pfns`` of the RAM file ``fd`` mapped contiguously; ``buffer`` is read-only unless
     ``writable``. ``fd`` may be closed by the caller afterwards (the mapping keeps the file).
     """
@@ -58,8 +57,8 @@ class PageMapping:
         if not pfns:
             raise OSError(errno.EINVAL, "no pages to map")
         size = len(pfns) * PAGE_SIZE
-        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
-        anchor = ctypes.c_char.from_buffer(self._mm)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+        anchor = ctypes.c_char.from_buffer(mm)
         base = ctypes.addressof(anchor)
         del anchor
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -77,46 +76,22 @@ class PageMapping:
                     err = ctypes.get_errno()
                     raise OSError(err, f"mmap of pfn {first}: {os.strerror(err)}")
         except BaseException:
-            self._mm.close()
+            mm.close()
             raise
-        view = memoryview(self._mm)
-        self._buffer = view if writable else view.toreadonly()
-        self._closed = False
+        self._memory = MappedMemory(mm, writable)
         self.pfns = list(pfns)
         self.writable = writable
 
     @property
     def buffer(self) -> memoryview:
         """The mapped pages, format ``B``, ``len(pfns) * 4096`` bytes."""
-        if self._closed:
-            raise ValueError("mapping is closed")
-        return self._buffer
+        return self._memory.buffer
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has unmapped the pages."""
-        return self._closed
+        return self._memory.closed
 
     def close(self) -> None:
         """Unmap; ``BufferError`` (and nothing unmapped) while other views of it are alive."""
-        if self._closed:
-            return
-        self._buffer.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            view = memoryview(self._mm)
-            self._buffer = view if self.writable else view.toreadonly()
-            raise
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._memory.close()

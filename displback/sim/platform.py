@@ -22,13 +22,13 @@ import select
 import socket
 import stat
 import threading
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from displback.protocol.constants import pages_for
 from displback.sim.hvwire import Message, recv_message, send_message
 from displback.sim.hypervisor import EVTCHN_MAX_PORTS
 from displback.sim.memmap import PageMapping
+from displback.xen.mapping import ClosesOnExit
 
 if TYPE_CHECKING:
     from displback.xen.interfaces import (
@@ -127,7 +127,7 @@ class _Connection:
         _count("connections", -1)
 
 
-class SimGrantMapping:
+class SimGrantMapping(ClosesOnExit):
     """Grants mapped from a :class:`SimGrantDevice` (implements ``GrantMapping``)."""
 
     def __init__(self, device: SimGrantDevice, map_id: int, pages: PageMapping) -> None:
@@ -154,19 +154,8 @@ class SimGrantMapping:
         _count("mappings", -1)
         self._device._unmapped(self._map_id)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class SimDmaBufMapping:
+class SimDmaBufMapping(ClosesOnExit):
     """A dma-buf's memory mapped for CPU access; holds a dup of the fd (``DmaBufMapping``)."""
 
     def __init__(self, fd: int, pages: PageMapping) -> None:
@@ -188,17 +177,6 @@ class SimDmaBufMapping:
         os.close(self._fd)
         _count("mappings", -1)
         _count("dmabuf_refs", -1)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _dmabuf_key(fd: int) -> dict[str, int]:
@@ -490,7 +468,7 @@ class _DmaBufHelper:
         return fds[0]
 
 
-class SimPlatform(_DmaBufHelper):
+class SimPlatform(_DmaBufHelper, ClosesOnExit):
     """The backend's platform on the simulated machine (implements ``Platform``).
 
     ``dmabuf_export_supported=False`` makes every gntdev opened here fail
@@ -538,14 +516,8 @@ class SimPlatform(_DmaBufHelper):
         """Close the platform's own connection (devices are closed by their owners)."""
         self._helper_conn.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class SimDomain(_DmaBufHelper):
+class SimDomain(_DmaBufHelper, ClosesOnExit):
     """A simulated guest domain's handle: its RAM, its grants, and its devices.
 
     The frontend side of the protocol uses it to allocate pages (:meth:`alloc_pages`), see
@@ -632,13 +604,6 @@ class SimDomain(_DmaBufHelper):
             if self._ram_fd is not None:
                 os.close(self._ram_fd)
                 self._ram_fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 
 if TYPE_CHECKING:  # mypy proves the simulation implements the interfaces
