@@ -38,11 +38,13 @@ from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap
+from displback.config import ConfigError, apply_config, load_config
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.protocol import layout
 from displback.protocol.xenbus import XenbusState
+from displback.sdnotify import Notifier
 from displback.xen.interfaces import Platform
 from displback.xen.real import (
     DmaBufSupport,
@@ -189,7 +191,14 @@ def add_run_parser(
     )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     run.add_argument("--log-format", choices=("console", "json"), default="console")
-    run.set_defaults(func=run_command)
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="TOML file of these settings (see config/displback.toml); options given here win",
+    )
+    run.set_defaults(func=run_command, run_parser=run)
     return run
 
 
@@ -307,8 +316,13 @@ async def serve(
                     if config.snapshot_dir is not None:
                         nursery.start_soon(_snapshots, display, backend, config)
                     task_status.started(backend)
+                    notifier = Notifier()
+                    notifier.ready(f"serving vdispl devices of domain {platform.domid}")
+                    if notifier.watchdog_s is not None:
+                        nursery.start_soon(_watchdog, notifier, backend)
                     async for signum in signals:
                         log.info("shutting down", signal=signal.Signals(signum).name)
+                        notifier.stopping()
                         break
                 keys = [(key.domid, key.devid) for key in backend.devices]
                 # Cancelling the daemon releases every connection (mappings, ports, buffers).
@@ -321,6 +335,18 @@ async def serve(
     finally:
         if own:
             platform.close()
+
+
+async def _watchdog(notifier: Notifier, backend: Backend) -> None:
+    """Ping systemd from the event loop at half its watchdog interval, with a status line."""
+    assert notifier.watchdog_s is not None
+    while True:
+        statuses = backend.statuses()
+        connected = sum(1 for s in statuses if s.state == "connected")
+        notifier.send(
+            watchdog=1, status=f"{len(statuses)} vdispl devices, {connected} connected"
+        )
+        await trio.sleep(notifier.watchdog_s / 2)
 
 
 async def _set_states(
@@ -401,6 +427,13 @@ async def _snapshots(display: Display, backend: Backend, config: RunConfig) -> N
 
 def run_command(args: argparse.Namespace) -> int:
     """Handler of ``displback run``: 0 after a signalled shutdown, 1 if it cannot start."""
+    if args.config is not None:
+        try:
+            args = apply_config(args.run_parser, args, load_config(args.config))
+        except (ConfigError, argparse.ArgumentTypeError) as exc:
+            configure_logging("error")
+            structlog.get_logger("displback.run").error("cannot start", reason=str(exc))
+            return 1
     config = config_from_args(args)
     configure_logging(config.log_level, fmt=config.log_format)
     log = structlog.get_logger("displback.run")

@@ -1,0 +1,66 @@
+"""The TOML configuration: every key of `displback run`, validated, command line wins."""
+
+from pathlib import Path
+
+import pytest
+
+from displback.cli import build_parser
+from displback.config import ConfigError, apply_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "displback.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_example_is_a_valid_configuration() -> None:
+    settings = load_config(REPO / "config" / "displback.toml")
+    assert settings["display"] == "kms"
+    assert settings["assign"] == {"1/0/0": "HDMI-A-1", "pilot": "DP-1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("displya = 'kms'", "unknown key 'displya'"),
+        ("display = 'x11'", "display must be 'virtual' or 'kms'"),
+        ("wait_free_ms = -1", "wait_free_ms must be an integer ≥ 0"),
+        ("wait_free_ms = true", "wait_free_ms must be an integer"),
+        ("connectors = 'HDMI-A-1'", "connectors must be a list"),
+        ("[assign]\n'1/0/0' = 3", "assign must be a table"),
+        ("display = ", "not valid TOML"),
+    ],
+)
+def test_mistakes_are_refused_naming_the_file_and_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "display = 'virtual'\nvirtual_outputs = ['A=640x480']\nwait_free_ms = 500\n"
+        "zero_copy = 'off'\n[assign]\n'1/0/0' = 'A'\n",
+    )
+    parser = build_parser()
+    args = parser.parse_args(["run", "--zero-copy", "require"])
+    run_parser = args.run_parser
+    merged = apply_config(run_parser, args, load_config(path))
+    assert merged.display == "virtual"
+    assert [o.name for o in merged.virtual_outputs] == ["A"]
+    assert merged.virtual_outputs[0].width == 640
+    assert merged.wait_free_ms == 500
+    assert merged.zero_copy == "require"  # given on the command line: it wins
+    assert merged.assign == {"1/0/0": "A"}
