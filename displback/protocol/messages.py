@@ -247,6 +247,17 @@ class _Request(_Packet):
         return RequestHeader(id=self.id, operation=self.OPERATION)
 
     @classmethod
+    def parse(cls, data: BytesLike) -> Self:
+        """Decode this request: checks length and operation only (``validate`` does the rest)."""
+        return cls(**cls._unpack_request(data))
+
+    def _require_nonzero(self, *names: str) -> None:
+        """``ProtocolError(errno=EINVAL)`` for the first of the fields ``names`` that is 0."""
+        for name in names:
+            if getattr(self, name) == 0:
+                raise _invalid(f"{self.OPERATION.name}: {name} 0 is invalid", name, 0)
+
+    @classmethod
     def _unpack_request(cls, data: BytesLike) -> dict[str, int]:
         values = cls._unpack(data)
         if values["operation"] != cls.OPERATION:
@@ -288,11 +299,6 @@ class DbufCreateReq(
     gref_directory: int
     data_ofs: int = 0
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode a DBUF_CREATE request (checks length and operation only)."""
-        return cls(**cls._unpack_request(data))
-
     @property
     def be_alloc(self) -> bool:
         """Whether the backend must allocate the pages (``XENDISPL_DBUF_FLG_REQ_ALLOC``)."""
@@ -316,10 +322,7 @@ class DbufCreateReq(
         ``data_ofs + ceil(width * bpp / 8) * height <= npages * 4096`` computed exactly (no
         32-bit wrap-around can make a huge buffer look small).
         """
-        if self.dbuf_cookie == 0:
-            raise _invalid("DBUF_CREATE: dbuf_cookie 0 is invalid", "dbuf_cookie", 0)
-        if self.gref_directory == 0:
-            raise _invalid("DBUF_CREATE: gref_directory 0 is invalid", "gref_directory", 0)
+        self._require_nonzero("dbuf_cookie", "gref_directory")
         if self.buffer_sz == 0:
             raise _invalid("DBUF_CREATE: buffer_sz is 0", "buffer_sz", 0)
         if self.data_ofs >= self.buffer_sz:
@@ -361,15 +364,9 @@ class DbufDestroyReq(_Request, layout=_request_layout(("dbuf_cookie", "Q"))):
     id: int
     dbuf_cookie: int
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode a DBUF_DESTROY request."""
-        return cls(**cls._unpack_request(data))
-
     def validate(self) -> None:
         """Reject cookie 0 with ``ProtocolError(errno=EINVAL)``."""
-        if self.dbuf_cookie == 0:
-            raise _invalid("DBUF_DESTROY: dbuf_cookie 0 is invalid", "dbuf_cookie", 0)
+        self._require_nonzero("dbuf_cookie")
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,11 +391,6 @@ class FbAttachReq(
     height: int
     pixel_format: int
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode an FB_ATTACH request (an unknown fourcc is only refused by ``format``)."""
-        return cls(**cls._unpack_request(data))
-
     @property
     def format(self) -> PixelFormat:
         """The pixel format; ``ProtocolError(errno=EINVAL)`` for a fourcc we do not know."""
@@ -413,10 +405,7 @@ class FbAttachReq(
 
     def validate(self) -> None:
         """Reject zero cookies, an empty size or an unknown format (``errno=EINVAL``)."""
-        if self.dbuf_cookie == 0:
-            raise _invalid("FB_ATTACH: dbuf_cookie 0 is invalid", "dbuf_cookie", 0)
-        if self.fb_cookie == 0:
-            raise _invalid("FB_ATTACH: fb_cookie 0 is invalid", "fb_cookie", 0)
+        self._require_nonzero("dbuf_cookie", "fb_cookie")
         if self.width == 0 or self.height == 0:
             raise _invalid(
                 f"FB_ATTACH: empty framebuffer {self.width}x{self.height}",
@@ -435,15 +424,9 @@ class FbDetachReq(_Request, layout=_request_layout(("fb_cookie", "Q"))):
     id: int
     fb_cookie: int
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode an FB_DETACH request."""
-        return cls(**cls._unpack_request(data))
-
     def validate(self) -> None:
         """Reject cookie 0 with ``ProtocolError(errno=EINVAL)``."""
-        if self.fb_cookie == 0:
-            raise _invalid("FB_DETACH: fb_cookie 0 is invalid", "fb_cookie", 0)
+        self._require_nonzero("fb_cookie")
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,11 +452,6 @@ class SetConfigReq(
     width: int
     height: int
     bpp: int
-
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode a SET_CONFIG request."""
-        return cls(**cls._unpack_request(data))
 
     @classmethod
     def disable(cls, id: int) -> Self:
@@ -515,15 +493,9 @@ class PgFlipReq(_Request, layout=_request_layout(("fb_cookie", "Q"))):
     id: int
     fb_cookie: int
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode a PG_FLIP request."""
-        return cls(**cls._unpack_request(data))
-
     def validate(self) -> None:
         """Reject cookie 0 with ``ProtocolError(errno=EINVAL)``."""
-        if self.fb_cookie == 0:
-            raise _invalid("PG_FLIP: fb_cookie 0 is invalid", "fb_cookie", 0)
+        self._require_nonzero("fb_cookie")
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,11 +508,6 @@ class GetEdidReq(_Request, layout=_request_layout(("buffer_sz", "I"), ("gref_dir
     buffer_sz: int
     gref_directory: int
 
-    @classmethod
-    def parse(cls, data: BytesLike) -> Self:
-        """Decode a GET_EDID request."""
-        return cls(**cls._unpack_request(data))
-
     @property
     def npages(self) -> int:
         """Number of 4 KiB pages of the EDID buffer."""
@@ -548,8 +515,7 @@ class GetEdidReq(_Request, layout=_request_layout(("buffer_sz", "I"), ("gref_dir
 
     def validate(self) -> None:
         """The buffer must hold the largest EDID (32768 bytes) and have a directory."""
-        if self.gref_directory == 0:
-            raise _invalid("GET_EDID: gref_directory 0 is invalid", "gref_directory", 0)
+        self._require_nonzero("gref_directory")
         if self.buffer_sz < EDID_MAX_SIZE:
             raise _invalid(
                 f"GET_EDID: buffer_sz {self.buffer_sz} is below {EDID_MAX_SIZE}",
