@@ -32,7 +32,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypedDict, TypeVar, Unpack, cast
 
 import trio
 
@@ -51,6 +51,7 @@ from displback.xenstore.wire import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "ClientOptions",
     "Perm",
     "Transaction",
     "TransactionLost",
@@ -73,6 +74,17 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_WATCH_BUFFER = 256
 DEFAULT_TX_ATTEMPTS = 8
 MAX_DOMID = 0xFFFF
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of :class:`XenStoreClient` (defaults there), passed on as given."""
+
+    timeout: float
+    reconnect: bool
+    backoff_initial: float
+    backoff_max: float
+    watch_buffer: int
+    opener: Opener
 
 
 class XenStoreTimeoutError(TimeoutError):
@@ -406,30 +418,14 @@ class XenStoreClient(_Operations):
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls,
-        path: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        reconnect: bool = True,
-        backoff_initial: float = 0.05,
-        backoff_max: float = 2.0,
-        watch_buffer: int = DEFAULT_WATCH_BUFFER,
-        opener: Opener = open_transport,
+        cls, path: str, **options: Unpack[ClientOptions]
     ) -> AsyncIterator[XenStoreClient]:
         """Connect to ``path`` (socket or xenbus device) and run the client inside the block.
 
         The first connection must succeed (``XenStoreConnectionError`` otherwise); later
         drops are reconnected if ``reconnect``.
         """
-        client = cls(
-            path,
-            timeout=timeout,
-            reconnect=reconnect,
-            backoff_initial=backoff_initial,
-            backoff_max=backoff_max,
-            watch_buffer=watch_buffer,
-            opener=opener,
-        )
+        client = cls(path, **options)
         transport = await client._open()
         body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
@@ -806,22 +802,7 @@ class XenStoreClient(_Operations):
 
 
 def open_xenstore(
-    path: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    reconnect: bool = True,
-    backoff_initial: float = 0.05,
-    backoff_max: float = 2.0,
-    watch_buffer: int = DEFAULT_WATCH_BUFFER,
-    opener: Opener = open_transport,
+    path: str, **options: Unpack[ClientOptions]
 ) -> AbstractAsyncContextManager[XenStoreClient]:
     """``async with open_xenstore(path) as xs:`` — the same as :meth:`XenStoreClient.connect`."""
-    return XenStoreClient.connect(
-        path,
-        timeout=timeout,
-        reconnect=reconnect,
-        backoff_initial=backoff_initial,
-        backoff_max=backoff_max,
-        watch_buffer=watch_buffer,
-        opener=opener,
-    )
+    return XenStoreClient.connect(path, **options)
