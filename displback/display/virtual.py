@@ -32,7 +32,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
 
 import trio
 
@@ -67,6 +67,7 @@ __all__ = [
     "DmabufMapping",
     "OutputConfig",
     "VirtualDisplay",
+    "VirtualDisplayOptions",
     "VirtualDumbFramebuffer",
     "VirtualFramebuffer",
     "VirtualOutput",
@@ -104,6 +105,17 @@ class OutputConfig:
             raise ValueError(f"output {self.name}: bad resolution {self.width}x{self.height}")
         if not (0.0 < self.refresh_hz <= _MAX_REFRESH_HZ):
             raise ValueError(f"output {self.name}: bad refresh rate {self.refresh_hz} Hz")
+
+
+class VirtualDisplayOptions(TypedDict, total=False):
+    """The keyword options of :class:`VirtualDisplay` (defaults there), passed on as given."""
+
+    dmabuf_importer: DmabufImporter | None
+    import_supported: bool
+    import_formats: Iterable[PixelFormat] | None
+    pitch_align: int
+    offset_align: int
+    dumb_pitch_align: int
 
 
 @dataclass(slots=True, eq=False)
@@ -483,26 +495,10 @@ class VirtualDisplay(DisplayBase[VirtualOutput]):
     @classmethod
     @asynccontextmanager
     async def open(
-        cls,
-        outputs: Sequence[OutputConfig],
-        *,
-        dmabuf_importer: DmabufImporter | None = None,
-        import_supported: bool = True,
-        import_formats: Iterable[PixelFormat] | None = None,
-        pitch_align: int = 1,
-        offset_align: int = 1,
-        dumb_pitch_align: int = 64,
+        cls, outputs: Sequence[OutputConfig], **options: Unpack[VirtualDisplayOptions]
     ) -> AsyncIterator[VirtualDisplay]:
         """Open a display whose outputs tick until the ``async with`` block ends."""
-        display = cls(
-            outputs,
-            dmabuf_importer=dmabuf_importer,
-            import_supported=import_supported,
-            import_formats=import_formats,
-            pitch_align=pitch_align,
-            offset_align=offset_align,
-            dumb_pitch_align=dumb_pitch_align,
-        )
+        display = cls(outputs, **options)
         async with display._running() as nursery:
             for output in display._outputs.values():
                 await nursery.start(output._run_vblanks)

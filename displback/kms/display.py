@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import trio
 
@@ -98,6 +98,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KmsDisplay",
+    "KmsDisplayOptions",
     "KmsDumbFramebuffer",
     "KmsFramebuffer",
     "KmsOutput",
@@ -960,6 +961,15 @@ class _SavedCrtc:
     connectors: tuple[int, ...]
 
 
+class KmsDisplayOptions(TypedDict, total=False):
+    """The keyword options of :class:`KmsDisplay` (defaults there), passed on by ``open``."""
+
+    atomic: bool | None
+    dmabuf_importer: DmabufImporter | None
+    flip_timeout_s: float
+    hotplug_poll_s: float
+
+
 class KmsDisplay(DisplayBase[KmsOutput]):
     """Outputs on the connectors of one DRM card; open with :meth:`open`."""
 
@@ -1148,10 +1158,7 @@ class KmsDisplay(DisplayBase[KmsOutput]):
         *,
         card: str | os.PathLike[str] | None = None,
         device: DrmDevice | None = None,
-        atomic: bool | None = None,
-        dmabuf_importer: DmabufImporter | None = None,
-        flip_timeout_s: float = 1.0,
-        hotplug_poll_s: float = 1.0,
+        **options: Unpack[KmsDisplayOptions],
     ) -> AsyncIterator[KmsDisplay]:
         """Open a display on ``device``, on ``card``, or on the first card that fits."""
         if device is not None:
@@ -1160,18 +1167,10 @@ class KmsDisplay(DisplayBase[KmsOutput]):
             dev, owns = open_card(card), True
         else:
             dev, owns = find_card([c.connector for c in outputs]), True
-        display = cls(
-            dev,
-            outputs,
-            atomic=atomic,
-            dmabuf_importer=dmabuf_importer,
-            flip_timeout_s=flip_timeout_s,
-            hotplug_poll_s=hotplug_poll_s,
-            owns_device=owns,
-        )
+        display = cls(dev, outputs, owns_device=owns, **options)
         async with display._running() as nursery:
             nursery.start_soon(display._read_events)
-            if hotplug_poll_s > 0:
+            if display.hotplug_poll_s > 0:
                 nursery.start_soon(display._poll_hotplug)
             for output in display._outputs.values():
                 await nursery.start(output._run)
