@@ -22,10 +22,11 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DISPLIF_HEADER", "GoldenUnavailable", "c_golden", "header_macros"]
+__all__ = ["DISPLIF_HEADER", "GoldenUnavailable", "c_golden", "compile_and_run", "header_macros"]
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "displif_golden.c"
@@ -38,12 +39,14 @@ class GoldenUnavailable(RuntimeError):
     """The C golden vectors cannot be produced (no compiler, no Xen headers, build failure)."""
 
 
-def _compiler() -> list[str]:
+def _compiler(headers: Sequence[Path] = (DISPLIF_HEADER,), hint: str = _INSTALL_HINT) -> list[str]:
+    """``$CC`` (default gcc) as argv, if it and every one of ``headers`` are installed."""
     cc = shlex.split(os.environ.get("CC", "gcc")) or ["gcc"]
     if shutil.which(cc[0]) is None:
-        raise GoldenUnavailable(f"C compiler {cc[0]!r} not found: {_INSTALL_HINT}")
-    if not DISPLIF_HEADER.is_file():
-        raise GoldenUnavailable(f"{DISPLIF_HEADER} is missing: {_INSTALL_HINT}")
+        raise GoldenUnavailable(f"C compiler {cc[0]!r} not found: {hint}")
+    for header in headers:
+        if not header.is_file():
+            raise GoldenUnavailable(f"{header} is missing: {hint}")
     return cc
 
 
@@ -61,42 +64,51 @@ def _run(argv: list[str], what: str) -> str:
     return done.stdout
 
 
-class _Cached:
-    """Remember a result or the failure, so a broken toolchain is reported once per test."""
+def compile_and_run(
+    source: Path,
+    *,
+    what: str,
+    cflags: Sequence[str],
+    headers: Sequence[Path],
+    hint: str,
+) -> dict[str, Any] | GoldenUnavailable:
+    """Compile the C program ``source`` (``what``, for messages) and return the JSON it prints.
 
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.error: GoldenUnavailable | None = None
+    The failure is returned, not raised, so a ``functools.cache`` around the caller remembers
+    it and a broken toolchain is reported once per test, with ``hint`` saying what to install.
+    """
+    try:
+        cc = _compiler(headers, hint)
+        with tempfile.TemporaryDirectory(prefix=f"{source.stem}-") as tmp:
+            exe = Path(tmp) / source.stem
+            _run([*cc, *cflags, "-o", str(exe), str(source)], f"compiling the {what}")
+            out = _run([str(exe)], f"running the {what}")
+        try:
+            value: dict[str, Any] = json.loads(out)
+        except ValueError as exc:
+            raise GoldenUnavailable(f"{what} printed invalid JSON: {exc}") from exc
+        return value
+    except GoldenUnavailable as exc:
+        return exc
 
 
 @functools.cache
-def _golden_cache() -> _Cached:
-    cached = _Cached()
-    try:
-        cc = _compiler()
-        with tempfile.TemporaryDirectory(prefix="displif-golden-") as tmp:
-            exe = Path(tmp) / "displif_golden"
-            _run(
-                [*cc, "-std=c11", "-O0", "-Wall", "-Wextra", "-o", str(exe), str(SOURCE)],
-                "compiling the displif golden-vector program",
-            )
-            out = _run([str(exe)], "running the displif golden-vector program")
-        try:
-            cached.value = json.loads(out)
-        except ValueError as exc:
-            raise GoldenUnavailable(f"golden program printed invalid JSON: {exc}") from exc
-    except GoldenUnavailable as exc:
-        cached.error = exc
-    return cached
+def _golden() -> dict[str, Any] | GoldenUnavailable:
+    return compile_and_run(
+        SOURCE,
+        what="displif golden-vector program",
+        cflags=["-std=c11", "-O0", "-Wall", "-Wextra"],
+        headers=[DISPLIF_HEADER],
+        hint=_INSTALL_HINT,
+    )
 
 
 def c_golden() -> dict[str, Any]:
     """The golden vectors as a dict (compiled and run once per session; treat as read-only)."""
-    cached = _golden_cache()
-    if cached.error is not None:
-        raise cached.error
-    value: dict[str, Any] = cached.value
-    return value
+    result = _golden()
+    if isinstance(result, GoldenUnavailable):
+        raise result
+    return result
 
 
 _MACRO = re.compile(r"^#define (XENDISPL_[A-Z0-9_]+) (.*)$")
