@@ -61,7 +61,7 @@ import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Required, TypedDict, Unpack
 
 import trio
 
@@ -131,6 +131,7 @@ __all__ = [
     "GuestStats",
     "RequestHook",
     "SimGuest",
+    "SimGuestOptions",
 ]
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,20 @@ class _Link:
         self.pipes: list[_Pipe] | None = None  # the DRM device
 
 
+class SimGuestOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`SimGuest` (defaults there), passed on by ``open``."""
+
+    hypervisor_path: Required[str]
+    xenstore_path: Required[str]
+    domid: Required[int]
+    devid: int
+    response_timeout: float
+    frame_done_timeout: float
+    end_access_retry: float
+    remove_timeout: float
+    be_alloc_release_delay: float
+
+
 class SimGuest:
     """The frontend of vdispl device ``devid`` of guest ``domid``; use :meth:`open`."""
 
@@ -408,31 +423,9 @@ class SimGuest:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(
-        cls,
-        *,
-        hypervisor_path: str,
-        xenstore_path: str,
-        domid: int,
-        devid: int = 0,
-        response_timeout: float = DEFAULT_RESPONSE_TIMEOUT,
-        frame_done_timeout: float = DEFAULT_FRAME_DONE_TIMEOUT,
-        end_access_retry: float = DEFAULT_END_ACCESS_RETRY,
-        remove_timeout: float = DEFAULT_REMOVE_TIMEOUT,
-        be_alloc_release_delay: float = 0.0,
-    ) -> AsyncIterator[SimGuest]:
+    async def open(cls, **options: Unpack[SimGuestOptions]) -> AsyncIterator[SimGuest]:
         """Probe the device (state 1) and run the frontend until the block ends (unload)."""
-        guest = cls(
-            hypervisor_path=hypervisor_path,
-            xenstore_path=xenstore_path,
-            domid=domid,
-            devid=devid,
-            response_timeout=response_timeout,
-            frame_done_timeout=frame_done_timeout,
-            end_access_retry=end_access_retry,
-            remove_timeout=remove_timeout,
-            be_alloc_release_delay=be_alloc_release_delay,
-        )
+        guest = cls(**options)
         async with guest._run() as running:
             yield running
 
