@@ -42,7 +42,7 @@ from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.display.interface import DisplayError, Output
 from displback.edid import build_edid
-from displback.protocol.constants import EINVAL, ENODEV, EOPNOTSUPP
+from displback.protocol.constants import EINVAL, EIO, ENODEV, EOPNOTSUPP
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.layout import ConnectorConfig
@@ -237,6 +237,12 @@ class Connector:
                 "invalid request", connector=self.index, op=req.operation.name, error=str(exc)
             )
             return Response.error(req, exc.errno or EINVAL)
+        except Exception:
+            # A bug of ours or a platform/display failure we did not foresee: this request
+            # fails with -EIO; the guest, its other requests and the daemon carry on.
+            self.stats.errors += 1
+            self._log.exception("request failed unexpectedly", op=req.operation.name)
+            return Response.error(req, EIO)
         return Response.ok(req, edid_sz=edid_sz)
 
     async def _dispatch(self, req: Any) -> int:

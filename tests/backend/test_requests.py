@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
 
@@ -332,3 +333,24 @@ def _patch(fmt: str, offset: int, *values: int) -> RequestHook:
         return bytes(out)
 
     return hook
+
+
+async def test_an_unforeseen_failure_fails_only_that_request_with_eio(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from displback.backend.buffers import BufferStore
+
+    async def broken(self: object, req: object, edid: bytes) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(BufferStore, "write_edid", broken)
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:640x480")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                with pytest.raises(GuestRequestError) as exc:
+                    await guest.get_edid(0)
+                assert exc.value.errno == errno.EIO
+                buf = await guest.create_dumb(64, 64, 32)  # the device still serves
+                await guest.destroy_dumb(buf)
