@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.vm.machine import XenVM
+from tests.vm.machine import NO_VKMS, XenVM
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 SHARE = "/mnt"
@@ -144,7 +144,8 @@ exec /bin/sh -i
         then: str = "stay",
     ) -> Path:
         extra = (
-            f"console=hvc0 rdinit=/init loglevel=5 drmtest.flips={flips} drmtest.hold={hold} "
+            f"console=hvc0 rdinit=/init loglevel=4 {NO_VKMS} "
+            f"drmtest.flips={flips} drmtest.hold={hold} "
             f"drmtest.connectors={draw} drmtest.then={then}"
         )
         text = f"""name = "{name}"

@@ -7,7 +7,8 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
   (``hostroot``) and the test's shared directory read-write (``share``, at ``/mnt`` inside),
   puts tmpfs on the host's ``/run``, ``/tmp``, ``/var/lib/xen``, ``/var/log``, mounts xenfs
   and chroots into the host root to run ``/mnt/dom0.sh`` (written by the harness).
-* DomU: ``/init`` runs ``drmtest`` with the arguments found on the kernel command line
+* DomU: ``/init`` runs ``drmtest`` on xen-drm-front's card (driver ``xendrm-du``) with the
+  arguments found on the kernel command line
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
   ``halt``/``reboot``/``stay``).
 """
@@ -107,7 +108,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "DOMU INIT flips=$flips hold=$hold connectors=$conns then=$then"
-/bin/drmtest /dev/dri/card0 $flips $hold $conns
+/bin/drmtest xendrm-du $flips $hold $conns
 echo "DOMU DRMTEST rc=$?"
 case "$then" in
     halt) poweroff -f ;;

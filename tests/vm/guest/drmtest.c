@@ -5,7 +5,10 @@
  * then keeps the last frame on screen for HOLD seconds. Every step prints one line starting
  * with "DRMTEST " on the console; the harness (tests/vm) parses them.
  *
- *   drmtest CARD FLIPS HOLD CONNECTOR_INDEX...
+ *   drmtest DRIVER FLIPS HOLD CONNECTOR_INDEX...
+ *
+ * DRIVER is the DRM driver's name (xen-drm-front is "xendrm-du"); the first
+ * /dev/dri/cardN of that driver is used (waiting up to 30 s for it to appear).
  *
  * Pattern of frame f on connector c at (x, y), as XRGB8888 bytes B,G,R,X in memory:
  *   R = (x + f) & 255, G = y & 255, B = ((x ^ y) + 64 * c) & 255.
@@ -49,6 +52,25 @@ static void fail(const char *what)
     printf("DRMTEST FAIL %s errno=%d (%s)\n", what, errno, strerror(errno));
     fflush(stdout);
     exit(1);
+}
+
+static int open_driver(const char *driver)
+{
+    for (int n = 0; n < 8; n++) {
+        char path[32];
+        snprintf(path, sizeof path, "/dev/dri/card%d", n);
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        char name[64] = {0};
+        struct drm_version version = {.name_len = sizeof name - 1, .name = name};
+        if (ioctl(fd, DRM_IOCTL_VERSION, &version) == 0 && strcmp(name, driver) == 0) {
+            printf("DRMTEST OPEN %s driver=%s\n", path, name);
+            return fd;
+        }
+        close(fd);
+    }
+    return -1;
 }
 
 static void draw(struct buffer *b, uint32_t w, uint32_t h, uint32_t frame, uint32_t conn)
@@ -111,16 +133,14 @@ int main(int argc, char **argv)
         printf("DRMTEST FAIL usage\n");
         return 2;
     }
-    const char *path = argv[1];
     int flips = atoi(argv[2]), hold = atoi(argv[3]);
     for (int i = 0; i < 300 && card < 0; i++) {
-        card = open(path, O_RDWR | O_CLOEXEC);
+        card = open_driver(argv[1]);
         if (card < 0)
             usleep(100000);
     }
     if (card < 0)
-        fail("open card");
-    printf("DRMTEST OPEN %s\n", path);
+        fail("no card of that driver");
 
     uint32_t crtcs[MAX_IDS], conns[MAX_IDS], encs[MAX_IDS], fbs[MAX_IDS];
     struct drm_mode_card_res res = {0};
