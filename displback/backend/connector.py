@@ -142,8 +142,8 @@ class Connector:
         self._commands: collections.deque[_Config | tuple[int, Any]] = collections.deque()
         self._pending_events: collections.deque[int] = collections.deque()
         self._events_stuck = trio.Event()
-        self._enabled = False
-        self.mode_fb: tuple[int, int] | None = None  # width, height of what is shown
+        # Width, height of what SET_CONFIG last showed; None while the connector is disabled.
+        self.mode_fb: tuple[int, int] | None = None
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -275,7 +275,6 @@ class Connector:
         await command.done.wait()
         if command.error is not None:
             raise command.error
-        self._enabled = fb is not None
 
     def _queue_flip(self, req: PgFlipReq) -> None:
         fb = self._buffers.framebuffer(req.fb_cookie)  # ENOENT for an unknown cookie
@@ -322,12 +321,22 @@ class Connector:
             command.error = exc
         except DisplayError as exc:
             command.error = RequestError(EINVAL, f"output refused the configuration: {exc}")
+        except Exception as exc:
+            # As for any request: an unforeseen failure fails this SET_CONFIG (-EIO), not the
+            # scanout task and with it the device.
+            self._log.exception("configuration failed unexpectedly", connector=self.index)
+            command.error = RequestError(EIO, f"unexpected failure: {exc!r}")
         finally:
             command.done.set()
 
     async def _show(self, fb: Any) -> None:
-        """Put ``fb`` on screen if it still exists; a flip always completes for the guest."""
-        if self.output is None or fb.released:
+        """Put ``fb`` on screen if it still exists; a flip always completes for the guest.
+
+        Nothing is shown while the connector is disabled: Linux sends PG_FLIP for every plane
+        update with a framebuffer before and after, also on a CRTC it switched off (SET_CONFIG
+        disable, e.g. DPMS off); lighting the output then would override the guest's choice.
+        """
+        if self.output is None or fb.released or self.mode_fb is None:
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -337,6 +346,9 @@ class Connector:
             # The guest was already told its flip was accepted; a frame the output cannot
             # show is dropped (logged), its event is still delivered.
             self._log.warning("frame dropped", connector=self.index, reason=str(exc))
+        except Exception:
+            # Same for a failure nobody foresaw: the scanout task (and the device) go on.
+            self._log.exception("frame dropped after an unexpected failure", connector=self.index)
 
     # --- events -----------------------------------------------------------------------------
 

@@ -375,7 +375,14 @@ class GuestDevice:
                 self.status.connectors = connection.connectors
                 self.status.store = connection.store
                 self._feed(ConnectSucceeded())
-                await connection.serve()
+                try:
+                    await connection.serve()
+                except Exception as exc:
+                    # A bug or an unforeseen platform failure ended the connection's tasks.
+                    # Leaving it there would keep our state Connected over dead rings (the
+                    # guest times out on every request, for good): reset the device instead.
+                    self.log.exception("connection failed unexpectedly")
+                    self._feed(ProtocolViolation(f"internal error: {exc!r}"))
         finally:
             connection_ = self._connection
             self._connection = None

@@ -1,0 +1,122 @@
+"""Review findings: behaviours a real Linux guest (or a hostile one) relies on, each once broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from displback.display.virtual import VirtualOutput
+from displback.protocol.evtpage import EventProducer
+from displback.sim.guest import FlipResult
+from displback.sim.hypervisor import HypervisorThread
+from displback.sim.machine import sim_machine
+from tests.backend.support import (
+    flip_frame,
+    new_guest_buffers,
+    paint,
+    release,
+    shown,
+    wait_until,
+)
+
+
+async def test_flip_on_a_disabled_connector_gets_its_event_but_leaves_the_output_dark(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    # Linux sends PG_FLIP for any plane update with an FB before and after, also while the
+    # CRTC is off (DPMS off after SET_CONFIG disable): the output must stay dark.
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await new_guest_buffers(guest, 320, 240)
+                output = w.output("A")
+                paint(bufs[0], fbs[0], connector=0, frame=1)
+                await guest.set_config(0, fbs[0])
+                await guest.set_config(0, None)
+                assert not output.enabled
+                paint(bufs[1], fbs[1], connector=0, frame=2)
+                assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE
+                assert not output.enabled
+                # Enabled again, the connector shows what SET_CONFIG names and flips on.
+                await guest.set_config(0, fbs[1])
+                assert shown(output, 320, 240) == (0, 2)
+                await flip_frame(guest, 0, bufs[0], fbs[0], 3)
+                assert shown(output, 320, 240) == (0, 3)
+                stats = guest.connector_stats(0)
+                assert stats.flips_ok == stats.events == 2 and stats.events_skipped == 0
+                await release(guest, 0, bufs, fbs)
+
+
+async def test_a_frame_the_output_fails_unforeseeably_is_dropped_and_its_flip_still_completes(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The guest was told its flip was accepted: whatever goes wrong showing it, the event must
+    # come and the device must go on (it used to take the whole device down).
+    real_flip = VirtualOutput.flip
+    calls = 0
+
+    async def flaky(self: VirtualOutput, fb: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in the output")
+        return await real_flip(self, fb)
+
+    monkeypatch.setattr(VirtualOutput, "flip", flaky)
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await new_guest_buffers(guest, 320, 240)
+                paint(bufs[0], fbs[0], connector=0, frame=1)
+                await guest.set_config(0, fbs[0])  # flip 1
+                paint(bufs[1], fbs[1], connector=0, frame=2)
+                assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE  # flip 2 fails
+                assert shown(w.output("A"), 320, 240) == (0, 1)
+                await flip_frame(guest, 0, bufs[0], fbs[0], 3)
+                assert shown(w.output("A"), 320, 240) == (0, 3)
+                assert guest.stats.disconnects == 0
+                await release(guest, 0, bufs, fbs)
+
+
+async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_instead_of_wedging_it(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug outside any request (here: sending an event) used to end the GuestDevice with its
+    # state left at Connected: the guest timed out on every request, for good.
+    real_put = EventProducer.put_pg_flip
+    calls = 0
+
+    def flaky(self: EventProducer, fb_cookie: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug while sending an event")
+        return real_put(self, fb_cookie)
+
+    monkeypatch.setattr(EventProducer, "put_pg_flip", flaky)
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await new_guest_buffers(guest, 320, 240)
+                paint(bufs[0], fbs[0], connector=0, frame=1)
+                await guest.set_config(0, fbs[0])
+                assert await guest.page_flip(0, fbs[1]) in (
+                    FlipResult.RELEASED, FlipResult.FRAME_DONE_TIMEOUT
+                )
+                await wait_until(lambda: guest.stats.disconnects == 1)
+                await guest.wait_connected()  # after the back-off
+                bufs, fbs = await new_guest_buffers(guest, 320, 240)
+                paint(bufs[0], fbs[0], connector=0, frame=4)
+                await guest.set_config(0, fbs[0])
+                await flip_frame(guest, 0, bufs[1], fbs[1], 5)
+                assert shown(w.output("A"), 320, 240) == (0, 5)
+                await release(guest, 0, bufs, fbs)
