@@ -64,6 +64,11 @@ from displback.xen.interfaces import EventChannels
 __all__ = ["Connector", "ConnectorStats", "Buffers"]
 
 _EVENT_RETRY_S = 0.005
+#: Events waiting for room on the event page beyond which new ones are dropped. A Linux guest
+#: consumes every event in its interrupt handler and has at most one flip outstanding per
+#: connector; only a guest that stopped reading its event page gets here, and without a bound
+#: its flips (up to the request rate, forever) would grow the daemon's memory without limit.
+MAX_QUEUED_EVENTS = 256
 
 
 class Buffers(Protocol):
@@ -93,6 +98,7 @@ class ConnectorStats:
     flips_coalesced: int = 0
     events_sent: int = 0
     events_delayed: int = 0
+    events_dropped: int = 0
     throttled: int = 0
 
 
@@ -304,7 +310,10 @@ class Connector:
                 self.stats.flips_coalesced += 1
             await self._show(newest)
             for cookie in cookies:
-                self._pending_events.append(cookie)
+                if len(self._pending_events) < MAX_QUEUED_EVENTS:
+                    self._pending_events.append(cookie)
+                else:
+                    self._drop_event()
             self._send_events()
 
     async def _apply_config(self, command: _Config) -> None:
@@ -351,6 +360,25 @@ class Connector:
             self._log.exception("frame dropped after an unexpected failure", connector=self.index)
 
     # --- events -----------------------------------------------------------------------------
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for room on the event page (at most ``MAX_QUEUED_EVENTS``)."""
+        return len(self._pending_events)
+
+    _last_drop_log = -math.inf
+
+    def _drop_event(self) -> None:
+        self.stats.events_dropped += 1
+        now = trio.current_time()
+        if now - self._last_drop_log >= 10.0:
+            self._last_drop_log = now
+            self._log.warning(
+                "guest does not read its event page: flip events dropped",
+                connector=self.index,
+                queued=len(self._pending_events),
+                dropped=self.stats.events_dropped,
+            )
 
     def _send_events(self) -> None:
         sent = 0

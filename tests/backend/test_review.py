@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 import trio
 
+from displback.backend.connector import MAX_QUEUED_EVENTS
 from displback.display.virtual import VirtualOutput
+from displback.protocol.constants import EVT_PAGE_SLOTS
 from displback.protocol.evtpage import EventProducer
-from displback.sim.guest import FlipResult
+from displback.protocol.messages import PgFlipReq
+from displback.sim.guest import FlipResult, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
 from tests.backend.support import (
@@ -120,3 +123,29 @@ async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_inst
                 await flip_frame(guest, 0, bufs[1], fbs[1], 5)
                 assert shown(w.output("A"), 320, 240) == (0, 5)
                 await release(guest, 0, bufs, fbs)
+
+
+async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_queue_forever(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SimGuest, "_on_events", lambda self, link, evt: None)
+    flips = EVT_PAGE_SLOTS + MAX_QUEUED_EVENTS + 40
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
+                await guest.set_config(0, fbs[0])
+                for _ in range(flips):
+                    await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
+                [status] = w.backend.statuses()
+                connector = status.connectors[0]
+                await wait_until(
+                    lambda: connector.stats.events_sent + connector.queued_events
+                    + connector.stats.events_dropped == flips
+                )
+                assert connector.stats.events_sent == EVT_PAGE_SLOTS
+                assert connector.queued_events == MAX_QUEUED_EVENTS
+                assert connector.stats.events_dropped == 40
+                assert guest.stats.disconnects == 0
