@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
+	linux-source-6.1 busybox-static cpio build-essential bc bison flex libelf-dev libssl-dev \
+	dwarves libdrm-dev
 APT_PACKAGES := gcc libc6-dev libatomic1 libxen-dev libdrm-dev xenstore-utils edid-decode
 
-.PHONY: test demo bench lint apt-deps clean
+.PHONY: test test-vm demo bench lint apt-deps vm-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,15 @@ bench: $(STAMP)
 
 test: apt-deps $(STAMP)
 	$(PY) -m pytest -q
+
+# The nested-Xen VM tests (docs/testing.md): Xen 4.17 under QEMU TCG, a Dom0 running our
+# daemon, guests running Linux's xen-drm-front. The first run builds the kernel (~15 min,
+# cached in ~/.cache/displback).
+vm-deps:
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(VM_APT_PACKAGES)"
+
+test-vm: apt-deps vm-deps $(STAMP)
+	$(PY) -m pytest -m vm tests/vm -v -s
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check displback tests
