@@ -370,6 +370,12 @@ class GuestDevice:
                     self.log.warning("connect failed", error=str(exc))
                     self._feed(ConnectFailed(str(exc)))
                     return
+                except Exception as exc:
+                    # Unforeseen (a display or platform oddity, a bug): still only a failed
+                    # connect, retried after the back-off, never a device left at InitWait.
+                    self.log.exception("connect failed unexpectedly")
+                    self._feed(ConnectFailed(repr(exc)))
+                    return
                 self._connection = connection
                 self.status.connects += 1
                 self.status.connectors = connection.connectors

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from displback.backend.connector import MAX_QUEUED_EVENTS
+from displback.backend.outputs import OutputMap
 from displback.display.virtual import VirtualOutput
 from displback.protocol.constants import EVT_PAGE_SLOTS
 from displback.protocol.evtpage import EventProducer
@@ -149,3 +150,33 @@ async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_que
                 assert connector.queued_events == MAX_QUEUED_EVENTS
                 assert connector.stats.events_dropped == 40
                 assert guest.stats.disconnects == 0
+
+
+async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_is_retried(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only ProtocolError and OSError were expected there: anything else ended the GuestDevice
+    # with our state at InitWait, and the guest waited for Connected forever.
+    real_acquire = OutputMap.acquire
+    calls = 0
+
+    def flaky(self: OutputMap, domid: int, devid: int, connector: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug while choosing an output")
+        return real_acquire(self, domid, devid, connector)
+
+    monkeypatch.setattr(OutputMap, "acquire", flaky)
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()  # the second attempt, after the back-off
+                assert calls == 2
+                bufs, fbs = await new_guest_buffers(guest, 320, 240)
+                paint(bufs[0], fbs[0], connector=0, frame=1)
+                await guest.set_config(0, fbs[0])
+                await flip_frame(guest, 0, bufs[1], fbs[1], 2)
+                assert shown(w.output("A"), 320, 240) == (0, 2)
+                await release(guest, 0, bufs, fbs)
