@@ -443,6 +443,11 @@ class BufferStore:
         self._deferred_count = 0
         self._import_fallbacks = 0
         self._closed = False
+        # What DBUF_DESTROY dup2()s over a dma-buf fd to keep its number reserved. Opened now,
+        # so that the reservation itself needs no free descriptor: under fd exhaustion a
+        # destroy could otherwise neither reserve nor close its fd, and the guest's pages
+        # would stay mapped for good.
+        self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -659,7 +664,7 @@ class BufferStore:
             await self._wait_free(buffer, fd, wait_ms)
 
     async def _wait_free(self, buffer: _DisplayBuffer, fd: int, wait_ms: int) -> None:
-        _reserve_number(fd)
+        _reserve_number(fd, self._placeholder)
         released = False
         try:
             released = await trio.to_thread.run_sync(
@@ -792,6 +797,9 @@ class BufferStore:
         for buffer in buffers:
             with trio.CancelScope(shield=True):
                 await self._free(buffer, 0)
+        placeholder, self._placeholder = self._placeholder, -1
+        if placeholder >= 0:
+            os.close(placeholder)
 
     # -- helpers for GuestFramebuffer ----------------------------------------------------
 
@@ -816,8 +824,14 @@ def _validate(check: Callable[[], None]) -> None:
         raise RequestError(exc.errno or EINVAL, str(exc)) from exc
 
 
-def _reserve_number(fd: int) -> None:
-    """Replace what ``fd`` refers to by ``/dev/null``, atomically keeping the number taken."""
+def _reserve_number(fd: int, placeholder: int) -> None:
+    """Replace what ``fd`` refers to by ``/dev/null``, atomically keeping the number taken.
+
+    ``placeholder`` is an open ``/dev/null`` (the store's; -1 once closed: one is opened).
+    """
+    if placeholder >= 0:
+        os.dup2(placeholder, fd, inheritable=False)
+        return
     placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.dup2(placeholder, fd, inheritable=False)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from displback.backend.buffers import BufferKind
 from displback.backend.connector import MAX_QUEUED_EVENTS
 from displback.backend.outputs import OutputMap
 from displback.display.virtual import VirtualOutput
@@ -23,6 +26,7 @@ from tests.backend.support import (
     paint,
     release,
     shown,
+    store_of,
     wait_until,
 )
 
@@ -180,3 +184,33 @@ async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_i
                 await flip_frame(guest, 0, bufs[1], fbs[1], 2)
                 assert shown(w.output("A"), 320, 240) == (0, 2)
                 await release(guest, 0, bufs, fbs)
+
+
+async def test_destroy_under_fd_exhaustion_still_releases_the_guest_pages(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reserving the dma-buf's fd number used to open /dev/null first: with no descriptor
+    # free, DBUF_DESTROY failed with -EIO and its dma-buf fd stayed open, the guest's pages
+    # mapped in Dom0 for good.
+    real_open = os.open
+
+    def exhausted(path: Any, *args: Any, **kwargs: Any) -> int:
+        if path == os.devnull:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                buf = await guest.create_dumb(320, 240, 32)
+                store = store_of(w, 1)
+                assert store.buffer_info(buf.cookie).kind is BufferKind.ZERO_COPY
+                fd = store.buffer_info(buf.cookie).dmabuf_fd
+                assert fd is not None
+                monkeypatch.setattr(os, "open", exhausted)
+                await guest.destroy_dumb(buf)  # raises GuestRequestError on failure
+                monkeypatch.undo()
+                assert guest.pending_end_access == 0
+                assert w.backend.deferred is not None and w.backend.deferred.pending() == 0
