@@ -273,11 +273,18 @@ class GuestDevice:
     async def _observe(self) -> Input:
         self._observe_queued = False
         xs = self.xs
-        if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+        try:
+            if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+                return Vanished()
+            frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
+            backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
+            online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            # A driver domain may not read what is left of a removed guest's tree (xenstored
+            # answers EACCES, not ENOENT, under a parent it cannot read): the device is gone.
             return Vanished()
-        frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
-        backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
-        online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
         if not online:
             self._offline_seen = True

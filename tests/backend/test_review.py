@@ -214,3 +214,26 @@ async def test_destroy_under_fd_exhaustion_still_releases_the_guest_pages(
                 monkeypatch.undo()
                 assert guest.pending_end_access == 0
                 assert w.backend.deferred is not None and w.backend.deferred.pending() == 0
+
+
+async def test_a_tree_a_driver_domain_may_no_longer_read_counts_as_vanished() -> None:
+    from types import SimpleNamespace
+
+    from displback.backend.device import BackendSettings, GuestDevice
+    from displback.protocol.handshake import Vanished
+    from displback.xenstore.wire import XenStoreError
+
+    class Unreadable:
+        async def exists(self, path: str) -> bool:
+            raise XenStoreError("EACCES", path)
+
+    device = GuestDevice(
+        xs=Unreadable(),  # type: ignore[arg-type]
+        platform=SimpleNamespace(domid=3),  # type: ignore[arg-type]
+        domid=1,
+        devid=0,
+        outputs=None,  # type: ignore[arg-type]
+        settings=BackendSettings(),
+        deferred=None,  # type: ignore[arg-type]
+    )
+    assert isinstance(await device._observe(), Vanished)
