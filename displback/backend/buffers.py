@@ -422,6 +422,7 @@ class BufferStore:
         wait_free_ms: int = 2000,
         log: Logger | None = None,
         quota_log_clock: Callable[[], float] = time.monotonic,
+        linger: Callable[[int], None] | None = None,
     ) -> None:
         if wait_free_ms < 0:
             raise ValueError("wait_free_ms must not be negative")
@@ -435,6 +436,8 @@ class BufferStore:
         self.policy = policy
         self.wait_free_ms = wait_free_ms
         self.log = log if log is not None else default_logger("displback.buffers")
+        # Teardown of backend-allocated buffers: who keeps their memory alive (see _free).
+        self._linger = linger
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
         self._fbs: dict[int, GuestFramebuffer] = {}
@@ -658,7 +661,15 @@ class BufferStore:
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
             self._import_release(fd)
-            os.close(fd)
+            if self._closed and self._linger is not None:
+                # Teardown: the guest may still map these pages (Linux unmaps only after it
+                # sees us offer InitWait again), and gntdev revokes imported grants without
+                # holding the pages. Closing our fd now would free memory the guest can still
+                # read and write; the device keeps it until the guest has re-handshaked or is
+                # gone.
+                self._linger(fd)
+            else:
+                os.close(fd)
         elif buffer.kind is BufferKind.ZERO_COPY:
             assert fd is not None
             await self._wait_free(buffer, fd, wait_ms)

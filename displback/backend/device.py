@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,7 @@ class Connection:
             deferred=dev.deferred,
             be_alloc=self.config.be_alloc,
             log=dev.log,
+            linger=dev.linger,
         )
         self.store = store
         for cfg, transport, output in zip(self.config.connectors, transports, outputs, strict=True):
@@ -253,6 +255,8 @@ class GuestDevice:
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
         self._wake_scope: trio.CancelScope | None = None
+        # Backend-allocated memory of an earlier connection the guest may still map.
+        self._lingering: list[int] = []
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -302,9 +306,25 @@ class GuestDevice:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def linger(self, fd: int) -> None:
+        """Keep a backend-allocated buffer's memory (``fd``) until the guest cannot map it."""
+        self._lingering.append(fd)
+
+    def _release_lingering(self) -> None:
+        fds, self._lingering = self._lingering, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     async def run(self) -> None:
         """Drive the handshake until the device is forgotten (its directories are gone)."""
         self.log.info("device found")
+        try:
+            await self._run()
+        finally:
+            self._release_lingering()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch, self.backend_dir)
             nursery.start_soon(self._watch, self.frontend_dir)
@@ -387,6 +407,9 @@ class GuestDevice:
                 self.status.connects += 1
                 self.status.connectors = connection.connectors
                 self.status.store = connection.store
+                # The guest re-handshaked: Linux frees and unmaps everything of a connection
+                # before it publishes new rings, so memory kept from the last one can go.
+                self._release_lingering()
                 self._feed(ConnectSucceeded())
                 try:
                     await connection.serve()

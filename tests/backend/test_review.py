@@ -237,3 +237,30 @@ async def test_a_tree_a_driver_domain_may_no_longer_read_counts_as_vanished() ->
         deferred=None,  # type: ignore[arg-type]
     )
     assert isinstance(await device._observe(), Vanished)
+
+
+async def test_backend_allocated_memory_outlives_a_teardown_until_the_guest_rehandshakes(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    # Linux unmaps be-alloc pages only after the backend offers InitWait again, and gntdev
+    # frees imported pages even while the guest still maps them: the daemon keeps them.
+    from displback.sim.hypervisor import query_counters
+
+    def dom0_dmabufs() -> int:
+        counters = query_counters(hypervisor.socket_path)
+        return int(counters["domains"].get("0", {}).get("dmabufs", 0))
+
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "be-alloc=1,connectors=c0:64x64")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                await guest.create_dumb(64, 64, 32)
+                assert dom0_dmabufs() == 1
+            # The driver unloaded (its remove path tore the device down): memory kept.
+            device = next(iter(w.backend.devices.values()))
+            await wait_until(lambda: device.connection is None)
+            assert dom0_dmabufs() == 1
+            async with w.guest(1) as guest:
+                await guest.wait_connected()  # a new connection: the old memory can go
+                await wait_until(lambda: dom0_dmabufs() == 0)
