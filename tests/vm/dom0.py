@@ -9,8 +9,10 @@ output) lands there. Step times are recorded in :attr:`Dom0.timings` and printed
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 from tests.vm.machine import NO_VKMS, XenVM
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
+#: Guest kernel log level (4: errors only); DISPLBACK_VM_GUEST_LOGLEVEL=8 to debug a guest.
+GUEST_LOGLEVEL = int(os.environ.get("DISPLBACK_VM_GUEST_LOGLEVEL", "4"))
 SHARE = "/mnt"
 
 
@@ -125,6 +129,19 @@ exec /bin/sh -i
                     continue
         return events
 
+    def wait_status(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float, *, what: str
+    ) -> list[dict[str, Any]]:
+        """Poll the daemon's ``status.json`` until ``predicate`` holds; return it."""
+        deadline = time.monotonic() + timeout
+        status = self.status()
+        while not predicate(status):
+            if time.monotonic() > deadline:
+                raise self.vm.fail(f"daemon status never showed {what}: {status}")
+            time.sleep(0.5)
+            status = self.status()
+        return status
+
     def status(self) -> list[dict[str, Any]]:
         path = self.share / "snap" / "status.json"
         try:
@@ -142,9 +159,10 @@ exec /bin/sh -i
         hold: int = 600,
         draw: str = "0,1",
         then: str = "stay",
+        maxmem: int = 256,
     ) -> Path:
         extra = (
-            f"console=hvc0 rdinit=/init loglevel=4 {NO_VKMS} "
+            f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
             f"drmtest.flips={flips} drmtest.hold={hold} "
             f"drmtest.connectors={draw} drmtest.then={then}"
         )
@@ -154,6 +172,7 @@ kernel = "{SHARE}/bzImage"
 ramdisk = "{SHARE}/domU.cpio"
 extra = "{extra}"
 memory = 256
+maxmem = {maxmem}
 vcpus = 1
 on_reboot = "restart"
 vdispl = [ 'backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}' ]
