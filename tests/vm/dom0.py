@@ -160,6 +160,7 @@ exec /bin/sh -i
         draw: str = "0,1",
         then: str = "stay",
         maxmem: int = 256,
+        guest_type: str = "pv",
     ) -> Path:
         extra = (
             f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
@@ -167,7 +168,7 @@ exec /bin/sh -i
             f"drmtest.connectors={draw} drmtest.then={then}"
         )
         text = f"""name = "{name}"
-type = "pv"
+type = "{guest_type}"
 kernel = "{SHARE}/bzImage"
 ramdisk = "{SHARE}/domU.cpio"
 extra = "{extra}"

@@ -28,7 +28,9 @@ XEN_ARGS = "console=com1 dom0_mem=1536M noreboot loglvl=all guest_loglvl=all"
 # hrtimer overruns constantly under TCG, costing CPU and flooding the console: keep it off.
 NO_VKMS = "initcall_blacklist=vkms_init"
 DOM0_ARGS = f"console=hvc0 earlyprintk=xen rdinit=/init loglevel=4 {NO_VKMS}"
-CPU = "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3"
+# +svm,+npt: QEMU's TCG emulates AMD nested paging, so Xen gets HAP and can run PVH guests
+# (Debian's Xen has no shadow paging: without HAP, `xl create` of a PVH guest fails).
+CPU = os.environ.get("DISPLBACK_VM_CPU", "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3,+svm,+npt")
 _RC = re.compile(rb"@@RC=(\d+)@@")
 
 
