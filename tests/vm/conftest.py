@@ -8,6 +8,7 @@ Missing tools are failures, not skips, once the tests are selected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -68,20 +69,21 @@ def _place(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-@pytest.fixture
-def dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
-    """A freshly booted Dom0 with xenstored, xen-init-dom0 and xenconsoled running."""
+@contextlib.contextmanager
+def booted_dom0(assets: VMAssets, tmp_path: Path, *, pvh: bool = False) -> Iterator[Dom0]:
+    """Boot Xen + Dom0 in QEMU; Dom0's services are up when this yields."""
     share = tmp_path / "share"
     share.mkdir()
-    _place(vm_assets.bzimage, share / "bzImage")
-    _place(vm_assets.domu_initramfs, share / "domU.cpio")
+    _place(assets.bzimage, share / "bzImage")
+    _place(assets.domu_initramfs, share / "domU.cpio")
     (share / "dom0.sh").write_text(Dom0.boot_script())
     vm = XenVM(
         tmp_path,
-        xen=vm_assets.xen,
-        kernel=vm_assets.bzimage,
-        initramfs=vm_assets.dom0_initramfs,
+        xen=assets.xen,
+        kernel=assets.bzimage,
+        initramfs=assets.dom0_initramfs,
         share=share,
+        pvh_dom0=pvh,
     )
     try:
         dom0 = Dom0(vm, share, REPO)
@@ -90,3 +92,17 @@ def dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
         dom0.report()
     finally:
         vm.close()
+
+
+@pytest.fixture
+def dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
+    """A freshly booted x86 PV Dom0 with xenstored, xen-init-dom0 and xenconsoled running."""
+    with booted_dom0(vm_assets, tmp_path) as booted:
+        yield booted
+
+
+@pytest.fixture
+def pvh_dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
+    """The same with a PVH (auto-translated) Dom0 behind QEMU's AMD IOMMU."""
+    with booted_dom0(vm_assets, tmp_path, pvh=True) as booted:
+        yield booted

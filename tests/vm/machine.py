@@ -63,6 +63,7 @@ class XenVM:
         share: Path,
         memory_mb: int = 3072,
         display: bool = True,
+        pvh_dom0: bool = False,
     ) -> None:
         self.workdir = workdir
         self.share = share
@@ -76,42 +77,33 @@ class XenVM:
         if shutil.which(QEMU) is None:
             raise FileNotFoundError(f"{QEMU} missing: apt-get install qemu-system-x86")
         modules = f"{kernel} {DOM0_ARGS},{initramfs}"
+        # A PVH Dom0 (auto-translated: gntdev can export dma-bufs) needs an IOMMU, and the
+        # virtio devices must go through it (iommu_platform) since Dom0's physical addresses
+        # are not the machine's.
+        xen_args = f"{XEN_ARGS} dom0=pvh iommu=1" if pvh_dom0 else XEN_ARGS
+        virtio = ",iommu_platform=on,disable-legacy=on" if pvh_dom0 else ""
         cmd = [
             QEMU,
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            CPU,
-            "-m",
-            str(memory_mb),
-            "-smp",
-            "2",
+            *(["-machine", "q35,kernel-irqchip=split"] if pvh_dom0 else []),
+            *(["-device", "amd-iommu,intremap=on"] if pvh_dom0 else []),
+            "-accel", "tcg,thread=multi",
+            "-cpu", CPU,
+            "-m", str(memory_mb),
+            "-smp", "2",
             "-no-reboot",
-            "-display",
-            "none",
-            "-vga",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            f"unix:{self.monitor_path},server=on,wait=off",
-            "-kernel",
-            str(xen),
-            "-append",
-            XEN_ARGS,
-            "-initrd",
-            modules,
-            "-fsdev",
-            "local,id=fs0,path=/,security_model=none,readonly=on",
-            "-device",
-            "virtio-9p-pci,fsdev=fs0,mount_tag=hostroot",
-            "-fsdev",
-            f"local,id=fs1,path={share},security_model=none",
-            "-device",
-            "virtio-9p-pci,fsdev=fs1,mount_tag=share",
-            "-net",
-            "none",
-        ]
+            "-display", "none",
+            "-vga", "none",
+            "-serial", "stdio",
+            "-monitor", f"unix:{self.monitor_path},server=on,wait=off",
+            "-kernel", str(xen),
+            "-append", xen_args,
+            "-initrd", modules,
+            "-fsdev", "local,id=fs0,path=/,security_model=none,readonly=on",
+            "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag=hostroot{virtio}",
+            "-fsdev", f"local,id=fs1,path={share},security_model=none",
+            "-device", f"virtio-9p-pci,fsdev=fs1,mount_tag=share{virtio}",
+            "-net", "none",
+        ]  # fmt: skip
         if display:
             cmd += ["-device", "bochs-display"]
         self.command = cmd

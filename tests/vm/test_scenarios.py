@@ -265,3 +265,22 @@ def test_guest_pattern_on_bochs_through_kms_matches_qemus_screendump(dom0: Dom0)
         1 for i in range(0, min(len(got), len(want)), 3) if got[i : i + 3] != want[i : i + 3]
     )
     raise AssertionError(f"bochs screendump: {wrong} of {len(want) // 3} pixels differ")
+
+
+def test_pvh_dom0_exports_guest_grants_as_dma_bufs(pvh_dom0: Dom0) -> None:
+    dom0 = pvh_dom0
+    dom0.start_daemon(*OUTPUTS)
+    [platform] = events(dom0, "platform")
+    assert platform["dmabuf_export"] is True, platform
+    guest = dom0.xl_create("guest1", timeout=300, flips=5)
+    wait_flips_done(dom0, guest, (0, 1), 5)
+    ref = dom0.xenstore_read(f"/local/domain/{guest.domid}/device/vdispl/0/0/req-ring-ref")
+    probe = dom0.output(
+        f"cd {dom0.repo} && PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m tests.vm.dom0_probe "
+        f"{guest.domid} {ref}",
+        check=False,
+    )
+    print("export probe on a guest grant:", probe.strip())
+    dom0.wait_status(_buffers(zero_copy=4, copy=0), 30, what="4 zero-copy buffers")
+    wait_pixels(dom0, "id0", 0, 5)
+    wait_pixels(dom0, "id1", 1, 5)
