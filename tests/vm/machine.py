@@ -27,7 +27,9 @@ XEN_ARGS = "console=com1 dom0_mem=1536M noreboot loglvl=all guest_loglvl=all"
 # vkms is built in (for zero-copy import tests on an auto-translated Dom0) but its vblank
 # hrtimer overruns constantly under TCG, costing CPU and flooding the console: keep it off.
 NO_VKMS = "initcall_blacklist=vkms_init"
-DOM0_ARGS = f"console=hvc0 earlyprintk=xen rdinit=/init loglevel=4 {NO_VKMS}"
+#: Dom0 kernel log level (4: errors only); DISPLBACK_VM_DOM0_LOGLEVEL=8 to debug Dom0.
+DOM0_LOGLEVEL = int(os.environ.get("DISPLBACK_VM_DOM0_LOGLEVEL", "4"))
+DOM0_ARGS = f"console=hvc0 earlyprintk=xen rdinit=/init loglevel={DOM0_LOGLEVEL} {NO_VKMS}"
 # +svm,+npt: QEMU's TCG emulates AMD nested paging, so Xen gets HAP and can run PVH guests
 # (Debian's Xen has no shadow paging: without HAP, `xl create` of a PVH guest fails).
 CPU = os.environ.get("DISPLBACK_VM_CPU", "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3,+svm,+npt")
