@@ -32,6 +32,7 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ DEFAULT_UDMABUF = "/dev/udmabuf"
 IoctlFn = Callable[[int, int, "bytearray | int"], int]
 
 _MAX_PENDING_READ = 1024  # ports per read() of /dev/xen/evtchn
+
+# Linux's gntdev maps exported grants with GNTMAP_host_map | GNTMAP_device_map on x86, and
+# Xen's x86 HVM/PVH grant mapping accepts GNTMAP_host_map alone (measured in tests/vm with
+# Linux 6.1 + Xen 4.17): on x86 DMABUF_EXP_FROM_REFS fails with EINVAL on every Dom0.
+_X86 = platform.machine() in ("x86_64", "i386", "i686")
+_X86_EXPORT_EINVAL = (
+    "DMABUF_EXP_FROM_REFS: EINVAL — bad grants, or (x86) Xen refusing the device mapping "
+    "gntdev asks for on an auto-translated Dom0"
+)
 
 
 def _fcntl_ioctl(fd: int, request: int, arg: bytearray | int) -> int:
@@ -351,6 +361,11 @@ def probe_dmabuf(fd: int, ioctl: IoctlFn = _fcntl_ioctl) -> DmaBufSupport:
     imp = probe("IOCTL_GNTDEV_DMABUF_IMP_TO_REFS")
     if export is None:
         reason = "gntdev exports guest grants as dma-bufs (zero-copy possible)"
+        if _X86:
+            reason += (
+                "; but on x86 gntdev asks Xen for a device mapping, which Xen refuses for an "
+                "auto-translated (PVH) Dom0: expect EINVAL and copying"
+            )
     elif export == errno.ENOTTY:
         reason = "kernel lacks CONFIG_XEN_GNTDEV_DMABUF (ENOTTY): copy mode, no be-alloc"
     elif export == errno.EINVAL:
@@ -452,7 +467,12 @@ class RealGrantDevice:
             raise OSError(errno.EINVAL, "GNTDEV_DMA_FLAG_WC and _COHERENT are exclusive")
         _check_count(len(refs))
         buf = ioctls.pack_dmabuf_exp_from_refs(domid, list(refs), flags)
-        self._call("IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS", buf)
+        try:
+            self._call("IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS", buf)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and _X86:
+                raise OSError(errno.EINVAL, _X86_EXPORT_EINVAL) from exc
+            raise
         return ioctls.unpack_dmabuf_exp_from_refs(buf)
 
     def dmabuf_wait_released(self, fd: int, timeout_ms: int) -> bool:

@@ -533,3 +533,27 @@ async def test_own_domid_is_read_from_xenstore_or_is_zero(tmp_path: Path) -> Non
             await client.write("/local/domain/5/domid", "five")
         with pytest.raises(ValueError, match="not a domain id"):
             await real.read_own_domid(guest_socket)
+
+
+def test_export_einval_on_x86_says_xen_may_refuse_the_device_mapping(
+    kernel: FakeKernel, memfd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(real, "_X86", True)
+    kernel.fail("IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS", errno.EINVAL)
+    device = _device(kernel, memfd)
+    with pytest.raises(OSError) as info:
+        device.dmabuf_export(1, [2])
+    assert info.value.errno == errno.EINVAL
+    assert "device mapping" in str(info.value)
+    device.close()
+
+
+def test_probe_on_x86_warns_that_a_permitted_export_will_still_fail(
+    kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(real, "_X86", True)
+    kernel.fail("IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS", errno.EFAULT)
+    kernel.fail("IOCTL_GNTDEV_DMABUF_IMP_TO_REFS", errno.EFAULT)
+    support = probe_dmabuf(0, kernel)
+    assert support.export_supported
+    assert "expect EINVAL" in support.reason
