@@ -28,6 +28,9 @@ BOOT_TIMEOUT = 240.0
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a nested Xen under QEMU (slow; make test-vm)")
+    config.addinivalue_line(
+        "markers", "pvh_dom0: needs the PVH Dom0, unstable under TCG (make test-vm-pvh)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

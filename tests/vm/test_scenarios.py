@@ -268,6 +268,7 @@ def test_guest_pattern_on_bochs_through_kms_matches_qemus_screendump(dom0: Dom0)
     raise AssertionError(f"bochs screendump: {wrong} of {len(want) // 3} pixels differ")
 
 
+@pytest.mark.pvh_dom0
 def test_pvh_dom0_cannot_export_guest_grants_either_and_copies(pvh_dom0: Dom0) -> None:
     """Measured: on an x86 PVH Dom0 gntdev passes its own check, but Xen refuses the
     GNTMAP_device_map mapping gntdev asks for (x86 HVM grant maps take GNTMAP_host_map only),
