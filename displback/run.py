@@ -343,9 +343,7 @@ async def _watchdog(notifier: Notifier, backend: Backend) -> None:
     while True:
         statuses = backend.statuses()
         connected = sum(1 for s in statuses if s.state == "connected")
-        notifier.send(
-            watchdog=1, status=f"{len(statuses)} vdispl devices, {connected} connected"
-        )
+        notifier.send(watchdog=1, status=f"{len(statuses)} vdispl devices, {connected} connected")
         await trio.sleep(notifier.watchdog_s / 2)
 
 

@@ -678,9 +678,7 @@ class BufferStore:
         _reserve_number(fd, self._placeholder)
         released = False
         try:
-            released = await trio.to_thread.run_sync(
-                self.grants.dmabuf_wait_released, fd, wait_ms
-            )
+            released = await trio.to_thread.run_sync(self.grants.dmabuf_wait_released, fd, wait_ms)
         except OSError as exc:
             self.log.warning(
                 f"dom{self.domid}: waiting for the release of buffer "
@@ -848,4 +846,3 @@ def _reserve_number(fd: int, placeholder: int) -> None:
         os.dup2(placeholder, fd, inheritable=False)
     finally:
         os.close(placeholder)
-

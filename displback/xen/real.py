@@ -36,7 +36,6 @@ import platform
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from displback.protocol.constants import PAGE_SIZE, pages_for
@@ -46,6 +45,7 @@ from displback.xen.interfaces import (
     GNTDEV_DMA_FLAG_WC,
     GNTDEV_MAX_GRANTS,
 )
+from displback.xen.mapping import ClosesOnExit, MappedMemory
 
 if TYPE_CHECKING:
     from displback.xen.interfaces import (
@@ -251,48 +251,11 @@ class RealEventChannels:
 # --- grant mappings and dma-bufs -----------------------------------------------------------
 
 
-class _MappedMemory:
-    """An ``mmap`` with one memoryview of it that can be closed only when no view is left."""
-
-    def __init__(self, mm: mmap.mmap, writable: bool) -> None:
-        self._mmap: mmap.mmap | None = mm
-        self._writable = writable
-        self._view = self._new_view()
-
-    def _new_view(self) -> memoryview:
-        assert self._mmap is not None
-        view = memoryview(self._mmap)
-        return view if self._writable else view.toreadonly()
-
-    @property
-    def closed(self) -> bool:
-        return self._mmap is None
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._mmap is None:
-            raise ValueError("mapping is closed")
-        return self._view
-
-    def close(self) -> bool:
-        """``munmap``; False if already closed. ``BufferError`` while views are held."""
-        if self._mmap is None:
-            return False
-        self._view.release()
-        try:
-            self._mmap.close()
-        except BufferError:
-            self._view = self._new_view()
-            raise
-        self._mmap = None
-        return True
-
-
-class RealGrantMapping:
+class RealGrantMapping(ClosesOnExit):
     """Grants mapped from a :class:`RealGrantDevice` (implements ``GrantMapping``)."""
 
     def __init__(
-        self, device: RealGrantDevice, memory: _MappedMemory, index: int, count: int
+        self, device: RealGrantDevice, memory: MappedMemory, index: int, count: int
     ) -> None:
         self._device = device
         self._memory = memory
@@ -312,17 +275,6 @@ class RealGrantMapping:
         """``munmap`` then ``UNMAP_GRANT_REF``; ``BufferError`` while views are held."""
         if self._memory.close():
             self._device._unmap(self.index, self.count)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
@@ -439,7 +391,7 @@ class RealGrantDevice:
             raise
         with self._lock:
             self._live_maps += 1
-        return RealGrantMapping(self, _MappedMemory(mm, writable), index, count)
+        return RealGrantMapping(self, MappedMemory(mm, writable), index, count)
 
     def _unmap(self, index: int, count: int) -> None:
         try:
@@ -528,14 +480,14 @@ class RealGrantDevice:
             os.close(fd)
 
 
-class RealDmaBufMapping:
+class RealDmaBufMapping(ClosesOnExit):
     """A dma-buf mapped for CPU access (implements ``DmaBufMapping``).
 
     The mapping itself holds a reference to the dma-buf (the kernel's vma keeps the file),
     so the caller may close its fd at once.
     """
 
-    def __init__(self, memory: _MappedMemory) -> None:
+    def __init__(self, memory: MappedMemory) -> None:
         self._memory = memory
 
     @property
@@ -550,17 +502,6 @@ class RealDmaBufMapping:
         """Unmap (``BufferError`` while views of :attr:`buffer` are held)."""
         self._memory.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def open_dmabuf(fd: int) -> RealDmaBufMapping:
     """Map the whole dma-buf ``fd`` read-write (its size is what ``lseek(SEEK_END)`` says)."""
@@ -569,10 +510,10 @@ def open_dmabuf(fd: int) -> RealDmaBufMapping:
     if size <= 0:
         raise OSError(errno.EINVAL, "not a dma-buf (no size)")
     mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return RealDmaBufMapping(_MappedMemory(mm, True))
+    return RealDmaBufMapping(MappedMemory(mm, True))
 
 
-class RealPlatform:
+class RealPlatform(ClosesOnExit):
     """The backend's platform on a real Dom0 (implements ``Platform``).
 
     ``xenstore_path=None`` picks xenstored's socket if present, else ``/dev/xen/xenbus``;
@@ -692,12 +633,6 @@ class RealPlatform:
         if self._card_fd is not None:
             fd, self._card_fd = self._card_fd, None
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 if TYPE_CHECKING:  # mypy proves the real platform implements the interfaces
