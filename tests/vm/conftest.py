@@ -79,13 +79,14 @@ def booted_dom0(assets: VMAssets, tmp_path: Path, *, pvh: bool = False) -> Itera
     share.mkdir()
     _place(assets.bzimage, share / "bzImage")
     _place(assets.domu_initramfs, share / "domU.cpio")
-    (share / "dom0.sh").write_text(Dom0.boot_script())
+    (share / "dom0.sh").write_text(Dom0.boot_script(REPO))
     vm = XenVM(
         tmp_path,
         xen=assets.xen,
         kernel=assets.bzimage,
         initramfs=assets.dom0_initramfs,
         share=share,
+        repo=REPO,
         pvh_dom0=pvh,
     )
     try:

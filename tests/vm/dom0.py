@@ -43,11 +43,18 @@ class Dom0:
     daemon_pid: int | None = None
 
     @staticmethod
-    def boot_script() -> str:
-        """``/mnt/dom0.sh``: Xen's Dom0 services, then an interactive shell on hvc0."""
+    def boot_script(repo: Path) -> str:
+        """``/mnt/dom0.sh``: Xen's Dom0 services, then an interactive shell on hvc0.
+
+        The checkout (with its ``.venv``) is exported on its own (9p tag ``repo``) and
+        mounted at its own path: a clone under ``/tmp`` (CI's, say) would otherwise be hidden
+        by Dom0's tmpfs there.
+        """
         return f"""export PATH={XEN_BIN}:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen {SHARE}/xenlog
+mkdir -p {repo} 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 repo {repo} || echo "@@FAIL mount repo@@"
 echo "@@DOM0 USERSPACE@@"
 {XEN_BIN}/xenstored --pid-file /run/xenstored.pid || echo "@@FAIL xenstored@@"
 {XEN_BIN}/xen-init-dom0 || echo "@@FAIL xen-init-dom0@@"

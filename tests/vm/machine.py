@@ -63,6 +63,7 @@ class XenVM:
         kernel: Path,
         initramfs: Path,
         share: Path,
+        repo: Path | None = None,
         memory_mb: int = 3072,
         display: bool = True,
         pvh_dom0: bool = False,
@@ -104,6 +105,14 @@ class XenVM:
             "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag=hostroot{virtio}",
             "-fsdev", f"local,id=fs1,path={share},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=fs1,mount_tag=share{virtio}",
+            *(
+                [
+                    "-fsdev", f"local,id=fs2,path={repo},security_model=none,readonly=on",
+                    "-device", f"virtio-9p-pci,fsdev=fs2,mount_tag=repo{virtio}",
+                ]
+                if repo is not None
+                else []
+            ),
             "-net", "none",
         ]  # fmt: skip
         if display:
