@@ -54,7 +54,8 @@ class Dom0:
 export HOME=/tmp
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen {SHARE}/xenlog
 mkdir -p {repo} 2>/dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 repo {repo} || echo "@@FAIL mount repo@@"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 repo {repo} \\
+    || echo "@@FAIL mount repo@@"
 echo "@@DOM0 USERSPACE@@"
 {XEN_BIN}/xenstored --pid-file /run/xenstored.pid || echo "@@FAIL xenstored@@"
 {XEN_BIN}/xen-init-dom0 || echo "@@FAIL xen-init-dom0@@"
