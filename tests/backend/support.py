@@ -1,8 +1,11 @@
-"""Helpers shared by the end-to-end backend tests: what an output shows, polling, frames."""
+"""Helpers shared by the end-to-end backend tests: a connected guest, what an output shows,
+polling, frames."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +15,24 @@ from displback.backend.buffers import BufferStore
 from displback.protocol.constants import PixelFormat
 from displback.sim.guest import DumbBuffer, FlipResult, Framebuffer, SimGuest
 from displback.sim.guest_pattern import decode_pattern, draw_pattern
-from displback.sim.machine import SimMachine
+from displback.sim.hypervisor import HypervisorThread
+from displback.sim.machine import SimMachine, sim_machine
 
 XRGB = PixelFormat.XRGB8888
+SPEC = "connectors=c0:320x240"
+
+
+@asynccontextmanager
+async def connected_guest(
+    hypervisor: HypervisorThread, tmp_path: Path, spec: str = SPEC, *, domid: int = 1,
+    **machine_options: Any,
+) -> AsyncIterator[tuple[SimMachine, SimGuest]]:
+    """A simulated machine with one guest whose vdispl device (``spec``) is connected."""
+    async with sim_machine(hypervisor, tmp_path, **machine_options) as machine:
+        await machine.add_guest(domid, spec)
+        async with machine.guest(domid) as guest:
+            await guest.wait_connected()
+            yield machine, guest
 
 
 def rgb_of(output: Any) -> np.ndarray[Any, Any]:
@@ -75,6 +93,30 @@ async def new_guest_buffers(
     bufs = [await guest.create_dumb(width, height, fmt.bpp) for _ in range(count)]
     fbs = [await guest.add_fb(b, width, height, fmt) for b in bufs]
     return bufs, fbs
+
+
+async def show(
+    guest: SimGuest, connector: int, width: int, height: int, fmt: PixelFormat = XRGB, *,
+    frame: int = 1, count: int = 2,
+) -> tuple[list[DumbBuffer], list[Framebuffer]]:
+    """``count`` buffers with a framebuffer each; ``frame`` painted into the first, which
+    SET_CONFIG then shows on ``connector``."""
+    bufs, fbs = await new_guest_buffers(guest, width, height, fmt, count)
+    paint(bufs[0], fbs[0], connector=connector, frame=frame)
+    await guest.set_config(connector, fbs[0])
+    return bufs, fbs
+
+
+async def show_frames(machine: SimMachine, guest: SimGuest, first: int, count: int = 3,
+                      output: str = "A") -> None:
+    """Show ``first`` on connector 0 (320×240), flip to the next ``count - 1`` frames (double
+    buffered), each seen on ``output``, then release it all."""
+    bufs, fbs = await show(guest, 0, 320, 240, frame=first)
+    for frame in range(first + 1, first + count):
+        back = (frame - first) % 2
+        await flip_frame(guest, 0, bufs[back], fbs[back], frame)
+        assert shown(machine.output(output), 320, 240) == (0, frame)
+    await release(guest, 0, bufs, fbs)
 
 
 async def release(guest: SimGuest, connector: int, bufs: list[DumbBuffer],

@@ -13,26 +13,7 @@ from displback.protocol.xenbus import XenbusState
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
-from tests.backend.support import (
-    flip_frame,
-    new_guest_buffers,
-    paint,
-    release,
-    shown,
-    wait_until,
-)
-
-SPEC = "connectors=c0:320x240"
-
-
-async def _show_frames(w: SimMachine, guest: SimGuest, first: int, count: int = 3) -> None:
-    bufs, fbs = await new_guest_buffers(guest, 320, 240)
-    paint(bufs[0], fbs[0], connector=0, frame=first)
-    await guest.set_config(0, fbs[0])
-    for frame in range(first + 1, first + count):
-        await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
-        assert shown(w.output("A"), 320, 240) == (0, frame)
-    await release(guest, 0, bufs, fbs)
+from tests.backend.support import SPEC, connected_guest, show_frames, shown, wait_until
 
 
 def _status(w: SimMachine, domid: int) -> DeviceStatus:
@@ -59,7 +40,7 @@ async def test_driver_unload_and_reload_reconnects(
             for session in range(3):
                 async with w.guest(1) as guest:
                     await guest.wait_connected()
-                    await _show_frames(w, guest, 10 * session)
+                    await show_frames(w, guest, 10 * session)
                 # The remove path saw InitWait again: the device is ready for the next probe.
                 await wait_until(lambda: _status(w, 1).state == "init-wait")
             assert _status(w, 1).connects == 3
@@ -79,7 +60,7 @@ async def test_guest_reboot_while_connected_is_torn_down_and_reconnected(
                 old.crash()
                 async with w.guest(1) as new:
                     await new.wait_connected()
-                    await _show_frames(w, new, 100)
+                    await show_frames(w, new, 100)
             assert _status(w, 1).connects == 2
 
 
@@ -119,7 +100,7 @@ async def test_toolstack_removal_gets_closed_in_time_and_forgets_the_device(
             await w.add_guest(1, SPEC)
             async with w.guest(1) as guest:
                 await guest.wait_connected()
-                await _show_frames(w, guest, 1)
+                await show_frames(w, guest, 1)
 
 
 async def _exists(w: SimMachine, path: str) -> bool:
@@ -133,20 +114,17 @@ async def test_daemon_restart_with_the_guest_running_resets_it_and_it_flips_agai
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await _flips_continue(guest)
-                await w.restart_backend()
-                await wait_until(lambda: guest.stats.handshakes == 2)
-                await guest.wait_connected()
-                assert guest.state is XenbusState.CONNECTED
-                await _flips_continue(guest)
-                stats = guest.connector_stats(0)
-                assert stats.flip_errors == 0 and stats.events_skipped == 0
-                assert _status(w, 1).connects == 1
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            guest.start_drawing(fps=200)
+            await _flips_continue(guest)
+            await w.restart_backend()
+            await wait_until(lambda: guest.stats.handshakes == 2)
+            await guest.wait_connected()
+            assert guest.state is XenbusState.CONNECTED
+            await _flips_continue(guest)
+            stats = guest.connector_stats(0)
+            assert stats.flip_errors == 0 and stats.events_skipped == 0
+            assert _status(w, 1).connects == 1
 
 
 async def test_two_guests_with_two_connectors_each_show_on_four_outputs(
@@ -196,7 +174,7 @@ async def test_a_protocol_violation_closes_only_that_device_which_reconnects_lat
                     await bad.wait_connected()  # after the back-off
                     assert bad.stats.handshakes == 2
                     assert good.connector_stats(0).flips_ok > before
-                    await _show_frames(w, bad, 50)
+                    await show_frames(w, bad, 50)
                     await _flips_continue(good)
                     stats = good.connector_stats(0)
                     assert stats.frame_done_timeouts == stats.flip_errors == 0
@@ -212,13 +190,13 @@ async def test_a_device_detached_and_attached_again_at_once_is_served_again(
             for round_ in range(3):
                 async with w.guest(1) as guest:
                     await guest.wait_connected()
-                    await _show_frames(w, guest, 10 * round_)
+                    await show_frames(w, guest, 10 * round_)
                 # xl vdispl-detach immediately followed by xl vdispl-attach.
                 assert await w.toolstack.remove_vdispl(1, 0)
                 await w.add_guest(1, SPEC)
             async with w.guest(1) as guest:
                 await guest.wait_connected()
-                await _show_frames(w, guest, 100)
+                await show_frames(w, guest, 100)
 
 
 async def test_reconnecting_right_after_a_teardown_mid_flip_gets_no_errors(
@@ -246,16 +224,13 @@ async def test_daemon_restarts_mid_flip_cost_the_guest_no_errors(
 ) -> None:
     outputs = [OutputConfig("A", 320, 240, refresh_hz=20)]
     with trio.fail_after(30):
-        async with sim_machine(hypervisor, tmp_path, outputs) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=1000)
-                for _ in range(4):
-                    await _flips_continue(guest, more=2)
-                    target = guest.stats.handshakes + 1
-                    await w.restart_backend()
-                    await _handshakes_reach(guest, target)
-                await _flips_continue(guest)
-                stats = guest.connector_stats(0)
-                assert stats.set_config_errors == stats.flip_errors == 0
+        async with connected_guest(hypervisor, tmp_path, outputs=outputs) as (w, guest):
+            guest.start_drawing(fps=1000)
+            for _ in range(4):
+                await _flips_continue(guest, more=2)
+                target = guest.stats.handshakes + 1
+                await w.restart_backend()
+                await _handshakes_reach(guest, target)
+            await _flips_continue(guest)
+            stats = guest.connector_stats(0)
+            assert stats.set_config_errors == stats.flip_errors == 0
