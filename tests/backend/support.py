@@ -55,6 +55,13 @@ async def wait_until(predicate: Callable[[], bool], poll: float = 0.01) -> None:
         await trio.sleep(poll)
 
 
+async def flips_continue(guest: SimGuest, connector: int = 0, more: int = 3) -> None:
+    """Wait until the guest has completed ``more`` further flips on ``connector``."""
+    stats = guest.connector_stats(connector)
+    target = stats.flips_ok + more
+    await wait_until(lambda: stats.flips_ok >= target)
+
+
 def paint(buf: DumbBuffer, fb: Framebuffer, *, connector: int, frame: int,
           pitch: int | None = None, offset: int | None = None) -> None:
     """Draw the pattern of (connector, frame) into ``fb`` the way the guest lays it out."""

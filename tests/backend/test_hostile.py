@@ -27,31 +27,15 @@ from displback.sim.guest import (
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
 from tests.backend.support import (
-    flip_frame,
+    SPEC,
+    connected_guest,
+    flips_continue,
     new_guest_buffers,
-    paint,
-    release,
-    shown,
+    show,
+    show_frames,
     store_of,
     wait_until,
 )
-
-SPEC = "connectors=c0:320x240"
-
-
-async def _still_works(w: SimMachine, guest: SimGuest, frame: int, output: str = "A") -> None:
-    bufs, fbs = await new_guest_buffers(guest, 320, 240)
-    paint(bufs[0], fbs[0], connector=0, frame=frame)
-    await guest.set_config(0, fbs[0])
-    await flip_frame(guest, 0, bufs[1], fbs[1], frame + 1)
-    assert shown(w.output(output), 320, 240) == (0, frame + 1)
-    await release(guest, 0, bufs, fbs)
-
-
-async def _flips_continue(guest: SimGuest, more: int = 3) -> None:
-    stats = guest.connector_stats(0)
-    target = stats.flips_ok + more
-    await wait_until(lambda: stats.flips_ok >= target)
 
 
 async def test_garbage_requests_get_answers_and_never_close_the_device(
@@ -59,39 +43,36 @@ async def test_garbage_requests_get_answers_and_never_close_the_device(
 ) -> None:
     rng = random.Random(20240601)
     with trio.fail_after(30):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                # Known cookies make the garbage reach deeper checks now and then.
-                cookies = [b.cookie for b in bufs] + [f.cookie for f in fbs]
-                answered = 0
-                for n in range(300):
-                    packet = bytearray(rng.randbytes(64))
-                    if n % 3:  # a known operation with a garbage body
-                        packet[2] = rng.choice(list(Op))
-                    if n % 5 == 0:
-                        struct.pack_into("<Q", packet, 8, rng.choice(cookies))
-                    try:
-                        await guest.raw_request(0, bytes(packet))
-                    except GuestRequestError as exc:
-                        assert exc.errno != errno.ETIMEDOUT
-                    answered += 1
-                assert answered == 300
-                stats = guest.connector_stats(0)
-                assert stats.response_timeouts == 0 and stats.responses_ignored == 0
-                assert guest.stats.disconnects == 0
-                [status] = w.backend.statuses()
-                assert status.violations == 0
-                # The garbage may have detached or destroyed ours (their cookies are known):
-                # that is the guest's own doing, answered like any request.
-                await guest.set_config(0, None)
-                for call in [*(guest.rm_fb(f) for f in fbs),
-                             *(guest.destroy_dumb(b) for b in bufs)]:
-                    with contextlib.suppress(GuestRequestError):
-                        await call
-                await _still_works(w, guest, 10)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await new_guest_buffers(guest, 320, 240)
+            # Known cookies make the garbage reach deeper checks now and then.
+            cookies = [b.cookie for b in bufs] + [f.cookie for f in fbs]
+            answered = 0
+            for n in range(300):
+                packet = bytearray(rng.randbytes(64))
+                if n % 3:  # a known operation with a garbage body
+                    packet[2] = rng.choice(list(Op))
+                if n % 5 == 0:
+                    struct.pack_into("<Q", packet, 8, rng.choice(cookies))
+                try:
+                    await guest.raw_request(0, bytes(packet))
+                except GuestRequestError as exc:
+                    assert exc.errno != errno.ETIMEDOUT
+                answered += 1
+            assert answered == 300
+            stats = guest.connector_stats(0)
+            assert stats.response_timeouts == 0 and stats.responses_ignored == 0
+            assert guest.stats.disconnects == 0
+            [status] = w.backend.statuses()
+            assert status.violations == 0
+            # The garbage may have detached or destroyed ours (their cookies are known):
+            # that is the guest's own doing, answered like any request.
+            await guest.set_config(0, None)
+            for call in [*(guest.rm_fb(f) for f in fbs),
+                         *(guest.destroy_dumb(b) for b in bufs)]:
+                with contextlib.suppress(GuestRequestError):
+                    await call
+            await show_frames(w, guest, 10, count=2)
 
 
 def _forge(guest: SimGuest, page: int, offset: int, value: int | str) -> None:
@@ -119,43 +100,37 @@ async def test_forged_directories_are_refused_and_leave_nothing_mapped(
     hypervisor: HypervisorThread, tmp_path: Path, page: int, offset: int, value: int | str
 ) -> None:
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                _forge(guest, page, offset, value)
-                with pytest.raises(GuestRequestError) as exc:
-                    await guest.create_dumb(1024, 1500, 32)  # 1500 pages, 2 directory pages
-                assert exc.value.errno == EINVAL
-                guest.on_directory = None
-                assert guest.pending_end_access == 0  # the backend kept nothing mapped
-                assert store_of(w, 1).stats.buffers == 0
-                big = await guest.create_dumb(1024, 1500, 32)
-                await guest.destroy_dumb(big)
-                await _still_works(w, guest, 1)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            _forge(guest, page, offset, value)
+            with pytest.raises(GuestRequestError) as exc:
+                await guest.create_dumb(1024, 1500, 32)  # 1500 pages, 2 directory pages
+            assert exc.value.errno == EINVAL
+            guest.on_directory = None
+            assert guest.pending_end_access == 0  # the backend kept nothing mapped
+            assert store_of(w, 1).stats.buffers == 0
+            big = await guest.create_dumb(1024, 1500, 32)
+            await guest.destroy_dumb(big)
+            await show_frames(w, guest, 1, count=2)
 
 
 async def test_requests_pointing_at_the_wrong_pages_are_refused(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                ring_gref = int(await guest.xenstore.read(
-                    f"{connector_dir(1, 0, 0)}/{REQ_RING_REF}"))
-                for gref in (ring_gref, 0xFFFF_FFFE):
-                    guest.set_request_hook(Op.DBUF_CREATE, _at(36, gref))
-                    with pytest.raises(GuestRequestError):
-                        await guest.create_dumb(320, 240, 32)
-                    guest.set_request_hook(Op.GET_EDID, _at(12, gref))
-                    with pytest.raises(GuestRequestError):
-                        await guest.get_edid(0)
-                guest.set_request_hook(Op.DBUF_CREATE, None)
-                guest.set_request_hook(Op.GET_EDID, None)
-                assert guest.connected and guest.pending_end_access == 0
-                await _still_works(w, guest, 1)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            ring_gref = int(await guest.xenstore.read(
+                f"{connector_dir(1, 0, 0)}/{REQ_RING_REF}"))
+            for gref in (ring_gref, 0xFFFF_FFFE):
+                guest.set_request_hook(Op.DBUF_CREATE, _at(36, gref))
+                with pytest.raises(GuestRequestError):
+                    await guest.create_dumb(320, 240, 32)
+                guest.set_request_hook(Op.GET_EDID, _at(12, gref))
+                with pytest.raises(GuestRequestError):
+                    await guest.get_edid(0)
+            guest.set_request_hook(Op.DBUF_CREATE, None)
+            guest.set_request_hook(Op.GET_EDID, None)
+            assert guest.connected and guest.pending_end_access == 0
+            await show_frames(w, guest, 1, count=2)
 
 
 def _at(offset: int, value: int) -> RequestHook:
@@ -171,16 +146,13 @@ async def test_stray_notifications_change_nothing(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                for _ in range(200):
-                    guest.notify(0, "evt")
-                    guest.notify(0, "req")
-                await trio.sleep(0.05)
-                await _still_works(w, guest, 1)
-                assert guest.stats.disconnects == 0
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            for _ in range(200):
+                guest.notify(0, "evt")
+                guest.notify(0, "req")
+            await trio.sleep(0.05)
+            await show_frames(w, guest, 1, count=2)
+            assert guest.stats.disconnects == 0
 
 
 async def _broken_transport_closes_only_that_device(
@@ -193,10 +165,8 @@ async def _broken_transport_closes_only_that_device(
         async with w.guest(2) as good:
             await good.wait_connected()  # output B
             good.start_drawing(fps=200)
-            await _flips_continue(good)
-            bufs, fbs = await new_guest_buffers(bad, 320, 240)
-            paint(bufs[0], fbs[0], connector=0, frame=1)
-            await bad.set_config(0, fbs[0])
+            await flips_continue(good)
+            bufs, fbs = await show(bad, 0, 320, 240)
             break_it(bad)
             if flip_after:
                 assert await bad.page_flip(0, fbs[1]) in (FlipResult.RELEASED,
@@ -207,8 +177,8 @@ async def _broken_transport_closes_only_that_device(
             for buf in bufs:  # the reset freed them; the handles are stale
                 assert buf.freed
             await bad.wait_connected()  # after the back-off
-            await _still_works(w, bad, 20)
-            await _flips_continue(good)
+            await show_frames(w, bad, 20, count=2)
+            await flips_continue(good)
             stats = good.connector_stats(0)
             assert stats.frame_done_timeouts == stats.flip_errors == 0
             assert good.stats.disconnects == 0
@@ -261,7 +231,7 @@ async def test_a_bogus_ring_reference_fails_the_connect_and_a_fixed_one_connects
                 assert not guest.connected  # Linux ignores Closed while Initialised
                 await guest.xenstore.write(node, good_value[0])
                 await guest.wait_connected()
-                await _still_works(w, guest, 1)
+                await show_frames(w, guest, 1, count=2)
 
 
 async def test_the_daemon_survives_everything_at_once(
@@ -297,6 +267,6 @@ async def test_the_daemon_survives_everything_at_once(
             await w.add_guest(4, SPEC)
             async with w.guest(4) as g4:
                 await g4.wait_connected()
-                await _still_works(w, g4, 1)
+                await show_frames(w, g4, 1, count=2)
             assert not w.backend_scope.cancel_called
 

@@ -13,18 +13,19 @@ from displback.protocol.xenbus import XenbusState
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
-from tests.backend.support import SPEC, connected_guest, show_frames, shown, wait_until
+from tests.backend.support import (
+    SPEC,
+    connected_guest,
+    flips_continue,
+    show_frames,
+    shown,
+    wait_until,
+)
 
 
 def _status(w: SimMachine, domid: int) -> DeviceStatus:
     [status] = [s for s in w.backend.statuses() if s.domid == domid]
     return status
-
-
-async def _flips_continue(guest: SimGuest, connector: int = 0, more: int = 3) -> None:
-    stats = guest.connector_stats(connector)
-    target = stats.flips_ok + more
-    await wait_until(lambda: stats.flips_ok >= target)
 
 
 async def _handshakes_reach(guest: SimGuest, count: int) -> None:
@@ -55,7 +56,7 @@ async def test_guest_reboot_while_connected_is_torn_down_and_reconnected(
             async with w.guest(1) as old:
                 await old.wait_connected()
                 old.start_drawing(fps=200)
-                await _flips_continue(old)
+                await flips_continue(old)
                 # The old kernel vanishes without a word; the new one probes (state 1).
                 old.crash()
                 async with w.guest(1) as new:
@@ -73,8 +74,8 @@ async def test_guest_crash_mid_flip_then_domain_destroy_forgets_the_device(
             async with w.guest(1) as guest:
                 await guest.wait_connected()
                 guest.start_drawing(fps=500)
-                await _flips_continue(guest, 0)
-                await _flips_continue(guest, 1)
+                await flips_continue(guest, 0)
+                await flips_continue(guest, 1)
                 guest.crash()
                 await w.toolstack.destroy_domain(1)
                 await wait_until(lambda: not w.backend.devices)
@@ -90,7 +91,7 @@ async def test_toolstack_removal_gets_closed_in_time_and_forgets_the_device(
             async with w.guest(1) as guest:
                 await guest.wait_connected()
                 guest.start_drawing(fps=200)
-                await _flips_continue(guest)
+                await flips_continue(guest)
                 assert await w.toolstack.remove_vdispl(1, 0)
                 await wait_until(lambda: not w.backend.devices)
                 for path in ("/local/domain/0/backend/vdispl/1/0", "/libxl/1/device/vdispl/0"):
@@ -116,12 +117,12 @@ async def test_daemon_restart_with_the_guest_running_resets_it_and_it_flips_agai
     with trio.fail_after(20):
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             guest.start_drawing(fps=200)
-            await _flips_continue(guest)
+            await flips_continue(guest)
             await w.restart_backend()
             await wait_until(lambda: guest.stats.handshakes == 2)
             await guest.wait_connected()
             assert guest.state is XenbusState.CONNECTED
-            await _flips_continue(guest)
+            await flips_continue(guest)
             stats = guest.connector_stats(0)
             assert stats.flip_errors == 0 and stats.events_skipped == 0
             assert _status(w, 1).connects == 1
@@ -143,7 +144,7 @@ async def test_two_guests_with_two_connectors_each_show_on_four_outputs(
                         g.start_drawing(fps=200)
                     for g in (g1, g2):
                         for c in (0, 1):
-                            await _flips_continue(g, c, 5)
+                            await flips_continue(g, c, 5)
                     for name, connector, size in (("A", 0, (640, 480)), ("B", 1, (320, 240)),
                                                   ("C", 0, (640, 480)), ("D", 1, (320, 240))):
                         assert shown(w.output(name), *size)[0] == connector
@@ -165,7 +166,7 @@ async def test_a_protocol_violation_closes_only_that_device_which_reconnects_lat
                 async with w.guest(2) as good:
                     await good.wait_connected()  # output B
                     good.start_drawing(fps=200)
-                    await _flips_continue(good)
+                    await flips_continue(good)
                     bad.scribble_ring(0, "req_prod", 1000)
                     bad.notify(0)
                     await wait_until(lambda: bad.stats.disconnects == 1)
@@ -175,7 +176,7 @@ async def test_a_protocol_violation_closes_only_that_device_which_reconnects_lat
                     assert bad.stats.handshakes == 2
                     assert good.connector_stats(0).flips_ok > before
                     await show_frames(w, bad, 50)
-                    await _flips_continue(good)
+                    await flips_continue(good)
                     stats = good.connector_stats(0)
                     assert stats.frame_done_timeouts == stats.flip_errors == 0
                     assert good.stats.disconnects == 0
@@ -213,7 +214,7 @@ async def test_reconnecting_right_after_a_teardown_mid_flip_gets_no_errors(
                 async with w.guest(1, remove_timeout=0.2) as guest:
                     await guest.wait_connected()
                     guest.start_drawing(fps=1000)
-                    await _flips_continue(guest, more=2)
+                    await flips_continue(guest, more=2)
                     # ... and unload at once, mid-flip; reload at once.
                 stats = guest.connector_stats(0)
                 assert stats.set_config_errors == stats.flip_errors == 0
@@ -227,10 +228,10 @@ async def test_daemon_restarts_mid_flip_cost_the_guest_no_errors(
         async with connected_guest(hypervisor, tmp_path, outputs=outputs) as (w, guest):
             guest.start_drawing(fps=1000)
             for _ in range(4):
-                await _flips_continue(guest, more=2)
+                await flips_continue(guest, more=2)
                 target = guest.stats.handshakes + 1
                 await w.restart_backend()
                 await _handshakes_reach(guest, target)
-            await _flips_continue(guest)
+            await flips_continue(guest)
             stats = guest.connector_stats(0)
             assert stats.set_config_errors == stats.flip_errors == 0
