@@ -21,10 +21,13 @@ from displback.sim.guest import FlipResult, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
 from tests.backend.support import (
+    connected_guest,
     flip_frame,
     new_guest_buffers,
     paint,
     release,
+    show,
+    show_frames,
     shown,
     store_of,
     wait_until,
@@ -37,27 +40,22 @@ async def test_flip_on_a_disabled_connector_gets_its_event_but_leaves_the_output
     # Linux sends PG_FLIP for any plane update with an FB before and after, also while the
     # CRTC is off (DPMS off after SET_CONFIG disable): the output must stay dark.
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                output = w.output("A")
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])
-                await guest.set_config(0, None)
-                assert not output.enabled
-                paint(bufs[1], fbs[1], connector=0, frame=2)
-                assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE
-                assert not output.enabled
-                # Enabled again, the connector shows what SET_CONFIG names and flips on.
-                await guest.set_config(0, fbs[1])
-                assert shown(output, 320, 240) == (0, 2)
-                await flip_frame(guest, 0, bufs[0], fbs[0], 3)
-                assert shown(output, 320, 240) == (0, 3)
-                stats = guest.connector_stats(0)
-                assert stats.flips_ok == stats.events == 2 and stats.events_skipped == 0
-                await release(guest, 0, bufs, fbs)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240)
+            output = w.output("A")
+            await guest.set_config(0, None)
+            assert not output.enabled
+            paint(bufs[1], fbs[1], connector=0, frame=2)
+            assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE
+            assert not output.enabled
+            # Enabled again, the connector shows what SET_CONFIG names and flips on.
+            await guest.set_config(0, fbs[1])
+            assert shown(output, 320, 240) == (0, 2)
+            await flip_frame(guest, 0, bufs[0], fbs[0], 3)
+            assert shown(output, 320, 240) == (0, 3)
+            stats = guest.connector_stats(0)
+            assert stats.flips_ok == stats.events == 2 and stats.events_skipped == 0
+            await release(guest, 0, bufs, fbs)
 
 
 async def test_a_frame_the_output_fails_unforeseeably_is_dropped_and_its_flip_still_completes(
@@ -77,20 +75,15 @@ async def test_a_frame_the_output_fails_unforeseeably_is_dropped_and_its_flip_st
 
     monkeypatch.setattr(VirtualOutput, "flip", flaky)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])  # flip 1
-                paint(bufs[1], fbs[1], connector=0, frame=2)
-                assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE  # flip 2 fails
-                assert shown(w.output("A"), 320, 240) == (0, 1)
-                await flip_frame(guest, 0, bufs[0], fbs[0], 3)
-                assert shown(w.output("A"), 320, 240) == (0, 3)
-                assert guest.stats.disconnects == 0
-                await release(guest, 0, bufs, fbs)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240)  # flip 1
+            paint(bufs[1], fbs[1], connector=0, frame=2)
+            assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE  # flip 2 fails
+            assert shown(w.output("A"), 320, 240) == (0, 1)
+            await flip_frame(guest, 0, bufs[0], fbs[0], 3)
+            assert shown(w.output("A"), 320, 240) == (0, 3)
+            assert guest.stats.disconnects == 0
+            await release(guest, 0, bufs, fbs)
 
 
 async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_instead_of_wedging_it(
@@ -110,24 +103,17 @@ async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_inst
 
     monkeypatch.setattr(EventProducer, "put_pg_flip", flaky)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])
-                assert await guest.page_flip(0, fbs[1]) in (
-                    FlipResult.RELEASED, FlipResult.FRAME_DONE_TIMEOUT
-                )
-                await wait_until(lambda: guest.stats.disconnects == 1)
-                await guest.wait_connected()  # after the back-off
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                paint(bufs[0], fbs[0], connector=0, frame=4)
-                await guest.set_config(0, fbs[0])
-                await flip_frame(guest, 0, bufs[1], fbs[1], 5)
-                assert shown(w.output("A"), 320, 240) == (0, 5)
-                await release(guest, 0, bufs, fbs)
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240)
+            assert await guest.page_flip(0, fbs[1]) in (
+                FlipResult.RELEASED, FlipResult.FRAME_DONE_TIMEOUT
+            )
+            await wait_until(lambda: guest.stats.disconnects == 1)
+            await guest.wait_connected()  # after the back-off
+            bufs, fbs = await show(guest, 0, 320, 240, frame=4)
+            await flip_frame(guest, 0, bufs[1], fbs[1], 5)
+            assert shown(w.output("A"), 320, 240) == (0, 5)
+            await release(guest, 0, bufs, fbs)
 
 
 async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_queue_forever(
@@ -136,24 +122,21 @@ async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_que
     monkeypatch.setattr(SimGuest, "_on_events", lambda self, link, evt: None)
     flips = EVT_PAGE_SLOTS + MAX_QUEUED_EVENTS + 40
     with trio.fail_after(30):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
-                await guest.set_config(0, fbs[0])
-                for _ in range(flips):
-                    await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
-                [status] = w.backend.statuses()
-                connector = status.connectors[0]
-                await wait_until(
-                    lambda: connector.stats.events_sent + connector.queued_events
-                    + connector.stats.events_dropped == flips
-                )
-                assert connector.stats.events_sent == EVT_PAGE_SLOTS
-                assert connector.queued_events == MAX_QUEUED_EVENTS
-                assert connector.stats.events_dropped == 40
-                assert guest.stats.disconnects == 0
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
+            await guest.set_config(0, fbs[0])
+            for _ in range(flips):
+                await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
+            [status] = w.backend.statuses()
+            connector = status.connectors[0]
+            await wait_until(
+                lambda: connector.stats.events_sent + connector.queued_events
+                + connector.stats.events_dropped == flips
+            )
+            assert connector.stats.events_sent == EVT_PAGE_SLOTS
+            assert connector.queued_events == MAX_QUEUED_EVENTS
+            assert connector.stats.events_dropped == 40
+            assert guest.stats.disconnects == 0
 
 
 async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_is_retried(
@@ -173,17 +156,10 @@ async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_i
 
     monkeypatch.setattr(OutputMap, "acquire", flaky)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()  # the second attempt, after the back-off
-                assert calls == 2
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])
-                await flip_frame(guest, 0, bufs[1], fbs[1], 2)
-                assert shown(w.output("A"), 320, 240) == (0, 2)
-                await release(guest, 0, bufs, fbs)
+        # Connected at the second attempt, after the back-off.
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            assert calls == 2
+            await show_frames(w, guest, 1, count=2)
 
 
 async def test_destroy_under_fd_exhaustion_still_releases_the_guest_pages(
@@ -200,20 +176,17 @@ async def test_destroy_under_fd_exhaustion_still_releases_the_guest_pages(
         return real_open(path, *args, **kwargs)
 
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                buf = await guest.create_dumb(320, 240, 32)
-                store = store_of(w, 1)
-                assert store.buffer_info(buf.cookie).kind is BufferKind.ZERO_COPY
-                fd = store.buffer_info(buf.cookie).dmabuf_fd
-                assert fd is not None
-                monkeypatch.setattr(os, "open", exhausted)
-                await guest.destroy_dumb(buf)  # raises GuestRequestError on failure
-                monkeypatch.undo()
-                assert guest.pending_end_access == 0
-                assert w.backend.deferred is not None and w.backend.deferred.pending() == 0
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            buf = await guest.create_dumb(320, 240, 32)
+            store = store_of(w, 1)
+            assert store.buffer_info(buf.cookie).kind is BufferKind.ZERO_COPY
+            fd = store.buffer_info(buf.cookie).dmabuf_fd
+            assert fd is not None
+            monkeypatch.setattr(os, "open", exhausted)
+            await guest.destroy_dumb(buf)  # raises GuestRequestError on failure
+            monkeypatch.undo()
+            assert guest.pending_end_access == 0
+            assert w.backend.deferred is not None and w.backend.deferred.pending() == 0
 
 
 async def test_a_tree_a_driver_domain_may_no_longer_read_counts_as_vanished() -> None:

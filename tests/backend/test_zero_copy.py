@@ -15,44 +15,37 @@ from displback.backend.device import BackendSettings
 from displback.protocol.constants import EOPNOTSUPP
 from displback.sim.guest import GuestRequestError
 from displback.sim.hypervisor import HypervisorThread
-from displback.sim.machine import sim_machine
 from tests.backend.support import (
+    connected_guest,
     flip_frame,
     new_guest_buffers,
-    paint,
     release,
+    show,
     shown,
     store_of,
     wait_until,
 )
-
-SPEC = "connectors=c0:320x240"
 
 
 async def test_destroying_the_on_screen_zero_copy_buffer_keeps_the_last_frame(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                store = store_of(w, 1)
-                assert all(store.buffer_info(b.cookie).kind is BufferKind.ZERO_COPY for b in bufs)
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])
-                await flip_frame(guest, 0, bufs[1], fbs[1], 2)
-                assert fbs[1].cookie in store.buffer_info(bufs[1].cookie).framebuffers
-                # Destroyed with its framebuffer still attached and on screen.
-                await guest.destroy_dumb(bufs[1])
-                assert guest.pending_end_access == 0  # nothing in Dom0 holds its pages
-                assert w.output("A").enabled
-                assert shown(w.output("A"), 320, 240) == (0, 2)
-                await guest.set_config(0, None)
-                await guest.rm_fb(fbs[0])
-                await guest.destroy_dumb(bufs[0])
-                assert store.stats.buffers == 0 and w.output("A").live_framebuffers == 0
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240)
+            store = store_of(w, 1)
+            assert all(store.buffer_info(b.cookie).kind is BufferKind.ZERO_COPY for b in bufs)
+            await flip_frame(guest, 0, bufs[1], fbs[1], 2)
+            assert fbs[1].cookie in store.buffer_info(bufs[1].cookie).framebuffers
+            # Destroyed with its framebuffer still attached and on screen.
+            await guest.destroy_dumb(bufs[1])
+            assert guest.pending_end_access == 0  # nothing in Dom0 holds its pages
+            assert w.output("A").enabled
+            assert shown(w.output("A"), 320, 240) == (0, 2)
+            await guest.set_config(0, None)
+            await guest.rm_fb(fbs[0])
+            await guest.destroy_dumb(bufs[0])
+            assert store.stats.buffers == 0 and w.output("A").live_framebuffers == 0
 
 
 async def test_wait_free_timeout_defers_the_release_until_the_importer_lets_go(
@@ -60,37 +53,30 @@ async def test_wait_free_timeout_defers_the_release_until_the_importer_lets_go(
 ) -> None:
     settings = BackendSettings(wait_free_ms=50)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path, settings=settings) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
-                paint(bufs[0], fbs[0], connector=0, frame=4)
-                await guest.set_config(0, fbs[0])
-                fd = store_of(w, 1).buffer_info(bufs[0].cookie).dmabuf_fd
-                assert fd is not None
-                stubborn = w.platform.open_dmabuf(fd)  # another importer that holds on
-                try:
-                    await guest.set_config(0, None)
-                    await guest.rm_fb(fbs[0])
-                    await guest.destroy_dumb(bufs[0])  # answered OK after the wait
-                    deferred = w.backend.deferred
-                    assert deferred is not None and deferred.pending(1) == 1
-                    assert guest.pending_end_access == bufs[0].npages
-                    retries = guest.stats.end_access_retries
-                    await wait_until(lambda: guest.stats.end_access_retries > retries)
-                    assert guest.pending_end_access == bufs[0].npages
-                finally:
-                    stubborn.close()
-                await wait_until(lambda: deferred.pending(1) == 0)
-                await wait_until(lambda: guest.pending_end_access == 0)
-                assert deferred.stats.released == 1 and deferred.stats.abandoned == 0
-                # The guest goes on as before.
-                bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
-                paint(bufs[0], fbs[0], connector=0, frame=5)
-                await guest.set_config(0, fbs[0])
-                assert shown(w.output("A"), 320, 240) == (0, 5)
-                await release(guest, 0, bufs, fbs)
+        async with connected_guest(hypervisor, tmp_path, settings=settings) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240, frame=4, count=1)
+            fd = store_of(w, 1).buffer_info(bufs[0].cookie).dmabuf_fd
+            assert fd is not None
+            stubborn = w.platform.open_dmabuf(fd)  # another importer that holds on
+            try:
+                await guest.set_config(0, None)
+                await guest.rm_fb(fbs[0])
+                await guest.destroy_dumb(bufs[0])  # answered OK after the wait
+                deferred = w.backend.deferred
+                assert deferred is not None and deferred.pending(1) == 1
+                assert guest.pending_end_access == bufs[0].npages
+                retries = guest.stats.end_access_retries
+                await wait_until(lambda: guest.stats.end_access_retries > retries)
+                assert guest.pending_end_access == bufs[0].npages
+            finally:
+                stubborn.close()
+            await wait_until(lambda: deferred.pending(1) == 0)
+            await wait_until(lambda: guest.pending_end_access == 0)
+            assert deferred.stats.released == 1 and deferred.stats.abandoned == 0
+            # The guest goes on as before.
+            bufs, fbs = await show(guest, 0, 320, 240, frame=5, count=1)
+            assert shown(w.output("A"), 320, 240) == (0, 5)
+            await release(guest, 0, bufs, fbs)
 
 
 _NO_EXPORT_ENOTTY = {"dmabuf_export_supported": False, "dmabuf_unsupported_errno": errno.ENOTTY}
@@ -122,24 +108,19 @@ async def test_frames_reach_the_output_by_copy_when_zero_copy_cannot_be_done(
 ) -> None:
     settings = BackendSettings(zero_copy=policy)
     with trio.fail_after(20), capture_logs() as logs:
-        async with sim_machine(hypervisor, tmp_path, settings=settings,
-                               platform_options=platform_options,
-                               display_options=display_options) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240)
-                store = store_of(w, 1)
-                assert all(store.buffer_info(b.cookie).kind is kind for b in bufs)
-                paint(bufs[0], fbs[0], connector=0, frame=1)
-                await guest.set_config(0, fbs[0])
-                assert shown(w.output("A"), 320, 240) == (0, 1)
-                for frame in range(2, 8):
-                    await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
-                    assert shown(w.output("A"), 320, 240) == (0, frame)
-                assert not store.framebuffer(fbs[0].cookie).zero_copy
-                await release(guest, 0, bufs, fbs)
-                assert guest.pending_end_access == 0
+        async with connected_guest(hypervisor, tmp_path, settings=settings,
+                                   platform_options=platform_options,
+                                   display_options=display_options) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240)
+            store = store_of(w, 1)
+            assert all(store.buffer_info(b.cookie).kind is kind for b in bufs)
+            assert shown(w.output("A"), 320, 240) == (0, 1)
+            for frame in range(2, 8):
+                await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
+                assert shown(w.output("A"), 320, 240) == (0, frame)
+            assert not store.framebuffer(fbs[0].cookie).zero_copy
+            await release(guest, 0, bufs, fbs)
+            assert guest.pending_end_access == 0
     copying = [e for e in logs if message in e["event"]]
     assert len(copying) == logged, copying
 
@@ -151,18 +132,15 @@ async def test_required_zero_copy_without_export_fails_dbuf_create_eopnotsupp(
 ) -> None:
     settings = BackendSettings(zero_copy=ZeroCopyPolicy.REQUIRE)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path, settings=settings,
-                               platform_options=options) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                for _ in range(2):  # the first settles it, the next knows
-                    with pytest.raises(GuestRequestError) as exc:
-                        await guest.create_dumb(320, 240, 32)
-                    assert exc.value.errno == EOPNOTSUPP
-                assert store_of(w, 1).stats.buffers == 0
-                assert guest.pending_end_access == 0
-                assert guest.connected
+        async with connected_guest(hypervisor, tmp_path, settings=settings,
+                                   platform_options=options) as (w, guest):
+            for _ in range(2):  # the first settles it, the next knows
+                with pytest.raises(GuestRequestError) as exc:
+                    await guest.create_dumb(320, 240, 32)
+                assert exc.value.errno == EOPNOTSUPP
+            assert store_of(w, 1).stats.buffers == 0
+            assert guest.pending_end_access == 0
+            assert guest.connected
 
 
 async def test_required_zero_copy_on_an_output_that_cannot_import_refuses_set_config(
@@ -170,16 +148,13 @@ async def test_required_zero_copy_on_an_output_that_cannot_import_refuses_set_co
 ) -> None:
     settings = BackendSettings(zero_copy=ZeroCopyPolicy.REQUIRE)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path, settings=settings,
-                               display_options={"import_supported": False}) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
-                with pytest.raises(GuestRequestError) as exc:
-                    await guest.set_config(0, fbs[0])
-                assert exc.value.errno == EOPNOTSUPP
-                assert not w.output("A").enabled
-                await guest.rm_fb(fbs[0])
-                await guest.destroy_dumb(bufs[0])
-                assert guest.pending_end_access == 0
+        async with connected_guest(hypervisor, tmp_path, settings=settings,
+                                   display_options={"import_supported": False}) as (w, guest):
+            bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
+            with pytest.raises(GuestRequestError) as exc:
+                await guest.set_config(0, fbs[0])
+            assert exc.value.errno == EOPNOTSUPP
+            assert not w.output("A").enabled
+            await guest.rm_fb(fbs[0])
+            await guest.destroy_dumb(bufs[0])
+            assert guest.pending_end_access == 0
