@@ -14,8 +14,7 @@ from displback.protocol.constants import EINVAL, ENOMEM
 from displback.protocol.pagedir import dir_pages_for
 from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
-from displback.sim.machine import sim_machine
-from tests.backend.support import XRGB, flip_frame, new_guest_buffers, paint, release, store_of
+from tests.backend.support import XRGB, connected_guest, flip_frame, release, show, store_of
 
 SPEC = "connectors=c0:320x240;c1:320x240"
 
@@ -45,9 +44,7 @@ async def _refused(errno: int, guest: SimGuest, npages: int) -> None:
 
 
 async def _still_works(guest: SimGuest) -> None:
-    bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
-    paint(bufs[0], fbs[0], connector=0, frame=1)
-    await guest.set_config(0, fbs[0])
+    bufs, fbs = await show(guest, 0, 320, 240, count=1)
     await flip_frame(guest, 0, bufs[0], fbs[0], 2)
     await release(guest, 0, bufs, fbs)
 
@@ -78,25 +75,22 @@ async def test_a_buffer_over_a_limit_is_refused_and_the_guest_goes_on(
 ) -> None:
     settings = BackendSettings(limits=limits)
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path, settings=settings) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                held = [await _pages(guest, n) for n in fill]
-                await _refused(errno, guest, refused)
-                assert guest.pending_end_access == 0  # the refused buffer left nothing mapped
-                if errno == EINVAL:
-                    assert dir_pages_for(then) <= limits.max_dir_pages
-                    fits = await _pages(guest, then)
-                    await guest.destroy_dumb(fits)
-                else:
-                    # Freeing some room lets the same request through.
-                    await guest.destroy_dumb(held.pop())
-                    held.append(await _pages(guest, then))
-                for buf in held:
-                    await guest.destroy_dumb(buf)
-                assert store_of(w, 1).quota.buffers == store_of(w, 1).quota.pages == 0
-                await _still_works(guest)
+        async with connected_guest(hypervisor, tmp_path, SPEC, settings=settings) as (w, guest):
+            held = [await _pages(guest, n) for n in fill]
+            await _refused(errno, guest, refused)
+            assert guest.pending_end_access == 0  # the refused buffer left nothing mapped
+            if errno == EINVAL:
+                assert dir_pages_for(then) <= limits.max_dir_pages
+                fits = await _pages(guest, then)
+                await guest.destroy_dumb(fits)
+            else:
+                # Freeing some room lets the same request through.
+                await guest.destroy_dumb(held.pop())
+                held.append(await _pages(guest, then))
+            for buf in held:
+                await guest.destroy_dumb(buf)
+            assert store_of(w, 1).quota.buffers == store_of(w, 1).quota.pages == 0
+            await _still_works(guest)
 
 
 async def test_a_guest_over_its_request_rate_is_throttled_and_every_request_answered(
@@ -105,30 +99,27 @@ async def test_a_guest_over_its_request_rate_is_throttled_and_every_request_answ
     rate, burst, requests = 200.0, 5, 40
     settings = BackendSettings(limits=_limits(requests_per_second=rate, request_burst=burst))
     with trio.fail_after(20):
-        async with sim_machine(hypervisor, tmp_path, settings=settings) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                buf = await _pages(guest, 4)
+        async with connected_guest(hypervisor, tmp_path, SPEC, settings=settings) as (w, guest):
+            buf = await _pages(guest, 4)
 
-                async def attach_detach() -> None:
-                    for _ in range(requests // 2):
-                        fb = await guest.add_fb(buf, 1024, 4, XRGB)
-                        await guest.rm_fb(fb)
+            async def attach_detach() -> None:
+                for _ in range(requests // 2):
+                    fb = await guest.add_fb(buf, 1024, 4, XRGB)
+                    await guest.rm_fb(fb)
 
-                async def edids(connector: int) -> None:
-                    for _ in range(requests // 4):
-                        await guest.get_edid(connector)
+            async def edids(connector: int) -> None:
+                for _ in range(requests // 4):
+                    await guest.get_edid(connector)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(attach_detach)
-                    nursery.start_soon(edids, 1)
-                [status] = w.backend.statuses()
-                connectors = status.connectors
-                assert sum(c.stats.throttled for c in connectors) > 0
-                assert sum(c.stats.errors for c in connectors) == 0
-                for index in (0, 1):
-                    stats = guest.connector_stats(index)
-                    assert stats.response_timeouts == 0 and stats.responses_ignored == 0
-                await guest.destroy_dumb(buf)
-                await _still_works(guest)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attach_detach)
+                nursery.start_soon(edids, 1)
+            [status] = w.backend.statuses()
+            connectors = status.connectors
+            assert sum(c.stats.throttled for c in connectors) > 0
+            assert sum(c.stats.errors for c in connectors) == 0
+            for index in (0, 1):
+                stats = guest.connector_stats(index)
+                assert stats.response_timeouts == 0 and stats.responses_ignored == 0
+            await guest.destroy_dumb(buf)
+            await _still_works(guest)
