@@ -175,7 +175,6 @@ class Connection:
         assert self._evtchn is not None
         evtchn = self._evtchn
         by_port = {c.req_port: c for c in self.connectors}
-        evt_ports = [c.evt_port for c in self.connectors]
         async with trio.open_nursery() as nursery:
             for connector in self.connectors:
                 nursery.start_soon(connector.run)
@@ -191,7 +190,7 @@ class Connection:
                     else:
                         stray.append(port)  # the guest never signals the event page
                 if stray:
-                    evtchn.unmask([p for p in stray if p in evt_ports] or stray)
+                    evtchn.unmask(stray)
 
     async def close(self) -> None:
         """Release everything: buffers first (their grants may wait), then rings and ports.
