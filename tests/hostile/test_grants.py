@@ -1,0 +1,234 @@
+"""Grant references a guest puts in its requests and directories: never granted, zero,
+repeated, another buffer's, granted to another domain, another domain's numbers, read-only,
+revoked before or while Dom0 maps them. A gref only ever names an entry of the requesting
+guest's own grant table granted to Dom0; anything else is ``-EINVAL`` with nothing mapped."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from displback.protocol.constants import PAGE_SIZE, Op
+from displback.protocol.layout import REQ_RING_REF, connector_dir
+from displback.protocol.messages import DbufCreateReq, GetEdidReq
+from displback.protocol.pagedir import build_directory
+from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.hypervisor import HypervisorThread
+from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
+from tests.hostile.support import HONEST, Arena, run_attack, set_field
+
+
+def _rewrite_refs(g: SimGuest, refs_of: Callable[[DumbBuffer], list[int]]) -> None:
+    """Before the next DBUF_CREATE, rewrite its whole directory to list ``refs_of(buf)``."""
+
+    def rewrite(buf: DumbBuffer) -> None:
+        dom = g._require_domain()
+        with dom.map_pages(buf.dir_pfns) as directory:
+            for i, page in enumerate(build_directory(refs_of(buf), buf.dir_grefs)):
+                directory.buffer[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
+
+    g.on_directory = rewrite
+
+
+async def _refused(a: Arena, g: SimGuest, expect: int | None = errno.EINVAL,
+                   shape: tuple[int, int] = (320, 240)) -> None:
+    """A DBUF_CREATE of ``shape`` is refused, nothing stays mapped or charged; then a
+    320×240 one without the forgery is served and shown on output B."""
+    with pytest.raises(GuestRequestError) as exc:
+        await g.create_dumb(*shape, 32)
+    if expect is not None:
+        assert exc.value.errno == expect
+    assert exc.value.errno != errno.ETIMEDOUT
+    g.on_directory = None
+    g.set_request_hook(Op.DBUF_CREATE, None)
+    g.set_request_hook(Op.GET_EDID, None)
+    assert g.pending_end_access == 0
+    [store] = a.stores(g.domid)
+    assert store.stats.buffers == 0 and store.quota.pages == 0
+    bufs, fbs = await show(g, 0, 320, 240, frame=9)
+    assert shown(a.machine.output("B"), 320, 240) == (0, 9)
+    await release(g, 0, bufs, fbs)
+
+
+@pytest.mark.parametrize("gref", [0, 0xFFFF_FFFE, 7], ids=["zero", "never-granted", "reserved"])
+async def test_a_directory_ref_no_one_granted_is_refused(
+    hypervisor: HypervisorThread, tmp_path: Path, gref: int
+) -> None:
+    async def attack(a: Arena, g: SimGuest) -> None:
+        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", gref))
+        await _refused(a, g)
+        g.set_request_hook(Op.GET_EDID, set_field(GetEdidReq, "gref_directory", gref))
+        with pytest.raises(GuestRequestError) as exc:
+            await g.get_edid(0)
+        assert exc.value.errno == errno.EINVAL
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def _refused_with_pages_granted(a: Arena, g: SimGuest, *, to_domid: int,
+                                      readonly: bool) -> None:
+    """The next DBUF_CREATE names other pages of the guest, granted as given: refused."""
+    dom = g._require_domain()
+    pfns = dom.alloc_pages(75)
+    extra = dom.grant_pages(pfns, to_domid, readonly=readonly)
+    _rewrite_refs(g, lambda buf: extra)
+    await _refused(a, g)
+    dom.end_access_pages(extra)
+    dom.free_pages(pfns)
+
+
+async def test_the_ring_page_as_a_directory_is_refused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """The ring page is granted to Dom0, but it holds indexes, not refs."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        ring = int(await g.xenstore.read(f"{connector_dir(g.domid, 0, 0)}/{REQ_RING_REF}"))
+        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", ring))
+        await _refused(a, g, expect=None)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_all_buffer_refs_zero_are_refused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    async def attack(a: Arena, g: SimGuest) -> None:
+        _rewrite_refs(g, lambda buf: [0] * buf.npages)
+        await _refused(a, g)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_refs_granted_to_another_domain_are_refused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """The attacker grants pages to the honest guest and names them to Dom0."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        await _refused_with_pages_granted(a, g, to_domid=HONEST, readonly=False)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_another_guests_gref_numbers_resolve_in_the_attackers_own_table(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """The honest guest's buffer refs, named by the attacker, are looked up in the
+    attacker's grant table, where nothing has those numbers: refused, and the honest
+    guest's memory is never mapped for the attacker."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        theirs = sorted({gref for b in a.honest._buffers.values() for gref in b.grefs})
+
+        def stolen(buf: DumbBuffer) -> list[int]:
+            # After the attacker granted this buffer: numbers above all of its own grants.
+            refs = [gref for gref in theirs if gref > max(buf.grefs + buf.dir_grefs)]
+            assert len(refs) >= buf.npages
+            return refs[: buf.npages]
+
+        _rewrite_refs(g, stolen)
+        await _refused(a, g, shape=(64, 64))  # 4 pages
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_read_only_grants_are_refused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Pages granted read-only cannot back a buffer Dom0 maps writable (dma-buf export)."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        await _refused_with_pages_granted(a, g, to_domid=0, readonly=True)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_refs_revoked_before_the_request_are_refused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """The guest grants half its pages afresh under new numbers and ends the old grants
+    after writing the directory: the directory names grants that no longer exist."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        dom = g._require_domain()
+
+        def revoke(buf: DumbBuffer) -> None:
+            old = buf.grefs[::2]
+            buf.grefs[::2] = dom.grant_pages(buf.pfns[::2], 0)
+            dom.end_access_pages(old)
+
+        g.on_directory = revoke
+        await _refused(a, g)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_refs_revoked_while_mapped_cannot_pull_pages_from_under_dom0(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Ending access to a buffer Dom0 maps is refused by Xen (EBUSY); the buffer keeps
+    working, and the guest's later destroy releases it."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        bufs, fbs = await show(g, 0, 320, 240, frame=3)
+        dom = g._require_domain()
+        for buf in bufs:
+            with pytest.raises(OSError) as exc:
+                dom.end_access_pages(buf.grefs)
+            assert exc.value.errno == errno.EBUSY
+        for frame in (4, 5):
+            await flip_frame(g, 0, bufs[frame % 2], fbs[frame % 2], frame)
+            assert shown(a.machine.output("B"), 320, 240) == (0, frame)
+        await release(g, 0, bufs, fbs)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+@pytest.mark.parametrize("where", ["everywhere", "last"])
+async def test_a_ref_repeated_within_a_buffer_is_refused(
+    hypervisor: HypervisorThread, tmp_path: Path, where: str
+) -> None:
+    """A directory naming one granted page twice (aliasing: two pixels rows would share
+    memory) is refused, however far apart the two entries are."""
+
+    def repeated(buf: DumbBuffer) -> list[int]:
+        if where == "everywhere":
+            return [buf.grefs[0]] * buf.npages
+        return buf.grefs[:-1] + [buf.grefs[0]]
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        _rewrite_refs(g, repeated)
+        await _refused(a, g)
+
+    await run_attack(hypervisor, tmp_path, attack)
+
+
+async def test_refs_of_another_buffer_share_pages_and_both_release(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Buffer B's directory names buffer A's pages: B shows A's pixels (the guest's own
+    memory); destroying A first leaves its grants ending late (B still maps them), and all
+    is released once B goes too."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        first = await g.create_dumb(320, 240, 32)
+        _rewrite_refs(g, lambda buf: list(first.grefs))
+        second = await g.create_dumb(320, 240, 32)
+        g.on_directory = None
+        fb_first = await g.add_fb(first, 320, 240)
+        fb_second = await g.add_fb(second, 320, 240)
+        paint(first, fb_first, connector=0, frame=11)
+        await g.set_config(0, fb_second)
+        assert shown(a.machine.output("B"), 320, 240) == (0, 11)
+        await g.set_config(0, None)
+        await g.rm_fb(fb_first)
+        await g.rm_fb(fb_second)
+        await g.destroy_dumb(first)
+        await g.destroy_dumb(second)
+        await wait_until(lambda: g.pending_end_access == 0)
+
+    await run_attack(hypervisor, tmp_path, attack)
