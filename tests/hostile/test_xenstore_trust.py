@@ -30,9 +30,9 @@ from displback.protocol.layout import (
     frontend_dir,
 )
 from displback.protocol.xenbus import XenbusState
+from displback.sim import xenstored as xenstored_module
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
-from displback.sim import xenstored as xenstored_module
 from displback.sim.machine import SimMachine, sim_machine
 from displback.sim.xenstore_tree import Perm as SimPerm
 from displback.sim.xenstore_tree import Session
