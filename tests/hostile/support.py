@@ -11,11 +11,12 @@ An attack is an ``async def attack(arena, guest)`` doing its worst with the atta
   catches whole vblanks only). The honest output refreshes at :data:`HONEST_HZ`, so the rate
   alone is the display's rate however busy the CI machine is, and a shortfall means the
   attacker delayed the honest guest's requests past a vblank;
-* **no quota is exceeded** — sampled all along, for every limit the backend's
-  :class:`~displback.backend.quotas.Quota` has a counter of;
+* **no quota is exceeded** — sampled all along, every resource of every guest domain's
+  account (:class:`~displback.backend.quotas.Quota`) within its limit;
 * **nothing leaks** — once the attacker's domain is destroyed, the hypervisor holds nothing
   of it (pages, grants, ports — a grant Dom0 still maps stays alive, so this also proves
-  Dom0 unmapped everything) while the daemon still runs; the ``hypervisor`` fixture checks
+  Dom0 unmapped everything) and its account is gone while the daemon still runs; the
+  ``hypervisor`` fixture checks
   the rest after teardown.
 """
 
@@ -31,7 +32,7 @@ import trio
 
 from displback.backend.buffers import BufferStore
 from displback.backend.device import BackendSettings, DeviceStatus
-from displback.backend.quotas import Quota
+from displback.backend.quotas import RESOURCES, Quota
 from displback.display.virtual import OutputConfig
 from displback.protocol.messages import Request
 from displback.sim.guest import RequestHook, SimGuest
@@ -74,15 +75,13 @@ Attack = Callable[["Arena", SimGuest], Awaitable[None]]
 
 
 def quota_violations(quota: Quota) -> list[str]:
-    """Every counter of ``quota`` above its limit (``Limits.max_X`` against ``quota.X``)."""
+    """Every resource of ``quota`` held beyond its limit."""
+    usage = quota.usage()
     over = []
-    for name in dir(quota.limits):
-        if not name.startswith("max_"):
-            continue
-        held = getattr(quota, name.removeprefix("max_"), None)
-        limit = getattr(quota.limits, name)
-        if isinstance(held, int) and isinstance(limit, int) and held > limit:
-            over.append(f"{name.removeprefix('max_')} = {held} > {limit}")
+    for resource, limit_name in RESOURCES.items():
+        limit = getattr(quota.limits, limit_name)
+        if usage[resource] > limit:
+            over.append(f"{resource} = {usage[resource]} > {limit}")
     return over
 
 
@@ -123,9 +122,9 @@ class Arena:
         if m.output("A").current_fb is not None:
             connector, _frame = shown(m.output("A"))
             assert connector == 0, "output A shows something not drawn by the honest guest"
-        for store in self.stores():
-            over = quota_violations(store.quota)
-            assert not over, f"dom{store.domid} over quota: {over}"
+        for domid, account in m.backend.accounts.items():
+            over = quota_violations(account)
+            assert not over, f"dom{domid} over quota: {over}"
         self.checks += 1
 
     async def flips_in(self, seconds: float) -> int:
@@ -153,6 +152,7 @@ class Arena:
         if domid in m.xs.domain_sockets:
             await m.toolstack.destroy_domain(domid)
         await wait_until(lambda: all(s.domid != domid for s in m.backend.statuses()))
+        await wait_until(lambda: domid not in m.backend.accounts)  # nothing left charged
         while f"dom{domid}" in (live := live_resources(await trio.to_thread.run_sync(
                 m.hv.counters))):
             self.notes.append(f"dom{domid} still holds {live[f'dom{domid}']}")

@@ -37,7 +37,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def test_a_counter_over_its_limit_is_a_quota_violation() -> None:
     quota = Quota(Limits.for_connectors([(320, 240)]))
     assert quota_violations(quota) == []
-    quota.buffers = quota.limits.max_buffers + 1
+    quota.force("framebuffers", quota.limits.max_framebuffers + 1)
     assert quota_violations(quota) == [
-        f"buffers = {quota.limits.max_buffers + 1} > {quota.limits.max_buffers}"
+        f"framebuffers = {quota.limits.max_framebuffers + 1} > {quota.limits.max_framebuffers}"
     ]
