@@ -9,7 +9,7 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
 	edid-decode cpio
 
-.PHONY: test test-vm test-vm-pvh demo bench lint apt-deps vm-deps clean
+.PHONY: test test-vm test-vm-pvh demo bench fuzz lint apt-deps vm-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: $(STAMP)
 
 test: apt-deps $(STAMP)
 	$(PY) -m pytest -q
+
+# Stateful fuzzing of the daemon by a hostile guest beside an honest one (tests/hostile/
+# test_fuzz.py): make test runs 12 reproducible examples, this FUZZ_EXAMPLES random ones and
+# prints examples, steps and invariant checks at the end.
+FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	DISPLBACK_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/hostile/test_fuzz.py
 
 # The nested-Xen VM tests (docs/testing.md): Xen 4.17 under QEMU TCG, a Dom0 running our
 # daemon, guests running Linux's xen-drm-front. The first run builds the kernel (~15 min,

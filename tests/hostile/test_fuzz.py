@@ -59,7 +59,7 @@ settings.register_profile(
     database=None, suppress_health_check=list(HealthCheck),
 )
 settings.register_profile(
-    "fuzz", max_examples=int(os.environ.get("DISPLBACK_FUZZ", "0") or 200),
+    "fuzz", max_examples=int(os.environ.get("DISPLBACK_FUZZ") or 200),
     stateful_step_count=40, deadline=None, database=None,
     suppress_health_check=list(HealthCheck),
 )
