@@ -12,7 +12,10 @@ when a process exits.
 - **RAM**: each domain has one memfd; pages are allocated by page frame number (pfn =
   offset / 4096) and zeroed on allocation. Clients receive the memfd with ``SCM_RIGHTS`` and
   map pages themselves (:mod:`displback.sim.memmap`), so memory is really shared.
-- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly). Mapping
+- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly); it holds
+  :data:`GRANT_ENTRIES` (Xen's default size, grefs below :data:`FIRST_GREF` reserved as Linux
+  reserves them), and granting beyond is ``ENOSPC``. Each page a domain maps (gntdev map or
+  dma-buf export) takes one of its :data:`MAPTRACK_ENTRIES`; beyond, the map fails. Mapping
   checks the gref exists, is not being revoked, is granted to the mapper, and is writable if
   mapped writable; otherwise ``EINVAL`` as gntdev reports a failed map. Live mappings are
   counted per grant; ending access to a mapped grant is refused (``EBUSY``) so leaks show.
@@ -77,6 +80,8 @@ __all__ = [
     "DOMID_MAX",
     "EVTCHN_MAX_PORTS",
     "FIRST_GREF",
+    "GRANT_ENTRIES",
+    "MAPTRACK_ENTRIES",
     "HypervisorProcess",
     "HypervisorThread",
     "Machine",
@@ -93,6 +98,12 @@ EVTCHN_MAX_PORTS = 1 << 17
 DOMID_MAX = 0x7FEF
 #: Largest simulated allocation in one request, to keep a confused client from filling /tmp.
 MAX_ALLOC_PAGES = 1 << 18
+#: Entries of a domain's grant table with Xen 4.17's defaults: ``gnttab_max_frames`` 64
+#: frames of 4096 / 8 version-1 entries (xen/common/grant_table.c ``opt_max_grant_frames``).
+GRANT_ENTRIES = 64 * PAGE_SIZE // 8
+#: Grant mappings a domain may hold at once with Xen 4.17's defaults:
+#: ``gnttab_max_maptrack_frames`` 1024 frames of 4096 / 16 ``struct grant_mapping``.
+MAPTRACK_ENTRIES = 1024 * PAGE_SIZE // 16
 
 
 class HvError(Exception):
@@ -148,6 +159,7 @@ class Domain:
     ports: dict[int, Port] = field(default_factory=dict)
     next_gref: int = FIRST_GREF
     free_grefs: list[int] = field(default_factory=list)  # a heap: lowest freed gref first
+    maptrack: int = 0  # grant pages this domain maps now (its maptrack entries in use)
 
 
 @dataclass(eq=False)
@@ -250,7 +262,13 @@ class Machine:
     """The state of the simulated machine and the request handlers; used from one trio task
     context only. ``spawn`` starts the release watcher of a new dma-buf."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, grant_entries: int = GRANT_ENTRIES, maptrack_entries: int = MAPTRACK_ENTRIES
+    ) -> None:
+        if grant_entries <= FIRST_GREF or maptrack_entries < 1:
+            raise ValueError("grant table or maptrack too small")
+        self.grant_entries = grant_entries
+        self.maptrack_entries = maptrack_entries
         self.domains: dict[int, Domain] = {}
         self.conns: dict[int, Conn] = {}
         self.dmabufs: dict[int, DmaBuf] = {}
@@ -398,6 +416,7 @@ class Machine:
         page = conn.pages.get(pfn)
         if page is None:
             raise HvError(errno.EINVAL, f"pfn {pfn} was not allocated by this client")
+        self._room_for_grants(conn.domain, 1)
         grant = self._new_grant(conn.domain, page, to_domid, readonly)
         conn.grants[grant.gref] = grant
         return Reply({"gref": grant.gref})
@@ -410,6 +429,7 @@ class Machine:
         pages = [conn.pages.get(pfn) for pfn in pfns]
         if None in pages:
             raise HvError(errno.EINVAL, "a pfn was not allocated by this client")
+        self._room_for_grants(conn.domain, len(pages))
         grants = [self._new_grant(conn.domain, p, to_domid, readonly) for p in pages if p]
         conn.grants.update((g.gref, g) for g in grants)
         return Reply({"grefs": [g.gref for g in grants]})
@@ -440,6 +460,28 @@ class Machine:
         del conn.grants[gref]
         self._end(grant)
         return Reply()
+
+    def _room_for_grants(self, dom: Domain, count: int) -> None:
+        """``ENOSPC`` (Linux's ``gnttab_alloc_grant_references``) unless ``count`` more
+        entries fit in ``dom``'s grant table; checked before any is made (all or nothing)."""
+        free = len(dom.free_grefs) + max(0, self.grant_entries - dom.next_gref)
+        if count > free:
+            raise HvError(
+                errno.ENOSPC,
+                f"grant table of domain {dom.domid} full: {count} entries asked, {free} free "
+                f"of {self.grant_entries}",
+            )
+
+    def _track(self, mapper: Domain, count: int) -> None:
+        """Take ``count`` maptrack entries of ``mapper``; when they run out Xen fails the map
+        (``GNTST_no_device_space``) and gntdev reports ``EINVAL`` as for any failed map."""
+        if mapper.maptrack + count > self.maptrack_entries:
+            raise HvError(
+                errno.EINVAL,
+                f"maptrack of domain {mapper.domid} full: {mapper.maptrack} of "
+                f"{self.maptrack_entries} mappings in use, {count} more asked",
+            )
+        mapper.maptrack += count
 
     def _new_grant(self, dom: Domain, page: Page, to_domid: int, readonly: bool) -> Grant:
         if dom.free_grefs:
@@ -492,6 +534,7 @@ class Machine:
         dom, grants = self._check_grants(
             conn.domain, domid, refs, bool(message.get("writable", True))
         )
+        self._track(conn.domain, len(grants))
         for grant in grants:
             grant.maps += 1
         mapping = Mapping(next(self._ids), conn, grants)
@@ -509,6 +552,7 @@ class Machine:
 
     def _unmap(self, mapping: Mapping) -> None:
         del mapping.conn.mappings[mapping.ident]
+        mapping.conn.domain.maptrack -= len(mapping.grants)
         self._drop_maps(mapping.grants)
 
     def _drop_maps(self, grants: list[Grant]) -> None:
@@ -598,6 +642,7 @@ class Machine:
             raise HvError(errno.EINVAL, "GNTDEV_DMA_FLAG_WC and _COHERENT are exclusive")
         domid = _int(message, "domid", 0, DOMID_MAX)
         dom, grants = self._check_grants(conn.domain, domid, _ints(message, "refs"), True)
+        self._track(conn.domain, len(grants))
         for grant in grants:
             grant.maps += 1
         buf, fd = self._new_dmabuf(conn.domain, dom, [g.page.pfn for g in grants])
@@ -638,6 +683,7 @@ class Machine:
             raise HvError(
                 errno.EINVAL, f"dma-buf has {len(buf.pfns)} pages, import asked for {count}"
             )
+        self._room_for_grants(conn.domain, len(buf.pages))
         grants = [self._new_grant(conn.domain, page, domid, False) for page in buf.pages]
         imp = Import(next(self._ids), buf, grants)
         conn.imports[imp.ident] = imp
@@ -661,6 +707,7 @@ class Machine:
         if self.dmabufs.pop(buf.ident, None) is None:
             return
         buf.sock.close()
+        buf.owner.maptrack -= len(buf.grants)
         self._drop_maps(buf.grants)
         for page in buf.pages:
             page.held = False
@@ -792,8 +839,15 @@ class HypervisorThread:
     server must not share their event loop. Use as a context manager or call :meth:`stop`.
     """
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        grant_entries: int = GRANT_ENTRIES,
+        maptrack_entries: int = MAPTRACK_ENTRIES,
+    ) -> None:
         self.socket_path = socket_path
+        self._limits = {"grant_entries": grant_entries, "maptrack_entries": maptrack_entries}
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._machine: Machine | None = None
@@ -818,7 +872,9 @@ class HypervisorThread:
         with trio.CancelScope() as scope:
             self._cancel = scope
             async with trio.open_nursery() as nursery:
-                self._machine = await nursery.start(serve, self.socket_path)
+                self._machine = await nursery.start(
+                    serve, self.socket_path, Machine(**self._limits)
+                )
                 self._ready.set()
 
     def counters(self) -> dict[str, Any]:

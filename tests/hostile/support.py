@@ -163,6 +163,10 @@ class Arena:
             await m.toolstack.destroy_domain(domid)
         await wait_until(lambda: all(s.domid != domid for s in m.backend.statuses()))
         await wait_until(lambda: domid not in m.backend.accounts)  # nothing left charged
+        # Dom0 grants only with be-alloc, which the honest guest does not use: none may be
+        # left to the attacker (a be-alloc page it still maps would keep its grant alive).
+        while (await trio.to_thread.run_sync(m.hv.counters))["domains"][0]["grants"]:
+            await trio.sleep(0.05)
         while f"dom{domid}" in (live := live_resources(await trio.to_thread.run_sync(
                 m.hv.counters))):
             self.notes.append(f"dom{domid} still holds {live[f'dom{domid}']}")

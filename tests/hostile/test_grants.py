@@ -6,17 +6,19 @@ guest's own grant table granted to Dom0; anything else is ``-EINVAL`` with nothi
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from displback.protocol.constants import PAGE_SIZE, Op
 from displback.protocol.layout import REQ_RING_REF, connector_dir
 from displback.protocol.messages import DbufCreateReq, GetEdidReq
 from displback.protocol.pagedir import build_directory
 from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
-from displback.sim.hypervisor import HypervisorThread
+from displback.sim.hypervisor import FIRST_GREF, HypervisorThread, wait_for_no_leaks
+from displback.sim.platform import client_resources
 from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
 from tests.hostile.support import HONEST, Arena, run_attack, set_field
 
@@ -232,3 +234,67 @@ async def test_refs_of_another_buffer_share_pages_and_both_release(
         await wait_until(lambda: g.pending_end_access == 0)
 
     await run_attack(hypervisor, tmp_path, attack)
+
+
+@pytest.fixture
+def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
+    """A hypervisor whose grant tables hold 600 entries and whose maptracks 600 mappings
+    (Xen's defaults: 32768 and 262144), with the ``hypervisor`` fixture's leak checks."""
+    before = client_resources()
+    hv = HypervisorThread(str(tmp_path / "xen.sock"), grant_entries=FIRST_GREF + 600,
+                          maptrack_entries=600)
+    try:
+        yield hv
+        assert wait_for_no_leaks(hv) == {}, "hypervisor resources leaked"
+        assert client_resources() == before, "client-side resources leaked"
+    finally:
+        hv.stop()
+
+
+async def _create_until_refused(g: SimGuest) -> tuple[list[DumbBuffer], int]:
+    bufs: list[DumbBuffer] = []
+    while True:
+        try:
+            bufs.append(await g.create_dumb(320, 240, 32))  # 75 pages
+        except GuestRequestError as exc:
+            return bufs, exc.errno or 0
+        assert len(bufs) < 100
+
+
+async def test_dom0s_maptrack_exhausted_refuses_new_buffers_only(
+    small_tables: HypervisorThread, tmp_path: Path
+) -> None:
+    """Dom0 maps every guest's buffers with one maptrack: once the attacker has filled it,
+    its next DBUF_CREATE is refused (the map fails: ``-EINVAL``), nothing half-made stays
+    mapped, the honest guest's buffers go on flipping, and a destroy makes room again."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        bufs, err = await _create_until_refused(g)
+        assert err == errno.EINVAL and len(bufs) < 8  # 600 mappings, not the page quota
+        [store] = a.stores(g.domid)
+        assert store.stats.buffers == len(bufs)
+        await g.destroy_dumb(bufs.pop())
+        bufs.append(await g.create_dumb(320, 240, 32))
+        for buf in bufs:
+            await g.destroy_dumb(buf)
+
+    await run_attack(small_tables, tmp_path, attack)
+
+
+async def test_dom0s_grant_table_exhausted_by_be_alloc_refuses_new_buffers_only(
+    small_tables: HypervisorThread, tmp_path: Path
+) -> None:
+    """be-alloc: Dom0 grants its own pages to the guest from Dom0's one grant table. Once the
+    attacker's buffers fill it, the next is refused with ``-ENOSPC`` (or the quota's
+    ``-ENOMEM``) and nothing half-made stays granted; the grants go with the domain."""
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        assert g.be_alloc
+        bufs, err = await _create_until_refused(g)
+        assert err in (errno.ENOSPC, errno.ENOMEM) and 0 < len(bufs) < 9
+        counters = await trio.to_thread.run_sync(a.machine.hv.counters)
+        assert counters["domains"][0]["grants"] <= 600
+        for buf in bufs:
+            await g.destroy_dumb(buf)
+
+    await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")
