@@ -318,6 +318,17 @@ class XenStored:
                     conn.scope.cancel()
                     return
 
+    def drop_connections(self, domid: int, reason: str) -> int:
+        """Drop every socket connection acting as ``domid``, as a restarting or overloaded
+        xenstored does; returns how many. The clients see end-of-file."""
+        dropped = 0
+        for conn in list(self.connections):
+            if conn.session.domid == domid and not conn.dropped:
+                conn.dropped = reason
+                conn.scope.cancel()
+                dropped += 1
+        return dropped
+
     def introduce_domain(self, domid: int) -> None:
         self.tree.introduce_domain(domid)
 

@@ -221,16 +221,20 @@ async def run_attack(
     timeout: float = 60.0,
     settings: BackendSettings | None = None,
     machine_options: dict[str, Any] | None = None,
+    before: Callable[[Arena], None] | None = None,
     **guest_options: Any,
 ) -> Arena:
     """Run ``attack`` with the attacker (domain 2, vdispl ``spec``, connected) beside the
     honest guest, measuring the honest rate over at least one window; then the attacker
     leaves (crashes if ``crash``, else unloads its driver), its domain is destroyed, and
-    every invariant is checked. Returns the arena for attack-specific assertions."""
+    every invariant is checked. ``before(arena)`` runs once the baseline is measured, before
+    the attacker's device exists. Returns the arena for attack-specific assertions."""
     with trio.fail_after(timeout):
         async with arena(hypervisor, tmp_path, settings=settings,
                          **(machine_options or {})) as a:
             m = a.machine
+            if before is not None:
+                before(a)
             await m.add_guest(ATTACKER, spec)
             start_flips, start = a.honest_flips, trio.current_time()
             async with m.guest(ATTACKER, **guest_options) as bad:

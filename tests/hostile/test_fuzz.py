@@ -50,7 +50,7 @@ from displback.sim.hypervisor import HypervisorThread, wait_for_no_leaks
 from displback.sim.platform import client_resources
 from displback.xenstore.wire import XenStoreError
 from tests.backend.support import paint
-from tests.hostile.support import ATTACKER, Arena, arena
+from tests.hostile.support import ATTACKER, WINDOW, Arena, arena
 
 T = TypeVar("T")
 
@@ -137,6 +137,9 @@ class World:
                 await self._spawn()
                 self._ready.set()
                 await self._finish.wait()
+                rest = self._start_time + WINDOW - trio.current_time()
+                if rest > 0:  # the rate is compared over one window at least
+                    await a.flips_in(rest)
                 flips = a.honest_flips - self._start_flips
                 elapsed = trio.current_time() - self._start_time
                 await self._attacker_leaves(crash=False)
