@@ -323,7 +323,7 @@ class Connector:
                 await self.output.disable()
                 self.mode_fb = None
             else:
-                await self.output.flip(command.fb.present_on(self.output))
+                await self.output.flip(await command.fb.present_on(self.output))
                 self.mode_fb = (command.fb.width, command.fb.height)
                 self.stats.frames_shown += 1
         except RequestError as exc:
@@ -349,7 +349,7 @@ class Connector:
             await trio.lowlevel.checkpoint()
             return
         try:
-            await self.output.flip(fb.present_on(self.output))
+            await self.output.flip(await fb.present_on(self.output))
             self.stats.frames_shown += 1
         except (DisplayError, RequestError) as exc:
             # The guest was already told its flip was accepted; a frame the output cannot
