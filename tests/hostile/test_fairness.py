@@ -24,6 +24,7 @@ import trio
 from displback.backend import buffers as buffers_module
 from displback.backend.copies import CopyWorkers, set_default_copy_workers
 from displback.backend.device import GuestDevice
+from displback.display import virtual as virtual_module
 from displback.display.pixels import copy_frame
 from displback.display.virtual import OutputConfig
 from displback.sim.guest import DumbBuffer, Framebuffer, GuestRequestError, SimGuest
@@ -241,3 +242,36 @@ async def test_a_teardown_waits_for_a_copy_in_flight(
             await wait_until(lambda: attacker.stats.disconnects == 1)
             await attacker.wait_connected()
             await show_frames(machine, attacker, 40, count=2, output="A0")
+
+
+async def test_detaching_the_frame_on_screen_makes_no_copy_on_the_loop(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept_copies: list[object] = []
+    original = virtual_module._kept_copy
+
+    def counting_kept_copy(frame: Any) -> Any:
+        kept_copies.append(frame)
+        return original(frame)
+
+    monkeypatch.setattr(virtual_module, "_kept_copy", counting_kept_copy)
+    with trio.fail_after(60):
+        async with attacked_machine(hypervisor, tmp_path, monkeypatch) as (
+            machine, attacker, _honest, gate, _workers,
+        ):
+            gate.open.set()
+            output = machine.output("A0")
+            live = output.live_framebuffers
+            for frame in range(3):  # show a big frame, then detach it while on screen
+                bufs, fbs = await _big_frame(attacker, 0, frame)
+                await attacker.set_config(0, fbs[0])
+                await attacker.rm_fb(fbs[0])
+                assert shown(output) == (0, frame)  # still shown: the last frame stays
+                await attacker.rm_fb(fbs[1])
+                for buf in bufs:
+                    await attacker.destroy_dumb(buf)
+            assert kept_copies == [], "the output copied a released frame on the event loop"
+            # Only the dumb buffer on screen is kept, not one per frame shown.
+            assert output.live_framebuffers == live + 1
+            await show_frames(machine, attacker, 70, count=2, output="A0")
+            assert output.live_framebuffers == live
