@@ -5,14 +5,15 @@ SET_CONFIG and PG_FLIP, and may notify its event channels in a tight loop. These
 the attacker's copies inside their copy (a gate in a patched ``copy_frame``) so that what
 they prove does not depend on timing: the copies run off the event loop, an honest guest
 flips meanwhile, one guest never holds more than its share of copy slots, a copy in flight
-keeps its memory mapped through a detach, a destroy and a teardown. The speed figures are
-in ``make bench`` (``fairness``).
+keeps its memory mapped through a detach, a destroy and a teardown, and notification floods
+on either event channel cost a bounded number of wake-ups. The speed figures are in ``make
+bench`` (``fairness``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import trio
 
 from displback.backend import buffers as buffers_module
+from displback.backend.connector import SPURIOUS_WAKEUP_BURST, SPURIOUS_WAKEUPS_PER_SECOND
 from displback.backend.copies import CopyWorkers, set_default_copy_workers
 from displback.backend.device import GuestDevice
 from displback.display import virtual as virtual_module
@@ -275,3 +277,76 @@ async def test_detaching_the_frame_on_screen_makes_no_copy_on_the_loop(
             assert output.live_framebuffers == live + 1
             await show_frames(machine, attacker, 70, count=2, output="A0")
             assert output.live_framebuffers == live
+
+
+def _count_calls(obj: Any, name: str, count: Callable[[Any, Any], int]) -> list[int]:
+    """Wrap ``obj.name`` (an instance attribute); ``total[0]`` adds ``count(args, result)``."""
+    original = getattr(obj, name)
+    total = [0]
+
+    def wrapper(*args: Any) -> Any:
+        result = original(*args)
+        total[0] += count(args, result)
+        return result
+
+    setattr(obj, name, wrapper)
+    return total
+
+
+async def _flood(guest: SimGuest, channel: str, seconds: float) -> tuple[int, float]:
+    """Notify connector 0's ``channel`` in a loop (yielding each time) for ``seconds``."""
+    start = trio.current_time()
+    sent = 0
+    while trio.current_time() - start < seconds:
+        guest.notify(0, channel)
+        sent += 1
+        await trio.sleep(0)
+    return sent, trio.current_time() - start
+
+
+async def test_a_request_channel_flood_costs_a_bounded_number_of_wakeups(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(60):
+        async with attacked_machine(hypervisor, tmp_path, monkeypatch) as (
+            machine, attacker, honest, gate, _workers,
+        ):
+            gate.open.set()
+            connection = _device(machine, ATTACKER).connection
+            assert connection is not None
+            req_port = connection.connectors[0].req_port
+            evtchn = connection._evtchn
+            unmasks = _count_calls(
+                evtchn, "unmask", lambda args, _result: args[0].count(req_port))
+            sent, elapsed = await _flood(attacker, "req", 1.0)
+            budget = SPURIOUS_WAKEUP_BURST + SPURIOUS_WAKEUPS_PER_SECOND * elapsed + 10
+            assert unmasks[0] <= budget, (
+                f"{unmasks[0]} wake-ups for {sent} notifications in {elapsed:.2f} s")
+            assert sent > 3 * budget, "the flood was too slow to tell anything"
+            await _honest_flips(machine, honest, 3)
+            await show_frames(machine, attacker, 50, count=2, output="A0")
+            assert _device(machine, ATTACKER).status.violations == 0
+            assert connection.connectors[0].stats.wakeups_throttled > 0
+            honest_connection = _device(machine, HONEST).connection
+            assert honest_connection is not None
+            assert honest_connection.connectors[0].stats.wakeups_throttled == 0
+
+
+async def test_an_event_channel_flood_costs_one_wakeup(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(60):
+        async with attacked_machine(hypervisor, tmp_path, monkeypatch) as (
+            machine, attacker, honest, gate, _workers,
+        ):
+            gate.open.set()
+            connection = _device(machine, ATTACKER).connection
+            assert connection is not None
+            evt_port = connection.connectors[0].evt_port
+            reports = _count_calls(
+                connection._evtchn, "read_pending", lambda _args, fired: fired.count(evt_port))
+            sent, _elapsed = await _flood(attacker, "evt", 0.5)
+            assert sent > 100
+            assert reports[0] <= 1, f"the event port woke us {reports[0]} times for {sent}"
+            await _honest_flips(machine, honest, 3)
+            await show_frames(machine, attacker, 60, count=2, output="A0")
