@@ -123,7 +123,7 @@ async def store_bench(tmp: Path, *, copy: bool) -> AsyncIterator[StoreBench]:
             SimDomain(hv.socket_path, GUEST) as guest,
         ):
             grants = platform.open_grant_device()
-            deferred = DeferredReleases(per_guest_limit=8, retry_interval=0.01, log=log)
+            deferred = DeferredReleases(retry_interval=0.01, log=log)
             cleanup.callback(deferred.close_device_when_drained, grants)
             try:
                 async with (

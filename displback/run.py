@@ -41,6 +41,7 @@ from displback.backend.outputs import OutputMap
 from displback.config import ConfigError, apply_config, load_config
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.edid import check_resolution
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.protocol import layout
 from displback.protocol.xenbus import XenbusState
@@ -86,6 +87,8 @@ def parse_output(text: str) -> OutputConfig:
         raise argparse.ArgumentTypeError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
     name, width, height, hz = match.groups()
     try:
+        # The one resolution limit (a guest connector shown here must get its EDID).
+        check_resolution(int(width), int(height))
         return OutputConfig(name, int(width), int(height), float(hz) if hz else 60.0)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -54,8 +54,16 @@ buffer (an output keeps showing a private copy of a frame on screen). Then per k
 * ``BACKEND``: the guest has unmapped our pages already; revoke the grants
   (``DMABUF_IMP_RELEASE``), close our fd (freeing the memory once nothing refers to it).
 
-Quotas are charged at DBUF_CREATE and given back at DBUF_DESTROY. A guest whose deferred list
-is full gets ``-ENOMEM`` for DBUF_CREATE until entries drain.
+Accounting
+----------
+Everything Dom0 holds for the guest is charged to its domain's
+:class:`~displback.backend.quotas.Quota` when it is made and given back when it is let go:
+the buffer count at DBUF_CREATE/DESTROY; its pages until Dom0 no longer maps them (after the
+wait, or when a deferred entry is released); framebuffers at FB_ATTACH/DETACH; each output's
+import or copy buffers (count and bytes) when first needed, until the framebuffer is
+released. A request that would pass a limit fails (``-ENOMEM``); a frame that would need more
+copy memory than the guest may hold is dropped (logged) and its flip still completes. A guest
+whose deferred list is full gets ``-ENOMEM`` for DBUF_CREATE until entries drain.
 """
 
 from __future__ import annotations
@@ -345,8 +353,10 @@ class GuestFramebuffer:
     def _import(self, output: Output, state: _OnOutput) -> Framebuffer | None:
         buffer = self._buffer
         assert buffer.fd is not None
+        self._store._take("display_fbs", 1, f"importing framebuffer 0x{self.fb_cookie:x}")
+        imported = False
         try:
-            return output.import_dmabuf(
+            fb = output.import_dmabuf(
                 buffer.fd,
                 width=self.width,
                 height=self.height,
@@ -354,6 +364,8 @@ class GuestFramebuffer:
                 offset=self.offset,
                 fourcc=self.fourcc,
             )
+            imported = True
+            return fb
         except ImportRefused as exc:
             store = self._store
             if store.policy is ZeroCopyPolicy.REQUIRE:
@@ -373,6 +385,9 @@ class GuestFramebuffer:
             return None
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
+        finally:
+            if not imported:
+                self._store.quota.give("display_fbs")
 
     async def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
         store = self._store
@@ -422,23 +437,48 @@ class GuestFramebuffer:
             copy()
 
     def _create_dumb(self, output: Output) -> DumbFramebuffer:
+        """A copy buffer for this framebuffer on ``output``, charged to the guest (count and
+        bytes: what a display allocates, whole pages of at least one row per line)."""
+        store = self._store
+        estimate = pages_for(self.width * self.fourcc.cpp * self.height) * PAGE_SIZE
+        what = f"a copy buffer for framebuffer 0x{self.fb_cookie:x} on {output.name}"
+        store._take("copy_bytes", estimate, what)
         try:
-            return output.create_dumb(width=self.width, height=self.height, fourcc=self.fourcc)
+            store._take("display_fbs", 1, what)
+        except RequestError:
+            store.quota.give("copy_bytes", estimate)
+            raise
+        dumb: DumbFramebuffer | None = None
+        try:
+            dumb = output.create_dumb(width=self.width, height=self.height, fourcc=self.fourcc)
+            return dumb
         except (UnsupportedFormat, ValueError) as exc:
             raise RequestError(
                 EINVAL, f"output {output.name} cannot show framebuffer {self!r}: {exc}"
             ) from exc
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: {exc}") from exc
+        finally:
+            # Charge what the display really allocated (its pitch may be aligned).
+            if dumb is None:
+                store.quota.give("display_fbs")
+                store.quota.give("copy_bytes", estimate)
+            elif dumb.size > estimate:
+                store.quota.force("copy_bytes", dumb.size - estimate)
+            elif dumb.size < estimate:
+                store.quota.give("copy_bytes", estimate - dumb.size)
 
     def _release(self) -> None:
         """Release every display framebuffer of this one, on every output; idempotent.
 
-        A dumb buffer a copy is filling is released when the copy ends; one the output may
-        still scan out is retired (see :meth:`BufferStore._retire`).
+        Gives back the framebuffer to the guest's account; each display object is given back
+        when it is released. A dumb buffer a copy is filling is released when the copy ends;
+        one the output may still scan out is retired (see :meth:`BufferStore._retire`).
         """
-        self._released = True
         store = self._store
+        if not self._released:
+            store.quota.give("framebuffers")
+        self._released = True
         outputs, self._outputs = self._outputs, {}
         for output, state in outputs.items():
             for dumb in state.dumbs:
@@ -585,9 +625,9 @@ class BufferStore:
         except QuotaExceeded as exc:
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {exc}")
             raise RequestError(exc.errno, str(exc)) from exc
-        if not self.deferred.has_room(self.domid):
+        if self.quota.deferred >= self.quota.limits.max_deferred:
             message = (
-                f"{self.deferred.pending(self.domid)} destroyed buffers of this guest are "
+                f"{self.quota.deferred} destroyed buffers of this guest are "
                 "still imported; no new buffers until they are released"
             )
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
@@ -703,7 +743,7 @@ class BufferStore:
                 f"{len(buffer.fbs)} framebuffer(s) attached; detaching them"
             )
         self._detach_all(buffer)
-        self.quota.release(buffer.npages)
+        self.quota.give("buffers")
         await self._free(buffer, self.wait_free_ms)
 
     def _detach_all(self, buffer: _DisplayBuffer) -> None:
@@ -722,6 +762,8 @@ class BufferStore:
         if cpu is not None:
             cpu.close()
         fd, buffer.fd = buffer.fd, None
+        if buffer.kind is not BufferKind.ZERO_COPY:
+            self.quota.give("pages", buffer.npages)  # zero-copy: once the wait is over
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
             self._import_release(fd)
@@ -754,14 +796,24 @@ class BufferStore:
             # cancellation, so a cancelled destroy still waits up to wait_ms first.)
             if released:
                 os.close(fd)
+                self.quota.give("pages", buffer.npages)
             else:
+                # The pages stay mapped (and charged) until the entry is released.
                 self._deferred_count += 1
+                quota, npages = self.quota, buffer.npages
+                quota.force("deferred")
+
+                def done() -> None:
+                    quota.give("deferred")
+                    quota.give("pages", npages)
+
                 self.deferred.add(
                     domid=self.domid,
                     grants=self.grants,
                     fd=fd,
                     dbuf_cookie=buffer.dbuf_cookie,
                     npages=buffer.npages,
+                    on_done=done,
                 )
 
     def _import_release(self, fd: int) -> None:
@@ -809,6 +861,11 @@ class BufferStore:
                 f"{req.width}x{req.height} {fourcc.name} at offset {buffer.data_ofs}, pitch "
                 f"{pitch} needs {end} bytes; buffer 0x{buffer.dbuf_cookie:x} has {buffer.span}",
             )
+        try:
+            self.quota.take("framebuffers")
+        except QuotaExceeded as exc:
+            self._refusals.warning(f"dom{self.domid}: FB_ATTACH refused: {exc}")
+            raise RequestError(exc.errno, str(exc)) from exc
         fb = GuestFramebuffer(
             self,
             buffer,
@@ -866,14 +923,14 @@ class BufferStore:
         buffers, self._buffers = list(self._buffers.values()), {}
         for buffer in buffers:
             self._detach_all(buffer)
-            self.quota.release(buffer.npages)
+            self.quota.give("buffers")
         for buffer in buffers:
             with trio.CancelScope(shield=True):
                 await self._free(buffer, 0)
         retired, self._retired = self._retired, {}
         for output, dumbs in retired.items():
             for dumb in dumbs:
-                self._release_display_fb(output, dumb)
+                self._release_display_fb(output, dumb, dumb.size)
         placeholder, self._placeholder = self._placeholder, -1
         if placeholder >= 0:
             os.close(placeholder)
@@ -893,7 +950,7 @@ class BufferStore:
         if dumb is output.current_fb or output.flip_pending:
             self._retired.setdefault(output, []).append(dumb)
         else:
-            self._release_display_fb(output, dumb)
+            self._release_display_fb(output, dumb, dumb.size)
         self._release_retired(output)
 
     def _release_retired(self, output: Output) -> None:
@@ -907,15 +964,29 @@ class BufferStore:
         keep = [d for d in dumbs if d is output.current_fb]
         for dumb in dumbs:
             if dumb is not output.current_fb:
-                self._release_display_fb(output, dumb)
+                self._release_display_fb(output, dumb, dumb.size)
         if keep:
             self._retired[output] = keep
 
-    def _release_display_fb(self, output: Output, fb: Framebuffer) -> None:
+    def _release_display_fb(self, output: Output, fb: Framebuffer, copy_bytes: int = 0) -> None:
+        """Release ``fb`` on ``output`` and give it back to the guest's account (a copy
+        buffer also gives back its ``copy_bytes``)."""
         try:
             output.release(fb)
         except DisplayError as exc:
             self.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+        finally:
+            self.quota.give("display_fbs")
+            if copy_bytes:
+                self.quota.give("copy_bytes", copy_bytes)
+
+    def _take(self, resource: str, amount: int, what: str) -> None:
+        """Charge ``amount`` of ``resource`` for ``what``, or fail it with ``-ENOMEM``."""
+        try:
+            self.quota.take(resource, amount)
+        except QuotaExceeded as exc:
+            self._refusals.warning(f"dom{self.domid}: refused {what}: {exc}")
+            raise RequestError(exc.errno, f"{what}: {exc}") from exc
 
     def _cpu_view(self, buffer: _DisplayBuffer) -> GrantMapping | DmaBufMapping:
         """The buffer's pages readable by the CPU, mapped on first need."""

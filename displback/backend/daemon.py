@@ -19,6 +19,7 @@ import trio
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
+from displback.backend.quotas import Quota
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.xen.interfaces import Platform
@@ -53,6 +54,8 @@ class Backend:
         self.root = layout.backend_root(platform.domid)
         self._ignored: set[str] = set()
         self.deferred: DeferredReleases | None = None
+        #: One account per guest domain, shared by all its devices (see quotas.py).
+        self.accounts: dict[int, Quota] = {}
 
     def statuses(self) -> list[DeviceStatus]:
         """A snapshot of every device's status, in (domid, devid) order."""
@@ -106,10 +109,27 @@ class Backend:
                         outputs=self.outputs,
                         settings=self.settings,
                         deferred=deferred,
+                        account=self.account(domid),
                         log=self.log,
                     )
                     self.devices[key] = device
                     nursery.start_soon(self._run_device, key, device, xs, nursery, deferred)
+
+    def account(self, domid: int) -> Quota:
+        """Guest domain ``domid``'s account, made on first use."""
+        account = self.accounts.get(domid)
+        if account is None:
+            account = Quota(self.settings.limits, domid=domid)
+            self.accounts[domid] = account
+        return account
+
+    def _forget_account(self, domid: int) -> None:
+        """Drop an idle account once no device of its domain is left."""
+        account = self.accounts.get(domid)
+        if account is None or not account.idle:
+            return
+        if all(key.domid != domid for key in self.devices):
+            del self.accounts[domid]
 
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:
@@ -137,6 +157,7 @@ class Backend:
         finally:
             if self.devices.get(key) is device:
                 del self.devices[key]
+            self._forget_account(key.domid)
         # The device was forgotten. A new device of the same number may already exist (the
         # toolstack detached and attached again): its watch event found this one still
         # here, so look again now that the number is free.

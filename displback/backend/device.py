@@ -29,7 +29,7 @@ from displback.backend.buffers import BufferStore, ZeroCopyPolicy
 from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
-from displback.backend.quotas import Limits, Quota, TokenBucket
+from displback.backend.quotas import Limits, Quota
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
@@ -111,10 +111,12 @@ class Connection:
         # Deferred releases wait on this gntdev (the wait is keyed by fd number *within* the
         # exporting device), so it closes only once they have drained.
         self._stack.callback(dev.deferred.close_device_when_drained, grants)
-        limits = dev.settings.limits or Limits.for_connectors(
-            (c.width, c.height) for c in self.config.connectors
-        )
-        limiter = TokenBucket(limits.requests_per_second, limits.request_burst)
+        # The domain's account: its limits grow with this device's connectors while it is
+        # connected; what the guest holds stays charged to the domain past this connection.
+        account = dev.account
+        account.add_device(dev.devid, [(c.width, c.height) for c in self.config.connectors])
+        self._stack.callback(account.remove_device, dev.devid)
+        limiter = account.limiter
         outputs: list[Output | None] = []
         for cfg in self.config.connectors:
             output = dev.outputs.acquire(dev.domid, dev.devid, cfg)
@@ -129,7 +131,7 @@ class Connection:
             grants=grants,
             dmabufs=platform,
             outputs=[o for o in outputs if o is not None],
-            quota=Quota(limits),
+            quota=account,
             policy=dev.settings.zero_copy,
             wait_free_ms=dev.settings.wait_free_ms,
             deferred=dev.deferred,
@@ -236,6 +238,7 @@ class GuestDevice:
         outputs: OutputProvider,
         settings: BackendSettings,
         deferred: DeferredReleases,
+        account: Quota | None = None,
         log: Any = None,
     ) -> None:
         self.xs = xs
@@ -245,6 +248,8 @@ class GuestDevice:
         self.outputs = outputs
         self.settings = settings
         self.deferred = deferred
+        #: The guest domain's account, shared with its other devices (the daemon's).
+        self.account = account if account is not None else Quota(settings.limits, domid=domid)
         base = log if log is not None else structlog.get_logger("displback.device")
         self.log = base.bind(domid=domid, devid=devid)
         self.backend_dir = layout.backend_dir(platform.domid, domid, devid)

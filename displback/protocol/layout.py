@@ -17,10 +17,12 @@ Decisions recorded here:
   act on identical to the text the writer meant.
 * **be-alloc** is an integer, any non-zero value true (as xl and Linux read it); a missing node
   reads as false, like Linux's ``xenbus_read_unsigned(..., 0)`` default, so both ends agree.
-* **resolution** ``<W>x<H>``: both canonical decimals in ``1..MAX_RESOLUTION``. Linux's own
-  framebuffer limit (4095 x 2047) is deliberately *not* applied: it limits guest framebuffers,
-  not the connector, and displ_be accepts larger outputs; 16384 is the largest size common KMS
-  drivers handle and keeps an accidental giant allocation out.
+* **resolution** ``<W>x<H>``: both canonical decimals, and a size every connector can be
+  served at: :func:`displback.edid.check_resolution` (sides 1..4095, a 60 Hz pixel clock an
+  EDID can hold) — the one resolution limit of the daemon, also applied to its own
+  configuration, so that a value accepted here never fails a connect later. Linux's own
+  framebuffer limit (4095 x 2047) is deliberately *not* applied: it limits guest
+  framebuffers, not the connector.
 * **Connectors**: like Linux, the list stops at the first index whose ``resolution`` node is
   missing, and at most ``LINUX_MAX_CONNECTORS`` are used. A *present* but unparsable resolution
   is an error (Linux's lenient ``sscanf`` would use it or stop there; guessing which could make
@@ -45,6 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from displback.edid import EdidError, check_resolution
 from displback.protocol.constants import (
     DEVICE_TYPE,
     LINUX_MAX_CONNECTORS,
@@ -65,7 +68,6 @@ __all__ = [
     "EVT_RING_REF",
     "FRONTEND",
     "FRONTEND_ID",
-    "MAX_RESOLUTION",
     "MAX_UNIQUE_ID_LENGTH",
     "ONLINE",
     "REQ_EVENT_CHANNEL",
@@ -121,7 +123,6 @@ BACKEND_VERSIONS: Final = (1, PROTOCOL_VERSION_INT)
 
 #: Xen's ``DOMID_FIRST_RESERVED`` (xen.h): ids from here on are not ordinary domains.
 DOMID_FIRST_RESERVED: Final = 0x7FF0
-MAX_RESOLUTION: Final = 16384
 MAX_UNIQUE_ID_LENGTH: Final = 255
 
 _U32_MAX: Final = 0xFFFFFFFF
@@ -217,20 +218,23 @@ def parse_bool(value: bytes | str | None, *, what: str = BE_ALLOC) -> bool:
 
 
 def parse_resolution(value: bytes | str | None, *, what: str = RESOLUTION) -> tuple[int, int]:
-    """``"1920x1080"`` → ``(1920, 1080)``; each side canonical decimal in 1..16384."""
+    """``"1920x1080"`` → ``(1920, 1080)``: canonical decimals, a size a connector can have
+    (:func:`displback.edid.check_resolution`)."""
     raw = _raw(value, what)
     width_raw, sep, height_raw = raw.partition(RESOLUTION_SEPARATOR.encode())
     if not sep:
         raise ProtocolError(f"{what}: expected <W>x<H>, got {raw!r}", what=what, value=raw)
     sizes = []
     for part in (width_raw, height_raw):
-        if not _DECIMAL.fullmatch(part) or not 0 < int(part) <= MAX_RESOLUTION:
+        if not _DECIMAL.fullmatch(part):
             raise ProtocolError(
-                f"{what}: {raw!r} is not <W>x<H> with sides 1..{MAX_RESOLUTION}",
-                what=what,
-                value=raw,
+                f"{what}: {raw!r} is not <W>x<H> in decimal", what=what, value=raw
             )
         sizes.append(int(part))
+    try:
+        check_resolution(sizes[0], sizes[1])
+    except EdidError as exc:
+        raise ProtocolError(f"{what}: {exc}", what=what, value=raw) from None
     return sizes[0], sizes[1]
 
 

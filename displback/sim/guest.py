@@ -58,6 +58,7 @@ import errno as _errno
 import functools
 import logging
 import math
+import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,7 +100,6 @@ from displback.protocol.layout import (
     frontend_dir,
     parse_bool,
     parse_domid,
-    parse_resolution,
 )
 from displback.protocol.messages import (
     DbufCreateReq,
@@ -162,6 +162,16 @@ _EVT_FIELDS: Final = {"in_cons": EVT_IN_CONS_OFS, "in_prod": EVT_IN_PROD_OFS}
 
 RequestHook = Callable[[bytes], bytes]
 """Rewrites the 64 bytes of a request just before they are copied into the ring."""
+
+
+
+def _linux_resolution(value: bytes | None) -> tuple[int, int] | None:
+    """``i/resolution`` as xen-drm-front reads it (``sscanf("%d" "x" "%d")``, any size: its
+    own mode limits prune what it cannot show); None ends the connector list."""
+    match = re.match(rb"\s*([+-]?\d+)x\s*([+-]?\d+)", value or b"")
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
 
 
 class GuestRequestError(OSError):
@@ -662,10 +672,10 @@ class SimGuest:
         for i in range(LINUX_MAX_CONNECTORS):
             value = await xs.read_or_none(f"{connector_dir(self.domid, self.devid, i)}/"
                                           f"{RESOLUTION}")
-            try:
-                resolutions.append(parse_resolution(value))
-            except ProtocolError:
+            size = _linux_resolution(value)
+            if size is None:
                 break
+            resolutions.append(size)
         return be_alloc, resolutions
 
     async def _initwait(self) -> None:

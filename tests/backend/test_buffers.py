@@ -9,6 +9,7 @@ connection behind; ``no_fd_leak`` fails one that leaves a file descriptor open.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import struct
@@ -247,7 +248,6 @@ async def open_env(
     be_alloc: bool = False,
     wait_free_ms: int = 2000,
     limits: Limits | None = None,
-    per_guest_limit: int = 8,
     outputs: int = 1,
 ) -> AsyncIterator[Env]:
     log = ListLog()
@@ -264,7 +264,7 @@ async def open_env(
         SimDomain(hv.socket_path, GUEST) as guest,
     ):
         grants = platform.open_grant_device()
-        deferred = DeferredReleases(per_guest_limit=per_guest_limit, retry_interval=0.01, log=log)
+        deferred = DeferredReleases(retry_interval=0.01, log=log)
         cleanup.callback(deferred.close_device_when_drained, grants)
         try:
             async with (
@@ -480,14 +480,15 @@ async def test_a_destroy_cancelled_while_waiting_still_ends_with_the_buffer_defe
 async def test_a_full_deferred_list_refuses_new_buffers_until_it_drains(
     hypervisor: HypervisorThread,  # noqa: F811
 ) -> None:
-    async with open_env(hypervisor, wait_free_ms=10, per_guest_limit=1) as env:
+    limits = dataclasses.replace(Limits.for_connectors([(64, 48)]), max_deferred=1)
+    async with open_env(hypervisor, wait_free_ms=10, limits=limits) as env:
         buf = guest_buffer(env.guest, 1)
         await env.create(1, buf, 16, 8)
         fd = env.store.buffer_info(1).dmabuf_fd
         assert fd is not None
         stubborn = env.platform.open_dmabuf(fd)
         await env.destroy(1)
-        assert not env.deferred.has_room(GUEST)
+        assert env.store.quota.deferred == 1 and env.deferred.pending(GUEST) == 1
         other = guest_buffer(env.guest, 1)
         await expect_error(errno.ENOMEM, env.create(2, other, 16, 8))
         assert env.log.count("warning", "still imported") == 2  # deferral + refusal
@@ -514,12 +515,15 @@ async def test_teardown_releases_everything_and_defers_what_is_still_imported(
         stubborn = env.platform.open_dmabuf(fd)
         await env.store.aclose()
         assert env.store.stats.buffers == 0 and env.store.stats.framebuffers == 0
-        assert env.store.quota.buffers == 0 and env.store.quota.pages == 0
+        # The still-imported buffer's page stays mapped: charged to the guest until released.
+        quota = env.store.quota
+        assert (quota.buffers, quota.pages, quota.deferred, quota.framebuffers) == (0, 1, 1, 0)
         assert env.deferred.pending(GUEST) == 1
         await expect_error(errno.EIO, env.create(9, bufs[0], 16, 8))
         stubborn.close()
         with trio.fail_after(10):
             await env.deferred.wait_drained()
+        assert quota.idle
         for buf in bufs:
             free_buffer(env.guest, buf)
 

@@ -273,10 +273,15 @@ async def test_detaching_the_frame_on_screen_makes_no_copy_on_the_loop(
                 for buf in bufs:
                     await attacker.destroy_dumb(buf)
             assert kept_copies == [], "the output copied a released frame on the event loop"
-            # Only the dumb buffer on screen is kept, not one per frame shown.
+            # Only the dumb buffer on screen is kept, not one per frame shown, and it stays
+            # charged to the guest until it goes.
             assert output.live_framebuffers == live + 1
+            store = _device(machine, ATTACKER).status.store
+            assert store is not None
+            assert (store.quota.display_fbs, store.quota.copy_bytes) == (1, BIG[0] * BIG[1] * 4)
             await show_frames(machine, attacker, 70, count=2, output="A0")
             assert output.live_framebuffers == live
+            assert (store.quota.display_fbs, store.quota.copy_bytes) == (0, 0)
 
 
 def _count_calls(obj: Any, name: str, count: Callable[[Any, Any], int]) -> list[int]:

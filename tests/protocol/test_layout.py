@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from displback.edid import EdidError, build_edid
 from displback.protocol.errors import ProtocolError
 from displback.protocol.layout import (
     BE_ALLOC,
@@ -156,7 +157,12 @@ def test_bool_refuses_non_integers(raw: bytes | None) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "value"),
-    [(b"1920x1080", (1920, 1080)), (b"1x1", (1, 1)), (b"16384x16384", (16384, 16384))],
+    [
+        (b"1920x1080", (1920, 1080)),
+        (b"1x1", (1, 1)),
+        (b"4095x2047", (4095, 2047)),
+        (b"3840x2400", (3840, 2400)),
+    ],
 )
 def test_resolution_parses_width_by_height(raw: bytes, value: tuple[int, int]) -> None:
     assert parse_resolution(raw) == value
@@ -191,6 +197,26 @@ def test_resolution_refuses_malformed_values(raw: bytes | None) -> None:
     with pytest.raises(ProtocolError) as exc:
         parse_resolution(raw, what="0/resolution")
     assert exc.value.what == "0/resolution"
+
+
+@pytest.mark.parametrize("raw", [b"4096x2160", b"4095x4095", b"16384x16384", b"5000x100"])
+def test_a_resolution_no_edid_can_describe_is_refused_where_it_enters(raw: bytes) -> None:
+    # These used to pass here and then fail every connect (the EDID builder refused them).
+    with pytest.raises(ProtocolError, match="cannot be described to a guest") as exc:
+        parse_resolution(raw, what="0/resolution")
+    assert exc.value.what == "0/resolution"
+    width, height = (int(side) for side in raw.split(b"x"))
+    with pytest.raises(EdidError):
+        build_edid(width, height)
+
+
+@given(st.integers(1, 4095), st.integers(1, 4095))
+def test_every_resolution_accepted_gets_an_edid(width: int, height: int) -> None:
+    try:
+        size = parse_resolution(f"{width}x{height}".encode())
+    except ProtocolError:
+        return
+    assert build_edid(*size)[:8] == bytes.fromhex("00ffffffffffff00")
 
 
 @pytest.mark.parametrize("raw", [b"DP-1", b"0", b"a" * 255, b"HDMI_A.1"])
