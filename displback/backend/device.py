@@ -286,9 +286,9 @@ class GuestDevice:
         self._observe_queued = False
         xs = self.xs
         try:
-            if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+            # Only the toolstack removes our directory: that alone ends the device.
+            if not await xs.exists(self.backend_dir):
                 return Vanished()
-            frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
             backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
             online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
         except XenStoreError as exc:
@@ -297,6 +297,7 @@ class GuestDevice:
             # A driver domain may not read what is left of a removed guest's tree (xenstored
             # answers EACCES, not ENOENT, under a parent it cannot read): the device is gone.
             return Vanished()
+        frontend = await self._frontend_state()
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
         if not online:
             self._offline_seen = True
@@ -306,6 +307,25 @@ class GuestDevice:
             # busy). This one is gone; the daemon serves the new one with a new GuestDevice.
             return Vanished()
         return Observed(frontend=frontend, backend=backend, online=online)
+
+    async def _frontend_state(self) -> XenbusState:
+        """The frontend's ``state``; a frontend directory that is gone (or that we may no
+        longer read) is a closed frontend.
+
+        The guest may remove its own device directory, and libxl's forced removal (``xl
+        destroy``) removes it together with writing Closing to us: neither ends the device,
+        whose life is our directory's. Taking them for the device's end made the daemon forget
+        the device, find it again at once (our directory still there) and loop, and never
+        answer libxl's Closing.
+        """
+        try:
+            if not await self.xs.exists(self.frontend_dir):
+                return XenbusState.CLOSED
+            return parse_state(await self.xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            return XenbusState.CLOSED
 
     async def _watch(self, path: str) -> None:
         async with self.xs.watch(path) as events:
