@@ -8,13 +8,18 @@ store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting 
 :meth:`~displback.sim.xenstored.XenStored.wait_for`.
 
 * ``create_domain``: ``/local/domain/F`` (owner dom0, guest may read) with ``name``, ``domid``,
-  and guest-owned ``device``, ``data``, ``drivers``, ``feature``, ``attr``, ``error``;
-  ``/libxl/F``; then ``@introduceDomain``.
+  ``cpu``, ``memory``, ``control`` (read-only to the guest, except its ``shutdown``,
+  ``feature-*`` and ``sysrq`` nodes), ``device`` (read-only to the guest: libxl 4.17's default;
+  guest-owned only with ``xend_suspend_evtchn_compat``) with the guest's
+  ``device/suspend/event-channel``, guest-owned ``data``, ``drivers``, ``feature``, ``attr``,
+  ``error``; ``/libxl/F`` and ``/libxl/F/device`` (dom0 only); then ``@introduceDomain``.
 * ``add_vdispl``: one transaction as libxl__device_generic_add: frontend directory owned by
-  the guest and readable by the backend (``backend``, ``backend-id``, ``state`` = 1),
-  ``be-alloc`` and per connector ``i/resolution``, ``i/unique-id`` owned by the backend and
-  read-only to the guest; backend directory owned by the backend and readable by the guest
-  (``frontend``, ``frontend-id``, ``online`` = 1, ``state`` = 1); libxl's copy under
+  the guest and readable by the backend (``backend``, ``backend-id``, ``state`` = 1; the
+  connector directories ``i/`` inherit this, so they are the guest's too), ``be-alloc`` and
+  per connector ``i/resolution``, ``i/unique-id`` owned by the backend and read-only to the
+  guest; the implicitly created ``device/vdispl`` inherits ``device``'s permissions; backend
+  directory owned by the backend and readable by the guest (``frontend``, ``frontend-id``,
+  ``online`` = 1, ``state`` = 1; its implicit parents are dom0's only); libxl's copy under
   ``/libxl/F/device/vdispl/D``. Then waits (10 s) for the backend to reach InitWait.
 * Removal (libxl__initiate_device_generic_remove): one transaction writes ``online`` = 0 and,
   unless the backend is already Closed, ``state`` = 5 — a *forced* removal also removes the
@@ -250,29 +255,55 @@ class Toolstack:
 
     # -- domains -----------------------------------------------------------------------
 
-    def create_domain(self, domid: int, name: str) -> None:
-        """The XenStore part of libxl__domain_make for guest ``domid``; fires
-        ``@introduceDomain``."""
+    def create_domain(
+        self, domid: int, name: str, *, xend_suspend_evtchn_compat: bool = False
+    ) -> None:
+        """The XenStore part of libxl__domain_make (and libxl__build_post's ``domid``) for
+        guest ``domid``; fires ``@introduceDomain``.
+
+        Every node gets libxl's permissions (``roperm`` = n0 r<F>, ``rwperm`` = n<F>,
+        ``noperm`` = n0); nodes written without them inherit their parent's. In particular
+        ``device`` is read-only for the guest — so it cannot re-create a device directory it
+        removed — unless ``xend_suspend_evtchn_compat`` (an xl.cfg option, off by default)
+        hands ``device`` to the guest as libxl does then. (``/vm/<uuid>`` is not simulated.)"""
         if not 0 < domid < 0x7FF0:
             raise ToolstackError(f"bad guest domain id {domid}")
         home = domain_path(domid)
+        libxl = f"/libxl/{domid}"
+        noperm = (Perm("n", 0),)
         roperm = (Perm("n", 0), Perm("r", domid))
         rwperm = (Perm("n", domid),)
 
         def body(tx: int) -> None:
+            xs = self._xs
+
+            def mknod(path: str, perms: tuple[Perm, ...]) -> None:  # libxl__xs_mknod
+                xs.write(path, b"", tx)
+                xs.set_perms(path, perms, tx)
+
             self._rm(home, tx)
-            self._xs.mkdir(home, tx)
-            self._xs.set_perms(home, roperm, tx)
-            self._rm(f"/libxl/{domid}", tx)
-            self._xs.mkdir(f"/libxl/{domid}", tx)
-            self._xs.set_perms(f"/libxl/{domid}", (Perm("n", 0),), tx)
-            self._xs.write(f"{home}/name", name.encode(), tx)
-            self._xs.write(f"{home}/domid", str(domid).encode(), tx)
-            for sub in ("device", "data", "drivers", "feature", "attr", "error"):
-                self._xs.mkdir(f"{home}/{sub}", tx)
-                self._xs.set_perms(f"{home}/{sub}", rwperm, tx)
-            self._xs.mkdir(f"{home}/control", tx)
-            self._xs.set_perms(f"{home}/control", roperm, tx)
+            mknod(home, roperm)
+            self._rm(libxl, tx)
+            mknod(libxl, noperm)
+            mknod(f"{libxl}/device", noperm)
+            xs.write(f"{home}/name", name.encode(), tx)
+            mknod(f"{home}/cpu", roperm)
+            mknod(f"{home}/memory", roperm)
+            if xend_suspend_evtchn_compat:
+                mknod(f"{home}/device", rwperm)
+            else:
+                mknod(f"{home}/device", roperm)
+                mknod(f"{home}/device/suspend/event-channel", rwperm)
+            mknod(f"{home}/control", roperm)
+            for control in ("shutdown", "feature-poweroff", "feature-reboot",
+                            "feature-suspend", "sysrq"):
+                mknod(f"{home}/control/{control}", rwperm)
+            for sub in ("data", "drivers", "feature", "attr", "error"):
+                mknod(f"{home}/{sub}", rwperm)
+            xs.write(f"{home}/control/platform-feature-multiprocessor-suspend", b"1", tx)
+            xs.write(f"{home}/control/platform-feature-xs_reset_watches", b"1", tx)
+            xs.write(f"{libxl}/type", b"pvh", tx)
+            xs.write(f"{home}/domid", str(domid).encode(), tx)  # libxl__build_post
 
         self._transact(body)
         self.xenstored.introduce_domain(domid)
