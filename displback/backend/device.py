@@ -32,6 +32,7 @@ from displback.backend.quotas import Limits, Quota
 from displback.backend.retained import RetainedMemory
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
+from displback.protocol.constants import LINUX_MAX_CONNECTORS
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.handshake import (
@@ -52,9 +53,10 @@ from displback.protocol.handshake import (
 )
 from displback.protocol.layout import FrontendConfig
 from displback.protocol.ring import BackRing
+from displback.protocol.trust import TrustRule, UntrustedNode
 from displback.protocol.xenbus import XenbusState, parse_state
 from displback.xen.interfaces import EventChannels, GrantDevice, GrantMapping, Platform
-from displback.xenstore.client import XenStoreClient
+from displback.xenstore.client import Perm, Transaction, XenStoreClient
 from displback.xenstore.wire import XenStoreError
 
 __all__ = ["BackendSettings", "Connection", "GuestDevice"]
@@ -283,9 +285,9 @@ class GuestDevice:
         self._observe_queued = False
         xs = self.xs
         try:
-            if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+            # Only the toolstack removes our directory: that alone ends the device.
+            if not await xs.exists(self.backend_dir):
                 return Vanished()
-            frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
             backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
             online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
         except XenStoreError as exc:
@@ -294,6 +296,7 @@ class GuestDevice:
             # A driver domain may not read what is left of a removed guest's tree (xenstored
             # answers EACCES, not ENOENT, under a parent it cannot read): the device is gone.
             return Vanished()
+        frontend = await self._frontend_state()
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
         if not online:
             self._offline_seen = True
@@ -303,6 +306,25 @@ class GuestDevice:
             # busy). This one is gone; the daemon serves the new one with a new GuestDevice.
             return Vanished()
         return Observed(frontend=frontend, backend=backend, online=online)
+
+    async def _frontend_state(self) -> XenbusState:
+        """The frontend's ``state``; a frontend directory that is gone (or that we may no
+        longer read) is a closed frontend.
+
+        The guest may remove its own device directory, and libxl's forced removal (``xl
+        destroy``) removes it together with writing Closing to us: neither ends the device,
+        whose life is our directory's. Taking them for the device's end made the daemon forget
+        the device, find it again at once (our directory still there) and loop, and never
+        answer libxl's Closing.
+        """
+        try:
+            if not await self.xs.exists(self.frontend_dir):
+                return XenbusState.CLOSED
+            return parse_state(await self.xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            return XenbusState.CLOSED
 
     async def _watch(self, path: str) -> None:
         async with self.xs.watch(path) as events:
@@ -419,12 +441,44 @@ class GuestDevice:
                     self.log.error("teardown timed out; resources may remain")
             done.set()
 
+    async def _read_config(self) -> FrontendConfig:
+        """The toolstack's configuration nodes with their permissions, read in one
+        transaction (what is checked is what is used), and checked by the trust rule."""
+        base = self.frontend_dir
+
+        async def read(tx: Transaction) -> tuple[dict[str, bytes | None], dict[str, list[Perm]]]:
+            values: dict[str, bytes | None] = {}
+            perms: dict[str, list[Perm]] = {}
+
+            async def node(name: str) -> bytes | None:
+                try:
+                    value = values[name] = await tx.read_or_none(f"{base}/{name}")
+                    if value is not None:
+                        perms[name] = await tx.get_perms(f"{base}/{name}")
+                except XenStoreError as exc:
+                    if exc.name != "EACCES":
+                        raise
+                    raise UntrustedNode(
+                        f"{name}: not written by the toolstack: the backend may not read it",
+                        what=name,
+                    ) from None
+                return value
+
+            await node(layout.BE_ALLOC)
+            for i in range(LINUX_MAX_CONNECTORS):
+                if await node(f"{i}/{layout.RESOLUTION}") is None:
+                    break  # the last connector: nothing after a gap is read, as by Linux
+                await node(f"{i}/{layout.UNIQUE_ID}")
+            return values, perms
+
+        values, perms = await self.xs.run_transaction(read)
+        trust = TrustRule(backend_domid=self.platform.domid, guest_domid=self.domid)
+        return layout.parse_frontend_config(values, perms, trust)
+
     async def _connect(self) -> Connection:
         xs = self.xs
+        config = await self._read_config()
         read: dict[str, bytes | None] = {}
-        for node in layout.frontend_config_nodes():
-            read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
-        config = layout.parse_frontend_config(read)
         for node in layout.transport_nodes(len(config.connectors)):
             read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
         transports = layout.parse_transports(read, len(config.connectors))
