@@ -51,8 +51,9 @@ buffer (an output keeps showing a private copy of a frame on screen). Then per k
   ``DMABUF_EXP_WAIT_RELEASED`` is keyed by it (see :mod:`displback.backend.deferred`). Then
   wait up to ``wait_free_ms`` in a worker thread: released → close the number and answer;
   timeout → answer anyway and hand the number to :class:`DeferredReleases`.
-* ``BACKEND``: the guest has unmapped our pages already; revoke the grants
-  (``DMABUF_IMP_RELEASE``), close our fd (freeing the memory once nothing refers to it).
+* ``BACKEND``: revoke the grants (``DMABUF_IMP_RELEASE``) and hand our fd to the daemon's
+  :class:`~displback.backend.retained.RetainedMemory`: the guest may still map the pages (a
+  hostile one need not unmap), so they stay the guest's, charged, until its domain dies.
 
 Accounting
 ----------
@@ -88,6 +89,7 @@ from displback.backend.guestmem import (
     read_directory,
 )
 from displback.backend.quotas import Quota, QuotaExceeded
+from displback.backend.retained import RetainedMemory
 from displback.display.interface import (
     DisplayError,
     DumbFramebuffer,
@@ -231,6 +233,7 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
     # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
     copies: int = 0
     copies_done: trio.Event | None = None
@@ -511,7 +514,7 @@ class BufferStore:
         wait_free_ms: int = 2000,
         log: Logger | None = None,
         quota_log_clock: Callable[[], float] = time.monotonic,
-        linger: Callable[[int], None] | None = None,
+        retained: RetainedMemory | None = None,
         copies: CopyWorkers | None = None,
     ) -> None:
         if wait_free_ms < 0:
@@ -526,8 +529,9 @@ class BufferStore:
         self.policy = policy
         self.wait_free_ms = wait_free_ms
         self.log = log if log is not None else default_logger("displback.buffers")
-        # Teardown of backend-allocated buffers: who keeps their memory alive (see _free).
-        self._linger = linger
+        # Where be-alloc memory goes once Dom0 is done with it (None: freed at once, for
+        # tests of the store alone).
+        self.retained = retained
         self._copies = copies
         # Dumb buffers of released framebuffers that an output may still scan out (_retire).
         self._retired: dict[Output, list[DumbFramebuffer]] = {}
@@ -704,28 +708,75 @@ class BufferStore:
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """A Dom0 buffer granted to the guest: kept memory of this guest reused if one is
+        large enough (zeroed), else new memory charged to the guest (see retained.py)."""
         npages = req.npages
-        try:
-            fd = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE)
-        except OSError as exc:
-            raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+        fd, size = self._reuse(npages)
+        if fd is None:
+            what = f"{npages} pages of Dom0 memory for buffer 0x{req.dbuf_cookie:x}"
+            self._take("be_alloc_buffers", 1, what)
+            try:
+                self._take("be_alloc_pages", npages, what)
+            except RequestError:
+                self.quota.give("be_alloc_buffers")
+                raise
+            try:
+                fd, size = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE), npages
+            except OSError as exc:
+                self.quota.give("be_alloc_buffers")
+                self.quota.give("be_alloc_pages", npages)
+                raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+            granted = False
+        else:
+            granted = True  # the guest may still map it from before
         try:
             try:
-                refs = self.grants.dmabuf_import_to_refs(fd, npages, self.domid)
+                refs = self.grants.dmabuf_import_to_refs(fd, size, self.domid)
+                granted = True
             except OSError as exc:
                 code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
                 raise RequestError(code, f"cannot grant our buffer to the guest: {exc}") from exc
             try:
-                fill_directory(self.grants, self.domid, req.gref_directory, refs)
+                # A larger reused buffer: all of it is granted, the guest is told its first
+                # npages (the rest is memory it may still map anyway).
+                fill_directory(self.grants, self.domid, req.gref_directory, refs[:npages])
             except BaseException:
                 self._import_release(fd)
                 raise
         except BaseException:
-            os.close(fd)
+            self._let_go(fd, size, granted=granted)
             raise
-        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs))
+        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs[:npages]))
         buffer.fd = fd
+        buffer.dmabuf_pages = size
         return buffer
+
+    def _reuse(self, npages: int) -> tuple[int | None, int]:
+        """A kept dma-buf of this guest with at least ``npages`` pages, zeroed, or None."""
+        if self.retained is None:
+            return None, 0
+        kept = self.retained.take(self.domid, npages)
+        if kept is None:
+            return None, 0
+        try:
+            with self.dmabufs.open_dmabuf(kept.fd) as mapping:
+                # Another process of the guest may have had it: it must look new.
+                mapping.buffer[: kept.npages * PAGE_SIZE] = bytes(kept.npages * PAGE_SIZE)
+        except (OSError, ValueError) as exc:
+            self.log.warning(f"dom{self.domid}: cannot reuse kept memory: {exc}")
+            self.retained.keep(self.domid, kept.fd, kept.npages)
+            return None, 0
+        return kept.fd, kept.npages
+
+    def _let_go(self, fd: int, npages: int, *, granted: bool) -> None:
+        """Dom0 is done with be-alloc memory ``fd``: kept for the guest if it was ever
+        granted (it may still map it; still charged), else freed and given back."""
+        if granted and self.retained is not None:
+            self.retained.keep(self.domid, fd, npages)
+            return
+        os.close(fd)
+        self.quota.give("be_alloc_buffers")
+        self.quota.give("be_alloc_pages", npages)
 
     # -- DBUF_DESTROY --------------------------------------------------------------------
 
@@ -767,15 +818,9 @@ class BufferStore:
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
             self._import_release(fd)
-            if self._closed and self._linger is not None:
-                # Teardown: the guest may still map these pages (Linux unmaps only after it
-                # sees us offer InitWait again), and gntdev revokes imported grants without
-                # holding the pages. Closing our fd now would free memory the guest can still
-                # read and write; the device keeps it until the guest has re-handshaked or is
-                # gone.
-                self._linger(fd)
-            else:
-                os.close(fd)
+            # gntdev revokes the grants without holding the pages: the guest may still map
+            # them (a teardown, or a guest that did not unmap before DBUF_DESTROY).
+            self._let_go(fd, buffer.dmabuf_pages, granted=True)
         elif buffer.kind is BufferKind.ZERO_COPY:
             assert fd is not None
             await self._wait_free(buffer, fd, wait_ms)
