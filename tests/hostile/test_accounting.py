@@ -277,6 +277,12 @@ async def test_kept_be_alloc_memory_is_bounded_by_the_guest_limit(
             small = await g.create_dumb(64, 64, 32)  # what is kept still serves the guest
             await g.destroy_dumb(small)
             assert _dom0(hypervisor, "pages") - base == pinned
+            # A guest beside it, also be-alloc, is not affected by the attacker's account.
+            await w.add_guest(HONEST, BE_ALLOC)
+            async with w.guest(HONEST) as honest:
+                await honest.wait_connected()
+                await show_frames(w, honest, 1, output="B")
+                assert w.backend.accounts[HONEST].be_alloc_pages > 0
 
 
 async def test_kept_be_alloc_memory_is_freed_when_the_domain_is_destroyed(
