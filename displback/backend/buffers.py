@@ -15,7 +15,11 @@ A buffer is one of three kinds (:class:`BufferKind`), chosen at DBUF_CREATE:
   the policy is ``OFF`` or the platform cannot export (``ENOTTY``: a kernel without
   ``CONFIG_XEN_GNTDEV_DMABUF``; ``EINVAL``: an x86 PV Dom0). Each present copies the guest's
   pixels into one of two display-owned dumb buffers per (framebuffer, output), never the one
-  on screen.
+  on screen, in a worker thread shared fairly between guests (:mod:`displback.backend.copies`).
+  Neither memory goes while the thread runs: the mapping is closed only when no copy reads
+  it, a dumb buffer being filled is released when its copy ends. A released framebuffer's
+  dumb buffer still on screen is kept until the output shows another frame, instead of being
+  copied once more by the output (:meth:`BufferStore._retire`).
 * ``BACKEND`` — ``be-alloc``: Dom0 allocates the pages (a dumb buffer on real hardware),
   grants them to the guest (``DMABUF_IMP_TO_REFS``) and writes the refs into the guest's
   directory pages; outputs import our own dma-buf.
@@ -47,8 +51,9 @@ buffer (an output keeps showing a private copy of a frame on screen). Then per k
   ``DMABUF_EXP_WAIT_RELEASED`` is keyed by it (see :mod:`displback.backend.deferred`). Then
   wait up to ``wait_free_ms`` in a worker thread: released → close the number and answer;
   timeout → answer anyway and hand the number to :class:`DeferredReleases`.
-* ``BACKEND``: the guest has unmapped our pages already; revoke the grants
-  (``DMABUF_IMP_RELEASE``), close our fd (freeing the memory once nothing refers to it).
+* ``BACKEND``: revoke the grants (``DMABUF_IMP_RELEASE``) and hand our fd to the daemon's
+  :class:`~displback.backend.retained.RetainedMemory`: the guest may still map the pages (a
+  hostile one need not unmap), so they stay the guest's, charged, until its domain dies.
 
 Accounting
 ----------
@@ -66,6 +71,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +79,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from displback.backend.copies import CopyWorkers, default_copy_workers
 from displback.backend.deferred import DeferredReleases, Logger, default_logger
 from displback.backend.errors import RequestError
 from displback.backend.guestmem import (
@@ -82,6 +89,7 @@ from displback.backend.guestmem import (
     read_directory,
 )
 from displback.backend.quotas import Quota, QuotaExceeded
+from displback.backend.retained import RetainedMemory
 from displback.display.interface import (
     DisplayError,
     DumbFramebuffer,
@@ -225,6 +233,23 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
+    # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
+    copies: int = 0
+    copies_done: trio.Event | None = None
+
+    def copy_ended(self) -> None:
+        self.copies -= 1
+        if self.copies == 0 and self.copies_done is not None:
+            self.copies_done.set()
+            self.copies_done = None
+
+    async def no_copies(self) -> None:
+        """Return once no copy reads this buffer's pages (a running copy is not stopped)."""
+        while self.copies:
+            if self.copies_done is None:
+                self.copies_done = trio.Event()
+            await self.copies_done.wait()
 
     @property
     def has_geometry(self) -> bool:
@@ -243,6 +268,8 @@ class _OnOutput:
     copying: bool = False
     dumbs: list[DumbFramebuffer] = field(default_factory=list)
     next_dumb: int = 0
+    # The dumb buffer a worker thread is copying into: its release waits for the copy.
+    filling: DumbFramebuffer | None = None
 
 
 class GuestFramebuffer:
@@ -298,14 +325,15 @@ class GuestFramebuffer:
             f"offset {self.offset}{state}>"
         )
 
-    def present_on(self, output: Output) -> Framebuffer:
+    async def present_on(self, output: Output) -> Framebuffer:
         """The display framebuffer to flip to on ``output`` to show this framebuffer now.
 
         Zero-copy: the output's import of the dma-buf, made on first use and cached. Copy:
         one of two dumb buffers of this output, alternately and never the one on screen,
-        freshly filled from the guest's pages. Call it with no flip pending on ``output``
-        (flips are serialised per output). Raises :class:`RequestError`: ``ENOENT`` once
-        released, ``EOPNOTSUPP`` when the output refuses the import under ``REQUIRE``,
+        freshly filled from the guest's pages in a worker thread (:mod:`displback.backend.
+        copies`). Call it with no flip pending on ``output`` (flips are serialised per
+        output). Raises :class:`RequestError`: ``ENOENT`` once released (also when released
+        while copying), ``EOPNOTSUPP`` when the output refuses the import under ``REQUIRE``,
         ``EINVAL`` for a framebuffer the output cannot show at all, ``EIO`` for other
         display failures.
         """
@@ -315,6 +343,7 @@ class GuestFramebuffer:
         if all(output is not known for known in store.outputs):
             raise ValueError(f"{output!r} is not an output of this device")
         state = self._outputs.setdefault(output, _OnOutput())
+        store._release_retired(output)
         buffer = self._buffer
         direct = buffer.kind is not BufferKind.COPY and store.policy is not ZeroCopyPolicy.OFF
         if direct and not state.copying:
@@ -322,7 +351,7 @@ class GuestFramebuffer:
                 state.imported = self._import(output, state)
             if state.imported is not None:
                 return state.imported
-        return self._copy_to(output, state)
+        return await self._copy_to(output, state)
 
     def _import(self, output: Output, state: _OnOutput) -> Framebuffer | None:
         buffer = self._buffer
@@ -363,8 +392,10 @@ class GuestFramebuffer:
             if not imported:
                 self._store.quota.give("display_fbs")
 
-    def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
-        source = self._store._cpu_view(self._buffer)
+    async def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
+        store = self._store
+        buffer = self._buffer
+        source = store._cpu_view(buffer)
         target: DumbFramebuffer | None = None
         for index in (state.next_dumb, 1 - state.next_dumb):
             if index == len(state.dumbs):
@@ -374,20 +405,39 @@ class GuestFramebuffer:
                 state.next_dumb = 1 - index
                 break
         assert target is not None  # at most one of the two is on screen
+        copy = functools.partial(
+            copy_frame,
+            source.buffer,
+            self.offset,
+            self.pitch,
+            target.buffer,
+            0,
+            target.pitch,
+            self.width * self.fourcc.cpp,
+            self.height,
+        )
+        # While the thread runs, the source pages stay mapped (``_free`` waits for
+        # ``buffer.copies``) and the target stays allocated (``_release`` leaves ``filling``
+        # to us), whatever happens on the loop meanwhile: a detach, a destroy, a teardown.
+        state.filling = target
+        buffer.copies += 1
         try:
-            copy_frame(
-                source.buffer,
-                self.offset,
-                self.pitch,
-                target.buffer,
-                0,
-                target.pitch,
-                self.width * self.fourcc.cpp,
-                self.height,
-            )
+            await store.copies.run(store.domid, functools.partial(self._copy_unless_released, copy))
         except ValueError as exc:  # FB_ATTACH checked the bounds: only a display oddity
             raise RequestError(EIO, f"copying framebuffer 0x{self.fb_cookie:x}: {exc}") from exc
+        finally:
+            buffer.copy_ended()
+            state.filling = None
+            if self._released:  # detached or destroyed while we copied: ours to release now
+                store._retire(output, target)
+        if self._released:
+            raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         return target
+
+    def _copy_unless_released(self, copy: Callable[[], None]) -> None:
+        """In the worker thread: copy, unless the framebuffer went while the copy waited."""
+        if not self._released:
+            copy()
 
     def _create_dumb(self, output: Output) -> DumbFramebuffer:
         """A copy buffer for this framebuffer on ``output``, charged to the guest (count and
@@ -424,23 +474,21 @@ class GuestFramebuffer:
     def _release(self) -> None:
         """Release every display framebuffer of this one, on every output; idempotent.
 
-        Gives back the framebuffer and its display objects to the guest's account."""
+        Gives back the framebuffer to the guest's account; each display object is given back
+        when it is released. A dumb buffer a copy is filling is released when the copy ends;
+        one the output may still scan out is retired (see :meth:`BufferStore._retire`).
+        """
+        store = self._store
         if not self._released:
-            self._store.quota.give("framebuffers")
+            store.quota.give("framebuffers")
         self._released = True
         outputs, self._outputs = self._outputs, {}
-        quota = self._store.quota
         for output, state in outputs.items():
-            fbs: list[Framebuffer] = [*state.dumbs]
+            for dumb in state.dumbs:
+                if dumb is not state.filling:
+                    store._retire(output, dumb)
             if state.imported is not None:
-                fbs.append(state.imported)
-            quota.give("display_fbs", len(fbs))
-            quota.give("copy_bytes", sum(dumb.size for dumb in state.dumbs))
-            for fb in fbs:
-                try:
-                    output.release(fb)
-                except DisplayError as exc:
-                    self._store.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+                store._release_display_fb(output, state.imported)
 
 
 class BufferStore:
@@ -466,7 +514,8 @@ class BufferStore:
         wait_free_ms: int = 2000,
         log: Logger | None = None,
         quota_log_clock: Callable[[], float] = time.monotonic,
-        linger: Callable[[int], None] | None = None,
+        retained: RetainedMemory | None = None,
+        copies: CopyWorkers | None = None,
     ) -> None:
         if wait_free_ms < 0:
             raise ValueError("wait_free_ms must not be negative")
@@ -480,8 +529,12 @@ class BufferStore:
         self.policy = policy
         self.wait_free_ms = wait_free_ms
         self.log = log if log is not None else default_logger("displback.buffers")
-        # Teardown of backend-allocated buffers: who keeps their memory alive (see _free).
-        self._linger = linger
+        # Where be-alloc memory goes once Dom0 is done with it (None: freed at once, for
+        # tests of the store alone).
+        self.retained = retained
+        self._copies = copies
+        # Dumb buffers of released framebuffers that an output may still scan out (_retire).
+        self._retired: dict[Output, list[DumbFramebuffer]] = {}
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
         self._fbs: dict[int, GuestFramebuffer] = {}
@@ -497,6 +550,13 @@ class BufferStore:
         self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def copies(self) -> CopyWorkers:
+        """Where copy-mode copies run: given, or the daemon's (one per trio run)."""
+        if self._copies is None:
+            self._copies = default_copy_workers()
+        return self._copies
 
     @property
     def stats(self) -> BufferStoreStats:
@@ -648,28 +708,75 @@ class BufferStore:
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """A Dom0 buffer granted to the guest: kept memory of this guest reused if one is
+        large enough (zeroed), else new memory charged to the guest (see retained.py)."""
         npages = req.npages
-        try:
-            fd = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE)
-        except OSError as exc:
-            raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+        fd, size = self._reuse(npages)
+        if fd is None:
+            what = f"{npages} pages of Dom0 memory for buffer 0x{req.dbuf_cookie:x}"
+            self._take("be_alloc_buffers", 1, what)
+            try:
+                self._take("be_alloc_pages", npages, what)
+            except RequestError:
+                self.quota.give("be_alloc_buffers")
+                raise
+            try:
+                fd, size = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE), npages
+            except OSError as exc:
+                self.quota.give("be_alloc_buffers")
+                self.quota.give("be_alloc_pages", npages)
+                raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+            granted = False
+        else:
+            granted = True  # the guest may still map it from before
         try:
             try:
-                refs = self.grants.dmabuf_import_to_refs(fd, npages, self.domid)
+                refs = self.grants.dmabuf_import_to_refs(fd, size, self.domid)
+                granted = True
             except OSError as exc:
                 code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
                 raise RequestError(code, f"cannot grant our buffer to the guest: {exc}") from exc
             try:
-                fill_directory(self.grants, self.domid, req.gref_directory, refs)
+                # A larger reused buffer: all of it is granted, the guest is told its first
+                # npages (the rest is memory it may still map anyway).
+                fill_directory(self.grants, self.domid, req.gref_directory, refs[:npages])
             except BaseException:
                 self._import_release(fd)
                 raise
         except BaseException:
-            os.close(fd)
+            self._let_go(fd, size, granted=granted)
             raise
-        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs))
+        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs[:npages]))
         buffer.fd = fd
+        buffer.dmabuf_pages = size
         return buffer
+
+    def _reuse(self, npages: int) -> tuple[int | None, int]:
+        """A kept dma-buf of this guest with at least ``npages`` pages, zeroed, or None."""
+        if self.retained is None:
+            return None, 0
+        kept = self.retained.take(self.domid, npages)
+        if kept is None:
+            return None, 0
+        try:
+            with self.dmabufs.open_dmabuf(kept.fd) as mapping:
+                # Another process of the guest may have had it: it must look new.
+                mapping.buffer[: kept.npages * PAGE_SIZE] = bytes(kept.npages * PAGE_SIZE)
+        except (OSError, ValueError) as exc:
+            self.log.warning(f"dom{self.domid}: cannot reuse kept memory: {exc}")
+            self.retained.keep(self.domid, kept.fd, kept.npages)
+            return None, 0
+        return kept.fd, kept.npages
+
+    def _let_go(self, fd: int, npages: int, *, granted: bool) -> None:
+        """Dom0 is done with be-alloc memory ``fd``: kept for the guest if it was ever
+        granted (it may still map it; still charged), else freed and given back."""
+        if granted and self.retained is not None:
+            self.retained.keep(self.domid, fd, npages)
+            return
+        os.close(fd)
+        self.quota.give("be_alloc_buffers")
+        self.quota.give("be_alloc_pages", npages)
 
     # -- DBUF_DESTROY --------------------------------------------------------------------
 
@@ -698,6 +805,10 @@ class BufferStore:
 
     async def _free(self, buffer: _DisplayBuffer, wait_ms: int) -> None:
         """Drop everything Dom0 holds for ``buffer`` (its framebuffers are released)."""
+        # A copy thread may still read the pages: unmap only after it (it ends on its own;
+        # shielded, so a cancelled destroy cannot skip the unmapping below).
+        with trio.CancelScope(shield=True):
+            await buffer.no_copies()
         cpu, buffer.cpu = buffer.cpu, None
         if cpu is not None:
             cpu.close()
@@ -707,15 +818,9 @@ class BufferStore:
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
             self._import_release(fd)
-            if self._closed and self._linger is not None:
-                # Teardown: the guest may still map these pages (Linux unmaps only after it
-                # sees us offer InitWait again), and gntdev revokes imported grants without
-                # holding the pages. Closing our fd now would free memory the guest can still
-                # read and write; the device keeps it until the guest has re-handshaked or is
-                # gone.
-                self._linger(fd)
-            else:
-                os.close(fd)
+            # gntdev revokes the grants without holding the pages: the guest may still map
+            # them (a teardown, or a guest that did not unmap before DBUF_DESTROY).
+            self._let_go(fd, buffer.dmabuf_pages, granted=True)
         elif buffer.kind is BufferKind.ZERO_COPY:
             assert fd is not None
             await self._wait_free(buffer, fd, wait_ms)
@@ -867,11 +972,58 @@ class BufferStore:
         for buffer in buffers:
             with trio.CancelScope(shield=True):
                 await self._free(buffer, 0)
+        retired, self._retired = self._retired, {}
+        for output, dumbs in retired.items():
+            for dumb in dumbs:
+                self._release_display_fb(output, dumb, dumb.size)
         placeholder, self._placeholder = self._placeholder, -1
         if placeholder >= 0:
             os.close(placeholder)
 
     # -- helpers for GuestFramebuffer ----------------------------------------------------
+
+    def _retire(self, output: Output, dumb: DumbFramebuffer) -> None:
+        """Release a dumb buffer of a released framebuffer, or keep it while ``output`` may
+        still scan it out (on screen, or the target of a flip in flight).
+
+        Releasing a framebuffer on screen makes the output copy its frame on the event loop
+        (it keeps showing a private copy), up to 32 MiB a guest may trigger with each
+        FB_DETACH. A dumb buffer is our own memory, not the guest's: the output may as well
+        go on showing it until the next frame replaces it. At most the one on screen (and
+        the one of a flip in flight) stays per output; the rest goes at once.
+        """
+        if dumb is output.current_fb or output.flip_pending:
+            self._retired.setdefault(output, []).append(dumb)
+        else:
+            self._release_display_fb(output, dumb, dumb.size)
+        self._release_retired(output)
+
+    def _release_retired(self, output: Output) -> None:
+        """Release the retired dumb buffers ``output`` no longer scans out."""
+        dumbs = self._retired.pop(output, None)
+        if not dumbs:
+            return
+        if output.flip_pending:
+            self._retired[output] = dumbs
+            return
+        keep = [d for d in dumbs if d is output.current_fb]
+        for dumb in dumbs:
+            if dumb is not output.current_fb:
+                self._release_display_fb(output, dumb, dumb.size)
+        if keep:
+            self._retired[output] = keep
+
+    def _release_display_fb(self, output: Output, fb: Framebuffer, copy_bytes: int = 0) -> None:
+        """Release ``fb`` on ``output`` and give it back to the guest's account (a copy
+        buffer also gives back its ``copy_bytes``)."""
+        try:
+            output.release(fb)
+        except DisplayError as exc:
+            self.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+        finally:
+            self.quota.give("display_fbs")
+            if copy_bytes:
+                self.quota.give("copy_bytes", copy_bytes)
 
     def _take(self, resource: str, amount: int, what: str) -> None:
         """Charge ``amount`` of ``resource`` for ``what``, or fail it with ``-ENOMEM``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import Limits, Quota
+from displback.backend.retained import RetainedMemory
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
 from displback.protocol.constants import LINUX_MAX_CONNECTORS
@@ -139,7 +139,7 @@ class Connection:
             deferred=dev.deferred,
             be_alloc=self.config.be_alloc,
             log=dev.log,
-            linger=dev.linger,
+            retained=dev.retained,
         )
         self.store = store
         for cfg, transport, output in zip(self.config.connectors, transports, outputs, strict=True):
@@ -179,6 +179,10 @@ class Connection:
         assert self._evtchn is not None
         evtchn = self._evtchn
         by_port = {c.req_port: c for c in self.connectors}
+        # The guest never needs to signal an event page's port (we only notify through it,
+        # which our mask does not affect): once it fired it stays masked, so a guest firing
+        # it in a loop costs one wake-up, not one per notification.
+        evt_ports = {c.evt_port for c in self.connectors}
         async with trio.open_nursery() as nursery:
             for connector in self.connectors:
                 nursery.start_soon(connector.run)
@@ -190,9 +194,9 @@ class Connection:
                 for port in fired:
                     target = by_port.get(port)
                     if target is not None:
-                        target.kick()  # the connector unmasks once drained
-                    else:
-                        stray.append(port)  # the guest never signals the event page
+                        target.kick()  # the connector unmasks once drained (or throttled)
+                    elif port not in evt_ports:
+                        stray.append(port)
                 if stray:
                     evtchn.unmask(stray)
 
@@ -237,6 +241,7 @@ class GuestDevice:
         settings: BackendSettings,
         deferred: DeferredReleases,
         account: Quota | None = None,
+        retained: RetainedMemory | None = None,
         log: Any = None,
     ) -> None:
         self.xs = xs
@@ -248,6 +253,8 @@ class GuestDevice:
         self.deferred = deferred
         #: The guest domain's account, shared with its other devices (the daemon's).
         self.account = account if account is not None else Quota(settings.limits, domid=domid)
+        #: Where be-alloc memory the guest may still map is kept until the domain dies.
+        self.retained = retained
         base = log if log is not None else structlog.get_logger("displback.device")
         self.log = base.bind(domid=domid, devid=devid)
         self.backend_dir = layout.backend_dir(platform.domid, domid, devid)
@@ -261,8 +268,6 @@ class GuestDevice:
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
         self._wake_scope: trio.CancelScope | None = None
-        # Backend-allocated memory of an earlier connection the guest may still map.
-        self._lingering: list[int] = []
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -332,23 +337,10 @@ class GuestDevice:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def linger(self, fd: int) -> None:
-        """Keep a backend-allocated buffer's memory (``fd``) until the guest cannot map it."""
-        self._lingering.append(fd)
-
-    def _release_lingering(self) -> None:
-        fds, self._lingering = self._lingering, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
     async def run(self) -> None:
         """Drive the handshake until the device is forgotten (its directories are gone)."""
         self.log.info("device found")
-        try:
-            await self._run()
-        finally:
-            self._release_lingering()
+        await self._run()
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -433,9 +425,6 @@ class GuestDevice:
                 self.status.connects += 1
                 self.status.connectors = connection.connectors
                 self.status.store = connection.store
-                # The guest re-handshaked: Linux frees and unmaps everything of a connection
-                # before it publishes new rings, so memory kept from the last one can go.
-                self._release_lingering()
                 self._feed(ConnectSucceeded())
                 try:
                     await connection.serve()

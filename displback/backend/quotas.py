@@ -17,7 +17,8 @@ resource                  charged for
                           and output it is shown on)
 ``deferred``              destroyed zero-copy buffers whose importer still holds them
 ``be_alloc_pages``        Dom0 memory granted to the guest (``be-alloc``), live or kept after
-                          its destroy because the guest may still map it
+                          its destroy because the guest may still map it, until it dies
+``be_alloc_buffers``      the dma-bufs (fds) holding that memory
 ========================  ===================================================================
 
 A request that would pass a limit is answered with an error (``-ENOMEM`` for resources,
@@ -61,6 +62,7 @@ RESOURCES: Final = {
     "copy_bytes": "max_copy_bytes",
     "deferred": "max_deferred",
     "be_alloc_pages": "max_be_alloc_pages",
+    "be_alloc_buffers": "max_be_alloc_buffers",
 }
 
 
@@ -77,7 +79,7 @@ class QuotaExceeded(Exception):
 class Limits:
     """What one guest domain may hold at once, and how fast it may ask.
 
-    The last five limits may be given as 0: they are then derived from the others as
+    The last six limits may be given as 0: they are then derived from the others as
     :meth:`for_connectors` derives them (for limits an admin or a test sets by hand).
     """
 
@@ -92,6 +94,7 @@ class Limits:
     max_copy_bytes: int = 0
     max_deferred: int = 0
     max_be_alloc_pages: int = 0
+    max_be_alloc_buffers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_buffers", "max_pages_per_buffer", "max_total_pages", "request_burst"):
@@ -157,7 +160,9 @@ def _derived(buffers: int, total_pages: int, connectors: int) -> dict[str, int]:
     * ``max_deferred`` = 8: a destroyed buffer is deferred only while an output still holds it
       after the 2 s wait (one flip at most for a Linux guest).
     * ``max_be_alloc_pages`` = twice ``max_total_pages``: the live be-alloc buffers plus one
-      whole earlier set of other sizes that Dom0 keeps (and reuses) until the domain dies.
+      whole earlier set that Dom0 keeps (and reuses) until the domain dies.
+    * ``max_be_alloc_buffers`` = twice ``max_buffers``: kept memory is reused for any buffer
+      it can hold, so only growing sizes add dma-bufs (one fd each in Dom0).
     """
     return {
         "max_framebuffers": 2 * buffers,
@@ -165,6 +170,7 @@ def _derived(buffers: int, total_pages: int, connectors: int) -> dict[str, int]:
         "max_copy_bytes": 2 * total_pages * PAGE_SIZE,
         "max_deferred": 8,
         "max_be_alloc_pages": 2 * total_pages,
+        "max_be_alloc_buffers": 2 * buffers,
     }
 
 
@@ -188,6 +194,7 @@ class Quota:
         self.copy_bytes = 0
         self.deferred = 0
         self.be_alloc_pages = 0
+        self.be_alloc_buffers = 0
 
     # -- limits --------------------------------------------------------------------------
 

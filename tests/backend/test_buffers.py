@@ -232,7 +232,7 @@ class Env:
 
     async def show(self, fb: GuestFramebuffer, output: VirtualOutput | None = None) -> Framebuffer:
         out = output or self.output
-        shown = fb.present_on(out)
+        shown = await fb.present_on(out)
         await out.flip(shown)
         return shown
 
@@ -352,7 +352,7 @@ async def test_zero_copy_buffer_is_scanned_out_from_guest_memory(
 
         shown = await env.show(fb)
         assert shown.zero_copy
-        assert fb.present_on(env.output) is shown  # imported once per output, cached
+        assert await fb.present_on(env.output) is shown  # imported once per output, cached
         assert_shows(env.output, 32, 16)
         other = env.display.outputs["c1"]
         shown_there = await env.show(fb, other)
@@ -384,7 +384,7 @@ async def test_destroy_of_an_on_screen_buffer_detaches_and_keeps_the_last_frame(
         await env.destroy(1)  # no FB_DETACH first
         assert fb.released
         expect_sync_error(errno.ENOENT, env.store.framebuffer, 2)
-        expect_sync_error(errno.ENOENT, fb.present_on, env.output)
+        await expect_error(errno.ENOENT, fb.present_on(env.output))
         assert env.output.enabled and env.output.current_fb is None
         assert mappings_of_dom0(env.hv) == 0
         write_pages(env.guest, buf.pfns, bytes(16 * 8 * 4))  # the guest reuses its pages
@@ -556,8 +556,8 @@ async def test_a_platform_that_cannot_export_copies_and_says_so_once(
         second = await env.show(fb)
         assert second is not first  # never the buffer on screen
         assert_shows(env.output, width, height, salt=4)
-        assert fb.present_on(env.output) is first  # the two alternate...
-        assert fb.present_on(env.output) is first  # ...but never onto the one on screen
+        assert await fb.present_on(env.output) is first  # the two alternate...
+        assert await fb.present_on(env.output) is first  # ...but never onto the one on screen
 
         buf2 = guest_buffer(env.guest, 1)
         await env.create(2, buf2, width, height)
@@ -633,7 +633,7 @@ async def test_policy_require_fails_the_flip_when_the_display_refuses_the_import
         buf = guest_buffer(env.guest, 1)
         await env.create(1, buf, 16, 8)
         fb = env.attach(1, 2, 16, 8)
-        expect_sync_error(errno.EOPNOTSUPP, fb.present_on, env.output)
+        await expect_error(errno.EOPNOTSUPP, fb.present_on(env.output))
         await env.destroy(1)
         free_buffer(env.guest, buf)
 
@@ -868,7 +868,7 @@ async def test_buffer_and_framebuffer_requests_are_checked_against_the_tables(
         expect_sync_error(errno.ENOENT, env.detach, 11)
         outsider = VirtualDisplay([OutputConfig("x", 8, 8)]).outputs["x"]
         with pytest.raises(ValueError):
-            fb.present_on(outsider)
+            await fb.present_on(outsider)
         env.detach(10)
         await env.destroy(1)
         await expect_error(errno.ENOENT, env.destroy(1))
