@@ -12,9 +12,10 @@ when a process exits.
 - **RAM**: each domain has one memfd; pages are allocated by page frame number (pfn =
   offset / 4096) and zeroed on allocation. Clients receive the memfd with ``SCM_RIGHTS`` and
   map pages themselves (:mod:`displback.sim.memmap`), so memory is really shared.
-- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly); it holds
-  :data:`GRANT_ENTRIES` (Xen's default size, grefs below :data:`FIRST_GREF` reserved as Linux
-  reserves them), and granting beyond is ``ENOSPC``. Each page a domain maps (gntdev map or
+- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly); with a
+  size given (:data:`GRANT_ENTRIES` is Xen's default; unbounded by default for now, see
+  :class:`Machine`), granting beyond is ``ENOSPC`` (grefs below :data:`FIRST_GREF` are
+  reserved as Linux reserves them). Each page a domain maps (gntdev map or
   dma-buf export) takes one of its :data:`MAPTRACK_ENTRIES`; beyond, the map fails. Mapping
   checks the gref exists, is not being revoked, is granted to the mapper, and is writable if
   mapped writable; otherwise ``EINVAL`` as gntdev reports a failed map. Live mappings are
@@ -263,9 +264,12 @@ class Machine:
     context only. ``spawn`` starts the release watcher of a new dma-buf."""
 
     def __init__(
-        self, *, grant_entries: int = GRANT_ENTRIES, maptrack_entries: int = MAPTRACK_ENTRIES
+        self, *, grant_entries: int | None = None, maptrack_entries: int = MAPTRACK_ENTRIES
     ) -> None:
-        if grant_entries <= FIRST_GREF or maptrack_entries < 1:
+        # grant_entries None: unbounded. Xen's size (GRANT_ENTRIES) is not yet the default:
+        # with it, reused be-alloc memory takes fresh Dom0 grant entries while the guest
+        # still maps the old ones (tests/hostile/test_grants.py, docs/simulation.md).
+        if (grant_entries is not None and grant_entries <= FIRST_GREF) or maptrack_entries < 1:
             raise ValueError("grant table or maptrack too small")
         self.grant_entries = grant_entries
         self.maptrack_entries = maptrack_entries
@@ -464,6 +468,8 @@ class Machine:
     def _room_for_grants(self, dom: Domain, count: int) -> None:
         """``ENOSPC`` (Linux's ``gnttab_alloc_grant_references``) unless ``count`` more
         entries fit in ``dom``'s grant table; checked before any is made (all or nothing)."""
+        if self.grant_entries is None:
+            return
         free = len(dom.free_grefs) + max(0, self.grant_entries - dom.next_gref)
         if count > free:
             raise HvError(
@@ -843,11 +849,12 @@ class HypervisorThread:
         self,
         socket_path: str,
         *,
-        grant_entries: int = GRANT_ENTRIES,
+        grant_entries: int | None = None,
         maptrack_entries: int = MAPTRACK_ENTRIES,
     ) -> None:
         self.socket_path = socket_path
-        self._limits = {"grant_entries": grant_entries, "maptrack_entries": maptrack_entries}
+        self._grant_entries = grant_entries
+        self._maptrack_entries = maptrack_entries
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._machine: Machine | None = None
@@ -873,7 +880,12 @@ class HypervisorThread:
             self._cancel = scope
             async with trio.open_nursery() as nursery:
                 self._machine = await nursery.start(
-                    serve, self.socket_path, Machine(**self._limits)
+                    serve,
+                    self.socket_path,
+                    Machine(
+                        grant_entries=self._grant_entries,
+                        maptrack_entries=self._maptrack_entries,
+                    ),
                 )
                 self._ready.set()
 

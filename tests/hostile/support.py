@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,13 @@ __all__ = [
 
 HONEST = 1
 ATTACKER = 2
-#: The honest guest's output refresh rate: its flips complete once per vblank.
-HONEST_HZ = 20.0
-#: Seconds per measuring window (alone, then beside the attacker).
-WINDOW = 1.0
+#: The honest guest's output refresh rate: its flips complete once per vblank. The simulated
+#: attacker runs in the daemon's process and event loop (its hypervisor calls block): at
+#: 10 Hz a frame has 100 ms of slack, more than the attacker's heaviest own step (granting a
+#: 3000-page buffer), so a lost frame still means Dom0 delayed the honest guest.
+HONEST_HZ = 10.0
+#: Seconds per measuring window (alone, then beside the attacker): 15 frames.
+WINDOW = 1.5
 #: Allowed loss of honest flips beside an attacker (the issue's 10 %).
 RATE_TOLERANCE = 0.10
 
@@ -94,7 +97,6 @@ class Arena:
     baseline: int = 0  # honest flips in one window alone
     beside: float = 0.0  # honest flips per window beside the attacker
     after: int | None = None  # honest flips in one window alone after it, if measured
-    notes: list[str] = field(default_factory=list)
 
     @property
     def honest_flips(self) -> int:
@@ -167,10 +169,8 @@ class Arena:
         # left to the attacker (a be-alloc page it still maps would keep its grant alive).
         while (await trio.to_thread.run_sync(m.hv.counters))["domains"][0]["grants"]:
             await trio.sleep(0.05)
-        while f"dom{domid}" in (live := live_resources(await trio.to_thread.run_sync(
-                m.hv.counters))):
-            self.notes.append(f"dom{domid} still holds {live[f'dom{domid}']}")
-            await trio.sleep(0.05)
+        while f"dom{domid}" in live_resources(await trio.to_thread.run_sync(m.hv.counters)):
+            await trio.sleep(0.05)  # the caller's fail_after bounds the wait
         self.check()
 
 

@@ -104,7 +104,7 @@ async def test_a_framebuffer_flood_on_one_buffer_stays_within_quota(
 
 
 def _throttling_settings() -> BackendSettings:
-    """A request rate every guest stays under when it behaves (the honest guest flips 20
+    """A request rate every guest stays under when it behaves (the honest guest flips 10
     times a second) and an attacker passes at once."""
     limits = dataclasses.replace(Limits.for_connectors([(320, 240)]),
                                  requests_per_second=200.0, request_burst=40)

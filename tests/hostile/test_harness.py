@@ -19,9 +19,9 @@ async def test_an_attack_that_stalls_the_event_loop_fails_the_rate_check(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     async def stall(a: Arena, g: SimGuest) -> None:
-        for _ in range(6):
-            time.sleep(0.1)  # noqa: ASYNC251 — the point: Dom0's loop blocked
-            await trio.sleep(0.05)
+        for _ in range(4):
+            time.sleep(0.3)  # noqa: ASYNC251 — the point: Dom0's loop blocked 3 frames
+            await trio.sleep(0.02)
 
     with pytest.raises(BaseException) as caught:  # noqa: PT011 — in nurseries' groups
         await run_attack(hypervisor, tmp_path, stall)
