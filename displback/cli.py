@@ -12,6 +12,7 @@ from displback import __version__
 from displback.kms.info import add_kms_info_parser
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.run import add_run_parser
+from displback.status_socket import add_status_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     add_run_parser(commands)
+    add_status_parser(commands)
     add_kms_info_parser(commands)
     return parser
 

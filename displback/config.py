@@ -81,7 +81,8 @@ _KEYS: Mapping[str, Callable[[str, Any], Any]] = {
     "zero_copy": _choice("auto", "require", "off"),
     "wait_free_ms": _int(0),
     "log_level": _choice("debug", "info", "warning", "error"),
-    "log_format": _choice("console", "json"),
+    "log_format": _choice("console", "json", "journal"),
+    "status_socket": _string,
 }
 
 

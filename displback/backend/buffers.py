@@ -233,6 +233,9 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    # Why its frames are copied: a COPY buffer's reason, or "<output>: <why>" per output
+    # that refused to import it (for the status).
+    copy_reasons: list[str] = field(default_factory=list)
     dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
     # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
     copies: int = 0
@@ -385,6 +388,9 @@ class GuestFramebuffer:
                 )
             state.copying = True
             store._import_fallbacks += 1
+            reason = f"{output.name} refused the import: {exc.reason}"
+            if reason not in buffer.copy_reasons:
+                buffer.copy_reasons.append(reason)
             return None
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
@@ -540,6 +546,7 @@ class BufferStore:
         self._fbs: dict[int, GuestFramebuffer] = {}
         # None until the first export settles whether this platform can export dma-bufs.
         self._export_supported: bool | None = None
+        self._export_refusal: str | None = None  # why it cannot, once known
         self._deferred_count = 0
         self._import_fallbacks = 0
         self._closed = False
@@ -572,6 +579,14 @@ class BufferStore:
             deferred=self._deferred_count,
             import_fallbacks=self._import_fallbacks,
         )
+
+    def copy_reasons(self) -> dict[str, int]:
+        """Why frames are copied rather than scanned out: reason → buffers it applies to."""
+        reasons: dict[str, int] = {}
+        for buffer in self._buffers.values():
+            for reason in buffer.copy_reasons:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
 
     @property
     def export_supported(self) -> bool | None:
@@ -667,6 +682,10 @@ class BufferStore:
         if self.policy is ZeroCopyPolicy.OFF or self._export_supported is False:
             buffer = self._new_buffer(req, BufferKind.COPY, refs)
             buffer.cpu = map_buffer(self.grants, self.domid, refs, writable=False)
+            if self.policy is ZeroCopyPolicy.OFF:
+                buffer.copy_reasons.append("zero_copy is off")
+            else:
+                buffer.copy_reasons.append(self._export_refusal or "cannot export dma-bufs")
             return buffer
         try:
             fd = self.grants.dmabuf_export(self.domid, list(refs))
@@ -695,6 +714,7 @@ class BufferStore:
                 errno_for_os_error(exc), f"cannot export buffer 0x{req.dbuf_cookie:x}: {exc}"
             ) from exc
         self._export_supported = False
+        self._export_refusal = reason
         if self.policy is ZeroCopyPolicy.REQUIRE:
             if mapping is not None:
                 mapping.close()
@@ -705,6 +725,7 @@ class BufferStore:
             mapping = map_buffer(self.grants, self.domid, refs, writable=False)
         buffer = self._new_buffer(req, BufferKind.COPY, refs)
         buffer.cpu = mapping
+        buffer.copy_reasons.append(reason)
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
