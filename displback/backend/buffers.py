@@ -99,6 +99,7 @@ from displback.display.interface import (
     UnsupportedFormat,
 )
 from displback.display.pixels import copy_frame, frame_end
+from displback.logs import LogThrottle
 from displback.protocol.constants import (
     EDID_BLOCK_SIZE,
     EDID_MAX_SIZE,
@@ -199,20 +200,14 @@ class _RateLimitedLog:
         self, log: Logger, interval: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._log = log
-        self._interval = interval
-        self._clock = clock
-        self._next = -float("inf")
-        self._suppressed = 0
+        self._throttle = LogThrottle(interval, clock)
 
     def warning(self, message: str) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
+        suppressed = self._throttle.allow()
+        if suppressed is None:
             return
-        if self._suppressed:
-            message += f" ({self._suppressed} similar refusals not logged)"
-        self._suppressed = 0
-        self._next = now + self._interval
+        if suppressed:
+            message += f" ({suppressed} similar refusals not logged)"
         self._log.warning(message)
 
 
