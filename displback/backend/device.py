@@ -28,7 +28,7 @@ from displback.backend.buffers import BufferStore, ZeroCopyPolicy
 from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
-from displback.backend.quotas import Limits, Quota
+from displback.backend.quotas import LimitOverrides, Limits, Quota
 from displback.backend.retained import RetainedMemory
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
@@ -74,6 +74,8 @@ class BackendSettings:
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
     limits: Limits | None = None  # None: derived from the guest's connectors
+    #: Limits an admin fixed ([limits] in the configuration), for all or for one guest.
+    limit_overrides: LimitOverrides = field(default_factory=LimitOverrides)
     teardown_timeout_s: float = 5.0
 
 
