@@ -118,6 +118,13 @@ def test_the_installed_command_runs_from_its_own_venv(staged: Path, tmp_path: Pa
     )  # fmt: skip
     assert where.returncode == 0, where.stderr
     assert where.stdout.startswith(str(venv / "lib"))
+    # The installed default configuration is one the installed daemon accepts.
+    check = subprocess.run(
+        [str(venv / "bin/python"), str(venv / "bin/displback"), "check-config",
+         str(staged / "etc/displback/displback.toml")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
