@@ -36,6 +36,7 @@ from displback.tomllines import KeyPath, dotted, key_lines
 __all__ = [
     "DEFAULT_CONFIG",
     "KEYS",
+    "LOG_FORMATS",
     "ConfigError",
     "ConfigFile",
     "Problem",
@@ -51,6 +52,7 @@ __all__ = [
 DEFAULT_CONFIG = Path("/etc/displback/displback.toml")
 #: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
 MAX_DOMID = 0x7FEF
+#: The log formats of ``log_format`` and ``--log-format``.
 LOG_FORMATS = ("console", "json")
 
 _NAME = r"[A-Za-z0-9_.:-]+"

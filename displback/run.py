@@ -43,6 +43,7 @@ from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap
 from displback.backend.quotas import LimitOverrides
 from displback.config import (
+    LOG_FORMATS,
     ConfigError,
     Problem,
     apply_config,
@@ -217,7 +218,7 @@ def add_run_parser(
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    run.add_argument("--log-format", choices=("console", "json"), default="console")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default="console")
     run.add_argument(
         "--config",
         metavar="FILE",

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from displback.backend.quotas import LIMIT_NAMES
 from displback.cli import build_parser, main
 from displback.config import DEFAULT_CONFIG, KEYS, read_config
+from displback.run import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FIVE = REPO / "tests" / "fixtures" / "five-mistakes.toml"
@@ -166,3 +169,19 @@ def test_the_operations_guide_documents_every_key() -> None:
     section = OPERATIONS.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     for key in (*KEYS, *LIMIT_NAMES):
         assert f"`{key}`" in section, key
+
+
+def test_every_setting_of_run_is_a_key_with_the_same_choices() -> None:
+    # A new RunConfig field or option choice must be accepted (and checked) in the file too.
+    assert {f.name for f in fields(RunConfig)} == set(KEYS)
+    args = build_parser().parse_args(["run"])
+    for action in args.run_parser._actions:
+        if action.choices is None:
+            continue
+        accepted = [c for c in action.choices if not _problems_of(action.dest, c)]
+        assert accepted == list(action.choices), action.dest
+        assert _problems_of(action.dest, "no-such-choice"), action.dest
+
+
+def _problems_of(key: str, value: Any) -> list[Any]:
+    return list(KEYS[key](value))

@@ -163,16 +163,17 @@ class Backend:
     async def _configured_account(self, xs: XenStoreClient, domid: int) -> Quota:
         """``domid``'s account with the limits fixed for its name too (read once)."""
         account = self.account(domid)
-        overrides = self.settings.limit_overrides
-        if domid in self._named or not overrides.by_name:
+        if domid in self._named:
             return account
-        name = await self._domain_name(xs, domid)
+        overrides = self.settings.limit_overrides
+        name = await self._domain_name(xs, domid) if overrides.by_name else None
         account = self.account(domid)  # the account may have been forgotten meanwhile
         if domid not in self._named:
             self._named.add(domid)
             fixed = overrides.for_guest(domid, name)
             if fixed != account.overrides:
                 account.configure(fixed)
+            if fixed != dict(overrides.common):  # a table of this guest applies: say so
                 self.log.info("limits", domid=domid, name=name, **fixed)
         return account
 

@@ -203,23 +203,26 @@ class Connection:
                     evtchn.unmask(stray)
 
     async def close(self) -> None:
-        """Release everything: buffers first (their grants may wait), then rings and ports.
+        """Release everything: outputs dark first, then buffers (their grants may wait),
+        then rings and ports.
 
         An output is handed back only once no flip of ours is in flight on it: a flip whose
         task was cancelled by the teardown still lands at the next vblank, and the output's
         next holder (often this guest reconnecting at once) would otherwise meet
-        ``FlipPending`` on its first SET_CONFIG and fail it.
+        ``FlipPending`` on its first SET_CONFIG and fail it. A guest that went away leaves a
+        dark output, not its last frame; dark before the buffers go, so releasing a frame
+        that was on screen copies nothing (it made the output keep a copy, up to 32 MiB on
+        the event loop, only to turn it off).
         """
         try:
-            if self.store is not None:
-                await self.store.aclose()
             for output in self._outputs:
                 while output.flip_pending:
                     await trio.sleep(_FLIP_SETTLE_POLL_S)
-                # A guest that went away leaves a dark output, not its last frame.
                 if output.enabled:
                     with contextlib.suppress(DisplayError):
                         await output.disable()
+            if self.store is not None:
+                await self.store.aclose()
         finally:
             self._stack.close()
 
