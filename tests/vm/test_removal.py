@@ -150,7 +150,8 @@ def test_xl_destroy_mid_flip_gets_closed_without_libxl_error(dom0: Dom0, ledger:
     baseline = dom0.xl_timed("destroy plain-destroy")
     run = dom0.xl_timed("destroy destroy")
     ledger.record("xl destroy mid-flip", run, baseline)
-    assert problems_of(baseline) + problems_of(run) + leftovers(dom0, guest.domid) == []
+    problems = problems_of(baseline) + problems_of(run) + leftovers(dom0, guest.domid)
+    assert not problems, "\n".join(problems)
     dom0.wait_no_guest_resources()
 
 
@@ -167,7 +168,8 @@ def test_xl_shutdown_closes_from_the_guest_then_removes_without_libxl_error(
     dom0.wait_guest(guest, r"DOMU POWEROFF", 10, what="the guest's own poweroff")
     problems = problems_of(baseline, monitor_log=dom0.xl_monitor_log("plain-shutdown"))
     problems += problems_of(run, monitor_log=dom0.xl_monitor_log("shutdown"))
-    assert problems + leftovers(dom0, guest.domid) == []
+    problems += leftovers(dom0, guest.domid)
+    assert not problems, "\n".join(problems)
     dom0.wait_no_guest_resources()
 
 
@@ -196,7 +198,7 @@ def test_xl_reboot_removes_the_old_device_and_serves_the_new_domain(
     run = dom0.xl_timed("destroy reboot")
     ledger.record("xl destroy after reboot", run, baseline)
     problems += problems_of(baseline) + problems_of(run) + leftovers(dom0, reborn)
-    assert problems == []
+    assert not problems, "\n".join(problems)
     dom0.wait_no_guest_resources()
 
 
@@ -225,7 +227,7 @@ def test_xl_vdispl_detach_and_attach_on_a_running_guest(dom0: Dom0, ledger: Ledg
     run = dom0.xl_timed("destroy hotplug")
     ledger.record("xl destroy after hot-plug", run, None)
     problems += problems_of(run) + leftovers(dom0, guest.domid, devices=2)
-    assert problems == []
+    assert not problems, "\n".join(problems)
     dom0.wait_no_guest_resources()
 
 
@@ -269,5 +271,5 @@ def test_twenty_paused_guests_created_and_destroyed_in_a_row(dom0: Dom0, ledger:
     )
     for domid in domids:
         problems += leftovers(dom0, domid)
-    assert problems == []
+    assert not problems, "\n".join(problems)
     dom0.wait_no_guest_resources()
