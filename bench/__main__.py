@@ -22,7 +22,7 @@ from bench import buffers, flips
 from bench.report import Metric, Report, Target, busy_percent, cpu_jiffies
 from displback.logs import configure_logging
 
-PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity")
+PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity", "fairness")
 
 
 @dataclass(frozen=True)
@@ -40,17 +40,21 @@ class Plan:
     capacity_guests: int
     capacity_window: float
     capacity_settle: float
+    fairness_window: float
+    fairness_hostile: int
 
 
 FULL = Plan(
     rt_flips=2000, cpu_sizes=((1920, 1080), (2560, 1600)), cpu_seconds=4.0, cpu_warmup=1.0,
     dbuf_runs=7, memcpy_bytes=64 << 20, copy_sizes=((1920, 1080), (2560, 1600)),
     copy_repeats=20, capacity_guests=8, capacity_window=3.0, capacity_settle=1.5,
+    fairness_window=4.0, fairness_hostile=4,
 )
 QUICK = Plan(
     rt_flips=500, cpu_sizes=((1920, 1080),), cpu_seconds=1.0, cpu_warmup=0.5,
     dbuf_runs=3, memcpy_bytes=16 << 20, copy_sizes=((1920, 1080),), copy_repeats=5,
     capacity_guests=2, capacity_window=1.0, capacity_settle=0.5,
+    fairness_window=1.5, fairness_hostile=2,
 )
 
 
@@ -161,12 +165,45 @@ async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                       f"(2 per guest, cap {cap})", largest, "", note=note))
 
 
+async def _fairness(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    results = {}
+    for key, hz in (("fair60", 60.0), ("fairmax", 1000.0)):
+        _say(f"  fairness: honest guest at {hz:g} Hz")
+        result = await flips.fairness(tmp / key, honest_refresh_hz=hz,
+                                      hostile_connectors=plan.fairness_hostile,
+                                      window=plan.fairness_window)
+        results[key] = result
+        alone, beside = result["alone"], result["beside_hostile"]
+        hw, hh = result["honest_size"]
+        xw, xh = result["hostile_size"]
+        hostile = f"{result['hostile_connectors']}×{xw}x{xh}"
+        paced = "60 Hz" if hz == 60.0 else "unpaced (1000 Hz output)"
+        report.add(Metric(f"{key}_alone_fps",
+                          f"honest guest alone, copy {hw}x{hh}, {paced}: flip rate",
+                          alone["fps"], "fps"))
+        report.add(Metric(f"{key}_alone_p99_ms", "  flip latency p99 (PG_FLIP → EVT)",
+                          alone["latency"]["p99_ms"], "ms"))
+        report.add(Metric(f"{key}_beside_fps",
+                          f"  beside a hostile guest flipping {hostile}: flip rate",
+                          beside["fps"], "fps",
+                          note=f"{paced} run: the hostile guest made "
+                               f"{result['hostile_frames_per_s']:.0f} frames/s"))
+        report.add(Metric(f"{key}_beside_p99_ms", "  flip latency p99",
+                          beside["latency"]["p99_ms"], "ms"))
+        report.add(Metric(f"{key}_fps_ratio", "  flip rate beside / alone", result["fps_ratio"],
+                          "", Target(">=", 0.9)))
+        report.add(Metric(f"{key}_p99_ratio", "  p99 latency beside / alone",
+                          result["p99_ratio"], ""))
+    report.details["fairness"] = results
+
+
 RUNNERS: dict[str, Callable[[Report, Plan, Path, Any], Awaitable[None]]] = {
     "roundtrip": _roundtrip,
     "cpu": _cpu,
     "dbuf": _dbuf,
     "copy": _copy,
     "capacity": _capacity,
+    "fairness": _fairness,
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +123,7 @@ async def store_bench(tmp: Path, *, copy: bool) -> AsyncIterator[StoreBench]:
             SimDomain(hv.socket_path, GUEST) as guest,
         ):
             grants = platform.open_grant_device()
-            deferred = DeferredReleases(per_guest_limit=8, retry_interval=0.01, log=log)
+            deferred = DeferredReleases(retry_interval=0.01, log=log)
             cleanup.callback(deferred.close_device_when_drained, grants)
             try:
                 async with (
@@ -219,6 +219,24 @@ def _best_rate(nbytes: int, copy: Callable[[], object], repeats: int) -> dict[st
     }
 
 
+async def _best_rate_async(
+    nbytes: int, copy: Callable[[], Awaitable[object]], repeats: int
+) -> dict[str, float]:
+    """:func:`_best_rate` of an async ``copy`` (the backend's copies run in worker threads)."""
+    times = []
+    for n in range(repeats + 2):
+        start = time.perf_counter()
+        await copy()
+        if n >= 2:
+            times.append(time.perf_counter() - start)
+    return {
+        "bytes": nbytes,
+        "median_s": percentile(times, 50),
+        "median_bps": nbytes / percentile(times, 50),
+        "best_bps": nbytes / min(times),
+    }
+
+
 def memcpy_bandwidth(
     nbytes: int = 64 << 20, *, repeats: int = 10, targets: int = 1
 ) -> dict[str, Any]:
@@ -272,7 +290,9 @@ async def copy_bandwidth(
             if fb.zero_copy:
                 raise RuntimeError("the copy-mode store did not copy")
             frame_bytes = width * XRGB.cpp * height
-            rate = _best_rate(frame_bytes, functools.partial(fb.present_on, bench.output), repeats)
+            rate = await _best_rate_async(
+                frame_bytes, functools.partial(fb.present_on, bench.output), repeats
+            )
             await bench.destroy(cookie)
             bench.free_buffer(buf)
             same_size = memcpy_bandwidth(frame_bytes, repeats=repeats, targets=2)

@@ -1,6 +1,6 @@
 """Flip-path benchmarks with guests in their own processes: the PG_FLIP → EVT_PG_FLIP round
-trip and the backend's share of it, backend CPU time per flip, and how many 60 fps connectors
-the machine sustains.
+trip and the backend's share of it, backend CPU time per flip, how many 60 fps connectors
+the machine sustains, and what a hostile guest's copies cost an honest guest.
 
 Each function starts its own simulated machine (:func:`bench.machine.bench_machine`): the
 measuring process holds only the backend, the virtual display and xenstored, so its CPU time
@@ -26,7 +26,8 @@ from bench.report import busy_percent, cpu_jiffies, percentile
 from displback.display.virtual import OutputConfig
 
 __all__ = [
-    "capacity", "cpu_per_flip", "flip_round_trip", "profile_text", "trio_wakeup_cost",
+    "capacity", "cpu_per_flip", "fairness", "flip_round_trip", "profile_text",
+    "trio_wakeup_cost",
 ]
 
 
@@ -289,3 +290,76 @@ def profile_text(profile: cProfile.Profile, limit: int = 25) -> str:
     stats = pstats.Stats(profile, stream=out)
     stats.sort_stats("tottime").print_stats(limit)
     return out.getvalue()
+
+
+async def fairness(
+    tmp: Path, *, honest_size: tuple[int, int] = (1920, 1080), honest_refresh_hz: float = 60.0,
+    hostile_size: tuple[int, int] = (4095, 2047), hostile_connectors: int = 4,
+    hostile_refresh_hz: float = 1000.0, window: float = 4.0, warmup: float = 1.0,
+) -> dict[str, Any]:
+    """An honest guest's flips alone, then beside a hostile guest doing maximum-size copies.
+
+    Copy mode (Dom0 cannot export dma-bufs, as on x86). The honest guest (one
+    ``honest_size`` connector on an output at ``honest_refresh_hz``) flips as soon as each
+    flip's event arrives; its flip rate and flip latency (PG_FLIP sent → EVT_PG_FLIP
+    received) are measured over one ``window`` alone, then again while a second guest flips
+    ``hostile_connectors`` connectors of ``hostile_size`` (4095×2047×32 bpp is the largest
+    framebuffer Linux makes: 32 MiB copied per flip and connector) as fast as its events
+    allow, on outputs at ``hostile_refresh_hz`` so that copying, not the vblank, limits it.
+    """
+    outputs = [OutputConfig("honest", *honest_size, refresh_hz=honest_refresh_hz)] + [
+        OutputConfig(f"hostile{i}", *hostile_size, refresh_hz=hostile_refresh_hz)
+        for i in range(hostile_connectors)
+    ]
+    assignments = {"1/0/0": "honest"} | {
+        f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
+    }
+    async with bench_machine(tmp, outputs, assignments=assignments, copy=True) as machine:
+        honest = await machine.start_guest(1, connector_spec([honest_size]))
+        alone = await _honest_window(machine, honest, window, warmup)
+        hostile = await machine.start_guest(2, connector_spec([hostile_size] * hostile_connectors))
+        hostile_outputs = [machine.output(f"hostile{i}") for i in range(hostile_connectors)]
+        await hostile.start_flipping()
+        await trio.sleep(warmup)
+        hostile0 = sum(o.stats.flips_completed for o in hostile_outputs)
+        beside = await _honest_window(machine, honest, window, 0.0)
+        hostile_fps = (sum(o.stats.flips_completed for o in hostile_outputs) - hostile0) / (
+            beside["window_s"])
+        await hostile.stop()
+    return {
+        "honest_size": list(honest_size),
+        "honest_refresh_hz": honest_refresh_hz,
+        "hostile_size": list(hostile_size),
+        "hostile_connectors": hostile_connectors,
+        "hostile_refresh_hz": hostile_refresh_hz,
+        "alone": alone,
+        "beside_hostile": beside,
+        "hostile_frames_per_s": hostile_fps,
+        "fps_ratio": beside["fps"] / alone["fps"],
+        "p99_ratio": beside["latency"]["p99_ms"] / alone["latency"]["p99_ms"],
+    }
+
+
+async def _honest_window(
+    machine: Any, guest: Any, window: float, warmup: float
+) -> dict[str, Any]:
+    """The honest guest's flips over ``window`` seconds (after ``warmup``): rate, latency."""
+    output = machine.output("honest")
+    await guest.start_flipping(record=True)
+    await trio.sleep(warmup)
+    start = time.perf_counter()
+    flips0, missed0 = output.stats.flips_completed, output.stats.missed_vblanks
+    await trio.sleep(window)
+    end = time.perf_counter()
+    flips = output.stats.flips_completed - flips0
+    missed = output.stats.missed_vblanks - missed0
+    (log,) = await guest.stop()
+    latencies = [done - sent for sent, done in log.times if start <= sent and done <= end]
+    return {
+        "window_s": end - start,
+        "flips": flips,
+        "fps": flips / (end - start),
+        "missed_vblanks": missed,
+        "not_done": log.not_done,
+        "latency": _ms(latencies),
+    }

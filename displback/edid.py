@@ -11,14 +11,23 @@ from __future__ import annotations
 import math
 import struct
 
-__all__ = ["EdidError", "MAX_HEIGHT", "MAX_WIDTH", "build_edid", "cvt_rb_timing"]
+__all__ = [
+    "MAX_HEIGHT",
+    "MAX_PIXEL_CLOCK_KHZ",
+    "MAX_WIDTH",
+    "EdidError",
+    "build_edid",
+    "check_resolution",
+    "cvt_rb_timing",
+]
 
 EDID_HEADER = bytes((0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x00))
 # Detailed timing descriptors hold 12-bit active sizes.
 MAX_WIDTH = 4095
 MAX_HEIGHT = 4095
 # Pixel clock in a DTD is a u16 in 10 kHz units.
-_MAX_CLOCK_KHZ = 0xFFFF * 10
+MAX_PIXEL_CLOCK_KHZ = 0xFFFF * 10
+_MAX_CLOCK_KHZ = MAX_PIXEL_CLOCK_KHZ
 _MIN_CLOCK_KHZ = 10_000
 _MAX_BLANK = 4095
 _REFRESH_HZ = 60
@@ -129,6 +138,24 @@ def cvt_rb_timing(width: int, height: int, refresh_hz: int = _REFRESH_HZ) -> Tim
         v_front=v_front,
         v_sync=v_sync,
     )
+
+
+def check_resolution(width: int, height: int) -> None:
+    """Raise :class:`EdidError` unless a connector of ``width`` × ``height`` can be served.
+
+    This is the one limit on connector and output resolutions (checked where a value enters:
+    the toolstack's ``resolution`` node, the daemon's configuration), because every connector
+    answers GET_EDID with a 60 Hz mode of exactly its resolution: sides 1..4095 (a detailed
+    timing holds 12 bits) and a pixel clock of at most 655.35 MHz. Every size up to Linux's
+    own limit (4095×2047) fits, and 3840×2400 too; 4096×2160 and 4095×4095 do not.
+    """
+    try:
+        cvt_rb_timing(width, height)
+    except EdidError as exc:
+        raise EdidError(
+            f"{width}x{height} cannot be described to a guest: {exc} (sides 1..{MAX_WIDTH} x "
+            f"1..{MAX_HEIGHT}, pixel clock at 60 Hz at most {MAX_PIXEL_CLOCK_KHZ / 1000:g} MHz)"
+        ) from None
 
 
 def _manufacturer_id(letters: str) -> bytes:

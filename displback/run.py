@@ -41,6 +41,8 @@ from displback.backend.outputs import OutputMap
 from displback.config import ConfigError, apply_config, load_config
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.edid import check_resolution
+from displback.fdstore import FdStore, inherited_fds
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.protocol import layout
 from displback.protocol.xenbus import XenbusState
@@ -86,6 +88,8 @@ def parse_output(text: str) -> OutputConfig:
         raise argparse.ArgumentTypeError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
     name, width, height, hz = match.groups()
     try:
+        # The one resolution limit (a guest connector shown here must get its EDID).
+        check_resolution(int(width), int(height))
         return OutputConfig(name, int(width), int(height), float(hz) if hz else 60.0)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -306,9 +310,19 @@ async def serve(
         ):
             raise StartupError(f"--zero-copy require, but {support.reason}")
         settings = BackendSettings(zero_copy=config.zero_copy, wait_free_ms=config.wait_free_ms)
+        notifier = Notifier()
+        # be-alloc memory guests may still map, kept by systemd while we restarted.
+        inherited = inherited_fds()
         async with _open_display(config, platform) as display:
             outputs = OutputMap(display.outputs, config.assign)
-            backend = Backend(platform, outputs, settings, log=log)
+            backend = Backend(
+                platform,
+                outputs,
+                settings,
+                log=log,
+                fdstore=FdStore(notifier),
+                inherited=inherited,
+            )
             keys: list[tuple[int, int]] = []
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -316,7 +330,6 @@ async def serve(
                     if config.snapshot_dir is not None:
                         nursery.start_soon(_snapshots, display, backend, config)
                     task_status.started(backend)
-                    notifier = Notifier()
                     notifier.ready(f"serving vdispl devices of domain {platform.domid}")
                     if notifier.watchdog_s is not None:
                         nursery.start_soon(_watchdog, notifier, backend)

@@ -3,11 +3,13 @@
 The service manager passes a datagram socket in ``$NOTIFY_SOCKET``; we send ``READY=1`` once
 every vdispl device is watched, ``STATUS=…`` lines an admin sees in ``systemctl status``,
 ``WATCHDOG=1`` from the event loop itself (a stuck loop stops the pings and systemd restarts
-us), and ``STOPPING=1`` on shutdown. Outside systemd every call is a no-op.
+us), ``STOPPING=1`` on shutdown, and fds for the fd store (:mod:`displback.fdstore`).
+Outside systemd every call is a no-op.
 """
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 
@@ -38,6 +40,19 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.sendto(message.encode(), self._address)
+        except OSError:
+            return False
+        return True
+
+    def send_fds(self, fds: list[int], **fields: str | int) -> bool:
+        """Like :meth:`send`, passing ``fds`` along (``SCM_RIGHTS``: the fd store)."""
+        if self._address is None:
+            return False
+        message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendmsg([message.encode()], rights, 0, self._address)
         except OSError:
             return False
         return True

@@ -70,6 +70,18 @@ async def test_capacity_measures_one_step_per_guest_added(tmp_path: Path) -> Non
     assert step["failed_flips"] == 0
 
 
+async def test_fairness_measures_the_honest_guest_alone_and_beside_the_hostile_one(
+    tmp_path: Path,
+) -> None:
+    result = await flips.fairness(tmp_path, honest_size=TINY, hostile_size=(128, 96),
+                                  hostile_connectors=2, window=0.3, warmup=0.1)
+    alone, beside = result["alone"], result["beside_hostile"]
+    assert alone["flips"] > 0 and beside["flips"] > 0
+    assert alone["not_done"] == beside["not_done"] == 0
+    assert result["hostile_frames_per_s"] > 0
+    assert result["fps_ratio"] == pytest.approx(beside["fps"] / alone["fps"])
+
+
 async def test_trio_wakeup_cost_counts_its_wakeups() -> None:
     result = await flips.trio_wakeup_cost(seconds=0.1, rate=100.0)
     assert result["wakeups"] == 10

@@ -1,11 +1,13 @@
 """The TOML configuration: every key of `displback run`, validated, command line wins."""
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from displback.cli import build_parser
 from displback.config import ConfigError, apply_config, load_config
+from displback.run import RunConfig, StartupError, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +66,20 @@ def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Pa
     assert merged.wait_free_ms == 500
     assert merged.zero_copy == "require"  # given on the command line: it wins
     assert merged.assign == {"1/0/0": "A"}
+
+
+@pytest.mark.parametrize("spec", ["A=5000x3000", "A=4096x2160", "A=4095x4095"])
+def test_an_output_resolution_no_guest_could_be_given_is_refused_at_start(
+    tmp_path: Path, spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same limit as for the toolstack's resolution nodes (displback.edid.check_resolution).
+    path = write(tmp_path, f"display = 'virtual'\nvirtual_outputs = ['{spec}']\n")
+    parser = build_parser()
+    args = parser.parse_args(["run"])
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot be described to a guest"):
+        apply_config(args.run_parser, args, load_config(path))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--virtual-output", spec])
+    assert "cannot be described to a guest" in capsys.readouterr().err
+    with pytest.raises(StartupError, match="cannot be described to a guest"):
+        check_config(RunConfig(display="kms", connectors=[f"HDMI-A-1={spec[2:]}"]))

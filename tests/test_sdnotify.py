@@ -46,3 +46,22 @@ def test_watchdog_interval_is_ours_only_when_the_pid_matches() -> None:
     theirs = {"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"}
     assert Notifier(environ=theirs).watchdog_s is None
     assert Notifier(environ={"WATCHDOG_USEC": "junk"}).watchdog_s is None
+
+
+def test_fds_for_the_store_travel_with_their_message(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        notifier = Notifier(environ={"NOTIFY_SOCKET": path})
+        read_end, write_end = os.pipe()
+        try:
+            assert notifier.send_fds([write_end], fdstore=1, fdname="x.1")
+            data, fds, _flags, _addr = socket.recv_fds(server, 4096, 4)
+            assert data == b"FDSTORE=1\nFDNAME=x.1" and len(fds) == 1
+            os.write(fds[0], b"!")  # a duplicate of our pipe's write end
+            assert os.read(read_end, 1) == b"!"
+            os.close(fds[0])
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+    assert not Notifier(environ={}).send_fds([0], fdstore=1)

@@ -57,3 +57,14 @@ def test_the_unit_starts_the_daemon_as_a_notify_service_with_a_watchdog() -> Non
     assert "Type=notify" in unit
     assert "WatchdogSec=" in unit
     assert "ExecStart=/usr/bin/displback run --config /etc/displback/displback.toml" in unit
+
+
+def test_the_unit_keeps_be_alloc_memory_across_restarts_in_the_fd_store() -> None:
+    unit = (REPO / "systemd" / "displback.service").read_text()
+    store_max = next(
+        int(line.split("=", 1)[1])
+        for line in unit.splitlines()
+        if line.startswith("FileDescriptorStoreMax=")
+    )
+    assert store_max >= 4096
+    assert "FileDescriptorStorePreserve=yes" in unit

@@ -15,7 +15,11 @@ A buffer is one of three kinds (:class:`BufferKind`), chosen at DBUF_CREATE:
   the policy is ``OFF`` or the platform cannot export (``ENOTTY``: a kernel without
   ``CONFIG_XEN_GNTDEV_DMABUF``; ``EINVAL``: an x86 PV Dom0). Each present copies the guest's
   pixels into one of two display-owned dumb buffers per (framebuffer, output), never the one
-  on screen.
+  on screen, in a worker thread shared fairly between guests (:mod:`displback.backend.copies`).
+  Neither memory goes while the thread runs: the mapping is closed only when no copy reads
+  it, a dumb buffer being filled is released when its copy ends. A released framebuffer's
+  dumb buffer still on screen is kept until the output shows another frame, instead of being
+  copied once more by the output (:meth:`BufferStore._retire`).
 * ``BACKEND`` — ``be-alloc``: Dom0 allocates the pages (a dumb buffer on real hardware),
   grants them to the guest (``DMABUF_IMP_TO_REFS``) and writes the refs into the guest's
   directory pages; outputs import our own dma-buf.
@@ -47,17 +51,27 @@ buffer (an output keeps showing a private copy of a frame on screen). Then per k
   ``DMABUF_EXP_WAIT_RELEASED`` is keyed by it (see :mod:`displback.backend.deferred`). Then
   wait up to ``wait_free_ms`` in a worker thread: released → close the number and answer;
   timeout → answer anyway and hand the number to :class:`DeferredReleases`.
-* ``BACKEND``: the guest has unmapped our pages already; revoke the grants
-  (``DMABUF_IMP_RELEASE``), close our fd (freeing the memory once nothing refers to it).
+* ``BACKEND``: revoke the grants (``DMABUF_IMP_RELEASE``) and hand our fd to the daemon's
+  :class:`~displback.backend.retained.RetainedMemory`: the guest may still map the pages (a
+  hostile one need not unmap), so they stay the guest's, charged, until its domain dies.
 
-Quotas are charged at DBUF_CREATE and given back at DBUF_DESTROY. A guest whose deferred list
-is full gets ``-ENOMEM`` for DBUF_CREATE until entries drain.
+Accounting
+----------
+Everything Dom0 holds for the guest is charged to its domain's
+:class:`~displback.backend.quotas.Quota` when it is made and given back when it is let go:
+the buffer count at DBUF_CREATE/DESTROY; its pages until Dom0 no longer maps them (after the
+wait, or when a deferred entry is released); framebuffers at FB_ATTACH/DETACH; each output's
+import or copy buffers (count and bytes) when first needed, until the framebuffer is
+released. A request that would pass a limit fails (``-ENOMEM``); a frame that would need more
+copy memory than the guest may hold is dropped (logged) and its flip still completes. A guest
+whose deferred list is full gets ``-ENOMEM`` for DBUF_CREATE until entries drain.
 """
 
 from __future__ import annotations
 
 import enum
 import errno as _errno
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +79,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from displback.backend.copies import CopyWorkers, default_copy_workers
 from displback.backend.deferred import DeferredReleases, Logger, default_logger
 from displback.backend.errors import RequestError
 from displback.backend.guestmem import (
@@ -74,6 +89,7 @@ from displback.backend.guestmem import (
     read_directory,
 )
 from displback.backend.quotas import Quota, QuotaExceeded
+from displback.backend.retained import RetainedMemory
 from displback.display.interface import (
     DisplayError,
     DumbFramebuffer,
@@ -217,6 +233,23 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
+    # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
+    copies: int = 0
+    copies_done: trio.Event | None = None
+
+    def copy_ended(self) -> None:
+        self.copies -= 1
+        if self.copies == 0 and self.copies_done is not None:
+            self.copies_done.set()
+            self.copies_done = None
+
+    async def no_copies(self) -> None:
+        """Return once no copy reads this buffer's pages (a running copy is not stopped)."""
+        while self.copies:
+            if self.copies_done is None:
+                self.copies_done = trio.Event()
+            await self.copies_done.wait()
 
     @property
     def has_geometry(self) -> bool:
@@ -235,6 +268,8 @@ class _OnOutput:
     copying: bool = False
     dumbs: list[DumbFramebuffer] = field(default_factory=list)
     next_dumb: int = 0
+    # The dumb buffer a worker thread is copying into: its release waits for the copy.
+    filling: DumbFramebuffer | None = None
 
 
 class GuestFramebuffer:
@@ -290,14 +325,15 @@ class GuestFramebuffer:
             f"offset {self.offset}{state}>"
         )
 
-    def present_on(self, output: Output) -> Framebuffer:
+    async def present_on(self, output: Output) -> Framebuffer:
         """The display framebuffer to flip to on ``output`` to show this framebuffer now.
 
         Zero-copy: the output's import of the dma-buf, made on first use and cached. Copy:
         one of two dumb buffers of this output, alternately and never the one on screen,
-        freshly filled from the guest's pages. Call it with no flip pending on ``output``
-        (flips are serialised per output). Raises :class:`RequestError`: ``ENOENT`` once
-        released, ``EOPNOTSUPP`` when the output refuses the import under ``REQUIRE``,
+        freshly filled from the guest's pages in a worker thread (:mod:`displback.backend.
+        copies`). Call it with no flip pending on ``output`` (flips are serialised per
+        output). Raises :class:`RequestError`: ``ENOENT`` once released (also when released
+        while copying), ``EOPNOTSUPP`` when the output refuses the import under ``REQUIRE``,
         ``EINVAL`` for a framebuffer the output cannot show at all, ``EIO`` for other
         display failures.
         """
@@ -307,6 +343,7 @@ class GuestFramebuffer:
         if all(output is not known for known in store.outputs):
             raise ValueError(f"{output!r} is not an output of this device")
         state = self._outputs.setdefault(output, _OnOutput())
+        store._release_retired(output)
         buffer = self._buffer
         direct = buffer.kind is not BufferKind.COPY and store.policy is not ZeroCopyPolicy.OFF
         if direct and not state.copying:
@@ -314,13 +351,15 @@ class GuestFramebuffer:
                 state.imported = self._import(output, state)
             if state.imported is not None:
                 return state.imported
-        return self._copy_to(output, state)
+        return await self._copy_to(output, state)
 
     def _import(self, output: Output, state: _OnOutput) -> Framebuffer | None:
         buffer = self._buffer
         assert buffer.fd is not None
+        self._store._take("display_fbs", 1, f"importing framebuffer 0x{self.fb_cookie:x}")
+        imported = False
         try:
-            return output.import_dmabuf(
+            fb = output.import_dmabuf(
                 buffer.fd,
                 width=self.width,
                 height=self.height,
@@ -328,6 +367,8 @@ class GuestFramebuffer:
                 offset=self.offset,
                 fourcc=self.fourcc,
             )
+            imported = True
+            return fb
         except ImportRefused as exc:
             store = self._store
             if store.policy is ZeroCopyPolicy.REQUIRE:
@@ -347,9 +388,14 @@ class GuestFramebuffer:
             return None
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
+        finally:
+            if not imported:
+                self._store.quota.give("display_fbs")
 
-    def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
-        source = self._store._cpu_view(self._buffer)
+    async def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
+        store = self._store
+        buffer = self._buffer
+        source = store._cpu_view(buffer)
         target: DumbFramebuffer | None = None
         for index in (state.next_dumb, 1 - state.next_dumb):
             if index == len(state.dumbs):
@@ -359,44 +405,90 @@ class GuestFramebuffer:
                 state.next_dumb = 1 - index
                 break
         assert target is not None  # at most one of the two is on screen
+        copy = functools.partial(
+            copy_frame,
+            source.buffer,
+            self.offset,
+            self.pitch,
+            target.buffer,
+            0,
+            target.pitch,
+            self.width * self.fourcc.cpp,
+            self.height,
+        )
+        # While the thread runs, the source pages stay mapped (``_free`` waits for
+        # ``buffer.copies``) and the target stays allocated (``_release`` leaves ``filling``
+        # to us), whatever happens on the loop meanwhile: a detach, a destroy, a teardown.
+        state.filling = target
+        buffer.copies += 1
         try:
-            copy_frame(
-                source.buffer,
-                self.offset,
-                self.pitch,
-                target.buffer,
-                0,
-                target.pitch,
-                self.width * self.fourcc.cpp,
-                self.height,
-            )
+            await store.copies.run(store.domid, functools.partial(self._copy_unless_released, copy))
         except ValueError as exc:  # FB_ATTACH checked the bounds: only a display oddity
             raise RequestError(EIO, f"copying framebuffer 0x{self.fb_cookie:x}: {exc}") from exc
+        finally:
+            buffer.copy_ended()
+            state.filling = None
+            if self._released:  # detached or destroyed while we copied: ours to release now
+                store._retire(output, target)
+        if self._released:
+            raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         return target
 
+    def _copy_unless_released(self, copy: Callable[[], None]) -> None:
+        """In the worker thread: copy, unless the framebuffer went while the copy waited."""
+        if not self._released:
+            copy()
+
     def _create_dumb(self, output: Output) -> DumbFramebuffer:
+        """A copy buffer for this framebuffer on ``output``, charged to the guest (count and
+        bytes: what a display allocates, whole pages of at least one row per line)."""
+        store = self._store
+        estimate = pages_for(self.width * self.fourcc.cpp * self.height) * PAGE_SIZE
+        what = f"a copy buffer for framebuffer 0x{self.fb_cookie:x} on {output.name}"
+        store._take("copy_bytes", estimate, what)
         try:
-            return output.create_dumb(width=self.width, height=self.height, fourcc=self.fourcc)
+            store._take("display_fbs", 1, what)
+        except RequestError:
+            store.quota.give("copy_bytes", estimate)
+            raise
+        dumb: DumbFramebuffer | None = None
+        try:
+            dumb = output.create_dumb(width=self.width, height=self.height, fourcc=self.fourcc)
+            return dumb
         except (UnsupportedFormat, ValueError) as exc:
             raise RequestError(
                 EINVAL, f"output {output.name} cannot show framebuffer {self!r}: {exc}"
             ) from exc
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: {exc}") from exc
+        finally:
+            # Charge what the display really allocated (its pitch may be aligned).
+            if dumb is None:
+                store.quota.give("display_fbs")
+                store.quota.give("copy_bytes", estimate)
+            elif dumb.size > estimate:
+                store.quota.force("copy_bytes", dumb.size - estimate)
+            elif dumb.size < estimate:
+                store.quota.give("copy_bytes", estimate - dumb.size)
 
     def _release(self) -> None:
-        """Release every display framebuffer of this one, on every output; idempotent."""
+        """Release every display framebuffer of this one, on every output; idempotent.
+
+        Gives back the framebuffer to the guest's account; each display object is given back
+        when it is released. A dumb buffer a copy is filling is released when the copy ends;
+        one the output may still scan out is retired (see :meth:`BufferStore._retire`).
+        """
+        store = self._store
+        if not self._released:
+            store.quota.give("framebuffers")
         self._released = True
         outputs, self._outputs = self._outputs, {}
         for output, state in outputs.items():
-            fbs: list[Framebuffer] = [*state.dumbs]
+            for dumb in state.dumbs:
+                if dumb is not state.filling:
+                    store._retire(output, dumb)
             if state.imported is not None:
-                fbs.append(state.imported)
-            for fb in fbs:
-                try:
-                    output.release(fb)
-                except DisplayError as exc:
-                    self._store.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+                store._release_display_fb(output, state.imported)
 
 
 class BufferStore:
@@ -422,7 +514,8 @@ class BufferStore:
         wait_free_ms: int = 2000,
         log: Logger | None = None,
         quota_log_clock: Callable[[], float] = time.monotonic,
-        linger: Callable[[int], None] | None = None,
+        retained: RetainedMemory | None = None,
+        copies: CopyWorkers | None = None,
     ) -> None:
         if wait_free_ms < 0:
             raise ValueError("wait_free_ms must not be negative")
@@ -436,8 +529,12 @@ class BufferStore:
         self.policy = policy
         self.wait_free_ms = wait_free_ms
         self.log = log if log is not None else default_logger("displback.buffers")
-        # Teardown of backend-allocated buffers: who keeps their memory alive (see _free).
-        self._linger = linger
+        # Where be-alloc memory goes once Dom0 is done with it (None: freed at once, for
+        # tests of the store alone).
+        self.retained = retained
+        self._copies = copies
+        # Dumb buffers of released framebuffers that an output may still scan out (_retire).
+        self._retired: dict[Output, list[DumbFramebuffer]] = {}
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
         self._fbs: dict[int, GuestFramebuffer] = {}
@@ -453,6 +550,13 @@ class BufferStore:
         self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def copies(self) -> CopyWorkers:
+        """Where copy-mode copies run: given, or the daemon's (one per trio run)."""
+        if self._copies is None:
+            self._copies = default_copy_workers()
+        return self._copies
 
     @property
     def stats(self) -> BufferStoreStats:
@@ -525,9 +629,9 @@ class BufferStore:
         except QuotaExceeded as exc:
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {exc}")
             raise RequestError(exc.errno, str(exc)) from exc
-        if not self.deferred.has_room(self.domid):
+        if self.quota.deferred >= self.quota.limits.max_deferred:
             message = (
-                f"{self.deferred.pending(self.domid)} destroyed buffers of this guest are "
+                f"{self.quota.deferred} destroyed buffers of this guest are "
                 "still imported; no new buffers until they are released"
             )
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
@@ -604,28 +708,75 @@ class BufferStore:
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """A Dom0 buffer granted to the guest: kept memory of this guest reused if one is
+        large enough (zeroed), else new memory charged to the guest (see retained.py)."""
         npages = req.npages
-        try:
-            fd = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE)
-        except OSError as exc:
-            raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+        fd, size = self._reuse(npages)
+        if fd is None:
+            what = f"{npages} pages of Dom0 memory for buffer 0x{req.dbuf_cookie:x}"
+            self._take("be_alloc_buffers", 1, what)
+            try:
+                self._take("be_alloc_pages", npages, what)
+            except RequestError:
+                self.quota.give("be_alloc_buffers")
+                raise
+            try:
+                fd, size = self.dmabufs.alloc_dmabuf(npages * PAGE_SIZE), npages
+            except OSError as exc:
+                self.quota.give("be_alloc_buffers")
+                self.quota.give("be_alloc_pages", npages)
+                raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+            granted = False
+        else:
+            granted = True  # the guest may still map it from before
         try:
             try:
-                refs = self.grants.dmabuf_import_to_refs(fd, npages, self.domid)
+                refs = self.grants.dmabuf_import_to_refs(fd, size, self.domid)
+                granted = True
             except OSError as exc:
                 code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
                 raise RequestError(code, f"cannot grant our buffer to the guest: {exc}") from exc
             try:
-                fill_directory(self.grants, self.domid, req.gref_directory, refs)
+                # A larger reused buffer: all of it is granted, the guest is told its first
+                # npages (the rest is memory it may still map anyway).
+                fill_directory(self.grants, self.domid, req.gref_directory, refs[:npages])
             except BaseException:
                 self._import_release(fd)
                 raise
         except BaseException:
-            os.close(fd)
+            self._let_go(fd, size, granted=granted)
             raise
-        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs))
+        buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs[:npages]))
         buffer.fd = fd
+        buffer.dmabuf_pages = size
         return buffer
+
+    def _reuse(self, npages: int) -> tuple[int | None, int]:
+        """A kept dma-buf of this guest with at least ``npages`` pages, zeroed, or None."""
+        if self.retained is None:
+            return None, 0
+        kept = self.retained.take(self.domid, npages)
+        if kept is None:
+            return None, 0
+        try:
+            with self.dmabufs.open_dmabuf(kept.fd) as mapping:
+                # Another process of the guest may have had it: it must look new.
+                mapping.buffer[: kept.npages * PAGE_SIZE] = bytes(kept.npages * PAGE_SIZE)
+        except (OSError, ValueError) as exc:
+            self.log.warning(f"dom{self.domid}: cannot reuse kept memory: {exc}")
+            self.retained.keep(self.domid, kept.fd, kept.npages)
+            return None, 0
+        return kept.fd, kept.npages
+
+    def _let_go(self, fd: int, npages: int, *, granted: bool) -> None:
+        """Dom0 is done with be-alloc memory ``fd``: kept for the guest if it was ever
+        granted (it may still map it; still charged), else freed and given back."""
+        if granted and self.retained is not None:
+            self.retained.keep(self.domid, fd, npages)
+            return
+        os.close(fd)
+        self.quota.give("be_alloc_buffers")
+        self.quota.give("be_alloc_pages", npages)
 
     # -- DBUF_DESTROY --------------------------------------------------------------------
 
@@ -643,7 +794,7 @@ class BufferStore:
                 f"{len(buffer.fbs)} framebuffer(s) attached; detaching them"
             )
         self._detach_all(buffer)
-        self.quota.release(buffer.npages)
+        self.quota.give("buffers")
         await self._free(buffer, self.wait_free_ms)
 
     def _detach_all(self, buffer: _DisplayBuffer) -> None:
@@ -654,22 +805,22 @@ class BufferStore:
 
     async def _free(self, buffer: _DisplayBuffer, wait_ms: int) -> None:
         """Drop everything Dom0 holds for ``buffer`` (its framebuffers are released)."""
+        # A copy thread may still read the pages: unmap only after it (it ends on its own;
+        # shielded, so a cancelled destroy cannot skip the unmapping below).
+        with trio.CancelScope(shield=True):
+            await buffer.no_copies()
         cpu, buffer.cpu = buffer.cpu, None
         if cpu is not None:
             cpu.close()
         fd, buffer.fd = buffer.fd, None
+        if buffer.kind is not BufferKind.ZERO_COPY:
+            self.quota.give("pages", buffer.npages)  # zero-copy: once the wait is over
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
             self._import_release(fd)
-            if self._closed and self._linger is not None:
-                # Teardown: the guest may still map these pages (Linux unmaps only after it
-                # sees us offer InitWait again), and gntdev revokes imported grants without
-                # holding the pages. Closing our fd now would free memory the guest can still
-                # read and write; the device keeps it until the guest has re-handshaked or is
-                # gone.
-                self._linger(fd)
-            else:
-                os.close(fd)
+            # gntdev revokes the grants without holding the pages: the guest may still map
+            # them (a teardown, or a guest that did not unmap before DBUF_DESTROY).
+            self._let_go(fd, buffer.dmabuf_pages, granted=True)
         elif buffer.kind is BufferKind.ZERO_COPY:
             assert fd is not None
             await self._wait_free(buffer, fd, wait_ms)
@@ -690,14 +841,24 @@ class BufferStore:
             # cancellation, so a cancelled destroy still waits up to wait_ms first.)
             if released:
                 os.close(fd)
+                self.quota.give("pages", buffer.npages)
             else:
+                # The pages stay mapped (and charged) until the entry is released.
                 self._deferred_count += 1
+                quota, npages = self.quota, buffer.npages
+                quota.force("deferred")
+
+                def done() -> None:
+                    quota.give("deferred")
+                    quota.give("pages", npages)
+
                 self.deferred.add(
                     domid=self.domid,
                     grants=self.grants,
                     fd=fd,
                     dbuf_cookie=buffer.dbuf_cookie,
                     npages=buffer.npages,
+                    on_done=done,
                 )
 
     def _import_release(self, fd: int) -> None:
@@ -745,6 +906,11 @@ class BufferStore:
                 f"{req.width}x{req.height} {fourcc.name} at offset {buffer.data_ofs}, pitch "
                 f"{pitch} needs {end} bytes; buffer 0x{buffer.dbuf_cookie:x} has {buffer.span}",
             )
+        try:
+            self.quota.take("framebuffers")
+        except QuotaExceeded as exc:
+            self._refusals.warning(f"dom{self.domid}: FB_ATTACH refused: {exc}")
+            raise RequestError(exc.errno, str(exc)) from exc
         fb = GuestFramebuffer(
             self,
             buffer,
@@ -802,15 +968,70 @@ class BufferStore:
         buffers, self._buffers = list(self._buffers.values()), {}
         for buffer in buffers:
             self._detach_all(buffer)
-            self.quota.release(buffer.npages)
+            self.quota.give("buffers")
         for buffer in buffers:
             with trio.CancelScope(shield=True):
                 await self._free(buffer, 0)
+        retired, self._retired = self._retired, {}
+        for output, dumbs in retired.items():
+            for dumb in dumbs:
+                self._release_display_fb(output, dumb, dumb.size)
         placeholder, self._placeholder = self._placeholder, -1
         if placeholder >= 0:
             os.close(placeholder)
 
     # -- helpers for GuestFramebuffer ----------------------------------------------------
+
+    def _retire(self, output: Output, dumb: DumbFramebuffer) -> None:
+        """Release a dumb buffer of a released framebuffer, or keep it while ``output`` may
+        still scan it out (on screen, or the target of a flip in flight).
+
+        Releasing a framebuffer on screen makes the output copy its frame on the event loop
+        (it keeps showing a private copy), up to 32 MiB a guest may trigger with each
+        FB_DETACH. A dumb buffer is our own memory, not the guest's: the output may as well
+        go on showing it until the next frame replaces it. At most the one on screen (and
+        the one of a flip in flight) stays per output; the rest goes at once.
+        """
+        if dumb is output.current_fb or output.flip_pending:
+            self._retired.setdefault(output, []).append(dumb)
+        else:
+            self._release_display_fb(output, dumb, dumb.size)
+        self._release_retired(output)
+
+    def _release_retired(self, output: Output) -> None:
+        """Release the retired dumb buffers ``output`` no longer scans out."""
+        dumbs = self._retired.pop(output, None)
+        if not dumbs:
+            return
+        if output.flip_pending:
+            self._retired[output] = dumbs
+            return
+        keep = [d for d in dumbs if d is output.current_fb]
+        for dumb in dumbs:
+            if dumb is not output.current_fb:
+                self._release_display_fb(output, dumb, dumb.size)
+        if keep:
+            self._retired[output] = keep
+
+    def _release_display_fb(self, output: Output, fb: Framebuffer, copy_bytes: int = 0) -> None:
+        """Release ``fb`` on ``output`` and give it back to the guest's account (a copy
+        buffer also gives back its ``copy_bytes``)."""
+        try:
+            output.release(fb)
+        except DisplayError as exc:
+            self.log.warning(f"output {output.name}: releasing {fb!r}: {exc}")
+        finally:
+            self.quota.give("display_fbs")
+            if copy_bytes:
+                self.quota.give("copy_bytes", copy_bytes)
+
+    def _take(self, resource: str, amount: int, what: str) -> None:
+        """Charge ``amount`` of ``resource`` for ``what``, or fail it with ``-ENOMEM``."""
+        try:
+            self.quota.take(resource, amount)
+        except QuotaExceeded as exc:
+            self._refusals.warning(f"dom{self.domid}: refused {what}: {exc}")
+            raise RequestError(exc.errno, f"{what}: {exc}") from exc
 
     def _cpu_view(self, buffer: _DisplayBuffer) -> GrantMapping | DmaBufMapping:
         """The buffer's pages readable by the CPU, mapped on first need."""

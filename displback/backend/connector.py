@@ -13,6 +13,8 @@ Two tasks per connector, in the connection's nursery:
   Linux guest has one request in flight per ring and waits 3000 ms for it, so a request is
   answered as soon as its outcome is known: PG_FLIP is answered when *queued*, SET_CONFIG when
   the output has taken the new configuration (one vblank), buffer requests when done.
+  A wake-up that finds no request costs the guest a token (``SPURIOUS_WAKEUPS_PER_SECOND``);
+  without one the port stays masked until one is due, so notification floods are bounded.
 * **scanout** — the only task that touches the output, so flips and (dis)ables are serialised
   as KMS wants. Queued flips are coalesced: when several wait, only the newest is shown, but
   every accepted PG_FLIP still gets exactly one event when the frame that replaced it lands —
@@ -69,6 +71,14 @@ _EVENT_RETRY_S = 0.005
 #: connector; only a guest that stopped reading its event page gets here, and without a bound
 #: its flips (up to the request rate, forever) would grow the daemon's memory without limit.
 MAX_QUEUED_EVENTS = 256
+#: Wake-ups of the ring task that find no new request (the guest notified with nothing in the
+#: ring) allowed per second and in a burst, per connector. Linux notifies only after pushing
+#: a request, so a spurious wake-up is the rare notification that raced our final check (at
+#: most one per request; one request is in flight per ring). Past the budget the request port
+#: stays masked until a token is due: a guest notifying in a tight loop costs Dom0 at most
+#: this many wake-ups, and its requests wait at most one token interval.
+SPURIOUS_WAKEUPS_PER_SECOND = 100.0
+SPURIOUS_WAKEUP_BURST = 32
 
 
 class Buffers(Protocol):
@@ -100,6 +110,9 @@ class ConnectorStats:
     events_delayed: int = 0
     events_dropped: int = 0
     throttled: int = 0
+    wakeups: int = 0
+    spurious_wakeups: int = 0
+    wakeups_throttled: int = 0
 
 
 @dataclass
@@ -139,6 +152,7 @@ class Connector:
         self._buffers = buffers
         self.output = output
         self._limiter = limiter
+        self._spurious = TokenBucket(SPURIOUS_WAKEUPS_PER_SECOND, SPURIOUS_WAKEUP_BURST)
         self._on_violation = on_violation
         self._log = log if log is not None else structlog.get_logger("displback.connector")
         self._edid = build_edid(config.width, config.height, serial=config.index)
@@ -170,11 +184,14 @@ class Connector:
         while True:
             await self._ring_kick.wait()
             self._ring_kick = trio.Event()
+            self.stats.wakeups += 1
             try:
-                await self._drain_ring()
+                taken = await self._drain_ring()
             except ProtocolError as exc:
                 self._on_violation(f"connector {self.index}: {exc}")
                 return
+            if not taken:
+                await self._spurious_wakeup()
             # Unmask only after draining: bounds guest-driven wake-ups (reference §3.3). The
             # unmask is a syscall; re-check the ring once more after it in case a request
             # arrived between the final check and the unmask.
@@ -186,9 +203,32 @@ class Connector:
                 self._on_violation(f"connector {self.index}: {exc}")
                 return
 
-    async def _drain_ring(self) -> None:
+    async def _spurious_wakeup(self) -> None:
+        """A wake-up with nothing to do: spend a token, or wait for one with the port masked."""
+        self.stats.spurious_wakeups += 1
+        if self._spurious.take():
+            return
+        self.stats.wakeups_throttled += 1
+        now = trio.current_time()
+        if now - self._last_flood_log >= 10.0:
+            self._last_flood_log = now
+            self._log.warning(
+                "guest notifies with no request: its request channel is throttled",
+                connector=self.index,
+                rate=self._spurious.rate,
+                spurious=self.stats.spurious_wakeups,
+            )
+        while not self._spurious.take():
+            await trio.sleep(self._spurious.seconds_until_token())
+
+    _last_flood_log = -math.inf
+
+    async def _drain_ring(self) -> int:
+        """Answer every request in the ring; return how many there were."""
+        taken = 0
         while True:
             for raw in self._ring.take_requests():
+                taken += 1
                 while not self._limiter.take():
                     # Over its request rate the guest is slowed down, not failed: its next
                     # request waits for a token (its ring fills, never ours).
@@ -200,7 +240,7 @@ class Connector:
                 if self._ring.push_responses():
                     self._evtchn.notify(self.req_port)
             if not self._ring.final_check():
-                return
+                return taken
 
     _last_throttle_log = -math.inf
 
@@ -323,7 +363,7 @@ class Connector:
                 await self.output.disable()
                 self.mode_fb = None
             else:
-                await self.output.flip(command.fb.present_on(self.output))
+                await self.output.flip(await command.fb.present_on(self.output))
                 self.mode_fb = (command.fb.width, command.fb.height)
                 self.stats.frames_shown += 1
         except RequestError as exc:
@@ -349,7 +389,7 @@ class Connector:
             await trio.lowlevel.checkpoint()
             return
         try:
-            await self.output.flip(fb.present_on(self.output))
+            await self.output.flip(await fb.present_on(self.output))
             self.stats.frames_shown += 1
         except (DisplayError, RequestError) as exc:
             # The guest was already told its flip was accepted; a frame the output cannot

@@ -6,6 +6,13 @@ lists the devices below it: every new ``<frontend domid>/<devid>`` gets a
 itself once the device's directories are gone. Devices left by a previous life of the daemon
 are found the same way; their handshake starts by closing the stale connection (the guest
 then re-handshakes), so a restart with guests running needs nothing special here.
+
+The daemon owns what outlives a device: one account per guest domain
+(:mod:`displback.backend.quotas`) and the backend-allocated memory guests may still map
+(:mod:`displback.backend.retained`), which it frees when ``@releaseDomain`` fires and the
+domain's ``/local/domain/<domid>`` is gone (looked at again every
+:data:`DOMAIN_RECHECK_S`, in case a toolstack removes the directory after the watch fired). Kept
+memory handed down by a previous run through systemd's fd store is taken back at start.
 """
 
 from __future__ import annotations
@@ -19,13 +26,19 @@ import trio
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
+from displback.backend.quotas import Quota
+from displback.backend.retained import RetainedMemory
+from displback.fdstore import FdStore
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.xen.interfaces import Platform
 from displback.xenstore.client import XenStoreClient, open_xenstore
 from displback.xenstore.wire import XenStoreError
 
-__all__ = ["Backend"]
+__all__ = ["DOMAIN_RECHECK_S", "Backend"]
+
+#: How often domains with kept memory are looked at even without ``@releaseDomain``.
+DOMAIN_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class Backend:
         settings: BackendSettings | None = None,
         *,
         log: Any = None,
+        fdstore: FdStore | None = None,
+        inherited: list[tuple[str, int]] | None = None,
     ) -> None:
         self.platform = platform
         self.outputs = outputs
@@ -53,6 +68,14 @@ class Backend:
         self.root = layout.backend_root(platform.domid)
         self._ignored: set[str] = set()
         self.deferred: DeferredReleases | None = None
+        #: One account per guest domain, shared by all its devices (see quotas.py).
+        self.accounts: dict[int, Quota] = {}
+        #: Backend-allocated memory guests may still map, kept until their domain dies.
+        self.retained = RetainedMemory(fdstore=fdstore, log=self.log)
+        for kept in self.retained.adopt(inherited or []):
+            account = self.account(kept.domid)
+            account.force("be_alloc_buffers")
+            account.force("be_alloc_pages", kept.npages)
 
     def statuses(self) -> list[DeviceStatus]:
         """A snapshot of every device's status, in (domid, devid) order."""
@@ -67,6 +90,7 @@ class Backend:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(deferred.run)
+                    await nursery.start(self._watch_domains, xs)
                     async with xs.watch(self.root) as events:
                         self.log.info("watching", path=self.root)
                         task_status.started()
@@ -75,6 +99,7 @@ class Backend:
             finally:
                 with trio.CancelScope(shield=True):
                     await deferred.aclose()
+                self.retained.close()
 
     async def _list(self, xs: XenStoreClient, path: str) -> list[str]:
         try:
@@ -106,10 +131,68 @@ class Backend:
                         outputs=self.outputs,
                         settings=self.settings,
                         deferred=deferred,
+                        account=self.account(domid),
+                        retained=self.retained,
                         log=self.log,
                     )
                     self.devices[key] = device
                     nursery.start_soon(self._run_device, key, device, xs, nursery, deferred)
+
+    def account(self, domid: int) -> Quota:
+        """Guest domain ``domid``'s account, made on first use."""
+        account = self.accounts.get(domid)
+        if account is None:
+            account = Quota(self.settings.limits, domid=domid)
+            self.accounts[domid] = account
+        return account
+
+    async def _watch_domains(
+        self, xs: XenStoreClient, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Free kept memory of every domain that is gone: on ``@releaseDomain`` (and at
+        start, when the watch fires once), and every :data:`DOMAIN_RECHECK_S` seconds."""
+        async with xs.watch("@releaseDomain") as events:
+            task_status.started()
+            while True:
+                with trio.move_on_after(DOMAIN_RECHECK_S):
+                    try:
+                        await events.__anext__()
+                    except StopAsyncIteration:
+                        return
+                await self.reap_domains(xs)
+
+    async def reap_domains(self, xs: XenStoreClient) -> list[int]:
+        """Free what is kept for domains whose ``/local/domain/<domid>`` is gone; return them.
+
+        A directory we may not read (``EACCES``: a driver domain) counts as present: memory
+        is never freed on a doubt.
+        """
+        gone = []
+        for domid in self.retained.domains():
+            try:
+                present = await xs.exists(f"/local/domain/{domid}")
+            except XenStoreError as exc:
+                if exc.name != "EACCES":
+                    self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
+                present = True
+            if present:
+                continue
+            kept = self.retained.entries(domid)
+            pages = self.retained.release_domain(domid)
+            account = self.account(domid)
+            account.give("be_alloc_buffers", len(kept))
+            account.give("be_alloc_pages", pages)
+            self._forget_account(domid)
+            gone.append(domid)
+        return gone
+
+    def _forget_account(self, domid: int) -> None:
+        """Drop an idle account once no device of its domain is left."""
+        account = self.accounts.get(domid)
+        if account is None or not account.idle:
+            return
+        if all(key.domid != domid for key in self.devices):
+            del self.accounts[domid]
 
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:
@@ -137,6 +220,7 @@ class Backend:
         finally:
             if self.devices.get(key) is device:
                 del self.devices[key]
+            self._forget_account(key.domid)
         # The device was forgotten. A new device of the same number may already exist (the
         # toolstack detached and attached again): its watch event found this one still
         # here, so look again now that the number is free.

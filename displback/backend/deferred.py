@@ -10,10 +10,12 @@ that keeps the last frame), the backend answers anyway — the guest cannot wait
 3 s timeout — and the buffer lands here. The guest meanwhile keeps retrying to end access
 once a second; the grants stay mapped until the importer releases them. :meth:`run` retries
 the wait every ``retry_interval`` seconds and forgets each entry once its buffer is released.
-The list is bounded per guest: :meth:`has_room` says whether the guest may create another
-buffer (the buffer store answers DBUF_CREATE with ``-ENOMEM`` otherwise), so a guest whose
-buffers never drain cannot pile up Dom0 mappings without limit. :meth:`add` itself never
-refuses: a destroy must always be answered and its fd number must stay reserved.
+The list is bounded per guest by the guest's account (``deferred`` in
+:mod:`displback.backend.quotas`): the buffer store answers DBUF_CREATE with ``-ENOMEM`` while
+the guest is at its limit, so a guest whose buffers never drain cannot pile up Dom0 mappings
+without limit. :meth:`add` itself never refuses: a destroy must always be answered and its fd
+number must stay reserved. Each entry's ``on_done`` gives its share back to the account once
+the entry is released or abandoned.
 
 The fd-number reservation
 -------------------------
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +82,7 @@ class DeferredRelease:
     npages: int
     since: float
     attempts: int = 0
+    on_done: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,15 +104,11 @@ class DeferredReleases:
     def __init__(
         self,
         *,
-        per_guest_limit: int = 8,
         retry_interval: float = 1.0,
         log: Logger | None = None,
     ) -> None:
-        if per_guest_limit < 1:
-            raise ValueError("per_guest_limit must be at least 1")
         if not retry_interval > 0:
             raise ValueError("retry_interval must be positive")
-        self.per_guest_limit = per_guest_limit
         self.retry_interval = retry_interval
         self._log = log if log is not None else default_logger("displback.deferred")
         self._entries: list[DeferredRelease] = []
@@ -143,21 +143,27 @@ class DeferredReleases:
         """A snapshot of the pending entries (of one guest or all)."""
         return [e for e in self._entries if domid is None or e.domid == domid]
 
-    def has_room(self, domid: int) -> bool:
-        """Whether guest ``domid`` is below its limit (else its DBUF_CREATE gets ENOMEM)."""
-        return self.pending(domid) < self.per_guest_limit
-
     # -- changes -------------------------------------------------------------------------
 
     def add(
-        self, *, domid: int, grants: GrantDevice, fd: int, dbuf_cookie: int, npages: int
+        self,
+        *,
+        domid: int,
+        grants: GrantDevice,
+        fd: int,
+        dbuf_cookie: int,
+        npages: int,
+        on_done: Callable[[], None] | None = None,
     ) -> DeferredRelease:
         """Take over the reserved number ``fd`` (already ``dup2``'d to ``/dev/null``).
 
         Never refuses (see the module docstring): the bound is enforced at DBUF_CREATE.
         After :meth:`aclose` the number is closed at once, as nothing would wait on it.
+        ``on_done`` runs once when the entry is released or abandoned.
         """
-        entry = DeferredRelease(domid, grants, fd, dbuf_cookie, npages, trio.current_time())
+        entry = DeferredRelease(
+            domid, grants, fd, dbuf_cookie, npages, trio.current_time(), on_done=on_done
+        )
         self._deferred += 1
         if self._closed:
             self._abandon(entry, "the deferred-release list is closed")
@@ -166,7 +172,7 @@ class DeferredReleases:
         self._log.warning(
             f"dom{domid}: dma-buf of buffer 0x{dbuf_cookie:x} ({npages} pages, fd {fd}) is "
             f"still imported after DBUF_DESTROY; retrying every {self.retry_interval:g}s "
-            f"({self.pending(domid)}/{self.per_guest_limit} pending for this guest)"
+            f"({self.pending(domid)} pending for this guest)"
         )
         self._added.set()
         self._notify()
@@ -222,6 +228,7 @@ class DeferredReleases:
             f"dom{entry.domid}: dma-buf of buffer 0x{entry.dbuf_cookie:x} released after "
             f"{waited:.1f}s more ({entry.attempts} retries); its grants are unmapped"
         )
+        self._done(entry)
 
     async def aclose(self) -> None:
         """Daemon exit: try each entry once more, then give up on the rest (logged)."""
@@ -257,6 +264,13 @@ class DeferredReleases:
             f"({entry.npages} pages, after {entry.attempts} retries): {reason}; its grants "
             f"stay mapped until the importer lets go"
         )
+        self._done(entry)
+
+    @staticmethod
+    def _done(entry: DeferredRelease) -> None:
+        on_done, entry.on_done = entry.on_done, None
+        if on_done is not None:
+            on_done()
 
     @staticmethod
     def _close_placeholder(entry: DeferredRelease) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +28,11 @@ from displback.backend.buffers import BufferStore, ZeroCopyPolicy
 from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
-from displback.backend.quotas import Limits, Quota, TokenBucket
+from displback.backend.quotas import Limits, Quota
+from displback.backend.retained import RetainedMemory
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
+from displback.protocol.constants import LINUX_MAX_CONNECTORS
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.handshake import (
@@ -52,9 +53,10 @@ from displback.protocol.handshake import (
 )
 from displback.protocol.layout import FrontendConfig
 from displback.protocol.ring import BackRing
+from displback.protocol.trust import TrustRule, UntrustedNode
 from displback.protocol.xenbus import XenbusState, parse_state
 from displback.xen.interfaces import EventChannels, GrantDevice, GrantMapping, Platform
-from displback.xenstore.client import XenStoreClient
+from displback.xenstore.client import Perm, Transaction, XenStoreClient
 from displback.xenstore.wire import XenStoreError
 
 __all__ = ["BackendSettings", "Connection", "GuestDevice"]
@@ -111,10 +113,12 @@ class Connection:
         # Deferred releases wait on this gntdev (the wait is keyed by fd number *within* the
         # exporting device), so it closes only once they have drained.
         self._stack.callback(dev.deferred.close_device_when_drained, grants)
-        limits = dev.settings.limits or Limits.for_connectors(
-            (c.width, c.height) for c in self.config.connectors
-        )
-        limiter = TokenBucket(limits.requests_per_second, limits.request_burst)
+        # The domain's account: its limits grow with this device's connectors while it is
+        # connected; what the guest holds stays charged to the domain past this connection.
+        account = dev.account
+        account.add_device(dev.devid, [(c.width, c.height) for c in self.config.connectors])
+        self._stack.callback(account.remove_device, dev.devid)
+        limiter = account.limiter
         outputs: list[Output | None] = []
         for cfg in self.config.connectors:
             output = dev.outputs.acquire(dev.domid, dev.devid, cfg)
@@ -129,13 +133,13 @@ class Connection:
             grants=grants,
             dmabufs=platform,
             outputs=[o for o in outputs if o is not None],
-            quota=Quota(limits),
+            quota=account,
             policy=dev.settings.zero_copy,
             wait_free_ms=dev.settings.wait_free_ms,
             deferred=dev.deferred,
             be_alloc=self.config.be_alloc,
             log=dev.log,
-            linger=dev.linger,
+            retained=dev.retained,
         )
         self.store = store
         for cfg, transport, output in zip(self.config.connectors, transports, outputs, strict=True):
@@ -175,6 +179,10 @@ class Connection:
         assert self._evtchn is not None
         evtchn = self._evtchn
         by_port = {c.req_port: c for c in self.connectors}
+        # The guest never needs to signal an event page's port (we only notify through it,
+        # which our mask does not affect): once it fired it stays masked, so a guest firing
+        # it in a loop costs one wake-up, not one per notification.
+        evt_ports = {c.evt_port for c in self.connectors}
         async with trio.open_nursery() as nursery:
             for connector in self.connectors:
                 nursery.start_soon(connector.run)
@@ -186,9 +194,9 @@ class Connection:
                 for port in fired:
                     target = by_port.get(port)
                     if target is not None:
-                        target.kick()  # the connector unmasks once drained
-                    else:
-                        stray.append(port)  # the guest never signals the event page
+                        target.kick()  # the connector unmasks once drained (or throttled)
+                    elif port not in evt_ports:
+                        stray.append(port)
                 if stray:
                     evtchn.unmask(stray)
 
@@ -232,6 +240,8 @@ class GuestDevice:
         outputs: OutputProvider,
         settings: BackendSettings,
         deferred: DeferredReleases,
+        account: Quota | None = None,
+        retained: RetainedMemory | None = None,
         log: Any = None,
     ) -> None:
         self.xs = xs
@@ -241,6 +251,10 @@ class GuestDevice:
         self.outputs = outputs
         self.settings = settings
         self.deferred = deferred
+        #: The guest domain's account, shared with its other devices (the daemon's).
+        self.account = account if account is not None else Quota(settings.limits, domid=domid)
+        #: Where be-alloc memory the guest may still map is kept until the domain dies.
+        self.retained = retained
         base = log if log is not None else structlog.get_logger("displback.device")
         self.log = base.bind(domid=domid, devid=devid)
         self.backend_dir = layout.backend_dir(platform.domid, domid, devid)
@@ -254,8 +268,6 @@ class GuestDevice:
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
         self._wake_scope: trio.CancelScope | None = None
-        # Backend-allocated memory of an earlier connection the guest may still map.
-        self._lingering: list[int] = []
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -277,9 +289,9 @@ class GuestDevice:
         self._observe_queued = False
         xs = self.xs
         try:
-            if not (await xs.exists(self.backend_dir) and await xs.exists(self.frontend_dir)):
+            # Only the toolstack removes our directory: that alone ends the device.
+            if not await xs.exists(self.backend_dir):
                 return Vanished()
-            frontend = parse_state(await xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
             backend = parse_state(await xs.read_or_none(f"{self.backend_dir}/{layout.STATE}"))
             online_raw = await xs.read_or_none(f"{self.backend_dir}/{layout.ONLINE}")
         except XenStoreError as exc:
@@ -288,6 +300,7 @@ class GuestDevice:
             # A driver domain may not read what is left of a removed guest's tree (xenstored
             # answers EACCES, not ENOENT, under a parent it cannot read): the device is gone.
             return Vanished()
+        frontend = await self._frontend_state()
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
         if not online:
             self._offline_seen = True
@@ -298,6 +311,25 @@ class GuestDevice:
             return Vanished()
         return Observed(frontend=frontend, backend=backend, online=online)
 
+    async def _frontend_state(self) -> XenbusState:
+        """The frontend's ``state``; a frontend directory that is gone (or that we may no
+        longer read) is a closed frontend.
+
+        The guest may remove its own device directory, and libxl's forced removal (``xl
+        destroy``) removes it together with writing Closing to us: neither ends the device,
+        whose life is our directory's. Taking them for the device's end made the daemon forget
+        the device, find it again at once (our directory still there) and loop, and never
+        answer libxl's Closing.
+        """
+        try:
+            if not await self.xs.exists(self.frontend_dir):
+                return XenbusState.CLOSED
+            return parse_state(await self.xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            return XenbusState.CLOSED
+
     async def _watch(self, path: str) -> None:
         async with self.xs.watch(path) as events:
             async for _ in events:
@@ -305,23 +337,10 @@ class GuestDevice:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def linger(self, fd: int) -> None:
-        """Keep a backend-allocated buffer's memory (``fd``) until the guest cannot map it."""
-        self._lingering.append(fd)
-
-    def _release_lingering(self) -> None:
-        fds, self._lingering = self._lingering, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
     async def run(self) -> None:
         """Drive the handshake until the device is forgotten (its directories are gone)."""
         self.log.info("device found")
-        try:
-            await self._run()
-        finally:
-            self._release_lingering()
+        await self._run()
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -406,9 +425,6 @@ class GuestDevice:
                 self.status.connects += 1
                 self.status.connectors = connection.connectors
                 self.status.store = connection.store
-                # The guest re-handshaked: Linux frees and unmaps everything of a connection
-                # before it publishes new rings, so memory kept from the last one can go.
-                self._release_lingering()
                 self._feed(ConnectSucceeded())
                 try:
                     await connection.serve()
@@ -429,12 +445,44 @@ class GuestDevice:
                     self.log.error("teardown timed out; resources may remain")
             done.set()
 
+    async def _read_config(self) -> FrontendConfig:
+        """The toolstack's configuration nodes with their permissions, read in one
+        transaction (what is checked is what is used), and checked by the trust rule."""
+        base = self.frontend_dir
+
+        async def read(tx: Transaction) -> tuple[dict[str, bytes | None], dict[str, list[Perm]]]:
+            values: dict[str, bytes | None] = {}
+            perms: dict[str, list[Perm]] = {}
+
+            async def node(name: str) -> bytes | None:
+                try:
+                    value = values[name] = await tx.read_or_none(f"{base}/{name}")
+                    if value is not None:
+                        perms[name] = await tx.get_perms(f"{base}/{name}")
+                except XenStoreError as exc:
+                    if exc.name != "EACCES":
+                        raise
+                    raise UntrustedNode(
+                        f"{name}: not written by the toolstack: the backend may not read it",
+                        what=name,
+                    ) from None
+                return value
+
+            await node(layout.BE_ALLOC)
+            for i in range(LINUX_MAX_CONNECTORS):
+                if await node(f"{i}/{layout.RESOLUTION}") is None:
+                    break  # the last connector: nothing after a gap is read, as by Linux
+                await node(f"{i}/{layout.UNIQUE_ID}")
+            return values, perms
+
+        values, perms = await self.xs.run_transaction(read)
+        trust = TrustRule(backend_domid=self.platform.domid, guest_domid=self.domid)
+        return layout.parse_frontend_config(values, perms, trust)
+
     async def _connect(self) -> Connection:
         xs = self.xs
+        config = await self._read_config()
         read: dict[str, bytes | None] = {}
-        for node in layout.frontend_config_nodes():
-            read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
-        config = layout.parse_frontend_config(read)
         for node in layout.transport_nodes(len(config.connectors)):
             read[node] = await xs.read_or_none(f"{self.frontend_dir}/{node}")
         transports = layout.parse_transports(read, len(config.connectors))

@@ -1,11 +1,33 @@
-"""Per-guest resource limits, so one guest cannot exhaust Dom0's memory, grants or CPU.
+"""Per-guest accounts of every Dom0 resource a guest causes, so no guest can exhaust Dom0.
 
-Every DBUF_CREATE charges buffers, mapped pages and directory pages against its guest's
-:class:`Quota`; every request draws from a token bucket. Exceeding a limit answers that one
-request with an error (``-ENOMEM`` for resources, ``-EINVAL`` for shapes no quota could
-allow) and the guest keeps working. Defaults derive from the guest's connectors: enough for
-triple buffering at every connector's resolution plus one framebuffer of the largest size
-the Linux frontend can create.
+One :class:`Quota` per guest *domain* (owned by the daemon, shared by every vdispl device and
+connection of that domain): a guest cannot escape its limits by re-handshaking, by using
+several devices, or by holding resources past a teardown. It counts
+
+========================  ===================================================================
+resource                  charged for
+========================  ===================================================================
+``buffers``               each display buffer (DBUF_CREATE until DBUF_DESTROY)
+``pages``                 guest pages mapped or exported in Dom0 and Dom0 pages granted to the
+                          guest: live buffers and destroyed ones still waited for (deferred)
+``framebuffers``          each FB_ATTACH until FB_DETACH (or its buffer's destroy)
+``display_fbs``           display framebuffers Dom0 makes for the guest: an output's import of
+                          a zero-copy buffer, each display-owned copy buffer (KMS objects)
+``copy_bytes``            bytes of display-owned copy buffers (copy mode: two per framebuffer
+                          and output it is shown on)
+``deferred``              destroyed zero-copy buffers whose importer still holds them
+``be_alloc_pages``        Dom0 memory granted to the guest (``be-alloc``), live or kept after
+                          its destroy because the guest may still map it, until it dies
+``be_alloc_buffers``      the dma-bufs (fds) holding that memory
+========================  ===================================================================
+
+A request that would pass a limit is answered with an error (``-ENOMEM`` for resources,
+``-EINVAL`` for shapes no quota could allow) and the guest keeps working. Defaults
+(:meth:`Limits.for_connectors`) derive from the connectors of the domain's connected devices
+so that a correct Linux guest (xen-drm-front) never reaches them; each says why in its
+docstring line. Releases that cannot be refused (a destroy must always be answered, a
+deferred buffer stays mapped) are charged with :meth:`Quota.force`, which may pass a limit:
+the next request that needs that resource is then refused.
 """
 
 from __future__ import annotations
@@ -14,20 +36,34 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from displback.protocol.constants import (
     EINVAL,
     ENOMEM,
+    LINUX_MAX_CONNECTORS,
     LINUX_MAX_HEIGHT,
     LINUX_MAX_WIDTH,
+    PAGE_SIZE,
     pages_for,
 )
 from displback.protocol.pagedir import dir_pages_for
 
-__all__ = ["Limits", "Quota", "QuotaExceeded", "TokenBucket"]
+__all__ = ["RESOURCES", "Limits", "Quota", "QuotaExceeded", "TokenBucket"]
 
 _MAX_BPP = 32
 MIN_REQUESTS_PER_SECOND = 20.0
+#: Each counted resource and the :class:`Limits` field that bounds it.
+RESOURCES: Final = {
+    "buffers": "max_buffers",
+    "pages": "max_total_pages",
+    "framebuffers": "max_framebuffers",
+    "display_fbs": "max_display_fbs",
+    "copy_bytes": "max_copy_bytes",
+    "deferred": "max_deferred",
+    "be_alloc_pages": "max_be_alloc_pages",
+    "be_alloc_buffers": "max_be_alloc_buffers",
+}
 
 
 class QuotaExceeded(Exception):
@@ -41,7 +77,11 @@ class QuotaExceeded(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one guest may hold at once, and how fast it may ask."""
+    """What one guest domain may hold at once, and how fast it may ask.
+
+    The last six limits may be given as 0: they are then derived from the others as
+    :meth:`for_connectors` derives them (for limits an admin or a test sets by hand).
+    """
 
     max_buffers: int
     max_pages_per_buffer: int
@@ -49,6 +89,12 @@ class Limits:
     max_dir_pages: int
     requests_per_second: float
     request_burst: int
+    max_framebuffers: int = 0
+    max_display_fbs: int = 0
+    max_copy_bytes: int = 0
+    max_deferred: int = 0
+    max_be_alloc_pages: int = 0
+    max_be_alloc_buffers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_buffers", "max_pages_per_buffer", "max_total_pages", "request_burst"):
@@ -63,35 +109,168 @@ class Limits:
                 f"requests_per_second must be at least {MIN_REQUESTS_PER_SECOND} "
                 "(32 queued requests within the guest's 3 s timeout)"
             )
+        derived = _derived(self.max_buffers, self.max_total_pages, LINUX_MAX_CONNECTORS)
+        for name, value in derived.items():
+            current = getattr(self, name)
+            if current < 0:
+                raise ValueError(f"limit {name} must not be negative")
+            if current == 0:
+                object.__setattr__(self, name, value)
 
     @classmethod
     def for_connectors(cls, resolutions: Iterable[tuple[int, int]]) -> Limits:
-        """Safe defaults for a guest whose connectors have these resolutions."""
+        """Defaults for a guest domain whose connected connectors have these resolutions.
+
+        * ``max_pages_per_buffer``: the largest framebuffer Linux creates (4095×2047×32 bpp);
+        * ``max_dir_pages``: the directory pages such a buffer needs;
+        * ``max_total_pages``: triple buffering at every connector's resolution, plus one
+          largest framebuffer (a mode change or a client's extra buffer);
+        * ``max_buffers``: 8 per connector, at least 16 (Linux: 2–3 per CRTC, plus cursor-
+          less clients' extras);
+        * ``requests_per_second`` 2000, burst 400 (a 60 Hz guest sends about 60 per
+          connector and second);
+        * the rest as :func:`_derived` says.
+        """
         sizes = list(resolutions) or [(LINUX_MAX_WIDTH, LINUX_MAX_HEIGHT)]
         largest_fb = pages_for(LINUX_MAX_WIDTH * LINUX_MAX_HEIGHT * _MAX_BPP // 8)
         per_screen = [pages_for(w * h * _MAX_BPP // 8) for w, h in sizes]
         total = 3 * sum(per_screen) + largest_fb
+        buffers = max(16, 8 * len(sizes))
         return cls(
-            max_buffers=max(16, 8 * len(sizes)),
+            max_buffers=buffers,
             max_pages_per_buffer=largest_fb,
             max_total_pages=total,
             max_dir_pages=dir_pages_for(largest_fb),
             requests_per_second=2000.0,
             request_burst=400,
+            **_derived(buffers, total, len(sizes)),
         )
 
 
-class Quota:
-    """Accounting of one guest's buffers against its :class:`Limits`."""
+def _derived(buffers: int, total_pages: int, connectors: int) -> dict[str, int]:
+    """The limits that follow from the buffer limits (why each suffices for Linux).
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    * ``max_framebuffers`` = 2 per buffer: Linux makes one framebuffer per ADDFB2; a
+      client that re-adds one on the same buffer (a modeset) briefly holds two.
+    * ``max_display_fbs`` = 2 per framebuffer and connector: an output holds one import or
+      two copy buffers for each framebuffer shown on it.
+    * ``max_copy_bytes`` = twice ``max_total_pages``: every copy buffer mirrors a framebuffer
+      shown on an output, twice (one on screen, one being filled); a Linux guest shows on each
+      connector its own (triple-buffered) framebuffers, which the page limit already holds.
+    * ``max_deferred`` = 8: a destroyed buffer is deferred only while an output still holds it
+      after the 2 s wait (one flip at most for a Linux guest).
+    * ``max_be_alloc_pages`` = twice ``max_total_pages``: the live be-alloc buffers plus one
+      whole earlier set that Dom0 keeps (and reuses) until the domain dies.
+    * ``max_be_alloc_buffers`` = twice ``max_buffers``: kept memory is reused for any buffer
+      it can hold, so only growing sizes add dma-bufs (one fd each in Dom0).
+    """
+    return {
+        "max_framebuffers": 2 * buffers,
+        "max_display_fbs": 2 * 2 * buffers * max(1, connectors),
+        "max_copy_bytes": 2 * total_pages * PAGE_SIZE,
+        "max_deferred": 8,
+        "max_be_alloc_pages": 2 * total_pages,
+        "max_be_alloc_buffers": 2 * buffers,
+    }
+
+
+class Quota:
+    """One guest domain's account: what it holds of each resource, against its limits.
+
+    ``limits`` fixed (an admin's setting, tests) or None: derived from the connectors of the
+    domain's connected devices (:meth:`add_device`), the Linux maximum while none is.
+    """
+
+    def __init__(self, limits: Limits | None = None, *, domid: int | None = None) -> None:
+        self.domid = domid
+        self._fixed = limits
+        self._devices: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._limits = limits or Limits.for_connectors([])
+        self._limiter: TokenBucket | None = None
         self.buffers = 0
         self.pages = 0
+        self.framebuffers = 0
+        self.display_fbs = 0
+        self.copy_bytes = 0
+        self.deferred = 0
+        self.be_alloc_pages = 0
+        self.be_alloc_buffers = 0
+
+    # -- limits --------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def add_device(self, devid: int, resolutions: Iterable[tuple[int, int]]) -> None:
+        """Device ``devid`` of this domain connected with these connectors."""
+        self._devices[devid] = tuple(resolutions)
+        self._derive()
+
+    def remove_device(self, devid: int) -> None:
+        """Device ``devid`` disconnected (what it still holds stays charged)."""
+        self._devices.pop(devid, None)
+        self._derive()
+
+    def _derive(self) -> None:
+        if self._fixed is None:
+            sizes = [size for device in self._devices.values() for size in device]
+            self._limits = Limits.for_connectors(sizes)
+
+    @property
+    def limiter(self) -> TokenBucket:
+        """The domain's request-rate bucket, shared by all its connectors."""
+        if self._limiter is None:
+            lim = self._limits
+            self._limiter = TokenBucket(lim.requests_per_second, lim.request_burst)
+        return self._limiter
+
+    # -- generic accounting --------------------------------------------------------------
+
+    def usage(self) -> dict[str, int]:
+        """What the domain holds now, by resource."""
+        return {name: int(getattr(self, name)) for name in RESOURCES}
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is charged."""
+        return not any(self.usage().values())
+
+    def check(self, resource: str, amount: int = 1) -> None:
+        """Raise :class:`QuotaExceeded` (``ENOMEM``) unless ``amount`` more would fit."""
+        limit_name = RESOURCES[resource]
+        limit = getattr(self._limits, limit_name)
+        held = getattr(self, resource)
+        if held + amount > limit:
+            raise QuotaExceeded(
+                limit_name,
+                f"guest holds {held} {resource.replace('_', ' ')}; {amount} more would pass "
+                f"its limit {limit}",
+            )
+
+    def take(self, resource: str, amount: int = 1) -> None:
+        """Charge ``amount`` of ``resource`` if it fits, else raise :class:`QuotaExceeded`."""
+        self.check(resource, amount)
+        setattr(self, resource, getattr(self, resource) + amount)
+
+    def force(self, resource: str, amount: int = 1) -> None:
+        """Charge what cannot be refused (it may pass the limit; the next take fails)."""
+        if resource not in RESOURCES or amount < 0:
+            raise ValueError(f"cannot charge {amount} {resource}")
+        setattr(self, resource, getattr(self, resource) + amount)
+
+    def give(self, resource: str, amount: int = 1) -> None:
+        """Give back ``amount`` of ``resource``."""
+        held = getattr(self, resource)
+        if amount < 0 or held < amount or resource not in RESOURCES:
+            raise RuntimeError(f"quota released {amount} {resource}, only {held} charged")
+        setattr(self, resource, held - amount)
+
+    # -- buffers -------------------------------------------------------------------------
 
     def check_buffer(self, npages: int) -> None:
         """Raise :class:`QuotaExceeded` unless a buffer of ``npages`` pages may be created."""
-        lim = self.limits
+        lim = self._limits
         if dir_pages_for(npages) > lim.max_dir_pages:
             raise QuotaExceeded(
                 "max_dir_pages",
@@ -121,7 +300,7 @@ class Quota:
         self.pages += npages
 
     def release(self, npages: int) -> None:
-        """Give back a destroyed buffer's share."""
+        """Give back a destroyed buffer's share (count and pages)."""
         if self.buffers < 1 or self.pages < npages:
             raise RuntimeError("quota released more than it was charged")
         self.buffers -= 1

@@ -4,8 +4,9 @@ A display shows framebuffers in any format of reference §10 at any pitch and by
 tests, the demo and operators want to *see* them, so :func:`to_rgb` turns such a frame into an
 :class:`RgbImage` (8-bit R, G, B per pixel, rows packed) that can be written as PNG. The copy
 path of the backend moves guest pixels into display-owned buffers with a different pitch;
-:func:`copy_frame` does that row by row with one slice assignment per row and refuses any
-geometry that would read or write outside either buffer.
+:func:`copy_frame` does that with numpy (one strided copy, the GIL released meanwhile, so it
+can run in a worker thread) and refuses any geometry that would read or write outside either
+buffer.
 
 Format notes (all DRM formats are little-endian words, so byte order is the reverse of the
 channel names):
@@ -153,8 +154,9 @@ def copy_frame(
     Row ``r`` starts at ``src_offset + r * src_pitch`` in ``src`` and at ``dst_offset + r *
     dst_pitch`` in ``dst``. Raises :class:`ValueError`, before touching anything, when either
     frame does not fit its buffer, any value is negative, rows would overlap
-    (``width_bytes > pitch``) or ``dst`` is read-only. Equal pitches are copied with one
-    slice assignment (including the bytes between rows); otherwise one per row.
+    (``width_bytes > pitch``) or ``dst`` is read-only. Equal pitches are copied as one span
+    (including the bytes between rows), others as one strided copy; numpy releases the GIL
+    while it copies, so other threads (the event loop) run meanwhile.
     """
     with _byte_view(src) as s, _byte_view(dst) as d:
         if d.readonly:
@@ -166,8 +168,12 @@ def copy_frame(
         if width_bytes == 0 or height == 0:
             return
         if src_pitch == dst_pitch:
+            # One flat copy. numpy, not a memoryview slice assignment: numpy releases the GIL
+            # while it copies (the backend copies in worker threads), a memoryview does not.
             span = frame_end(0, src_pitch, width_bytes, height)
-            d[dst_offset : dst_offset + span] = s[src_offset : src_offset + span]
+            flat_dst = np.frombuffer(d, np.uint8, count=span, offset=dst_offset)
+            np.copyto(flat_dst, np.frombuffer(s, np.uint8, count=span, offset=src_offset))
+            del flat_dst
             return
         # Different pitches: one strided copy of two (height, width_bytes) views; numpy runs
         # the row loop in C (a Python loop of slice assignments reaches a third of memcpy).

@@ -281,6 +281,12 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
             vblanks=seq,
         )
 
+    @property
+    def owned_bytes(self) -> int:
+        """Bytes of the display-owned (dumb) framebuffers alive on this output: the memory
+        copy mode costs Dom0 here."""
+        return sum(fb.size for fb in self._live if isinstance(fb, VirtualDumbFramebuffer))
+
     def __repr__(self) -> str:
         w, h, hz = self._mode
         return f"<VirtualOutput {self.name} {w}x{h}@{hz:g}>"

@@ -23,7 +23,8 @@ Inputs
 ``TeardownDone``
     A :class:`Teardown` action finished: everything mapped, bound or exported is released.
 ``Vanished``
-    The frontend or backend directory disappeared (guest destroyed, device removed).
+    The backend directory disappeared (the toolstack removed the device). A missing frontend
+    directory is not this: it is observed as a frontend in state Closed.
 ``Tick``
     A :class:`WakeAt` deadline passed. Time is an input (``now``), never a sleep.
 
@@ -59,12 +60,17 @@ The rows, following displif-reference §2:
   rings) or closing/closed. A frontend that shows Connected while we hold nothing is never
   attached to: we write Closed and wait for it to reset.
 * Frontend → 5/6/0, or → 1 while we are connecting or connected: ``Teardown``; when done write
-  Closed then InitWait (the Linux remove path polls for InitWait).
+  Closed then InitWait (the Linux remove path polls for InitWait). A frontend *directory* that
+  is gone while ours remains reads as Closed (the guest may remove it; libxl's forced removal
+  does, in the same transaction as its Closing): only the backend directory's end is
+  ``Vanished``. Resets of a connection younger than ``RetryPolicy.stable_after`` count towards
+  the back-off: the first in a row is reoffered at once, later ones after the back-off, so a
+  guest cannot make us map and unmap its rings in a tight loop.
 * libxl removal (``online`` 0 / ``state`` 5): ``Teardown`` if needed, write Closed, then stay
   until the directories vanish. A removed device is never revived.
 * Protocol violation or failed connect: ``Teardown``, write Closed, and offer InitWait again
   only after a back-off delay (:class:`RetryPolicy`) and once the frontend has reset.
-* Directories vanished: ``Teardown`` if needed, then ``Forget``; no more writes.
+* Backend directory vanished: ``Teardown`` if needed, then ``Forget``; no more writes.
 
 The Linux frontend reads our *current* state when its watch fires, so of two quick writes
 (Closed then InitWait) it may see only the second. Both orders are harmless: Closed alone makes
@@ -149,7 +155,7 @@ class TeardownDone:
 
 @dataclass(frozen=True, slots=True)
 class Vanished:
-    """The frontend or backend directory of the device is gone."""
+    """The backend directory of the device is gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +239,7 @@ class Phase(enum.Enum):
     TEARDOWN_BACKOFF = "teardown-backoff"  # Teardown emitted; then Closed, back-off
     TEARDOWN_REMOVE = "teardown-remove"  # Teardown emitted; then Closed for good
     TEARDOWN_FORGET = "teardown-forget"  # Teardown emitted; then Forget
+    CLOSING_HOLD = "closing-hold"  # torn down; our Closing held until the frontend answers
     CLOSED = "closed"  # wrote Closed; will offer InitWait again
     REMOVED = "removed"  # wrote Closed for the toolstack; waiting to vanish
     GONE = "gone"  # forgotten; terminal
@@ -274,6 +281,7 @@ class _Do(enum.Enum):
 
     WRITE_INIT_WAIT = "write 2"
     WRITE_CONNECTED = "write 4"
+    WRITE_CLOSING = "write 5"
     WRITE_CLOSED = "write 6"
     CONNECT = "connect"
     TEARDOWN = "teardown"
@@ -287,6 +295,7 @@ class _Go:
     target: Phase
     actions: tuple[_Do, ...] = ()
     failure: bool = False
+    free: bool = False  # a failure that counts but costs no delay this time
 
 
 class _Rule(enum.Enum):
@@ -294,6 +303,9 @@ class _Rule(enum.Enum):
     MISUSE = "misuse"  # cannot happen: HandshakeUsageError
     BEGIN = "begin"  # NEW: fresh → InitWait; stale → Closed
     OFFER = "offer"  # CLOSED: InitWait once the back-off has passed, else WakeAt
+    RESET = "reset"  # the guest dropped a connection: reoffer at once, or back off
+    TORN_DOWN = "torn down"  # TEARDOWN_REOFFER/BACKOFF done: hold our Closing, or go on
+    HOLD = "hold"  # CLOSING_HOLD: go on once the frontend left Closing or the hold is over
 
 
 STAY: Final = _Rule.STAY
@@ -313,10 +325,10 @@ def _rows(
 
 
 _CONNECTING_THEN = {
-    _P.CONNECTING_THEN_REOFFER: _P.TEARDOWN_REOFFER,
     _P.CONNECTING_THEN_REMOVE: _P.TEARDOWN_REMOVE,
     _P.CONNECTING_THEN_FORGET: _P.TEARDOWN_FORGET,
 }
+_CONNECTING_THEN_ANY: Final = frozenset({*_CONNECTING_THEN, _P.CONNECTING_THEN_REOFFER})
 _TEARDOWNS = {
     _P.TEARDOWN_REOFFER: _Go(_P.INIT_WAIT, (_D.WRITE_CLOSED, _D.WRITE_INIT_WAIT)),
     _P.TEARDOWN_BACKOFF: _Go(_P.CLOSED, (_D.WRITE_CLOSED,)),
@@ -353,9 +365,10 @@ _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
         for phase, after in _CONNECTING_THEN.items()
         for t in (_T.CONNECT_OK, _T.CONNECT_FAILED)
     },
+    **_rows(_P.CONNECTING_THEN_REOFFER, (_T.CONNECT_OK, _T.CONNECT_FAILED), _Rule.RESET),
     # CONNECTED.
     **_rows(_P.CONNECTED, (_T.FE_PUBLISHED, _T.FE_CONNECTED, _T.FE_BUSY), STAY),
-    **_rows(_P.CONNECTED, _FE_RESET, _Go(_P.TEARDOWN_REOFFER, (_D.TEARDOWN,))),
+    **_rows(_P.CONNECTED, _FE_RESET, _Rule.RESET),
     (_P.CONNECTED, _T.REMOVE): _Go(_P.TEARDOWN_REMOVE, (_D.TEARDOWN,)),
     (_P.CONNECTED, _T.VANISHED): _Go(_P.TEARDOWN_FORGET, (_D.TEARDOWN,)),
     (_P.CONNECTED, _T.VIOLATION): _Go(_P.TEARDOWN_BACKOFF, (_D.TEARDOWN,), failure=True),
@@ -368,6 +381,12 @@ _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
     **{(phase, _T.VANISHED): _Go(_P.TEARDOWN_FORGET) for phase in _TEARDOWNS},
     (_P.TEARDOWN_FORGET, _T.VANISHED): STAY,
     **{(phase, _T.TEARDOWN_DONE): go for phase, go in _TEARDOWNS.items()},
+    (_P.TEARDOWN_REOFFER, _T.TEARDOWN_DONE): _Rule.TORN_DOWN,
+    (_P.TEARDOWN_BACKOFF, _T.TEARDOWN_DONE): _Rule.TORN_DOWN,
+    # CLOSING_HOLD: the frontend closing under us got our Closing; see _Rule.HOLD.
+    **_rows(_P.CLOSING_HOLD, _FE_ALL, _Rule.HOLD),
+    (_P.CLOSING_HOLD, _T.REMOVE): _Go(_P.REMOVED, (_D.WRITE_CLOSED,)),
+    (_P.CLOSING_HOLD, _T.VANISHED): _Go(_P.GONE, (_D.FORGET,)),
     # CLOSED: offer InitWait again once the frontend has reset and the back-off has passed.
     **_rows(_P.CLOSED, (_T.FE_INITIALISING, _T.FE_PUBLISHED, _T.FE_CLOSED), _Rule.OFFER),
     **_rows(_P.CLOSED, (_T.FE_CONNECTED, _T.FE_BUSY), STAY),
@@ -396,6 +415,10 @@ _TEARDOWN_REASONS: Final = {
 # --- the machine ----------------------------------------------------------------------------
 
 
+#: How long our Closing stays up for a frontend that is closing (see ``_Rule.HOLD``).
+CLOSING_HOLD_S: Final = 0.25
+
+
 @dataclass(slots=True)
 class _Facts:
     observed: bool = False
@@ -419,6 +442,8 @@ class Handshake:
     _retry_at: float = field(default=-math.inf, init=False)
     _connected_at: float | None = field(default=None, init=False)
     _deferred_reason: str = field(default="", init=False)
+    _hold_until: float = field(default=-math.inf, init=False)
+    _after_hold: Phase = field(default=Phase.INIT_WAIT, init=False)
 
     @property
     def finished(self) -> bool:
@@ -459,7 +484,14 @@ class Handshake:
             facts.observed = True
             facts.stale = event.backend is not XenbusState.INITIALISING
         facts.frontend = event.frontend
-        if not event.online or event.backend is XenbusState.CLOSING:
+        # libxl writes ``online`` = 0 with its Closing. A Closing alone is the toolstack's only
+        # once we have written something else: at discovery it is a stale one of ours (a
+        # daemon that died holding Closing), and while we hold Closing it is ours.
+        toolstack_closing = event.backend is XenbusState.CLOSING and self.written not in (
+            None,
+            XenbusState.CLOSING,
+        )
+        if not event.online or toolstack_closing:
             facts.removal = True
 
     def _level(self) -> _Trigger | None:
@@ -503,19 +535,61 @@ class Handshake:
                 actions.append(WakeAt(self._retry_at))
                 return
             rule = _Go(_P.INIT_WAIT, (_D.WRITE_INIT_WAIT,))
+        elif rule is _Rule.RESET:
+            rule = self._reset_rule()
+        elif rule is _Rule.TORN_DOWN:
+            go = _TEARDOWNS[self.phase]
+            if self.written is not XenbusState.CLOSING:
+                rule = go
+            else:
+                self._after_hold = go.target
+                rule = _Go(_P.CLOSING_HOLD)
+        elif rule is _Rule.HOLD:
+            if self._facts.frontend is XenbusState.CLOSING and self._now < self._hold_until:
+                actions.append(WakeAt(self._hold_until))
+                return
+            rule = _TEARDOWNS[
+                _P.TEARDOWN_REOFFER if self._after_hold is _P.INIT_WAIT else _P.TEARDOWN_BACKOFF
+            ]
         assert isinstance(rule, _Go)
         if self.phase is _P.CONNECTED and rule.target is not _P.CONNECTED:
             self._left_connected()
         if rule.failure:
             self._failures += 1
-            self._retry_at = self._now + self.retry.delay(self._failures)
+            if not rule.free:
+                self._retry_at = self._now + self.retry.delay(self._failures)
         if rule.target is _P.CONNECTED:
             self._connected_at = self._now
-        if rule.target in _CONNECTING_THEN and reason:
+        if rule.target in _CONNECTING_THEN_ANY and reason:
             self._deferred_reason = reason  # for the Teardown once the connect result is in
         self.phase = rule.target
         for do in rule.actions:
             actions.append(self._action(do, reason))
+
+    def _reset_rule(self) -> _Go:
+        """The guest dropped a connection (or one being made): what it costs it.
+
+        A connection that was stable costs nothing. A short-lived one counts towards the
+        back-off like a failure; the first in a row is still reoffered at once (Linux's
+        driver removal polls 1 s for our InitWait), every further one waits the back-off, so
+        a guest resetting after every connect makes us map and unmap ever more slowly.
+        """
+        stable = (
+            self.phase is _P.CONNECTED
+            and self._connected_at is not None
+            and self._now - self._connected_at >= self.retry.stable_after
+        )
+        # A frontend closing (5) under us is answered with Closing first: Linux's shutdown
+        # path waits (5 s) for exactly that, reading our state when its watch fires.
+        closing = self.phase is _P.CONNECTED and self._facts.frontend is XenbusState.CLOSING
+        actions = (_D.WRITE_CLOSING, _D.TEARDOWN) if closing else (_D.TEARDOWN,)
+        if closing:
+            self._hold_until = self._now + CLOSING_HOLD_S
+        if stable:
+            return _Go(_P.TEARDOWN_REOFFER, actions)
+        if self._failures == 0:
+            return _Go(_P.TEARDOWN_REOFFER, actions, failure=True, free=True)
+        return _Go(_P.TEARDOWN_BACKOFF, actions, failure=True)
 
     def _left_connected(self) -> None:
         if self._connected_at is not None and (
@@ -531,6 +605,8 @@ class Handshake:
             return self._write(XenbusState.CONNECTED)
         if do is _D.WRITE_CLOSED:
             return self._write(XenbusState.CLOSED)
+        if do is _D.WRITE_CLOSING:
+            return self._write(XenbusState.CLOSING)
         if do is _D.CONNECT:
             return Connect()
         if do is _D.TEARDOWN:

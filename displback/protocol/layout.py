@@ -8,7 +8,9 @@ Who writes what (§1.1): the toolstack (libxl) writes ``be-alloc``, ``i/resoluti
 ``i/unique-id``, ``online``, ``frontend``/``backend`` and the initial ``state`` nodes; the guest
 writes its ``state`` and the four transport nodes per connector. Both kinds are parsed strictly
 here: the guest is hostile, and a toolstack value we cannot parse is a configuration error the
-device refuses loudly rather than guessing.
+device refuses loudly rather than guessing. The toolstack's nodes sit in a directory the guest
+owns, so their *permissions* are checked too (:mod:`displback.protocol.trust`): a node the
+guest (or anyone but the toolstack) wrote refuses the device.
 
 Decisions recorded here:
 
@@ -17,14 +19,21 @@ Decisions recorded here:
   act on identical to the text the writer meant.
 * **be-alloc** is an integer, any non-zero value true (as xl and Linux read it); a missing node
   reads as false, like Linux's ``xenbus_read_unsigned(..., 0)`` default, so both ends agree.
-* **resolution** ``<W>x<H>``: both canonical decimals in ``1..MAX_RESOLUTION``. Linux's own
-  framebuffer limit (4095 x 2047) is deliberately *not* applied: it limits guest framebuffers,
-  not the connector, and displ_be accepts larger outputs; 16384 is the largest size common KMS
-  drivers handle and keeps an accidental giant allocation out.
+* **resolution** ``<W>x<H>``: both canonical decimals, and a size every connector can be
+  served at: :func:`displback.edid.check_resolution` (sides 1..4095, a 60 Hz pixel clock an
+  EDID can hold) — the one resolution limit of the daemon, also applied to its own
+  configuration, so that a value accepted here never fails a connect later. Linux's own
+  framebuffer limit (4095 x 2047) is deliberately *not* applied: it limits guest
+  framebuffers, not the connector.
 * **Connectors**: like Linux, the list stops at the first index whose ``resolution`` node is
-  missing, and at most ``LINUX_MAX_CONNECTORS`` are used. A *present* but unparsable resolution
-  is an error (Linux's lenient ``sscanf`` would use it or stop there; guessing which could make
-  the two ends disagree on the number of connectors).
+  missing, and at most ``LINUX_MAX_CONNECTORS`` are used. Every node read up to there must be
+  the toolstack's: a connector the guest added (the first missing index filled in by the
+  guest) or replaced (``i/`` removed and rewritten) refuses the *whole device*, not just that
+  connector — the frontend reads the same nodes, so serving only the trusted ones would leave
+  the two ends disagreeing on the connectors, and an honest guest never touches them. A gap
+  ends the list at both ends alike; nodes after it are not read. A *present* but unparsable
+  resolution is an error (Linux's lenient ``sscanf`` would use it or stop there; guessing
+  which could make the two ends disagree on the number of connectors).
 * **unique-id** is optional (libxl before Xen 4.11 did not write it); when present it must be
   1..255 printable ASCII characters other than space, ``,``, ``;`` and ``:`` (the xl syntax
   separators).
@@ -41,10 +50,11 @@ Decisions recorded here:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from displback.edid import EdidError, check_resolution
 from displback.protocol.constants import (
     DEVICE_TYPE,
     LINUX_MAX_CONNECTORS,
@@ -53,6 +63,7 @@ from displback.protocol.constants import (
     RESOLUTION_SEPARATOR,
 )
 from displback.protocol.errors import ProtocolError
+from displback.protocol.trust import PermEntry, TrustRule
 from displback.protocol.xenbus import XenbusState
 
 __all__ = [
@@ -65,7 +76,6 @@ __all__ = [
     "EVT_RING_REF",
     "FRONTEND",
     "FRONTEND_ID",
-    "MAX_RESOLUTION",
     "MAX_UNIQUE_ID_LENGTH",
     "ONLINE",
     "REQ_EVENT_CHANNEL",
@@ -121,7 +131,6 @@ BACKEND_VERSIONS: Final = (1, PROTOCOL_VERSION_INT)
 
 #: Xen's ``DOMID_FIRST_RESERVED`` (xen.h): ids from here on are not ordinary domains.
 DOMID_FIRST_RESERVED: Final = 0x7FF0
-MAX_RESOLUTION: Final = 16384
 MAX_UNIQUE_ID_LENGTH: Final = 255
 
 _U32_MAX: Final = 0xFFFFFFFF
@@ -217,20 +226,23 @@ def parse_bool(value: bytes | str | None, *, what: str = BE_ALLOC) -> bool:
 
 
 def parse_resolution(value: bytes | str | None, *, what: str = RESOLUTION) -> tuple[int, int]:
-    """``"1920x1080"`` → ``(1920, 1080)``; each side canonical decimal in 1..16384."""
+    """``"1920x1080"`` → ``(1920, 1080)``: canonical decimals, a size a connector can have
+    (:func:`displback.edid.check_resolution`)."""
     raw = _raw(value, what)
     width_raw, sep, height_raw = raw.partition(RESOLUTION_SEPARATOR.encode())
     if not sep:
         raise ProtocolError(f"{what}: expected <W>x<H>, got {raw!r}", what=what, value=raw)
     sizes = []
     for part in (width_raw, height_raw):
-        if not _DECIMAL.fullmatch(part) or not 0 < int(part) <= MAX_RESOLUTION:
+        if not _DECIMAL.fullmatch(part):
             raise ProtocolError(
-                f"{what}: {raw!r} is not <W>x<H> with sides 1..{MAX_RESOLUTION}",
-                what=what,
-                value=raw,
+                f"{what}: {raw!r} is not <W>x<H> in decimal", what=what, value=raw
             )
         sizes.append(int(part))
+    try:
+        check_resolution(sizes[0], sizes[1])
+    except EdidError as exc:
+        raise ProtocolError(f"{what}: {exc}", what=what, value=raw) from None
     return sizes[0], sizes[1]
 
 
@@ -298,18 +310,31 @@ def frontend_config_nodes(max_connectors: int = LINUX_MAX_CONNECTORS) -> tuple[s
 
 
 def parse_frontend_config(
-    read: Mapping[str, bytes | None], max_connectors: int = LINUX_MAX_CONNECTORS
+    read: Mapping[str, bytes | None],
+    perms: Mapping[str, Sequence[PermEntry]],
+    trust: TrustRule,
+    max_connectors: int = LINUX_MAX_CONNECTORS,
 ) -> FrontendConfig:
-    """Validate the values of :func:`frontend_config_nodes` (missing nodes: absent or None)."""
-    be_alloc_raw = read.get(BE_ALLOC)
+    """Validate the values of :func:`frontend_config_nodes` (missing nodes: absent or None)
+    and, for every node present, its permissions (``perms``, as GET_PERMS answered) against
+    ``trust``: a node the toolstack did not write raises :class:`~displback.protocol.trust.
+    UntrustedNode` before its value is even looked at."""
+
+    def trusted(node: str) -> bytes | None:
+        value = read.get(node)
+        if value is not None:
+            trust.check(node, perms.get(node))
+        return value
+
+    be_alloc_raw = trusted(BE_ALLOC)
     be_alloc = False if be_alloc_raw is None else parse_bool(be_alloc_raw, what=BE_ALLOC)
     connectors = []
     for i in range(max_connectors):
-        resolution = read.get(f"{i}/{RESOLUTION}")
+        resolution = trusted(f"{i}/{RESOLUTION}")
         if resolution is None:
             break
         width, height = parse_resolution(resolution, what=f"{i}/{RESOLUTION}")
-        uid_raw = read.get(f"{i}/{UNIQUE_ID}")
+        uid_raw = trusted(f"{i}/{UNIQUE_ID}")
         uid = None if uid_raw is None else parse_unique_id(uid_raw, what=f"{i}/{UNIQUE_ID}")
         connectors.append(ConnectorConfig(i, width, height, uid))
     if not connectors:

@@ -58,6 +58,7 @@ import errno as _errno
 import functools
 import logging
 import math
+import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,7 +100,6 @@ from displback.protocol.layout import (
     frontend_dir,
     parse_bool,
     parse_domid,
-    parse_resolution,
 )
 from displback.protocol.messages import (
     DbufCreateReq,
@@ -141,6 +141,8 @@ DEFAULT_FRAME_DONE_TIMEOUT: Final = LINUX_FRAME_DONE_TIMEOUT_MS / 1000
 DEFAULT_END_ACCESS_RETRY: Final = 1.0  # Linux retries deferred grant ends once a second
 DEFAULT_REMOVE_TIMEOUT: Final = 1.0  # xen_drv_remove polls 100 x 10 ms for backend InitWait
 _REMOVE_POLL: Final = 0.01
+#: xenbus_frontend_dev_shutdown's wait for the backend's Closing (5*HZ).
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 5.0
 
 # Linux uses kernel pointers as cookies; ours look alike and are unique per guest.
 _COOKIE_BASE: Final = 0xFFFF_8880_0000_0000
@@ -162,6 +164,16 @@ _EVT_FIELDS: Final = {"in_cons": EVT_IN_CONS_OFS, "in_prod": EVT_IN_PROD_OFS}
 
 RequestHook = Callable[[bytes], bytes]
 """Rewrites the 64 bytes of a request just before they are copied into the ring."""
+
+
+
+def _linux_resolution(value: bytes | None) -> tuple[int, int] | None:
+    """``i/resolution`` as xen-drm-front reads it (``sscanf("%d" "x" "%d")``, any size: its
+    own mode limits prune what it cannot show); None ends the connector list."""
+    match = re.match(rb"\s*([+-]?\d+)x\s*([+-]?\d+)", value or b"")
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
 
 
 class GuestRequestError(OSError):
@@ -484,6 +496,35 @@ class SimGuest:
         if self._domain is not None:
             self._domain.close()  # ends deferred grants lazily, frees pages
 
+    async def shutdown(self, *, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
+        """The guest powers off (``xl shutdown``): ``xenbus_frontend_dev_shutdown``.
+
+        A Connected frontend writes Closing and waits up to ``timeout`` for the backend's
+        Closing — read when the backend-state watch fires, as ``xenbus_otherend_changed``
+        does once the system is shutting down (every other backend state is ignored then) —
+        and answers it with Closed. Then the kernel halts: nothing is released (the domain's
+        destruction reclaims it), as after :meth:`crash`. Returns ``False`` if the wait timed
+        out ("timeout closing device", which delays the guest's poweroff by ``timeout``).
+        """
+        self._watch_scope.cancel()  # the driver is no longer told of backend changes
+        closed = True
+        if self._state is XenbusState.CONNECTED:
+            path = f"{self.backend_path}/{STATE}"
+            closed = False
+            with contextlib.suppress(XenStoreError), trio.move_on_after(timeout):
+                async with self.xenstore.watch(path) as events:
+                    await self._switch_state(XenbusState.CLOSING)
+                    async for _changed in events:
+                        raw = await self.xenstore.read_or_none(path)
+                        if parse_state(raw) is XenbusState.CLOSING:
+                            await self._switch_state(XenbusState.CLOSED)
+                            closed = True
+                            break
+            if not closed:
+                log.info("guest %d: %s timeout closing device", self.domid, self.frontend_path)
+        self.crash()
+        return closed
+
     def crash(self) -> None:
         """Vanish like a crashed or destroyed domain: nothing is released or written; the
         hypervisor reclaims the pages, grants and ports when the connections drop."""
@@ -662,10 +703,10 @@ class SimGuest:
         for i in range(LINUX_MAX_CONNECTORS):
             value = await xs.read_or_none(f"{connector_dir(self.domid, self.devid, i)}/"
                                           f"{RESOLUTION}")
-            try:
-                resolutions.append(parse_resolution(value))
-            except ProtocolError:
+            size = _linux_resolution(value)
+            if size is None:
                 break
+            resolutions.append(size)
         return be_alloc, resolutions
 
     async def _initwait(self) -> None:

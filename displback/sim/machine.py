@@ -62,12 +62,15 @@ class SimMachine:
         ) as guest:
             yield guest
 
-    async def restart_backend(self) -> None:
+    async def restart_backend(self, **backend_options: Any) -> None:
         """Kill the daemon (cancel it) and start a new one, as systemd would: once the old
-        one has exited (a new process could not share the old one's outputs either)."""
+        one has exited (a new process could not share the old one's outputs either).
+        ``backend_options`` go to the new :class:`Backend` (``fdstore``, ``inherited``)."""
         self.backend_scope.cancel()
         await self.backend_exited.wait()
-        self.backend = Backend(self.platform, self.backend.outputs, self.backend.settings)
+        self.backend = Backend(
+            self.platform, self.backend.outputs, self.backend.settings, **backend_options
+        )
         self.backend_exited = trio.Event()
         self.backend_scope = await self.nursery.start(
             _run_backend, self.backend, self.backend_exited
@@ -106,6 +109,7 @@ async def sim_machine(
     platform_options: dict[str, Any] | None = None,
     display_options: dict[str, Any] | None = None,
     assignments: dict[str, str] | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> AsyncIterator[SimMachine]:
     async with running_xenstored(str(tmp_path)) as xs:
         platform = SimPlatform(hv.socket_path, xs.socket_path, **(platform_options or {}))
@@ -114,7 +118,7 @@ async def sim_machine(
                 list(outputs), dmabuf_importer=platform.open_dmabuf, **(display_options or {})
             ) as display:
                 omap = OutputMap(display.outputs, assignments)
-                backend = Backend(platform, omap, settings)
+                backend = Backend(platform, omap, settings, **(backend_options or {}))
                 toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
                 async with trio.open_nursery() as nursery:
                     exited = trio.Event()

@@ -8,18 +8,35 @@ store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting 
 :meth:`~displback.sim.xenstored.XenStored.wait_for`.
 
 * ``create_domain``: ``/local/domain/F`` (owner dom0, guest may read) with ``name``, ``domid``,
-  and guest-owned ``device``, ``data``, ``drivers``, ``feature``, ``attr``, ``error``;
-  ``/libxl/F``; then ``@introduceDomain``.
+  ``cpu``, ``memory``, ``control`` (read-only to the guest, except its ``shutdown``,
+  ``feature-*`` and ``sysrq`` nodes), ``device`` (read-only to the guest: libxl 4.17's default;
+  guest-owned only with ``xend_suspend_evtchn_compat``) with the guest's
+  ``device/suspend/event-channel``, guest-owned ``data``, ``drivers``, ``feature``, ``attr``,
+  ``error``; ``/libxl/F`` and ``/libxl/F/device`` (dom0 only); then ``@introduceDomain``.
 * ``add_vdispl``: one transaction as libxl__device_generic_add: frontend directory owned by
-  the guest and readable by the backend (``backend``, ``backend-id``, ``state`` = 1),
-  ``be-alloc`` and per connector ``i/resolution``, ``i/unique-id`` owned by the backend and
-  read-only to the guest; backend directory owned by the backend and readable by the guest
-  (``frontend``, ``frontend-id``, ``online`` = 1, ``state`` = 1); libxl's copy under
+  the guest and readable by the backend (``backend``, ``backend-id``, ``state`` = 1; the
+  connector directories ``i/`` inherit this, so they are the guest's too), ``be-alloc`` and
+  per connector ``i/resolution``, ``i/unique-id`` owned by the backend and read-only to the
+  guest; the implicitly created ``device/vdispl`` inherits ``device``'s permissions; backend
+  directory owned by the backend and readable by the guest (``frontend``, ``frontend-id``,
+  ``online`` = 1, ``state`` = 1; its implicit parents are dom0's only); libxl's copy under
   ``/libxl/F/device/vdispl/D``. Then waits (10 s) for the backend to reach InitWait.
-* ``remove_vdispl``: ``online`` = 0 and ``state`` = 5 in one transaction, wait (10 s) for
-  Closed (6), then remove the three directories and their emptied parents.
-* ``destroy_domain``: devices are closed without waiting (the domain is gone), the domain's
-  directories removed, then ``@releaseDomain`` fires.
+* Removal (libxl__initiate_device_generic_remove): one transaction writes ``online`` = 0 and,
+  unless the backend is already Closed, ``state`` = 5 — a *forced* removal also removes the
+  frontend directory (and its emptied parents) in that same transaction; then up to 10 s
+  (LIBXL_DESTROY_TIMEOUT) for the backend's Closed (6); then one transaction removes the
+  frontend, libxl and backend directories (libxl__device_destroy). A backend that does not
+  close in time gets libxl's error ``unable to remove device with path <backend>``, recorded
+  in :attr:`Toolstack.errors` as libxl logs it.
+* ``remove_vdispl`` (``xl vdispl-detach``, LIBXL__FORCE_AUTO): an unforced removal; on timeout
+  a forced one (another 10 s); on a second timeout the directories are removed anyway and
+  ``Unable to remove vdispl with id D`` is logged.
+* ``destroy_domain`` (``xl destroy``, also what ``xl shutdown`` and ``xl reboot`` end in once
+  the guest is down: libxl__destroy_domid with LIBXL__FORCE_ON): every device removed forced,
+  all at once, each waiting up to 10 s; then ``libxl__devices_destroy failed`` if any timed
+  out; then ``/local/domain/F`` and ``/libxl/F`` are removed and ``@releaseDomain`` fires
+  (xenstored, once the hypervisor has destroyed the domain). The domain is only paused while
+  its devices are removed: a simulated guest keeps running unless the test crashed it.
 """
 
 from __future__ import annotations
@@ -55,6 +72,10 @@ STATE_CLOSING = b"5"
 STATE_CLOSED = b"6"
 
 T = TypeVar("T")
+
+
+class _AlreadyRemoved(Exception):
+    """libxl found no backend ``state``: nothing to wait for."""
 
 
 class VdisplSpecError(ValueError):
@@ -161,6 +182,8 @@ class Toolstack:
         self.init_timeout = init_timeout
         self.destroy_timeout = destroy_timeout
         self._xs: Session = xenstored.session(0)
+        #: libxl's ERROR log lines, oldest first (a test asserts there are none).
+        self.errors: list[str] = []
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -232,41 +255,74 @@ class Toolstack:
 
     # -- domains -----------------------------------------------------------------------
 
-    def create_domain(self, domid: int, name: str) -> None:
-        """The XenStore part of libxl__domain_make for guest ``domid``; fires
-        ``@introduceDomain``."""
+    def create_domain(
+        self, domid: int, name: str, *, xend_suspend_evtchn_compat: bool = False
+    ) -> None:
+        """The XenStore part of libxl__domain_make (and libxl__build_post's ``domid``) for
+        guest ``domid``; fires ``@introduceDomain``.
+
+        Every node gets libxl's permissions (``roperm`` = n0 r<F>, ``rwperm`` = n<F>,
+        ``noperm`` = n0); nodes written without them inherit their parent's. In particular
+        ``device`` is read-only for the guest — so it cannot re-create a device directory it
+        removed — unless ``xend_suspend_evtchn_compat`` (an xl.cfg option, off by default)
+        hands ``device`` to the guest as libxl does then. (``/vm/<uuid>`` is not simulated.)"""
         if not 0 < domid < 0x7FF0:
             raise ToolstackError(f"bad guest domain id {domid}")
         home = domain_path(domid)
+        libxl = f"/libxl/{domid}"
+        noperm = (Perm("n", 0),)
         roperm = (Perm("n", 0), Perm("r", domid))
         rwperm = (Perm("n", domid),)
 
         def body(tx: int) -> None:
+            xs = self._xs
+
+            def mknod(path: str, perms: tuple[Perm, ...]) -> None:  # libxl__xs_mknod
+                xs.write(path, b"", tx)
+                xs.set_perms(path, perms, tx)
+
             self._rm(home, tx)
-            self._xs.mkdir(home, tx)
-            self._xs.set_perms(home, roperm, tx)
-            self._rm(f"/libxl/{domid}", tx)
-            self._xs.mkdir(f"/libxl/{domid}", tx)
-            self._xs.set_perms(f"/libxl/{domid}", (Perm("n", 0),), tx)
-            self._xs.write(f"{home}/name", name.encode(), tx)
-            self._xs.write(f"{home}/domid", str(domid).encode(), tx)
-            for sub in ("device", "data", "drivers", "feature", "attr", "error"):
-                self._xs.mkdir(f"{home}/{sub}", tx)
-                self._xs.set_perms(f"{home}/{sub}", rwperm, tx)
-            self._xs.mkdir(f"{home}/control", tx)
-            self._xs.set_perms(f"{home}/control", roperm, tx)
+            mknod(home, roperm)
+            self._rm(libxl, tx)
+            mknod(libxl, noperm)
+            mknod(f"{libxl}/device", noperm)
+            xs.write(f"{home}/name", name.encode(), tx)
+            mknod(f"{home}/cpu", roperm)
+            mknod(f"{home}/memory", roperm)
+            if xend_suspend_evtchn_compat:
+                mknod(f"{home}/device", rwperm)
+            else:
+                mknod(f"{home}/device", roperm)
+                mknod(f"{home}/device/suspend/event-channel", rwperm)
+            mknod(f"{home}/control", roperm)
+            for control in ("shutdown", "feature-poweroff", "feature-reboot",
+                            "feature-suspend", "sysrq"):
+                mknod(f"{home}/control/{control}", rwperm)
+            for sub in ("data", "drivers", "feature", "attr", "error"):
+                mknod(f"{home}/{sub}", rwperm)
+            xs.write(f"{home}/control/platform-feature-multiprocessor-suspend", b"1", tx)
+            xs.write(f"{home}/control/platform-feature-xs_reset_watches", b"1", tx)
+            xs.write(f"{libxl}/type", b"pvh", tx)
+            xs.write(f"{home}/domid", str(domid).encode(), tx)  # libxl__build_post
 
         self._transact(body)
         self.xenstored.introduce_domain(domid)
 
-    async def destroy_domain(self, domid: int) -> None:
-        """Close the guest's vdispl devices without waiting, remove its directories, and fire
-        ``@releaseDomain``."""
-        for devid in self.vdispl_devices(domid):
-            backend = self._read(f"{libxl_path(domid, devid)}/backend")
-            if backend is not None:
-                self._close_backend(backend.decode())
-            self._destroy_device(domid, devid)
+    async def destroy_domain(self, domid: int) -> bool:
+        """``xl destroy``: remove every vdispl device forced and at once (each waits up to
+        10 s for the backend's Closed), remove the domain's directories and fire
+        ``@releaseDomain``. Returns ``False`` if a device did not close in time (libxl logs
+        it and destroys the domain all the same)."""
+        results: list[bool] = []
+
+        async def remove(devid: int) -> None:
+            results.append(await self._remove_device(domid, devid, force=True))
+
+        async with trio.open_nursery() as nursery:
+            for devid in self.vdispl_devices(domid):
+                nursery.start_soon(remove, devid)
+        if not all(results):
+            self._error(f"Domain {domid}:libxl__devices_destroy failed")
 
         def body(tx: int) -> None:
             for entry in self._list("/local/domain", tx):
@@ -276,6 +332,7 @@ class Toolstack:
 
         self._transact(body)
         self.xenstored.release_domain(domid)
+        return all(results)
 
     # -- vdispl devices ----------------------------------------------------------------
 
@@ -354,35 +411,65 @@ class Toolstack:
         """Detach vdispl ``devid``: ``online``=0 and ``state``=5 in one transaction, wait for
         state 6, then delete the directories. Returns ``False`` if the backend did not close
         in time (the directories are removed anyway: libxl's forced removal)."""
-        backend = self._read(f"{libxl_path(domid, devid)}/backend")
-        if backend is None:
+        if self._read(f"{libxl_path(domid, devid)}/backend") is None:
             raise ToolstackError(f"domain {domid} has no vdispl device {devid}")
-        be = backend.decode()
-        closed = True
-        if self._close_backend(be):
-            limit = self.destroy_timeout if timeout is None else timeout
-            try:
-                await self.xenstored.wait_for(
-                    f"{be}/state", lambda v: v is None or v == STATE_CLOSED, timeout=limit)
-            except trio.TooSlowError:
-                closed = False
-        self._destroy_device(domid, devid)
-        return closed
+        if await self._remove_device(domid, devid, force=False, timeout=timeout):
+            return True
+        # LIBXL__FORCE_AUTO: "Timeout reached, initiating forced remove".
+        if await self._remove_device(domid, devid, force=True, timeout=timeout):
+            return True
+        self._error(f"Domain {domid}:Unable to remove vdispl with id {devid}")
+        return False
 
-    def _close_backend(self, be: str) -> bool:
-        """Write ``online``=0 and, unless already Closed, ``state``=5; whether to wait."""
+    def _error(self, message: str) -> None:
+        self.errors.append(f"libxl: error: {message}")
+
+    async def _remove_device(
+        self, domid: int, devid: int, *, force: bool, timeout: float | None = None
+    ) -> bool:
+        """libxl__initiate_device_generic_remove, then libxl__device_destroy when the
+        backend closed or the removal is forced. Whether the backend closed in time."""
+        lx = libxl_path(domid, devid)
+        backend = self._read(f"{lx}/backend")
+        frontend = self._read(f"{lx}/frontend")
+        if backend is None:
+            return True
+        be = backend.decode()
 
         def body(tx: int) -> bool:
+            if force and frontend is not None:
+                self._cleanup(tx, frontend.decode(), domain_path(domid))
             state = self._read(f"{be}/state", tx)
             if state is None:
-                return False
+                raise _AlreadyRemoved
             self._xs.write(f"{be}/online", b"0", tx)
-            if state == STATE_CLOSED:
-                return False
-            self._xs.write(f"{be}/state", STATE_CLOSING, tx)
+            if state != STATE_CLOSED:
+                self._xs.write(f"{be}/state", STATE_CLOSING, tx)
             return True
 
-        return self._transact(body)
+        try:
+            self._transact(body)
+        except _AlreadyRemoved:
+            # "backend ... already removed, cleanup frontend only" (the transaction, the
+            # forced frontend cleanup with it, is abandoned; libxl__device_destroy follows).
+            self._destroy_device(domid, devid)
+            return True
+        limit = self.destroy_timeout if timeout is None else timeout
+        closed = True
+        try:
+            value = await self.xenstored.wait_for(
+                f"{be}/state", lambda v: v is None or v == STATE_CLOSED, timeout=limit)
+        except trio.TooSlowError:
+            closed = False
+        else:
+            # A state node deleted under libxl's wait is ERROR_INVAL, not success.
+            closed = value is not None
+        if not closed and force:
+            # Unforced, libxl only notes "Timeout reached, initiating forced remove".
+            self._error(f"Domain {domid}:unable to remove device with path {be}")
+        if closed or force:
+            self._destroy_device(domid, devid)
+        return closed
 
     def _destroy_device(self, domid: int, devid: int) -> None:
         lx = libxl_path(domid, devid)

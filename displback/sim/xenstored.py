@@ -16,6 +16,7 @@ header announcing more than 4096 bytes of payload also closes that connection (o
 from __future__ import annotations
 
 import argparse
+import collections
 import errno as _errno
 import logging
 import os
@@ -207,6 +208,9 @@ class XenStored:
         self.tree = XenStoreTree()
         self.queue_limit = queue_limit
         self.connections: list[_Connection] = []
+        #: Requests answered on sockets, per domain the socket acts as: how much work a
+        #: client (the daemon is domain 0's) asked of the store.
+        self.requests_served: collections.Counter[int] = collections.Counter()
         dom0 = self.tree.session(0)
         dom0.write("/local/domain/0/name", b"Domain-0")
         dom0.write("/local/domain/0/domid", b"0")
@@ -296,6 +300,7 @@ class XenStored:
                 conn.dropped = f"malformed packet: {exc}"
                 return
             for request in requests:
+                self.requests_served[conn.session.domid] += 1
                 for packet in handle_request(conn.session, request):
                     await conn.outbox.send(packet)
 

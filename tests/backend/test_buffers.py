@@ -9,6 +9,7 @@ connection behind; ``no_fd_leak`` fails one that leaves a file descriptor open.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import struct
@@ -231,7 +232,7 @@ class Env:
 
     async def show(self, fb: GuestFramebuffer, output: VirtualOutput | None = None) -> Framebuffer:
         out = output or self.output
-        shown = fb.present_on(out)
+        shown = await fb.present_on(out)
         await out.flip(shown)
         return shown
 
@@ -247,7 +248,6 @@ async def open_env(
     be_alloc: bool = False,
     wait_free_ms: int = 2000,
     limits: Limits | None = None,
-    per_guest_limit: int = 8,
     outputs: int = 1,
 ) -> AsyncIterator[Env]:
     log = ListLog()
@@ -264,7 +264,7 @@ async def open_env(
         SimDomain(hv.socket_path, GUEST) as guest,
     ):
         grants = platform.open_grant_device()
-        deferred = DeferredReleases(per_guest_limit=per_guest_limit, retry_interval=0.01, log=log)
+        deferred = DeferredReleases(retry_interval=0.01, log=log)
         cleanup.callback(deferred.close_device_when_drained, grants)
         try:
             async with (
@@ -352,7 +352,7 @@ async def test_zero_copy_buffer_is_scanned_out_from_guest_memory(
 
         shown = await env.show(fb)
         assert shown.zero_copy
-        assert fb.present_on(env.output) is shown  # imported once per output, cached
+        assert await fb.present_on(env.output) is shown  # imported once per output, cached
         assert_shows(env.output, 32, 16)
         other = env.display.outputs["c1"]
         shown_there = await env.show(fb, other)
@@ -384,7 +384,7 @@ async def test_destroy_of_an_on_screen_buffer_detaches_and_keeps_the_last_frame(
         await env.destroy(1)  # no FB_DETACH first
         assert fb.released
         expect_sync_error(errno.ENOENT, env.store.framebuffer, 2)
-        expect_sync_error(errno.ENOENT, fb.present_on, env.output)
+        await expect_error(errno.ENOENT, fb.present_on(env.output))
         assert env.output.enabled and env.output.current_fb is None
         assert mappings_of_dom0(env.hv) == 0
         write_pages(env.guest, buf.pfns, bytes(16 * 8 * 4))  # the guest reuses its pages
@@ -480,14 +480,15 @@ async def test_a_destroy_cancelled_while_waiting_still_ends_with_the_buffer_defe
 async def test_a_full_deferred_list_refuses_new_buffers_until_it_drains(
     hypervisor: HypervisorThread,  # noqa: F811
 ) -> None:
-    async with open_env(hypervisor, wait_free_ms=10, per_guest_limit=1) as env:
+    limits = dataclasses.replace(Limits.for_connectors([(64, 48)]), max_deferred=1)
+    async with open_env(hypervisor, wait_free_ms=10, limits=limits) as env:
         buf = guest_buffer(env.guest, 1)
         await env.create(1, buf, 16, 8)
         fd = env.store.buffer_info(1).dmabuf_fd
         assert fd is not None
         stubborn = env.platform.open_dmabuf(fd)
         await env.destroy(1)
-        assert not env.deferred.has_room(GUEST)
+        assert env.store.quota.deferred == 1 and env.deferred.pending(GUEST) == 1
         other = guest_buffer(env.guest, 1)
         await expect_error(errno.ENOMEM, env.create(2, other, 16, 8))
         assert env.log.count("warning", "still imported") == 2  # deferral + refusal
@@ -514,12 +515,15 @@ async def test_teardown_releases_everything_and_defers_what_is_still_imported(
         stubborn = env.platform.open_dmabuf(fd)
         await env.store.aclose()
         assert env.store.stats.buffers == 0 and env.store.stats.framebuffers == 0
-        assert env.store.quota.buffers == 0 and env.store.quota.pages == 0
+        # The still-imported buffer's page stays mapped: charged to the guest until released.
+        quota = env.store.quota
+        assert (quota.buffers, quota.pages, quota.deferred, quota.framebuffers) == (0, 1, 1, 0)
         assert env.deferred.pending(GUEST) == 1
         await expect_error(errno.EIO, env.create(9, bufs[0], 16, 8))
         stubborn.close()
         with trio.fail_after(10):
             await env.deferred.wait_drained()
+        assert quota.idle
         for buf in bufs:
             free_buffer(env.guest, buf)
 
@@ -552,8 +556,8 @@ async def test_a_platform_that_cannot_export_copies_and_says_so_once(
         second = await env.show(fb)
         assert second is not first  # never the buffer on screen
         assert_shows(env.output, width, height, salt=4)
-        assert fb.present_on(env.output) is first  # the two alternate...
-        assert fb.present_on(env.output) is first  # ...but never onto the one on screen
+        assert await fb.present_on(env.output) is first  # the two alternate...
+        assert await fb.present_on(env.output) is first  # ...but never onto the one on screen
 
         buf2 = guest_buffer(env.guest, 1)
         await env.create(2, buf2, width, height)
@@ -629,7 +633,7 @@ async def test_policy_require_fails_the_flip_when_the_display_refuses_the_import
         buf = guest_buffer(env.guest, 1)
         await env.create(1, buf, 16, 8)
         fb = env.attach(1, 2, 16, 8)
-        expect_sync_error(errno.EOPNOTSUPP, fb.present_on, env.output)
+        await expect_error(errno.EOPNOTSUPP, fb.present_on(env.output))
         await env.destroy(1)
         free_buffer(env.guest, buf)
 
@@ -864,7 +868,7 @@ async def test_buffer_and_framebuffer_requests_are_checked_against_the_tables(
         expect_sync_error(errno.ENOENT, env.detach, 11)
         outsider = VirtualDisplay([OutputConfig("x", 8, 8)]).outputs["x"]
         with pytest.raises(ValueError):
-            fb.present_on(outsider)
+            await fb.present_on(outsider)
         env.detach(10)
         await env.destroy(1)
         await expect_error(errno.ENOENT, env.destroy(1))

@@ -96,20 +96,22 @@ async def test_an_entry_is_retried_until_released_and_only_then_its_number_close
     await deferred.aclose()
 
 
-async def test_each_guest_is_bounded_separately_and_add_never_refuses() -> None:
+async def test_add_never_refuses_and_each_entry_gives_back_its_share_once() -> None:
     fake = FakeGrants()
-    deferred = DeferredReleases(per_guest_limit=2, log=ListLog())
+    deferred = DeferredReleases(log=ListLog())
     grants = cast(GrantDevice, fake)
     fds = [placeholder() for _ in range(3)]
-    deferred.add(domid=1, grants=grants, fd=fds[0], dbuf_cookie=1, npages=1)
-    assert deferred.has_room(1)
-    deferred.add(domid=1, grants=grants, fd=fds[1], dbuf_cookie=2, npages=1)
-    assert not deferred.has_room(1) and deferred.has_room(2)
-    deferred.add(domid=1, grants=grants, fd=fds[2], dbuf_cookie=3, npages=1)  # a destroy
-    assert deferred.pending(1) == 3 and deferred.pending() == 3
+    done: list[int] = []
+    for i, fd in enumerate(fds, 1):
+        deferred.add(
+            domid=1, grants=grants, fd=fd, dbuf_cookie=i, npages=1,
+            on_done=lambda i=i: done.append(i),  # type: ignore[misc]
+        )
+    assert deferred.pending(1) == 3 and deferred.pending() == 3 and deferred.pending(2) == 0
     assert [e.dbuf_cookie for e in deferred.entries(1)] == [1, 2, 3]
     await deferred.aclose()
     assert not any(is_open(fd) for fd in fds)
+    assert sorted(done) == [1, 2, 3]  # abandoned at exit: each share given back once
 
 
 async def test_a_handed_over_device_is_closed_after_its_last_entry_drains() -> None:
@@ -168,8 +170,6 @@ async def test_a_wait_the_device_cannot_do_abandons_the_entry() -> None:
 
 
 def test_limits_are_validated() -> None:
-    with pytest.raises(ValueError):
-        DeferredReleases(per_guest_limit=0)
     with pytest.raises(ValueError):
         DeferredReleases(retry_interval=0)
 

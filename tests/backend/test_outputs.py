@@ -53,3 +53,21 @@ def test_unknown_output_names_are_refused() -> None:
 def test_without_auto_only_named_connectors_get_outputs() -> None:
     omap = OutputMap(outputs("A", "B"), {"1/0/0": "A"}, auto=False)
     assert omap.acquire(2, 0, conn(0)) is None
+
+
+def test_a_unique_id_shaped_like_a_connector_key_does_not_take_that_connectors_output() -> None:
+    """``/`` may appear in a unique-id: ``"2/0/0"`` as guest 1's id must not match the map key
+    the admin wrote for guest 2's connector."""
+    omap = OutputMap(outputs("A", "B"), {"2/0/0": "B"})
+    assert got(omap.acquire(1, 0, conn(0, "2/0/0"))) == "A"
+    assert got(omap.acquire(2, 0, conn(0))) == "B"
+
+
+def test_a_unique_id_two_connectors_share_is_held_by_one_at_a_time() -> None:
+    omap = OutputMap(outputs("A", "B"), {"shared": "B"})
+    first = omap.acquire(1, 0, conn(0, "shared"))
+    assert got(first) == "B"
+    assert omap.acquire(2, 0, conn(0, "shared")) is None  # not B, and not a free one either
+    assert first is not None
+    omap.release(first)
+    assert got(omap.acquire(2, 0, conn(0, "shared"))) == "B"

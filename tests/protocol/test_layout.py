@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from displback.edid import EdidError, build_edid
 from displback.protocol.errors import ProtocolError
 from displback.protocol.layout import (
     BE_ALLOC,
@@ -33,7 +34,9 @@ from displback.protocol.layout import (
     parse_version,
     transport_nodes,
 )
+from displback.protocol.trust import TrustRule, UntrustedNode
 from displback.protocol.xenbus import XenbusState
+from displback.xenstore.client import Perm
 
 # --- paths ------------------------------------------------------------------------------------
 
@@ -156,7 +159,12 @@ def test_bool_refuses_non_integers(raw: bytes | None) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "value"),
-    [(b"1920x1080", (1920, 1080)), (b"1x1", (1, 1)), (b"16384x16384", (16384, 16384))],
+    [
+        (b"1920x1080", (1920, 1080)),
+        (b"1x1", (1, 1)),
+        (b"4095x2047", (4095, 2047)),
+        (b"3840x2400", (3840, 2400)),
+    ],
 )
 def test_resolution_parses_width_by_height(raw: bytes, value: tuple[int, int]) -> None:
     assert parse_resolution(raw) == value
@@ -191,6 +199,26 @@ def test_resolution_refuses_malformed_values(raw: bytes | None) -> None:
     with pytest.raises(ProtocolError) as exc:
         parse_resolution(raw, what="0/resolution")
     assert exc.value.what == "0/resolution"
+
+
+@pytest.mark.parametrize("raw", [b"4096x2160", b"4095x4095", b"16384x16384", b"5000x100"])
+def test_a_resolution_no_edid_can_describe_is_refused_where_it_enters(raw: bytes) -> None:
+    # These used to pass here and then fail every connect (the EDID builder refused them).
+    with pytest.raises(ProtocolError, match="cannot be described to a guest") as exc:
+        parse_resolution(raw, what="0/resolution")
+    assert exc.value.what == "0/resolution"
+    width, height = (int(side) for side in raw.split(b"x"))
+    with pytest.raises(EdidError):
+        build_edid(width, height)
+
+
+@given(st.integers(1, 4095), st.integers(1, 4095))
+def test_every_resolution_accepted_gets_an_edid(width: int, height: int) -> None:
+    try:
+        size = parse_resolution(f"{width}x{height}".encode())
+    except ProtocolError:
+        return
+    assert build_edid(*size)[:8] == bytes.fromhex("00ffffffffffff00")
 
 
 @pytest.mark.parametrize("raw", [b"DP-1", b"0", b"a" * 255, b"HDMI_A.1"])
@@ -235,6 +263,17 @@ def test_scalar_parsers_raise_only_protocol_error(raw: bytes) -> None:
 
 # --- frontend configuration -------------------------------------------------------------------
 
+GUEST = 5
+TRUST = TrustRule(backend_domid=0, guest_domid=GUEST)
+LIBXL_RO = [Perm(0, "n"), Perm(GUEST, "r")]  # libxl's ro_frontend_perms
+GUEST_OWNED = [Perm(GUEST, "n"), Perm(0, "r")]  # what the guest gets when it writes
+
+
+def parse_config(read: dict[str, bytes | None], **options: int) -> FrontendConfig:
+    """Parse nodes that all carry libxl's permissions."""
+    perms = {node: LIBXL_RO for node in read}
+    return parse_frontend_config(read, perms, TRUST, **options)
+
 
 def test_config_nodes_cover_be_alloc_and_four_connectors() -> None:
     nodes = frontend_config_nodes()
@@ -253,27 +292,27 @@ def test_config_with_two_connectors() -> None:
         "2/unique-id": b"ignored-without-resolution",
         "3/resolution": b"640x480",
     }
-    assert parse_frontend_config(read) == FrontendConfig(
+    assert parse_config(read) == FrontendConfig(
         True,
         (ConnectorConfig(0, 1920, 1080, "DP-1"), ConnectorConfig(1, 800, 600, None)),
     )
 
 
 def test_config_missing_be_alloc_means_frontend_allocates_like_linux() -> None:
-    config = parse_frontend_config({"0/resolution": b"1024x768", "be-alloc": None})
+    config = parse_config({"0/resolution": b"1024x768", "be-alloc": None})
     assert config.be_alloc is False
     assert config.connectors == (ConnectorConfig(0, 1024, 768, None),)
 
 
 def test_config_uses_at_most_max_connectors() -> None:
     read = {f"{i}/resolution": b"640x480" for i in range(6)}
-    assert len(parse_frontend_config(read).connectors) == 4
-    assert len(parse_frontend_config(read, max_connectors=2).connectors) == 2
+    assert len(parse_config(read).connectors) == 4
+    assert len(parse_config(read, max_connectors=2).connectors) == 2
 
 
 def test_config_without_connector_zero_is_refused() -> None:
     with pytest.raises(ProtocolError) as exc:
-        parse_frontend_config({"be-alloc": b"0", "1/resolution": b"640x480"})
+        parse_config({"be-alloc": b"0", "1/resolution": b"640x480"})
     assert exc.value.what == "resolution"
 
 
@@ -288,8 +327,47 @@ def test_config_without_connector_zero_is_refused() -> None:
 )
 def test_config_names_the_bad_node(read: dict[str, bytes | None], what: str) -> None:
     with pytest.raises(ProtocolError) as exc:
-        parse_frontend_config(read)
+        parse_config(read)
     assert exc.value.what == what
+
+
+TWO_CONNECTORS = {
+    "be-alloc": b"0",
+    "0/resolution": b"640x480",
+    "0/unique-id": b"a0",
+    "1/resolution": b"800x600",
+    "1/unique-id": b"a1",
+}
+
+
+@pytest.mark.parametrize("node", sorted(TWO_CONNECTORS))
+def test_config_refuses_any_node_the_guest_wrote(node: str) -> None:
+    perms = {n: LIBXL_RO for n in TWO_CONNECTORS} | {node: GUEST_OWNED}
+    with pytest.raises(UntrustedNode) as exc:
+        parse_frontend_config(TWO_CONNECTORS, perms, TRUST)
+    assert exc.value.what == node
+    assert "domain 5, the guest itself" in str(exc.value)
+
+
+def test_config_checks_the_owner_before_the_value() -> None:
+    read = {"0/resolution": b"640x480", "1/resolution": b"banana"}
+    perms = {"0/resolution": LIBXL_RO, "1/resolution": GUEST_OWNED}
+    with pytest.raises(UntrustedNode) as exc:
+        parse_frontend_config(read, perms, TRUST)
+    assert exc.value.what == "1/resolution"
+
+
+def test_config_refuses_a_present_node_without_permissions() -> None:
+    with pytest.raises(UntrustedNode, match="permissions are unknown"):
+        parse_frontend_config({"0/resolution": b"640x480"}, {}, TRUST)
+
+
+def test_config_ignores_what_lies_after_the_last_connector() -> None:
+    """Nodes after a gap are neither used nor checked (Linux stops there too)."""
+    read = {"0/resolution": b"640x480", "2/resolution": b"800x600", "2/unique-id": b"x"}
+    perms = {"0/resolution": LIBXL_RO, "2/resolution": GUEST_OWNED}
+    config = parse_frontend_config(read, perms, TRUST)
+    assert config.connectors == (ConnectorConfig(0, 640, 480, None),)
 
 
 # --- transports -------------------------------------------------------------------------------

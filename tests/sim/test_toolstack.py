@@ -187,3 +187,93 @@ async def test_second_device_gets_next_devid(xsd: XenStored, ts: Toolstack) -> N
         assert await ts.add_vdispl(5, "connectors=b:2x2") == 1
         nursery.cancel_scope.cancel()
     assert ts.vdispl_devices(5) == [0, 1]
+
+
+# What libxl 4.17 (libxl__domain_make, libxl__device_generic_add) and C xenstored 4.17
+# (construct_node: a new node inherits its parent's permissions) give every node of a vdispl
+# device, with xl.cfg defaults, for guest 5 and backend 0.
+LIBXL_417_PERMS = {
+    "/local/domain/5": "n0 r5",
+    "/local/domain/5/device": "n0 r5",
+    "/local/domain/5/device/suspend": "n0 r5",  # implicit parent
+    "/local/domain/5/device/suspend/event-channel": "n5",
+    "/local/domain/5/device/vdispl": "n0 r5",  # implicit parent: the guest cannot write it
+    FE: "n5 r0",
+    f"{FE}/backend": "n5 r0",  # written without perms: inherited
+    f"{FE}/backend-id": "n5 r0",
+    f"{FE}/state": "n5 r0",
+    f"{FE}/be-alloc": "n0 r5",
+    f"{FE}/0": "n5 r0",  # implicit parent: the guest's
+    f"{FE}/0/resolution": "n0 r5",
+    f"{FE}/0/unique-id": "n0 r5",
+    f"{FE}/1": "n5 r0",
+    f"{FE}/1/resolution": "n0 r5",
+    f"{FE}/1/unique-id": "n0 r5",
+    "/local/domain/0/backend": "n0",
+    "/local/domain/0/backend/vdispl": "n0",
+    "/local/domain/0/backend/vdispl/5": "n0",
+    BE: "n0 r5",
+    f"{BE}/frontend": "n0 r5",
+    f"{BE}/frontend-id": "n0 r5",
+    f"{BE}/online": "n0 r5",
+    f"{BE}/state": "n0 r5",
+    "/libxl/5": "n0",
+    "/libxl/5/device": "n0",
+    "/libxl/5/device/vdispl": "n0",
+    LX: "n0",
+    f"{LX}/frontend": "n0",
+    f"{LX}/backend": "n0",
+    f"{LX}/frontend-id": "n0",
+    f"{LX}/online": "n0",
+    f"{LX}/state": "n0",
+}
+
+
+async def test_every_device_node_gets_the_permissions_libxl_417_gives_it(
+    xsd: XenStored, ts: Toolstack
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_backend(xsd, lambda s: b"2" if s == b"1" else None))
+        await ts.add_vdispl(5, SPEC)
+        nursery.cancel_scope.cancel()
+    under = ("/local/domain/5/device", "/local/domain/0/backend", "/libxl/5/device")
+    device_nodes = {p for p in xsd.tree.paths() if p.startswith(under)}
+    device_nodes |= {"/local/domain/5", "/libxl/5"}
+    dom0 = xsd.session(0)
+    actual = {p: " ".join(str(x) for x in dom0.get_perms(p)) for p in device_nodes}
+    assert actual == LIBXL_417_PERMS
+
+
+async def test_a_guest_cannot_recreate_a_device_directory_it_removed(
+    xsd: XenStored, ts: Toolstack
+) -> None:
+    """It owns the directory, so it may remove it; ``device/vdispl`` is the toolstack's, so
+    it may not create anything there (C xenstored: EACCES)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_backend(xsd, lambda s: b"2" if s == b"1" else None))
+        await ts.add_vdispl(5, SPEC)
+        nursery.cancel_scope.cancel()
+    guest = xsd.session(5)
+    guest.rm(f"{FE}/0")  # its connector directory, read-only nodes and all
+    assert not xsd.session(0).exists(f"{FE}/0/resolution")
+    guest.write(f"{FE}/0/resolution", b"4096x2160")  # its own node now
+    assert xsd.session(0).get_perms(f"{FE}/0/resolution")[0] == Perm("n", 5)
+    guest.rm(FE)
+    for attempt in (lambda: guest.write(f"{FE}/state", b"1"),
+                    lambda: guest.mkdir(FE),
+                    lambda: guest.write("/local/domain/5/device/vdispl/1/be-alloc", b"1")):
+        with pytest.raises(XenStoreError) as exc:
+            attempt()
+        assert exc.value.name == "EACCES"
+
+
+async def test_with_xend_suspend_evtchn_compat_the_guest_owns_device(xsd: XenStored) -> None:
+    """libxl's other layout: ``device`` is the guest's, and so is every device directory
+    path it re-creates there — the trust rule, not the store, has to catch that."""
+    ts = Toolstack(xsd, init_timeout=2, destroy_timeout=2)
+    ts.create_domain(5, "guest", xend_suspend_evtchn_compat=True)
+    dom0, guest = xsd.session(0), xsd.session(5)
+    assert dom0.get_perms("/local/domain/5/device") == (Perm("n", 5),)
+    assert not dom0.exists("/local/domain/5/device/suspend")
+    guest.write(f"{FE}/be-alloc", b"1")
+    assert dom0.get_perms(f"{FE}/be-alloc") == (Perm("n", 5),)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from displback.sim.toolstack import Toolstack, ToolstackError
 from displback.sim.xenstore_tree import parse_perms
 from displback.sim.xenstored import RunningXenStored, running_xenstored
 
@@ -121,3 +122,23 @@ async def test_watch_prints_initial_and_change_events(xsd: RunningXenStored) -> 
             dom0.write("/w/a", b"1")
             dom0.write("/w", b"2")
     assert output == [b"/w\n/w/a\n/w\n"]
+
+
+async def test_ls_p_shows_the_permissions_libxl_gives_a_vdispl_device(
+    xsd: RunningXenStored,
+) -> None:
+    """The C client decodes our GET_PERMS answers as we do: the libxl 4.17 layout, as seen by
+    ``xenstore-ls -p`` (the device is left half-made: no backend answers here)."""
+    ts = Toolstack(xsd.xenstored, init_timeout=0.05)
+    ts.create_domain(5, "guest")
+    with pytest.raises(ToolstackError):
+        await ts.add_vdispl(5, "connectors=id0:640x480")
+    listing = (await tool(xsd, "xenstore-ls", "-p", "/local/domain/5/device")).stdout.decode()
+    seen = [(line.split("=")[0].strip(), line.rsplit("(", 1)[1].rstrip(")"))
+            for line in listing.splitlines()]
+    assert sorted(seen) == sorted([
+        ("suspend", "n0,r5"), ("event-channel", "n5"),
+        ("vdispl", "n0,r5"), ("0", "n5,r0"), ("backend", "n5,r0"), ("backend-id", "n5,r0"),
+        ("state", "n5,r0"), ("be-alloc", "n0,r5"), ("0", "n5,r0"), ("resolution", "n0,r5"),
+        ("unique-id", "n0,r5"),
+    ])

@@ -300,6 +300,25 @@ async def test_operations_put_the_documented_payloads_on_the_wire(
     ]
 
 
+async def test_get_perms_reads_the_whole_list_owner_first_also_in_a_transaction(
+    fake: FakeXenstored, nursery: trio.Nursery
+) -> None:
+    """GET_PERMS answers NUL-terminated strings, the owner's entry first (C xenstored's
+    perms_to_strings); an answer that is not such a list is EIO, never a guess."""
+    store = Store(perms={"/n": ["n0", "r5", "b7"], "/bad": ["n0", "x5"], "/empty": []})
+    async with fast_client(fake.path) as xs:
+        nursery.start_soon(serve_store, await fake.accept(), store)
+        assert await xs.get_perms("/n") == [Perm(0, "n"), Perm(5, "r"), Perm(7, "b")]
+        async with xs.transaction() as tx:
+            assert await tx.get_perms("/n") == [Perm(0, "n"), Perm(5, "r"), Perm(7, "b")]
+        with pytest.raises(XenStoreError) as exc:
+            await xs.get_perms("/bad")
+        assert exc.value.name == "EIO" and "x5" in str(exc.value)
+        assert await xs.get_perms("/empty") == []
+    [in_tx] = [p for p in store.seen if p.type == MsgType.GET_PERMS and p.tx_id]
+    assert in_tx.payload == b"/n\0"
+
+
 async def test_directory_over_4096_bytes_is_read_in_directory_parts(fake: FakeXenstored) -> None:
     names = [f"child-{i:04d}-{'x' * 40}" for i in range(150)]
     blob = b"".join(n.encode() + b"\0" for n in names)

@@ -1,0 +1,147 @@
+"""Guest shutdown and device removal as libxl does them (issue: every ``xl destroy`` waited
+10 s for us and libxl reported an error): the backend answers the toolstack's Closing with
+Closed at once, whether or not the frontend directory is still there, forgets the device only
+once its backend directory is gone, and then does no more work for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from displback.sim.hypervisor import HypervisorThread
+from displback.sim.machine import SimMachine, sim_machine
+from tests.backend.support import SPEC, flips_continue, show_frames, wait_until
+
+#: libxl waits 10 s (LIBXL_DESTROY_TIMEOUT); a prompt backend answers in milliseconds.
+PROMPT_S = 3.0
+
+
+def daemon_requests(w: SimMachine) -> int:
+    """XenStore requests the daemon (domain 0's socket) has made so far."""
+    return w.xs.xenstored.requests_served[0]
+
+
+async def assert_idle(w: SimMachine, *, settle: float = 0.3, window: float = 1.0) -> None:
+    """After the removal settled, the daemon asks XenStore nothing more for a while."""
+    await trio.sleep(settle)
+    before = daemon_requests(w)
+    await trio.sleep(window)
+    assert daemon_requests(w) - before == 0
+
+
+async def test_xl_destroy_mid_flip_is_answered_at_once_without_libxl_error(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "connectors=c0:320x240;c1:160x120")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=200)
+                await flips_continue(guest, 0)
+                with trio.fail_after(PROMPT_S):
+                    assert await w.toolstack.destroy_domain(1)
+                assert w.toolstack.errors == []
+                await wait_until(lambda: not w.backend.devices)
+                guest.crash()  # the domain is gone
+            await assert_idle(w)
+
+
+async def test_xl_destroy_of_a_crashed_guest_is_answered_at_once(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=200)
+                await flips_continue(guest)
+                guest.crash()
+                with trio.fail_after(PROMPT_S):
+                    assert await w.toolstack.destroy_domain(1)
+            assert w.toolstack.errors == []
+            await wait_until(lambda: not w.backend.devices)
+            await assert_idle(w)
+
+
+async def test_xl_shutdown_guest_closes_without_waiting_then_destroy_is_prompt(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    # Linux's poweroff writes Closing on each Connected frontend and waits 5 s for the
+    # backend's Closing; xl's monitor then destroys the domain.
+    with trio.fail_after(30):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=200)
+                await flips_continue(guest)
+                with trio.fail_after(PROMPT_S):
+                    assert await guest.shutdown(), "the guest waited for our Closing in vain"
+                    assert await w.toolstack.destroy_domain(1)
+            assert w.toolstack.errors == []
+            await wait_until(lambda: not w.backend.devices)
+            await assert_idle(w)
+
+
+async def test_xl_reboot_destroys_promptly_and_the_new_domain_connects(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(40):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=200)
+                await flips_continue(guest)
+                with trio.fail_after(PROMPT_S):
+                    assert await guest.shutdown()
+                    assert await w.toolstack.destroy_domain(1)
+            # xl reboot re-creates the guest under a new domain id.
+            await w.add_guest(2, SPEC)
+            async with w.guest(2) as guest:
+                await guest.wait_connected()
+                await show_frames(w, guest, 1)
+            assert w.toolstack.errors == []
+
+
+async def test_vdispl_detach_on_a_running_guest_is_answered_at_once_and_attach_serves_again(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(40):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, SPEC)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                guest.start_drawing(fps=200)
+                await flips_continue(guest)
+                with trio.fail_after(PROMPT_S):
+                    assert await w.toolstack.remove_vdispl(1, 0)
+                await wait_until(lambda: not w.backend.devices)
+                guest.crash()  # its driver is unbound; the device is gone
+            assert w.toolstack.errors == []
+            await assert_idle(w)
+            # xl vdispl-attach: the same device number again, a fresh connection.
+            await w.toolstack.add_vdispl(1, SPEC, devid=0)
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                await show_frames(w, guest, 1)
+
+
+async def test_twenty_guests_created_and_destroyed_in_a_row_each_promptly(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        async with sim_machine(hypervisor, tmp_path) as w:
+            for domid in range(1, 21):
+                await w.add_guest(domid, SPEC)
+                async with w.guest(domid) as guest:
+                    await guest.wait_connected()
+                    with trio.fail_after(PROMPT_S):
+                        assert await w.toolstack.destroy_domain(domid)
+                    guest.crash()
+            assert w.toolstack.errors == []
+            await wait_until(lambda: not w.backend.devices)
+            await assert_idle(w)
