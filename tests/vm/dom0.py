@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.vm.machine import NO_VKMS, XenVM
+from tests.vm.machine import DOM0_SHARE, NO_VKMS, XenVM
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 #: Guest kernel log level (4: errors only); DISPLBACK_VM_GUEST_LOGLEVEL=8 to debug a guest.
 GUEST_LOGLEVEL = int(os.environ.get("DISPLBACK_VM_GUEST_LOGLEVEL", "4"))
-SHARE = "/mnt"
+SHARE = DOM0_SHARE
 #: What libxl prints when a device removal went wrong (issue 10); ``xl`` still exits 0 then.
 LIBXL_ERRORS = ("unable to remove device", "libxl__devices_destroy failed", "libxl: error")
 #: /proc/<pid>/stat counts CPU time in USER_HZ ticks, 100 a second on x86.
