@@ -74,7 +74,7 @@ import errno as _errno
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -785,6 +785,10 @@ class BufferStore:
         (or the buffer is on the deferred list because an importer holds on)."""
         await trio.lowlevel.checkpoint()
         _validate(req.validate)
+        buffer = self._buffers.get(req.dbuf_cookie)
+        if buffer is not None:
+            await self._keep_frames(buffer.fbs.values())
+        # Looked up again: another ring of the guest may have destroyed it meanwhile.
         buffer = self._buffers.pop(req.dbuf_cookie, None)
         if buffer is None:
             raise RequestError(ENOENT, f"unknown display buffer 0x{req.dbuf_cookie:x}")
@@ -796,6 +800,27 @@ class BufferStore:
         self._detach_all(buffer)
         self.quota.give("buffers")
         await self._free(buffer, self.wait_free_ms)
+
+    async def _keep_frames(self, fbs: Iterable[GuestFramebuffer]) -> None:
+        """Before ``fbs`` are released: an output still showing one of their imports swaps
+        in a copy of its frame made by the copy workers (in a worker thread, within the
+        guest's share), so the release copies nothing on the event loop. A guest that
+        detaches or destroys frames on screen in a loop (up to 32 MiB each, one per vblank
+        and connector) costs its own copy slot, not every guest's flips. Nothing changes
+        state here: cancelled, the release that follows makes the copy itself."""
+        domid, workers = self.domid, self.copies
+
+        async def run(copy: Callable[[], None]) -> None:
+            await workers.run(domid, copy)
+
+        for fb in list(fbs):
+            for output, state in list(fb._outputs.items()):
+                if state.imported is None:
+                    continue
+                try:
+                    await output.keep_frame(state.imported, run)
+                except DisplayError as exc:
+                    self.log.warning(f"output {output.name}: keeping a copy of {fb!r}: {exc}")
 
     def _detach_all(self, buffer: _DisplayBuffer) -> None:
         for fb_cookie, fb in list(buffer.fbs.items()):
@@ -924,10 +949,14 @@ class BufferStore:
         self._fbs[req.fb_cookie] = fb
         buffer.fbs[req.fb_cookie] = fb
 
-    def detach(self, req: FbDetachReq) -> None:
+    async def detach(self, req: FbDetachReq) -> None:
         """FB_DETACH: forget the framebuffer; outputs showing it keep its last frame."""
+        await trio.lowlevel.checkpoint()
         _validate(req.validate)
-        fb = self._fbs.pop(req.fb_cookie, None)
+        fb = self._fbs.get(req.fb_cookie)
+        if fb is not None:
+            await self._keep_frames([fb])
+        fb = self._fbs.pop(req.fb_cookie, None)  # again: it may be gone meanwhile
         if fb is None:
             raise RequestError(ENOENT, f"unknown framebuffer 0x{req.fb_cookie:x}")
         del fb._buffer.fbs[req.fb_cookie]
