@@ -296,6 +296,7 @@ async def fairness(
     tmp: Path, *, honest_size: tuple[int, int] = (1920, 1080), honest_refresh_hz: float = 60.0,
     hostile_size: tuple[int, int] = (4095, 2047), hostile_connectors: int = 4,
     hostile_refresh_hz: float = 1000.0, window: float = 4.0, warmup: float = 1.0,
+    hostile_mode: str = "copy", copy: bool = True,
 ) -> dict[str, Any]:
     """An honest guest's flips alone, then beside a hostile guest doing maximum-size copies.
 
@@ -306,6 +307,12 @@ async def fairness(
     ``hostile_connectors`` connectors of ``hostile_size`` (4095×2047×32 bpp is the largest
     framebuffer Linux makes: 32 MiB copied per flip and connector) as fast as its events
     allow, on outputs at ``hostile_refresh_hz`` so that copying, not the vblank, limits it.
+
+    ``hostile_mode="churn"``: the hostile guest instead creates, attaches, flips, detaches and
+    destroys buffers of ``hostile_size`` on every connector as fast as it is answered (Dom0
+    reads its directories, maps or exports its pages, shows and releases them); with
+    ``copy=False`` in zero-copy mode, where releasing a frame on screen makes the output keep
+    a copy of it.
     """
     outputs = [OutputConfig("honest", *honest_size, refresh_hz=honest_refresh_hz)] + [
         OutputConfig(f"hostile{i}", *hostile_size, refresh_hz=hostile_refresh_hz)
@@ -314,12 +321,15 @@ async def fairness(
     assignments = {"1/0/0": "honest"} | {
         f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
     }
-    async with bench_machine(tmp, outputs, assignments=assignments, copy=True) as machine:
+    async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
         honest = await machine.start_guest(1, connector_spec([honest_size]))
         alone = await _honest_window(machine, honest, window, warmup)
         hostile = await machine.start_guest(2, connector_spec([hostile_size] * hostile_connectors))
         hostile_outputs = [machine.output(f"hostile{i}") for i in range(hostile_connectors)]
-        await hostile.start_flipping()
+        if hostile_mode == "churn":
+            await hostile.start_churning(*hostile_size)
+        else:
+            await hostile.start_flipping()
         await trio.sleep(warmup)
         hostile0 = sum(o.stats.flips_completed for o in hostile_outputs)
         beside = await _honest_window(machine, honest, window, 0.0)
@@ -332,6 +342,8 @@ async def fairness(
         "hostile_size": list(hostile_size),
         "hostile_connectors": hostile_connectors,
         "hostile_refresh_hz": hostile_refresh_hz,
+        "hostile_mode": hostile_mode,
+        "copy": copy,
         "alone": alone,
         "beside_hostile": beside,
         "hostile_frames_per_s": hostile_fps,

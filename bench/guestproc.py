@@ -13,6 +13,10 @@ and then waits for commands on a pipe:
     is — so a 60 Hz output is flipped at 60 fps. With ``record`` every flip's send and
     completion times (``time.perf_counter``, i.e. ``CLOCK_MONOTONIC``, comparable across
     processes) are kept. With a count, the reply comes when all are done.
+``("churn", width, height)``
+    on every connector, until ``stop``: create a ``width``×``height`` buffer, attach it,
+    flip it, detach it, destroy it — a hostile guest making Dom0 map, export or copy and
+    release its largest buffers as fast as it is answered. Replies ``("churning", None)``.
 ``("stats",)``
     the guest's counters now, while flipping goes on.
 ``("stop",)``
@@ -102,6 +106,21 @@ async def _flip(
             log.times.append((sent, done))
 
 
+async def _churn(
+    guest: SimGuest, screen: _Screen, log: FlipLog, size: tuple[int, int], stop: trio.Event
+) -> None:
+    width, height = size
+    while not stop.is_set():
+        buf = await guest.create_dumb(width, height, XRGB.bpp)
+        try:
+            fb = await guest.add_fb(buf, width, height, XRGB)
+            await guest.page_flip(screen.index, fb)
+            await guest.rm_fb(fb)
+        finally:
+            await guest.destroy_dumb(buf)
+        log.flips += 1
+
+
 def _stats(guest: SimGuest, screens: list[_Screen]) -> list[dict[str, int]]:
     out = []
     for screen in screens:
@@ -143,6 +162,13 @@ async def _serve(hv_path: str, xs_path: str, domid: int, conn: Connection) -> No
                         flipping = await nursery.start(_flip_all, guest, screens, logs, record,
                                                        stop)
                         conn.send(("flipping", None))
+                elif kind == "churn":
+                    _, width, height = command
+                    logs = [FlipLog(s.index) for s in screens]
+                    stop = trio.Event()
+                    flipping = await nursery.start(
+                        _churn_all, guest, screens, logs, (width, height), stop)
+                    conn.send(("churning", None))
                 elif kind == "stats":
                     conn.send(("stats", _stats(guest, screens)))
                 elif kind == "stop":
@@ -173,6 +199,16 @@ async def _flip_all(
         task_status.started(nursery)
         for screen, log in zip(screens, logs, strict=True):
             nursery.start_soon(_flip, guest, screen, log, None, record, stop)
+
+
+async def _churn_all(
+    guest: SimGuest, screens: list[_Screen], logs: list[FlipLog], size: tuple[int, int],
+    stop: trio.Event, *, task_status: Any,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        for screen, log in zip(screens, logs, strict=True):
+            nursery.start_soon(_churn, guest, screen, log, size, stop)
 
 
 async def _wait_done(nursery: trio.Nursery) -> None:
@@ -239,6 +275,12 @@ class GuestProcess:
     async def start_flipping(self, *, record: bool = False) -> None:
         self._conn.send(("flip", None, record))
         await self._receive("flipping")
+
+    async def start_churning(self, width: int, height: int) -> None:
+        """Create, attach, flip, detach and destroy ``width``×``height`` buffers on every
+        connector until :meth:`stop` (whose logs count the rounds as ``flips``)."""
+        self._conn.send(("churn", width, height))
+        await self._receive("churning")
 
     async def stats(self) -> list[dict[str, int]]:
         self._conn.send(("stats",))

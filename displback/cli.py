@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from displback import __version__
+from displback.checkconfig import add_check_config_parser
 from displback.kms.info import add_kms_info_parser
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.run import add_run_parser
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     add_run_parser(commands)
+    add_check_config_parser(commands)
     add_status_parser(commands)
     add_kms_info_parser(commands)
     return parser

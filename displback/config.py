@@ -1,112 +1,369 @@
-"""The daemon's TOML configuration file: the same settings as ``displback run``'s options.
+"""The daemon's TOML configuration file: the settings of ``displback run``, and ``[limits]``.
 
 Keys are the field names of :class:`~displback.run.RunConfig` (``display``, ``card``,
 ``connectors``, ``zero_copy``, ``wait_free_ms``, …) plus an ``[assign]`` table mapping a
-guest connector (``"<domid>/<devid>/<index>"`` or its ``unique-id``) to an output name. A
-command-line option given explicitly wins over the file. Every mistake — an unknown key, a
-wrong type, a bad value — is refused at start with the file, the key and what was expected.
-See ``config/displback.toml`` for an annotated example.
+guest connector (``"<domid>/<devid>/<index>"`` or its ``unique-id``) to an output name, and a
+``[limits]`` table of per-guest quotas (:class:`~displback.backend.quotas.LimitOverrides`)
+with ``[limits.guest.<domid or name>]`` tables for single guests. A command-line option
+given explicitly wins over the file.
+
+:func:`read_config` checks every key on its own — unknown keys (with the closest known one),
+types, ranges, choices — and collects *every* problem with its dotted key and its line
+(:mod:`displback.tomllines`), keeping the valid keys; checks across keys (an ``[assign]``
+naming an output that does not exist, …) need the whole effective configuration and are
+:func:`displback.run.config_problems`. See ``config/displback.toml`` for an annotated example.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
+import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config"]
+from displback.backend.quotas import LIMIT_NAMES, LimitOverrides, limit_problem
+from displback.display.virtual import OutputConfig
+from displback.edid import check_resolution
+from displback.logs import LOG_FORMATS, LOG_LEVELS
+from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
+from displback.tomllines import KeyPath, dotted, key_lines
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "KEYS",
+    "LOG_FORMATS",
+    "ConfigError",
+    "ConfigFile",
+    "Problem",
+    "apply_config",
+    "load_config",
+    "option_name",
+    "parse_connector_spec",
+    "parse_output_spec",
+    "read_config",
+]
+
+#: Where ``displback check-config`` looks without a FILE (and the unit's ``--config``).
+DEFAULT_CONFIG = Path("/etc/displback/displback.toml")
+#: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
+MAX_DOMID = 0x7FEF
+
+_NAME = r"[A-Za-z0-9_.:-]+"
+_OUTPUT_SPEC = re.compile(rf"^({_NAME})=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
+_CONNECTOR_SPEC = re.compile(rf"^({_NAME})(?:=(.*))?$")
 
 
-class ConfigError(ValueError):
-    """The configuration file cannot be used; the message names the file and the key."""
+def parse_output_spec(text: str) -> OutputConfig:
+    """``NAME=WxH`` or ``NAME=WxH@HZ`` → an output (``ValueError`` saying what is wrong).
+
+    The resolution must be one a guest connector can be told in an EDID (the one limit,
+    :func:`displback.edid.check_resolution`)."""
+    match = _OUTPUT_SPEC.match(text)
+    if match is None:
+        raise ValueError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
+    name, width, height, hz = match.groups()
+    check_resolution(int(width), int(height))
+    rate = float(hz) if hz else 60.0
+    if not 0 < rate < math.inf:
+        raise ValueError(f"refresh rate must be positive: {text!r}")
+    return OutputConfig(name, int(width), int(height), rate)
 
 
-def _string(key: str, value: Any) -> str:
+def parse_connector_spec(text: str) -> tuple[str, OutputConfig | None]:
+    """``NAME`` or ``NAME=WxH[@HZ]`` (a KMS connector, with the mode wanted) → its name and
+    the mode, None if not given (``ValueError`` if malformed)."""
+    match = _CONNECTOR_SPEC.match(text)
+    if match is None:
+        raise ValueError(f"expected a connector NAME[=WIDTHxHEIGHT[@HZ]], not {text!r}")
+    name, mode = match.groups()
+    return name, (parse_output_spec(text) if mode is not None else None)
+
+
+# -- checks of single values -------------------------------------------------------------
+
+#: A check: the problems of one value, each with the sub-path it is about (``()``: itself).
+Check = Callable[[Any], Iterator[tuple[KeyPath, str]]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string(value: Any) -> Iterator[tuple[KeyPath, str]]:
     if not isinstance(value, str) or not value:
-        raise ValueError("a non-empty string")
-    return value
+        yield (), f"must be a non-empty string, not {value!r}"
 
 
-def _choice(*allowed: str) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
+def _socket_path(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, str):
+        yield (), f'must be a path ("" for no status socket), not {value!r}'
+    elif len(value.encode()) > 107:
+        yield (), f"must be at most 107 bytes long (a UNIX socket path), not {value!r}"
+
+
+def _choice(*allowed: str) -> Check:
+    def check(value: Any) -> Iterator[tuple[KeyPath, str]]:
         if value not in allowed:
-            raise ValueError(" or ".join(repr(a) for a in allowed))
-        return str(value)
+            names = [repr(a) for a in allowed]
+            options = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            yield (), f"must be {options}, not {value!r}{_did_you_mean(value, allowed)}"
 
     return check
 
 
-def _int(minimum: int) -> Callable[[str, Any], int]:
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"an integer ≥ {minimum}")
-        return value
+def _int_range(low: int, high: int, why: str = "") -> Check:
+    def check(value: Any) -> Iterator[tuple[KeyPath, str]]:
+        if not _is_int(value) or not low <= value <= high:
+            yield (), f"must be an integer from {low} to {high}{why}, not {value!r}"
 
     return check
 
 
-def _positive(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError("a positive number")
-    return float(value)
+def _positive(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        yield (), f"must be a positive number, not {value!r}"
 
 
-def _strings(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("a list of non-empty strings")
-    return list(value)
+def _list_of(parse: Callable[[str], object]) -> Check:
+    def check(value: Any) -> Iterator[tuple[KeyPath, str]]:
+        if not isinstance(value, list):
+            yield (), f"must be a list of strings, not {value!r}"
+            return
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                yield (index,), f"must be a string, not {item!r}"
+                continue
+            try:
+                parse(item)
+            except ValueError as exc:
+                yield (index,), str(exc)
+
+    return check
 
 
-def _assign(key: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
-    ):
-        raise ValueError('a table of "<domid>/<devid>/<index>" or unique-id = "OUTPUT"')
-    return dict(value)
+def _assign(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, dict):
+        yield (
+            (),
+            (
+                'must be a table of "<domid>/<devid>/<index>" or unique-id = "OUTPUT", '
+                f"not {value!r}"
+            ),
+        )
+        return
+    for key, output in value.items():
+        if not key:
+            yield (key,), "an empty connector name"
+        if not isinstance(output, str) or not output:
+            yield (key,), f"must be an output name (a non-empty string), not {output!r}"
 
 
-# key -> (check, the argparse destination it sets)
-_KEYS: Mapping[str, Callable[[str, Any], Any]] = {
+def _limit_table(value: Any, *, guests: bool) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, dict):
+        yield (), f"must be a table of limits, not {value!r}"
+        return
+    known = (*LIMIT_NAMES, "guest") if guests else LIMIT_NAMES
+    for name, item in value.items():
+        if name == "guest" and guests:
+            yield from _guests(item)
+        elif name not in known:
+            yield (name,), f"unknown limit{_did_you_mean(name, known)}"
+        else:
+            problem = limit_problem(name, item)
+            if problem is not None:
+                yield (name,), problem
+    yield from _limit_consistency(value)
+
+
+def _limit_consistency(value: Mapping[str, Any]) -> Iterator[tuple[KeyPath, str]]:
+    per_buffer, total = value.get("max_pages_per_buffer"), value.get("max_total_pages")
+    if isinstance(per_buffer, int) and isinstance(total, int) and per_buffer > total > 0:
+        yield (
+            ("max_pages_per_buffer",),
+            (f"{per_buffer} pages a buffer is more than max_total_pages ({total}) ever allows"),
+        )
+
+
+def _guests(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, dict):
+        yield ("guest",), f'must be tables [limits.guest.<domid or "name">], not {value!r}'
+        return
+    for key, table in value.items():
+        if key.isdigit() and not 1 <= int(key) <= MAX_DOMID:
+            yield ("guest", key), f"a guest's domain id is from 1 to {MAX_DOMID}, not {key}"
+        for sub, message in _limit_table(table, guests=False):
+            yield ("guest", key, *sub), message
+
+
+def _limits(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    yield from _limit_table(value, guests=True)
+
+
+def _did_you_mean(value: Any, known: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: Every key of the file and its check.
+KEYS: Mapping[str, Check] = {
     "xenstore": _string,
-    "domid": _int(0),
+    "domid": _int_range(0, MAX_DOMID),
     "display": _choice("virtual", "kms"),
-    "virtual_outputs": _strings,
+    "virtual_outputs": _list_of(parse_output_spec),
     "snapshot_dir": _string,
     "snapshot_interval_s": _positive,
     "card": _string,
-    "connectors": _strings,
+    "connectors": _list_of(parse_connector_spec),
     "assign": _assign,
     "zero_copy": _choice("auto", "require", "off"),
-    "wait_free_ms": _int(0),
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "log_format": _choice("console", "json", "journal"),
-    "status_socket": _string,
+    "wait_free_ms": _int_range(
+        1,
+        LINUX_RESPONSE_TIMEOUT_MS - 1,
+        f" (below the guest's {LINUX_RESPONSE_TIMEOUT_MS} ms request timeout)",
+    ),
+    "log_level": _choice(*LOG_LEVELS),
+    "log_format": _choice(*LOG_FORMATS),
+    "limits": _limits,
+    "status_socket": _socket_path,
 }
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """The settings in the TOML file at ``path``, by key, validated (``ConfigError``)."""
+# -- the file ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake: the key it is about, its line in the file (None: not found), what."""
+
+    key: KeyPath
+    message: str
+    line: int | None = None
+    where: str = "file"  # "file", "unset" (not in the file), "option" (command line)
+
+    def format(self, path: str | Path) -> str:
+        key = dotted(self.key)
+        if self.where == "option":
+            return f"{option_name(self.key)} (command line): {self.message}"
+        if not self.key:  # about the whole file
+            line = "" if self.line is None else f"{self.line}:"
+            return f"{path}:{line} {self.message}"
+        if self.line is not None:
+            return f"{path}:{self.line}: {key}: {self.message}"
+        if self.where == "unset":
+            return f"{path}: {key} (not set): {self.message}"
+        return f"{path}: {key} (line not found): {self.message}"
+
+
+_OPTIONS = {
+    "virtual_outputs": "--virtual-output",
+    "connectors": "--connector",
+    "snapshot_interval_s": "--snapshot-interval",
+}
+
+
+def option_name(key: KeyPath) -> str:
+    """The ``displback run`` option that sets the top-level key of ``key``."""
+    name = str(key[0])
+    return _OPTIONS.get(name, "--" + name.replace("_", "-"))
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``problems`` are all its mistakes."""
+
+    def __init__(self, path: str | Path, problems: Sequence[Problem]) -> None:
+        self.path = Path(path)
+        # In the file's order; problems without a line (not set, command line) last.
+        self.problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+        super().__init__("\n".join(p.format(path) for p in self.problems))
+
+
+@dataclass
+class ConfigFile:
+    """A read configuration file: its valid settings (converted), and its problems."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: dict[KeyPath, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def problem(self, key: KeyPath, message: str) -> Problem:
+        """A :class:`Problem` about ``key``, with its line if the file has it."""
+        line = self.lines.get(key)
+        where = "file" if self.has(key) else "unset"
+        return Problem(key, message, line, where)
+
+    def has(self, key: KeyPath) -> bool:
+        """Whether the file sets ``key`` (a path into its tables and arrays)."""
+        node: Any = self.data
+        for part in key:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return False
+        return True
+
+
+def read_config(path: str | Path) -> ConfigFile:
+    """The file at ``path`` with every key checked; ``ConfigError`` only if it cannot be
+    read or is not TOML (one problem: the parser stops at the first syntax error)."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        text = path.read_bytes().decode()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(path, [Problem((), f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [Problem((), f"not UTF-8 text: {exc}")]) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    settings: dict[str, Any] = {}
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(match.group(1)) if match else None
+        if "(at end of document)" in str(exc):
+            line = text.count("\n") + (0 if text.endswith("\n") else 1)
+        raise ConfigError(path, [Problem((), f"not valid TOML: {exc}", line)]) from None
+    config = ConfigFile(path, data, key_lines(text))
     for key, value in data.items():
-        check = _KEYS.get(key)
+        check = KEYS.get(key)
         if check is None:
-            known = ", ".join(sorted(_KEYS))
-            raise ConfigError(f"{path}: unknown key {key!r} (known keys: {known})")
-        try:
-            settings[key] = check(key, value)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {key} must be {exc}, not {value!r}") from None
-    return settings
+            config.problems.append(
+                config.problem((key,), f"unknown key{_did_you_mean(key, list(KEYS))}")
+            )
+            continue
+        found = [config.problem((key, *sub), message) for sub, message in check(value)]
+        if found:
+            config.problems.extend(found)
+        else:
+            config.settings[key] = _converted(key, value)
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The settings of the file at ``path``, if it has no mistake (else ``ConfigError``)."""
+    config = read_config(path)
+    if config.problems:
+        raise ConfigError(config.path, config.problems)
+    return config.settings
+
+
+def _converted(key: str, value: Any) -> Any:
+    if key == "limits":
+        guests = value.get("guest", {})
+        return LimitOverrides(
+            common={k: v for k, v in value.items() if k != "guest"},
+            by_domid={int(k): dict(v) for k, v in guests.items() if k.isdigit()},
+            by_name={k: dict(v) for k, v in guests.items() if not k.isdigit()},
+        )
+    if key == "snapshot_interval_s":
+        return float(value)
+    return value
 
 
 def apply_config(
@@ -115,7 +372,8 @@ def apply_config(
     """``args`` with every option the command line left at its default taken from the file.
 
     File values go through the same parsing as command-line values (``type=`` of the
-    option), so ``"kms"`` or ``"DP-1=1920x1080"`` mean the same in both places.
+    option), so ``"kms"`` or ``"DP-1=1920x1080"`` mean the same in both places. Keys that
+    are not options (``limits``) are left to the caller.
     """
     actions = {a.dest: a for a in parser._actions}
     merged = argparse.Namespace(**vars(args))

@@ -7,7 +7,11 @@ named ``--virtual-output NAME=WxH``) or ``kms`` (DRM/KMS connectors of a card, n
 ``--connector NAME[=WxH]``); with ``--snapshot-dir`` every output is written as a PNG, with a
 ``status.json`` of the devices, every ``--snapshot-interval`` seconds.
 
-Options are gathered in :class:`RunConfig`, whose field names are the future TOML keys.
+Options are gathered in :class:`RunConfig`, whose field names are the TOML keys of
+``--config FILE`` (:mod:`displback.config`). Before anything is opened the whole effective
+configuration is checked (:func:`effective_config`: the file's keys, then
+:func:`config_problems` across keys) and every mistake is reported at once, with its line
+in the file; ``displback check-config`` runs the same check alone.
 What gntdev can do with dma-bufs is probed once at start and logged in one line; with
 ``--zero-copy require`` a Dom0 that cannot export guest grants refuses to start.
 
@@ -24,7 +28,6 @@ import functools
 import importlib.util
 import json
 import os
-import re
 import signal
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -39,17 +42,28 @@ from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap
-from displback.config import ConfigError, apply_config, load_config
+from displback.backend.quotas import LimitOverrides
+from displback.config import (
+    LOG_FORMATS,
+    ConfigError,
+    Problem,
+    apply_config,
+    option_name,
+    parse_connector_spec,
+    parse_output_spec,
+    read_config,
+)
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
-from displback.edid import check_resolution
 from displback.fdstore import FdStore, inherited_fds
-from displback.logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging, default_log_format
+from displback.logs import LOG_LEVELS, LogFormat, configure_logging, default_log_format
 from displback.protocol import layout
+from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
 from displback.protocol.xenbus import XenbusState
 from displback.sdnotify import Notifier
 from displback.status import StatusModel, to_json
 from displback.status_socket import DEFAULT_SOCKET, serve_status, socket_path
+from displback.tomllines import KeyPath
 from displback.xen.interfaces import Platform
 from displback.xen.real import (
     DmaBufSupport,
@@ -60,14 +74,19 @@ from displback.xen.real import (
 from displback.xenstore.client import open_xenstore
 from displback.xenstore.wire import XenStoreError
 
-__all__ = ["RunConfig", "add_run_parser", "run_command", "serve"]
-
-_OUTPUT_SPEC = re.compile(r"^([A-Za-z0-9_.:-]+)=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
+__all__ = [
+    "RunConfig",
+    "add_run_parser",
+    "config_problems",
+    "effective_config",
+    "run_command",
+    "serve",
+]
 
 
 @dataclass
 class RunConfig:
-    """What ``displback run`` is told; field names are the TOML keys of a later config file."""
+    """What ``displback run`` is told; field names are the TOML keys of the config file."""
 
     xenstore: str | None = None  # None: xenstored's socket if present, else /dev/xen/xenbus
     domid: int | None = None  # None: read "domid" from XenStore (0 when absent)
@@ -82,6 +101,7 @@ class RunConfig:
     wait_free_ms: int = 2000
     log_level: str = "info"
     log_format: LogFormat | None = None  # None: journal under systemd, else console
+    limits: LimitOverrides = field(default_factory=LimitOverrides)  # the file's [limits]
     # The status socket of `displback status`; None (a RunConfig made in code): none. The
     # command line's default is DEFAULT_SOCKET; "" there means none too.
     status_socket: str | None = None
@@ -89,14 +109,8 @@ class RunConfig:
 
 def parse_output(text: str) -> OutputConfig:
     """``NAME=WxH`` or ``NAME=WxH@HZ`` → an output config (``ArgumentTypeError`` if bad)."""
-    match = _OUTPUT_SPEC.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
-    name, width, height, hz = match.groups()
     try:
-        # The one resolution limit (a guest connector shown here must get its EDID).
-        check_resolution(int(width), int(height))
-        return OutputConfig(name, int(width), int(height), float(hz) if hz else 60.0)
+        return parse_output_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -115,6 +129,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _wait_free_ms(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 0 < value < LINUX_RESPONSE_TIMEOUT_MS:
+        raise argparse.ArgumentTypeError(
+            f"must be from 1 to {LINUX_RESPONSE_TIMEOUT_MS - 1} (below the guest's "
+            f"{LINUX_RESPONSE_TIMEOUT_MS} ms request timeout): {text!r}"
+        )
     return value
 
 
@@ -195,7 +219,7 @@ def add_run_parser(
     )
     run.add_argument(
         "--wait-free-ms",
-        type=_non_negative_int,
+        type=_wait_free_ms,
         default=2000,
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
@@ -248,42 +272,111 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def check_config(config: RunConfig) -> None:
-    """Refuse inconsistent options before touching any device."""
+def config_problems(config: RunConfig) -> list[tuple[KeyPath, str]]:
+    """Every inconsistency of ``config`` as a whole, each with the key it is about."""
+    problems: list[tuple[KeyPath, str]] = []
+    names: list[str] = []
     if config.display == "virtual":
         if not config.virtual_outputs:
-            raise StartupError("--display virtual needs at least one --virtual-output NAME=WxH")
+            problems.append(
+                (
+                    ("virtual_outputs",),
+                    'display "virtual" needs at least one output (--virtual-output NAME=WxH)',
+                )
+            )
         names = [o.name for o in config.virtual_outputs]
-        if len(set(names)) != len(names):
-            raise StartupError(f"duplicate output names: {names}")
-        unknown = sorted(set(config.assign.values()) - set(names))
-        if unknown:
-            raise StartupError(f"--assign names unknown outputs: {', '.join(unknown)}")
+        outputs_key = "virtual_outputs"
     else:
         if importlib.util.find_spec("displback.kms") is None:
-            raise StartupError(
-                "--display kms is not available in this build (displback.kms is missing); "
-                "use --display virtual"
+            problems.append(
+                (
+                    ("display",),
+                    'display "kms" is not available in this build '
+                    '(displback.kms is missing); use "virtual"',
+                )
             )
         if not config.connectors:
-            raise StartupError("--display kms needs at least one --connector NAME[=WxH]")
-        for spec in config.connectors:
-            _kms_output(spec)
+            problems.append(
+                (
+                    ("connectors",),
+                    'display "kms" needs at least one connector (--connector NAME[=WxH])',
+                )
+            )
+        for index, spec in enumerate(config.connectors):
+            try:
+                names.append(parse_connector_spec(spec)[0])
+            except ValueError as exc:
+                problems.append((("connectors", index), f"{spec!r}: {exc}"))
+        outputs_key = "connectors"
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            problems.append(((outputs_key, index), f"duplicate output name {name!r}"))
+    if names:
+        for connector, output in config.assign.items():
+            if output not in names:
+                known = ", ".join(names)
+                problems.append(
+                    (
+                        ("assign", connector),
+                        f"names output {output!r}, which is not one of the {outputs_key} ({known})",
+                    )
+                )
+    return problems
+
+
+def check_config(config: RunConfig) -> None:
+    """Refuse inconsistent options before touching any device, naming every mistake."""
+    problems = config_problems(config)
+    if problems:
+        raise StartupError("; ".join(f"{option_name(key)}: {message}" for key, message in problems))
+
+
+def effective_config(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` of ``displback run``'s ``args`` and its ``--config`` file,
+    checked as a whole: ``ConfigError`` lists every problem, each with its key and line.
+
+    A check across keys about a key the file got wrong is left out (it would only repeat
+    that mistake); one about a value given on the command line names the option."""
+    if args.config is None:
+        config = config_from_args(args)
+        problems = config_problems(config)
+        if problems:
+            raise ConfigError(
+                "command line", [Problem(key, message, where="option") for key, message in problems]
+            )
+        return config
+    file = read_config(args.config)
+    merged = apply_config(args.run_parser, args, file.settings)
+    config = config_from_args(merged)
+    config.limits = file.settings.get("limits", LimitOverrides())
+    defaults = {a.dest: a.default for a in args.run_parser._actions}
+    wrong = {p.key[0] for p in file.problems if p.key}
+    found = list(file.problems)
+    for key, message in config_problems(config):
+        name = str(key[0])
+        if name in wrong:
+            continue
+        if name in vars(args) and getattr(args, name) != defaults.get(name):
+            found.append(Problem(key, message, where="option"))
+        else:
+            found.append(file.problem(key, message))
+    if found:
+        raise ConfigError(file.path, found)
+    return config
 
 
 def _kms_output(spec: str) -> Any:
     """``NAME`` or ``NAME=WxH[@HZ]`` → a ``KmsOutputConfig`` (``StartupError`` if bad)."""
     from displback.kms.display import KmsOutputConfig
 
-    name, sep, mode = spec.partition("=")
     try:
-        if not sep:
-            return KmsOutputConfig(name)
-        parsed = parse_output(f"{name}={mode}")
-        hz = parsed.refresh_hz if "@" in mode else None
-        return KmsOutputConfig(name, parsed.width, parsed.height, hz)
-    except (ValueError, argparse.ArgumentTypeError) as exc:
+        name, mode = parse_connector_spec(spec)
+    except ValueError as exc:
         raise StartupError(f"--connector {spec!r}: {exc}") from None
+    if mode is None:
+        return KmsOutputConfig(name)
+    hz = mode.refresh_hz if "@" in spec else None
+    return KmsOutputConfig(name, mode.width, mode.height, hz)
 
 
 def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContextManager[Any]:
@@ -328,7 +421,11 @@ async def serve(
             and not support.export_supported
         ):
             raise StartupError(f"--zero-copy require, but {support.reason}")
-        settings = BackendSettings(zero_copy=config.zero_copy, wait_free_ms=config.wait_free_ms)
+        settings = BackendSettings(
+            zero_copy=config.zero_copy,
+            wait_free_ms=config.wait_free_ms,
+            limit_overrides=config.limits,
+        )
         notifier = Notifier()
         # be-alloc memory guests may still map, kept by systemd while we restarted.
         inherited = inherited_fds()
@@ -421,7 +518,7 @@ async def _start_status_socket(
         )
     except OSError as exc:
         log.warning(
-            "no status socket: `displback status` will not work",
+            "no status socket: displback status will not work",
             path=path,
             error=exc.strerror or str(exc),
         )
@@ -458,14 +555,15 @@ async def _snapshots(display: Display, model: StatusModel, config: RunConfig) ->
 
 def run_command(args: argparse.Namespace) -> int:
     """Handler of ``displback run``: 0 after a signalled shutdown, 1 if it cannot start."""
-    if args.config is not None:
-        try:
-            args = apply_config(args.run_parser, args, load_config(args.config))
-        except (ConfigError, argparse.ArgumentTypeError) as exc:
-            configure_logging("error")
-            structlog.get_logger("displback.run").error("cannot start", reason=str(exc))
-            return 1
-    config = config_from_args(args)
+    try:
+        config = effective_config(args)
+    except ConfigError as exc:
+        configure_logging("error")
+        log = structlog.get_logger("displback.run")
+        for problem in exc.problems:
+            log.error("configuration", problem=problem.format(exc.path))
+        log.error("cannot start", reason=f"{len(exc.problems)} configuration problem(s)")
+        return 1
     configure_logging(config.log_level, fmt=config.log_format or default_log_format())
     log = structlog.get_logger("displback.run")
     try:

@@ -74,7 +74,7 @@ import errno as _errno
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -538,6 +538,7 @@ class BufferStore:
         self._retired: dict[Output, list[DumbFramebuffer]] = {}
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
+        self._creating: set[int] = set()  # cookies of guest buffers being created
         self._fbs: dict[int, GuestFramebuffer] = {}
         # None until the first export settles whether this platform can export dma-bufs.
         self._export_supported: bool | None = None
@@ -629,7 +630,7 @@ class BufferStore:
         _validate(req.validate)
         self._check_open()
         cookie = req.dbuf_cookie
-        if cookie in self._buffers:
+        if cookie in self._buffers or cookie in self._creating:
             raise RequestError(EEXIST, f"display buffer 0x{cookie:x} exists")
         if req.be_alloc and not self.be_alloc:
             raise RequestError(EPERM, "REQ_ALLOC without be-alloc")
@@ -646,9 +647,12 @@ class BufferStore:
             )
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
             raise RequestError(ENOMEM, message)
-        buffer = self._create_backend(req) if req.be_alloc else self._create_guest(req)
-        # No await since check_buffer: the charge cannot fail.
-        self.quota.charge(npages)
+        if req.be_alloc:
+            buffer = self._create_backend(req)
+            # No await since check_buffer: the charge cannot fail.
+            self.quota.charge(npages)
+        else:
+            buffer = await self._create_guest_off_loop(req)
         self._buffers[cookie] = buffer
         self.log.debug(
             f"dom{self.domid}: buffer 0x{cookie:x} created: {buffer.kind.value}, "
@@ -669,6 +673,30 @@ class BufferStore:
             npages=req.npages,
             refs=refs,
         )
+
+    async def _create_guest_off_loop(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """:meth:`_create_guest` in a worker thread, within the guest's share of the copy
+        workers: reading a directory and mapping or exporting its grants is one gntdev call
+        per directory page and one for up to 8187 grefs (7-13 ms for the largest buffer),
+        which on the event loop held every guest's flips while one guest churned buffers.
+
+        The buffer is charged and its cookie reserved before the wait, so concurrent creates
+        of the guest's rings see both; a create that fails or is cancelled before its thread
+        ran gives them back. A thread that ran is always waited for (the copy workers never
+        abandon one), and its buffer is in the table before the next checkpoint: a teardown
+        releases it like any other.
+        """
+        npages, cookie = req.npages, req.dbuf_cookie
+        self.quota.charge(npages)
+        self._creating.add(cookie)
+        created: list[_DisplayBuffer] = []
+        try:
+            await self.copies.run(self.domid, lambda: created.append(self._create_guest(req)))
+        finally:
+            self._creating.discard(cookie)
+            if not created:
+                self.quota.release(npages)
+        return created[0]
 
     def _create_guest(self, req: DbufCreateReq) -> _DisplayBuffer:
         if self.policy is ZeroCopyPolicy.REQUIRE and self._export_supported is False:
@@ -801,6 +829,10 @@ class BufferStore:
         (or the buffer is on the deferred list because an importer holds on)."""
         await trio.lowlevel.checkpoint()
         _validate(req.validate)
+        buffer = self._buffers.get(req.dbuf_cookie)
+        if buffer is not None:
+            await self._keep_frames(buffer.fbs.values())
+        # Looked up again: another ring of the guest may have destroyed it meanwhile.
         buffer = self._buffers.pop(req.dbuf_cookie, None)
         if buffer is None:
             raise RequestError(ENOENT, f"unknown display buffer 0x{req.dbuf_cookie:x}")
@@ -812,6 +844,27 @@ class BufferStore:
         self._detach_all(buffer)
         self.quota.give("buffers")
         await self._free(buffer, self.wait_free_ms)
+
+    async def _keep_frames(self, fbs: Iterable[GuestFramebuffer]) -> None:
+        """Before ``fbs`` are released: an output still showing one of their imports swaps
+        in a copy of its frame made by the copy workers (in a worker thread, within the
+        guest's share), so the release copies nothing on the event loop. A guest that
+        detaches or destroys frames on screen in a loop (up to 32 MiB each, one per vblank
+        and connector) costs its own copy slot, not every guest's flips. Nothing changes
+        state here: cancelled, the release that follows makes the copy itself."""
+        domid, workers = self.domid, self.copies
+
+        async def run(copy: Callable[[], None]) -> None:
+            await workers.run(domid, copy)
+
+        for fb in list(fbs):
+            for output, state in list(fb._outputs.items()):
+                if state.imported is None:
+                    continue
+                try:
+                    await output.keep_frame(state.imported, run)
+                except DisplayError as exc:
+                    self.log.warning(f"output {output.name}: keeping a copy of {fb!r}: {exc}")
 
     def _detach_all(self, buffer: _DisplayBuffer) -> None:
         for fb_cookie, fb in list(buffer.fbs.items()):
@@ -940,10 +993,14 @@ class BufferStore:
         self._fbs[req.fb_cookie] = fb
         buffer.fbs[req.fb_cookie] = fb
 
-    def detach(self, req: FbDetachReq) -> None:
+    async def detach(self, req: FbDetachReq) -> None:
         """FB_DETACH: forget the framebuffer; outputs showing it keep its last frame."""
+        await trio.lowlevel.checkpoint()
         _validate(req.validate)
-        fb = self._fbs.pop(req.fb_cookie, None)
+        fb = self._fbs.get(req.fb_cookie)
+        if fb is not None:
+            await self._keep_frames([fb])
+        fb = self._fbs.pop(req.fb_cookie, None)  # again: it may be gone meanwhile
         if fb is None:
             raise RequestError(ENOENT, f"unknown framebuffer 0x{req.fb_cookie:x}")
         del fb._buffer.fbs[req.fb_cookie]

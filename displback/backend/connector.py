@@ -96,7 +96,7 @@ class Buffers(Protocol):
 
     def attach(self, req: FbAttachReq) -> None: ...
 
-    def detach(self, req: FbDetachReq) -> None: ...
+    async def detach(self, req: FbDetachReq) -> None: ...
 
     def framebuffer(self, fb_cookie: int) -> Any: ...
 
@@ -311,7 +311,7 @@ class Connector:
             case FbAttachReq():
                 self._buffers.attach(req)
             case FbDetachReq():
-                self._buffers.detach(req)
+                await self._buffers.detach(req)
             case SetConfigReq():
                 await self._set_config(req)
             case PgFlipReq():

@@ -13,6 +13,13 @@ The daemon owns what outlives a device: one account per guest domain
 domain's ``/local/domain/<domid>`` is gone (looked at again every
 :data:`DOMAIN_RECHECK_S`, in case a toolstack removes the directory after the watch fired). Kept
 memory handed down by a previous run through systemd's fd store is taken back at start.
+
+An account's limits are what :class:`~displback.backend.quotas.LimitOverrides` fixes for its
+domain: by domid at once, by name before the domain's first device is served. The name is
+``/local/domain/<domid>/name``, which the toolstack writes inside the domain's home (owner
+Dom0, the guest may only read it); it is believed only with such permissions
+(:class:`~displback.protocol.trust.TrustRule`), so no guest can take another's limits by
+renaming itself.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from displback.backend.retained import RetainedMemory
 from displback.fdstore import FdStore
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
+from displback.protocol.trust import TrustRule
 from displback.xen.interfaces import Platform
 from displback.xenstore.client import XenStoreClient, open_xenstore
 from displback.xenstore.wire import XenStoreError
@@ -70,6 +78,8 @@ class Backend:
         self.deferred: DeferredReleases | None = None
         #: One account per guest domain, shared by all its devices (see quotas.py).
         self.accounts: dict[int, Quota] = {}
+        #: Domains whose account has the limits fixed for their name (looked up once).
+        self._named: set[int] = set()
         #: Backend-allocated memory guests may still map, kept until their domain dies.
         self.retained = RetainedMemory(fdstore=fdstore, log=self.log)
         for kept in self.retained.adopt(inherited or []):
@@ -122,7 +132,10 @@ class Backend:
                 if devid is None:
                     continue
                 key = _Key(domid, devid)
-                if key not in self.devices:
+                if key in self.devices:
+                    continue
+                account = await self._configured_account(xs, domid)
+                if key not in self.devices:  # another scan may have made it meanwhile
                     device = GuestDevice(
                         xs=xs,
                         platform=self.platform,
@@ -131,7 +144,7 @@ class Backend:
                         outputs=self.outputs,
                         settings=self.settings,
                         deferred=deferred,
-                        account=self.account(domid),
+                        account=account,
                         retained=self.retained,
                         log=self.log,
                     )
@@ -142,9 +155,42 @@ class Backend:
         """Guest domain ``domid``'s account, made on first use."""
         account = self.accounts.get(domid)
         if account is None:
-            account = Quota(self.settings.limits, domid=domid)
+            overrides = self.settings.limit_overrides.for_guest(domid)
+            account = Quota(self.settings.limits, domid=domid, overrides=overrides)
             self.accounts[domid] = account
         return account
+
+    async def _configured_account(self, xs: XenStoreClient, domid: int) -> Quota:
+        """``domid``'s account with the limits fixed for its name too (read once)."""
+        account = self.account(domid)
+        if domid in self._named:
+            return account
+        overrides = self.settings.limit_overrides
+        name = await self._domain_name(xs, domid) if overrides.by_name else None
+        account = self.account(domid)  # the account may have been forgotten meanwhile
+        if domid not in self._named:
+            self._named.add(domid)
+            fixed = overrides.for_guest(domid, name)
+            if fixed != account.overrides:
+                account.configure(fixed)
+            if fixed != dict(overrides.common):  # a table of this guest applies: say so
+                self.log.info("limits", domid=domid, name=name, **fixed)
+        return account
+
+    async def _domain_name(self, xs: XenStoreClient, domid: int) -> str | None:
+        """The toolstack's name of ``domid``, or None (unreadable, or not the toolstack's)."""
+        path = f"/local/domain/{domid}/name"
+        try:
+            value = await xs.read(path)
+            perms = await xs.get_perms(path)
+            reason = TrustRule(self.platform.domid, domid).reason(perms)
+            if reason is not None:
+                self.log.warning("domain name not trusted", domid=domid, reason=reason)
+                return None
+            return value.decode()
+        except (XenStoreError, UnicodeDecodeError) as exc:
+            self.log.warning("cannot read domain name", domid=domid, error=str(exc))
+            return None
 
     async def _watch_domains(
         self, xs: XenStoreClient, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -193,6 +239,7 @@ class Backend:
             return
         if all(key.domid != domid for key in self.devices):
             del self.accounts[domid]
+            self._named.discard(domid)
 
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:

@@ -28,7 +28,7 @@ from displback.backend.buffers import BufferStore, ZeroCopyPolicy
 from displback.backend.connector import Connector
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
-from displback.backend.quotas import Limits, Quota
+from displback.backend.quotas import LimitOverrides, Limits, Quota
 from displback.backend.retained import RetainedMemory
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
@@ -74,6 +74,8 @@ class BackendSettings:
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
     limits: Limits | None = None  # None: derived from the guest's connectors
+    #: Limits an admin fixed ([limits] in the configuration), for all or for one guest.
+    limit_overrides: LimitOverrides = field(default_factory=LimitOverrides)
     teardown_timeout_s: float = 5.0
 
 
@@ -208,23 +210,26 @@ class Connection:
                     evtchn.unmask(stray)
 
     async def close(self) -> None:
-        """Release everything: buffers first (their grants may wait), then rings and ports.
+        """Release everything: outputs dark first, then buffers (their grants may wait),
+        then rings and ports.
 
         An output is handed back only once no flip of ours is in flight on it: a flip whose
         task was cancelled by the teardown still lands at the next vblank, and the output's
         next holder (often this guest reconnecting at once) would otherwise meet
-        ``FlipPending`` on its first SET_CONFIG and fail it.
+        ``FlipPending`` on its first SET_CONFIG and fail it. A guest that went away leaves a
+        dark output, not its last frame; dark before the buffers go, so releasing a frame
+        that was on screen copies nothing (it made the output keep a copy, up to 32 MiB on
+        the event loop, only to turn it off).
         """
         try:
-            if self.store is not None:
-                await self.store.aclose()
             for output in self._outputs:
                 while output.flip_pending:
                     await trio.sleep(_FLIP_SETTLE_POLL_S)
-                # A guest that went away leaves a dark output, not its last frame.
                 if output.enabled:
                     with contextlib.suppress(DisplayError):
                         await output.disable()
+            if self.store is not None:
+                await self.store.aclose()
         finally:
             self._stack.close()
 

@@ -28,14 +28,19 @@ so that a correct Linux guest (xen-drm-front) never reaches them; each says why 
 docstring line. Releases that cannot be refused (a destroy must always be answered, a
 deferred buffer stays mapped) are charged with :meth:`Quota.force`, which may pass a limit:
 the next request that needs that resource is then refused.
+
+An admin fixes any limit in the ``[limits]`` table of the configuration, for every guest or
+for one guest by domid or domain name (:class:`LimitOverrides`): a limit given is used as
+given, the others keep their derived value — derived from the limits given, so lowering
+``max_buffers`` lowers ``max_framebuffers`` with it unless that is given too.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Final
 
 from displback.protocol.constants import (
@@ -49,7 +54,16 @@ from displback.protocol.constants import (
 )
 from displback.protocol.pagedir import dir_pages_for
 
-__all__ = ["RESOURCES", "Limits", "Quota", "QuotaExceeded", "TokenBucket"]
+__all__ = [
+    "LIMIT_NAMES",
+    "RESOURCES",
+    "LimitOverrides",
+    "Limits",
+    "Quota",
+    "QuotaExceeded",
+    "TokenBucket",
+    "limit_problem",
+]
 
 _MAX_BPP = 32
 MIN_REQUESTS_PER_SECOND = 20.0
@@ -118,8 +132,13 @@ class Limits:
                 object.__setattr__(self, name, value)
 
     @classmethod
-    def for_connectors(cls, resolutions: Iterable[tuple[int, int]]) -> Limits:
-        """Defaults for a guest domain whose connected connectors have these resolutions.
+    def for_connectors(
+        cls,
+        resolutions: Iterable[tuple[int, int]],
+        overrides: Mapping[str, float] | None = None,
+    ) -> Limits:
+        """Defaults for a guest domain whose connected connectors have these resolutions,
+        with ``overrides`` (limit name → value, an admin's) used as given.
 
         * ``max_pages_per_buffer``: the largest framebuffer Linux creates (4095×2047×32 bpp);
         * ``max_dir_pages``: the directory pages such a buffer needs;
@@ -131,20 +150,27 @@ class Limits:
           connector and second);
         * the rest as :func:`_derived` says.
         """
+        given = dict(overrides or {})
+        unknown = sorted(set(given) - set(LIMIT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown limits: {', '.join(unknown)}")
         sizes = list(resolutions) or [(LINUX_MAX_WIDTH, LINUX_MAX_HEIGHT)]
         largest_fb = pages_for(LINUX_MAX_WIDTH * LINUX_MAX_HEIGHT * _MAX_BPP // 8)
         per_screen = [pages_for(w * h * _MAX_BPP // 8) for w, h in sizes]
         total = 3 * sum(per_screen) + largest_fb
         buffers = max(16, 8 * len(sizes))
-        return cls(
-            max_buffers=buffers,
-            max_pages_per_buffer=largest_fb,
-            max_total_pages=total,
-            max_dir_pages=dir_pages_for(largest_fb),
-            requests_per_second=2000.0,
-            request_burst=400,
-            **_derived(buffers, total, len(sizes)),
-        )
+        base: dict[str, float] = {
+            "max_buffers": buffers,
+            "max_pages_per_buffer": largest_fb,
+            "max_total_pages": total,
+            "max_dir_pages": dir_pages_for(largest_fb),
+            "requests_per_second": 2000.0,
+            "request_burst": 400,
+        }
+        base.update((k, v) for k, v in given.items() if k in base)
+        derived = _derived(int(base["max_buffers"]), int(base["max_total_pages"]), len(sizes))
+        derived.update((k, int(v)) for k, v in given.items() if k in derived)
+        return cls(**base, **derived)  # type: ignore[arg-type]
 
 
 def _derived(buffers: int, total_pages: int, connectors: int) -> dict[str, int]:
@@ -174,19 +200,76 @@ def _derived(buffers: int, total_pages: int, connectors: int) -> dict[str, int]:
     }
 
 
+#: Every limit, by the name of its :class:`Limits` field (the keys of ``[limits]``).
+LIMIT_NAMES: Final = tuple(f.name for f in fields(Limits))
+
+
+def limit_problem(name: str, value: object) -> str | None:
+    """What is wrong with ``value`` as limit ``name`` given by an admin, or None if it fits.
+
+    Every limit is an integer ≥ 1 (0 would mean "derive it" in :class:`Limits`: not a value
+    an admin means), but ``requests_per_second``: a finite number ≥ 20 (see
+    :meth:`Limits.__post_init__`).
+    """
+    if name not in LIMIT_NAMES:
+        return "is not a limit"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = "a number" if name == "requests_per_second" else "an integer"
+        return f"must be {kind}, not {value!r}"
+    if name == "requests_per_second":
+        if not MIN_REQUESTS_PER_SECOND <= value < math.inf:
+            return (
+                f"must be a finite number ≥ {MIN_REQUESTS_PER_SECOND:g} (a guest queues up to "
+                f"32 requests within its 3 s timeout), not {value!r}"
+            )
+        return None
+    if not isinstance(value, int) or value < 1:
+        return f"must be an integer ≥ 1, not {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class LimitOverrides:
+    """Limits an admin fixed: for every guest (``common``), and per guest domain by domid or
+    by name (``/local/domain/<domid>/name``, written by the toolstack). For one guest, its
+    domid's entry wins over its name's, which wins over ``common``; a limit given nowhere
+    keeps its derived value. Values are checked by :func:`limit_problem`."""
+
+    common: Mapping[str, float] = field(default_factory=dict)
+    by_domid: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    by_name: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def for_guest(self, domid: int, name: str | None = None) -> dict[str, float]:
+        """The limits fixed for guest domain ``domid`` called ``name`` (None: unknown)."""
+        merged = dict(self.common)
+        if name is not None:
+            merged.update(self.by_name.get(name, {}))
+        merged.update(self.by_domid.get(domid, {}))
+        return merged
+
+
 class Quota:
     """One guest domain's account: what it holds of each resource, against its limits.
 
-    ``limits`` fixed (an admin's setting, tests) or None: derived from the connectors of the
-    domain's connected devices (:meth:`add_device`), the Linux maximum while none is.
+    ``limits`` fixed (tests) or None: derived from the connectors of the domain's connected
+    devices (:meth:`add_device`), the Linux maximum while none is. ``overrides`` (an admin's,
+    by limit name; :meth:`configure`) are used as given either way.
     """
 
-    def __init__(self, limits: Limits | None = None, *, domid: int | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        domid: int | None = None,
+        overrides: Mapping[str, float] | None = None,
+    ) -> None:
         self.domid = domid
         self._fixed = limits
+        self._overrides: dict[str, float] = dict(overrides or {})
         self._devices: dict[int, tuple[tuple[int, int], ...]] = {}
         self._limits = limits or Limits.for_connectors([])
         self._limiter: TokenBucket | None = None
+        self._derive()
         self.buffers = 0
         self.pages = 0
         self.framebuffers = 0
@@ -212,10 +295,24 @@ class Quota:
         self._devices.pop(devid, None)
         self._derive()
 
+    @property
+    def overrides(self) -> dict[str, float]:
+        """The limits an admin fixed for this domain."""
+        return dict(self._overrides)
+
+    def configure(self, overrides: Mapping[str, float]) -> None:
+        """Use ``overrides`` from now on (once the domain's name is known). The rate bucket
+        is made anew: call this before a connection took :attr:`limiter`."""
+        self._overrides = dict(overrides)
+        self._limiter = None
+        self._derive()
+
     def _derive(self) -> None:
-        if self._fixed is None:
+        if self._fixed is not None:
+            self._limits = replace(self._fixed, **self._overrides)  # type: ignore[arg-type]
+        else:
             sizes = [size for device in self._devices.values() for size in device]
-            self._limits = Limits.for_connectors(sizes)
+            self._limits = Limits.for_connectors(sizes, self._overrides)
 
     @property
     def limiter(self) -> TokenBucket:

@@ -34,7 +34,7 @@ Scanout rules:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -214,7 +214,21 @@ class Output(Protocol):
         ...
 
     def release(self, fb: Framebuffer) -> None:
-        """Drop ``fb`` and every reference to its memory; idempotent."""
+        """Drop ``fb`` and every reference to its memory; idempotent.
+
+        If ``fb`` is on screen (or about to be) the output goes on showing a private copy of
+        its frame, made here, on the event loop: call :meth:`keep_frame` first where the
+        caller can wait, and the copy is made wherever ``run`` makes it.
+        """
+        ...
+
+    async def keep_frame(self, fb: Framebuffer, run: CopyRunner) -> None:
+        """If ``fb`` is on screen or about to be, show a private copy of its frame instead.
+
+        ``run(copy)`` runs the copy (a worker thread: up to 32 MiB); the output swaps the
+        copy in once it is made, if ``fb`` is still shown by then. Afterwards :meth:`release`
+        of ``fb`` copies nothing, unless ``fb`` was flipped on again meanwhile.
+        """
         ...
 
     def snapshot(self) -> RgbImage:
@@ -224,6 +238,10 @@ class Output(Protocol):
     def write_png(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`snapshot` as a PNG file (blocking file I/O)."""
         ...
+
+
+#: Runs a copy (a callable) somewhere, e.g. ``lambda copy: workers.run(domid, copy)``.
+CopyRunner = Callable[[Callable[[], None]], Awaitable[None]]
 
 
 class Display(Protocol):

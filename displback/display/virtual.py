@@ -48,6 +48,7 @@ from displback.display.common import (
     size_fits,
 )
 from displback.display.interface import (
+    CopyRunner,
     FlipResult,
     Framebuffer,
     ImportRefused,
@@ -234,6 +235,13 @@ def _kept_copy(frame: _Frame) -> _Frame:
     return _Frame(data, 0, row_bytes, frame.width, frame.height, frame.fourcc, None)
 
 
+async def _kept_copy_by(run: CopyRunner, frame: _Frame) -> _Frame:
+    """:func:`_kept_copy` made by ``run`` (a worker thread)."""
+    kept: list[_Frame] = []
+    await run(lambda: kept.append(_kept_copy(frame)))
+    return kept[0]
+
+
 class VirtualOutput(OutputBase[VirtualFramebuffer]):
     """One virtual scanout; created and run by :class:`VirtualDisplay`."""
 
@@ -366,6 +374,23 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
             self._pending.frame = _kept_copy(self._pending.frame)
         self._live.discard(vfb)
         vfb._drop()
+
+    async def keep_frame(self, fb: Framebuffer, run: CopyRunner) -> None:
+        vfb = self._own(fb, allow_released=True)
+        if vfb.released:
+            return
+        # The frame on screen and the one of a flip in flight are the same pixels if both
+        # show ``vfb``: one copy serves both. Each is swapped only if it still shows ``vfb``
+        # once the copy is made (the scanout went on meanwhile).
+        frames = [f for f in (self._scanout, self._pending and self._pending.frame) if f]
+        source = next((f for f in frames if f.fb is vfb), None)
+        if source is None:
+            return
+        kept = await _kept_copy_by(run, source)
+        if self._scanout is not None and self._scanout.fb is vfb:
+            self._scanout = kept
+        if self._pending is not None and self._pending.frame.fb is vfb:
+            self._pending.frame = kept
 
     # -- scanout -------------------------------------------------------------------------
 

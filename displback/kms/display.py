@@ -66,6 +66,7 @@ from displback.display.common import (
     size_fits,
 )
 from displback.display.interface import (
+    CopyRunner,
     DisplayError,
     FlipPending,
     FlipResult,
@@ -490,6 +491,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._pending: _PendingFlip | None = None
         self._live: set[KmsFramebuffer] = set()
         self._canvases: list[_Canvas] = []
+        self._reserved: set[_Canvas] = set()  # composed in a worker thread right now
         self._position_ok: dict[tuple[int, int, int], bool] = {}
         self._wake = trio.Event()
         self._opened = _monotonic()
@@ -662,20 +664,42 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         if kfb.released:
             return
         dev = self._display.device
-        kept: _Shown | None = None
-        on_screen = self._shown is not None and self._shown.fb is kfb
-        pending_to = self._pending is not None and self._pending.fb is kfb
-        if on_screen or pending_to:
-            kept = self._kept_copy(kfb)
-        if kept is not None:
-            if self._hw_on and self._connected:
-                self._show_now(kept)  # off the FB before RMFB, or the CRTC goes dark
-            if on_screen:
-                self._shown = kept
-            if pending_to and self._pending is not None:
-                self._pending.shown = kept
+        if self._shows(kfb):
+            self._swap_kept(kfb, self._kept_copy(kfb))
         self._live.discard(kfb)
         kfb._drop(dev)
+
+    async def keep_frame(self, fb: Framebuffer, run: CopyRunner) -> None:
+        kfb = self._own(fb, allow_released=True)
+        if kfb.released or not self._shows(kfb):
+            return
+        frame = kfb._frame()
+        if frame.memory is None:
+            return  # release shows black: nothing to copy
+        mode = self._mode
+        canvas = self._spare_canvas(kfb.fourcc)
+        self._reserved.add(canvas)  # no flip composes into it while the thread does
+        try:
+            await run(lambda: _compose(memoryview(canvas.mapped), canvas.dumb.pitch, mode, frame))
+        finally:
+            self._reserved.discard(canvas)
+        if canvas in self._canvases and canvas.mode == self._mode and self._shows(kfb):
+            self._swap_kept(kfb, self._canvas_shown(None, canvas))
+
+    def _shows(self, kfb: KmsFramebuffer) -> bool:
+        """Whether ``kfb`` is on screen or the target of the flip in flight."""
+        return (self._shown is not None and self._shown.fb is kfb) or (
+            self._pending is not None and self._pending.fb is kfb
+        )
+
+    def _swap_kept(self, kfb: KmsFramebuffer, kept: _Shown) -> None:
+        """Show ``kept`` (a copy of ``kfb``'s frame) wherever ``kfb`` is shown or will be."""
+        if self._hw_on and self._connected:
+            self._show_now(kept)  # off the FB before RMFB, or the CRTC goes dark
+        if self._shown is not None and self._shown.fb is kfb:
+            self._shown = kept
+        if self._pending is not None and self._pending.fb is kfb:
+            self._pending.shown = kept
 
     def _kept_copy(self, fb: KmsFramebuffer) -> _Shown:
         """The frame of ``fb`` composed on a spare canvas (black if it cannot be read)."""
@@ -815,7 +839,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             s.canvas
             for s in (self._shown, self._pending.shown if self._pending else None)
             if s is not None and s.canvas is not None
-        }
+        } | self._reserved
         for canvas in self._canvases:
             if canvas not in busy and canvas.fourcc is fourcc and canvas.mode == self._mode:
                 return canvas

@@ -224,8 +224,8 @@ class Env:
         self.store.attach(req)
         return self.store.framebuffer(fb)
 
-    def detach(self, fb: int) -> None:
-        self.store.detach(FbDetachReq(id=next(self.ids), fb_cookie=fb))
+    async def detach(self, fb: int) -> None:
+        await self.store.detach(FbDetachReq(id=next(self.ids), fb_cookie=fb))
 
     async def destroy(self, dbuf: int) -> None:
         await self.store.destroy(DbufDestroyReq(id=next(self.ids), dbuf_cookie=dbuf))
@@ -363,7 +363,7 @@ async def test_zero_copy_buffer_is_scanned_out_from_guest_memory(
         write_pages(env.guest, buf.pfns, frame_bytes(32, 16, 128, salt=9))
         assert_shows(env.output, 32, 16, salt=9)
 
-        env.detach(0xF0)
+        await env.detach(0xF0)
         assert fb.released and shown.released and shown_there.released
         assert_shows(env.output, 32, 16, salt=9)  # the output keeps its last frame
         await env.destroy(0xA0)
@@ -586,8 +586,8 @@ async def test_a_display_refusing_imports_gets_copies_logged_once_per_buffer(
         await env.show(narrow)
         assert env.log.count("warning", "refuses to import buffer 0x1") == 1
         assert env.store.stats.import_fallbacks == 2
-        env.detach(11)
-        env.detach(12)
+        await env.detach(11)
+        await env.detach(12)
         await env.destroy(1)
         free_buffer(env.guest, buf)
 
@@ -659,7 +659,7 @@ async def test_a_pending_prime_buffer_takes_its_geometry_from_fb_attach(
         assert (fb.pitch, fb.offset) == (64, data_ofs)
         await env.show(fb)
         assert_shows(env.output, 16, 8)
-        env.detach(2)
+        await env.detach(2)
         await env.destroy(1)
         free_buffer(env.guest, buf)
 
@@ -691,7 +691,7 @@ async def test_a_backend_allocated_buffer_is_granted_to_the_guest_and_shown(
                 assert shown.zero_copy is import_supported
                 assert_shows(env.output, 16, 8)
             # Linux unmaps before DBUF_DESTROY.
-            env.detach(2)
+            await env.detach(2)
             await env.destroy(1)
             assert dom0_counters(hypervisor).get("grants", 0) == 0
         finally:
@@ -863,13 +863,13 @@ async def test_buffer_and_framebuffer_requests_are_checked_against_the_tables(
         narrow = env.attach(1, 11, 16, 16, PixelFormat.RGB565)  # other format, same pitch
         assert (narrow.pitch, fb.pitch) == (128, 128)
         assert env.store.buffer_info(1).framebuffers == (10, 11)
-        expect_sync_error(errno.ENOENT, env.detach, 12)
-        env.detach(11)
-        expect_sync_error(errno.ENOENT, env.detach, 11)
+        await expect_error(errno.ENOENT, env.detach(12))
+        await env.detach(11)
+        await expect_error(errno.ENOENT, env.detach(11))
         outsider = VirtualDisplay([OutputConfig("x", 8, 8)]).outputs["x"]
         with pytest.raises(ValueError):
             await fb.present_on(outsider)
-        env.detach(10)
+        await env.detach(10)
         await env.destroy(1)
         await expect_error(errno.ENOENT, env.destroy(1))
         free_buffer(env.guest, buf)

@@ -484,6 +484,39 @@ async def test_release_of_imported_frame_on_screen_copies_from_the_mapping(
         assert vkms.rmfb_of_active == 0 and out.live_framebuffers == 0
 
 
+async def test_keep_frame_copies_through_the_runner_and_release_then_copies_nothing(
+    vkms: FakeCard, guest: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from displback.kms import display as kms_display
+
+    buf = guest(1024 * 4 * 768)
+    fill(buf.map, 4096, 1024, 768, b"\x44\x55\x66\x00")
+    ran: list[int] = []
+
+    async def run(copy: Any) -> None:  # a worker thread, as the copy workers do
+        ran.append(1)
+        await trio.to_thread.run_sync(copy)
+
+    async with open_display(vkms) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.import_dmabuf(buf.fd, width=1024, height=768, pitch=4096, offset=0, fourcc=XRGB)
+        await out.flip(fb)
+        await out.keep_frame(fb, run)
+        assert ran == [1] and out.current_fb is None  # the copy is on screen already
+        composed: list[int] = []
+        real = kms_display._compose
+        monkeypatch.setattr(kms_display, "_compose", lambda *a: composed.append(1) or real(*a))
+        out.release(fb)
+        assert composed == []  # nothing copied on the event loop
+        fill(buf.map, 4096, 1024, 768, b"\x00\x00\x00\x00")
+        assert vkms.scanout_pixels(3, 3) == b"\x44\x55\x66\x00"
+        assert vkms.rmfb_of_active == 0 and out.live_framebuffers == 0
+        # A framebuffer not on screen: nothing to keep.
+        other = out.create_dumb(width=64, height=64, fourcc=XRGB)
+        await out.keep_frame(other, run)
+        assert ran == [1]
+
+
 async def test_release_of_a_framebuffer_of_another_output_is_refused(vkms: FakeCard) -> None:
     other = vkms_card()
     try:

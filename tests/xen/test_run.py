@@ -83,17 +83,17 @@ def test_malformed_virtual_outputs_are_refused(bad: str) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        (RunConfig(), "needs at least one --virtual-output"),
+        (RunConfig(), r"needs at least one output \(--virtual-output"),
         (
             RunConfig(virtual_outputs=[OutputConfig("a", 8, 8), OutputConfig("a", 8, 8)]),
-            "duplicate output names",
+            "duplicate output name 'a'",
         ),
         (
             RunConfig(virtual_outputs=[OutputConfig("a", 8, 8)], assign={"1/0/0": "b"}),
-            "unknown outputs: b",
+            "--assign: names output 'b', which is not one of the virtual_outputs",
         ),
-        (RunConfig(display="kms", card="/dev/dri/card0"), "at least one --connector"),
-        (RunConfig(display="kms", connectors=["Virtual-1=0x1"]), "--connector 'Virtual-1=0x1'"),
+        (RunConfig(display="kms", card="/dev/dri/card0"), r"at least one connector \(--connector"),
+        (RunConfig(display="kms", connectors=["Virtual-1=0x1"]), "--connector: 'Virtual-1=0x1'"),
     ],
 )
 async def test_inconsistent_options_refuse_to_start(config: RunConfig, message: str) -> None:
