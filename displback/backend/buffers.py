@@ -537,6 +537,7 @@ class BufferStore:
         self._retired: dict[Output, list[DumbFramebuffer]] = {}
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
+        self._creating: set[int] = set()  # cookies of guest buffers being created
         self._fbs: dict[int, GuestFramebuffer] = {}
         # None until the first export settles whether this platform can export dma-bufs.
         self._export_supported: bool | None = None
@@ -619,7 +620,7 @@ class BufferStore:
         _validate(req.validate)
         self._check_open()
         cookie = req.dbuf_cookie
-        if cookie in self._buffers:
+        if cookie in self._buffers or cookie in self._creating:
             raise RequestError(EEXIST, f"display buffer 0x{cookie:x} exists")
         if req.be_alloc and not self.be_alloc:
             raise RequestError(EPERM, "REQ_ALLOC without be-alloc")
@@ -636,9 +637,12 @@ class BufferStore:
             )
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
             raise RequestError(ENOMEM, message)
-        buffer = self._create_backend(req) if req.be_alloc else self._create_guest(req)
-        # No await since check_buffer: the charge cannot fail.
-        self.quota.charge(npages)
+        if req.be_alloc:
+            buffer = self._create_backend(req)
+            # No await since check_buffer: the charge cannot fail.
+            self.quota.charge(npages)
+        else:
+            buffer = await self._create_guest_off_loop(req)
         self._buffers[cookie] = buffer
         self.log.debug(
             f"dom{self.domid}: buffer 0x{cookie:x} created: {buffer.kind.value}, "
@@ -659,6 +663,30 @@ class BufferStore:
             npages=req.npages,
             refs=refs,
         )
+
+    async def _create_guest_off_loop(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """:meth:`_create_guest` in a worker thread, within the guest's share of the copy
+        workers: reading a directory and mapping or exporting its grants is one gntdev call
+        per directory page and one for up to 8187 grefs (7-13 ms for the largest buffer),
+        which on the event loop held every guest's flips while one guest churned buffers.
+
+        The buffer is charged and its cookie reserved before the wait, so concurrent creates
+        of the guest's rings see both; a create that fails or is cancelled before its thread
+        ran gives them back. A thread that ran is always waited for (the copy workers never
+        abandon one), and its buffer is in the table before the next checkpoint: a teardown
+        releases it like any other.
+        """
+        npages, cookie = req.npages, req.dbuf_cookie
+        self.quota.charge(npages)
+        self._creating.add(cookie)
+        created: list[_DisplayBuffer] = []
+        try:
+            await self.copies.run(self.domid, lambda: created.append(self._create_guest(req)))
+        finally:
+            self._creating.discard(cookie)
+            if not created:
+                self.quota.release(npages)
+        return created[0]
 
     def _create_guest(self, req: DbufCreateReq) -> _DisplayBuffer:
         if self.policy is ZeroCopyPolicy.REQUIRE and self._export_supported is False:
