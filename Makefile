@@ -7,9 +7,19 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 	linux-source-6.1 busybox-static cpio build-essential bc bison flex libelf-dev libssl-dev \
 	dwarves libdrm-dev linux-libc-dev xz-utils kmod
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
-	edid-decode cpio
+	edid-decode cpio python3-venv systemd
+# `make install` (docs/operations.md): Debian's interpreter and its venv module.
+INSTALL_APT_PACKAGES := python3 python3-venv libatomic1
+# Wheels of displback's dependencies and build backend: `make install WHEELHOUSE=...` installs
+# from them without PyPI (an air-gapped Dom0; tests/test_install.py).
+WHEELHOUSE_DIR ?= $(VENV)/wheelhouse
+# Paths `make install`/`make uninstall` take from the command line (packaging/install.sh).
+INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_PYTHON \
+	WHEELHOUSE PIP_ARGS
+INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
-.PHONY: test test-vm test-vm-pvh demo bench fuzz lint apt-deps vm-deps clean
+.PHONY: test test-vm test-vm-pvh demo bench fuzz lint apt-deps vm-deps clean install uninstall \
+	install-deps wheelhouse deb
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +48,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench --json bench-results.json
 
-test: apt-deps $(STAMP)
+test: apt-deps $(STAMP) wheelhouse
 	$(PY) -m pytest -q
 
 # Stateful fuzzing of the daemon by a hostile guest beside an honest one (tests/hostile/
@@ -47,6 +57,31 @@ test: apt-deps $(STAMP)
 FUZZ_EXAMPLES ?= 300
 fuzz: $(STAMP)
 	DISPLBACK_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/hostile/test_fuzz.py
+
+# The daemon for a Debian 12 Dom0: a venv in /opt/displback, /usr/bin/displback, the unit in
+# /etc/systemd/system, /etc/displback/displback.toml (an edited one is kept), the docs in
+# /usr/share/doc/displback. No prompts; DESTDIR=/stage and the paths above move it.
+install: install-deps
+	$(INSTALL_ENV) sh packaging/install.sh install
+
+uninstall:
+	$(INSTALL_ENV) sh packaging/install.sh uninstall
+
+# The same tree as a Debian package: build/displback_VERSION_ARCH.deb (packaging/deb.sh).
+deb: install-deps
+	rm -rf build/deb
+	@$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb/root \
+		UNITDIR=/lib/systemd/system
+	sh packaging/deb.sh build/deb/root build
+
+install-deps:
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(INSTALL_APT_PACKAGES)"
+
+wheelhouse: $(WHEELHOUSE_DIR)/.complete
+
+$(WHEELHOUSE_DIR)/.complete: $(STAMP)
+	$(PY) -m pip wheel --quiet -w $(WHEELHOUSE_DIR) . 'setuptools>=77'
+	touch $@
 
 # The nested-Xen VM tests (docs/testing.md): Xen 4.17 under QEMU TCG, a Dom0 running our
 # daemon, guests running Linux's xen-drm-front. The first run builds the kernel (~15 min,

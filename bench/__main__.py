@@ -194,6 +194,21 @@ async def _fairness(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                           "", Target(">=", 0.9)))
         report.add(Metric(f"{key}_p99_ratio", "  p99 latency beside / alone",
                           result["p99_ratio"], ""))
+    for key, copy in (("churncopy", True), ("churnzc", False)):
+        mode = "copy" if copy else "zero-copy"
+        _say(f"  fairness: hostile guest churning its largest buffers ({mode})")
+        result = await flips.fairness(tmp / key, hostile_connectors=plan.fairness_hostile,
+                                      window=plan.fairness_window, hostile_mode="churn",
+                                      copy=copy)
+        results[key] = result
+        xw, xh = result["hostile_size"]
+        report.add(Metric(
+            f"{key}_fps_ratio",
+            f"honest guest ({mode}, 60 Hz) beside one creating, showing, detaching and "
+            f"destroying {result['hostile_connectors']}×{xw}x{xh} buffers: flip rate / alone",
+            result["fps_ratio"], "", Target(">=", 0.9)))
+        report.add(Metric(f"{key}_p99_ratio", "  p99 latency beside / alone",
+                          result["p99_ratio"], ""))
     report.details["fairness"] = results
 
 

@@ -82,6 +82,18 @@ async def test_fairness_measures_the_honest_guest_alone_and_beside_the_hostile_o
     assert result["fps_ratio"] == pytest.approx(beside["fps"] / alone["fps"])
 
 
+@pytest.mark.parametrize("copy", [True, False])
+async def test_fairness_with_a_churning_hostile_guest_measures_both(
+    tmp_path: Path, copy: bool
+) -> None:
+    result = await flips.fairness(tmp_path, honest_size=TINY, hostile_size=(128, 96),
+                                  hostile_connectors=1, window=0.3, warmup=0.1,
+                                  hostile_mode="churn", copy=copy)
+    assert result["alone"]["flips"] > 0 and result["beside_hostile"]["flips"] > 0
+    assert result["hostile_mode"] == "churn" and result["copy"] is copy
+    assert result["hostile_frames_per_s"] > 0  # its buffers were shown
+
+
 async def test_trio_wakeup_cost_counts_its_wakeups() -> None:
     result = await flips.trio_wakeup_cost(seconds=0.1, rate=100.0)
     assert result["wakeups"] == 10

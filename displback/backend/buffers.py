@@ -99,6 +99,7 @@ from displback.display.interface import (
     UnsupportedFormat,
 )
 from displback.display.pixels import copy_frame, frame_end
+from displback.logs import LogThrottle
 from displback.protocol.constants import (
     EDID_BLOCK_SIZE,
     EDID_MAX_SIZE,
@@ -199,20 +200,14 @@ class _RateLimitedLog:
         self, log: Logger, interval: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._log = log
-        self._interval = interval
-        self._clock = clock
-        self._next = -float("inf")
-        self._suppressed = 0
+        self._throttle = LogThrottle(interval, clock)
 
     def warning(self, message: str) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
+        suppressed = self._throttle.allow()
+        if suppressed is None:
             return
-        if self._suppressed:
-            message += f" ({self._suppressed} similar refusals not logged)"
-        self._suppressed = 0
-        self._next = now + self._interval
+        if suppressed:
+            message += f" ({suppressed} similar refusals not logged)"
         self._log.warning(message)
 
 
@@ -233,6 +228,9 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    # Why its frames are copied: a COPY buffer's reason, or "<output>: <why>" per output
+    # that refused to import it (for the status).
+    copy_reasons: list[str] = field(default_factory=list)
     dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
     # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
     copies: int = 0
@@ -385,6 +383,9 @@ class GuestFramebuffer:
                 )
             state.copying = True
             store._import_fallbacks += 1
+            reason = f"{output.name} refused the import: {exc.reason}"
+            if reason not in buffer.copy_reasons:
+                buffer.copy_reasons.append(reason)
             return None
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
@@ -537,9 +538,11 @@ class BufferStore:
         self._retired: dict[Output, list[DumbFramebuffer]] = {}
         self._refusals = _RateLimitedLog(self.log, QUOTA_LOG_INTERVAL, quota_log_clock)
         self._buffers: dict[int, _DisplayBuffer] = {}
+        self._creating: set[int] = set()  # cookies of guest buffers being created
         self._fbs: dict[int, GuestFramebuffer] = {}
         # None until the first export settles whether this platform can export dma-bufs.
         self._export_supported: bool | None = None
+        self._export_refusal: str | None = None  # why it cannot, once known
         self._deferred_count = 0
         self._import_fallbacks = 0
         self._closed = False
@@ -572,6 +575,14 @@ class BufferStore:
             deferred=self._deferred_count,
             import_fallbacks=self._import_fallbacks,
         )
+
+    def copy_reasons(self) -> dict[str, int]:
+        """Why frames are copied rather than scanned out: reason → buffers it applies to."""
+        reasons: dict[str, int] = {}
+        for buffer in self._buffers.values():
+            for reason in buffer.copy_reasons:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
 
     @property
     def export_supported(self) -> bool | None:
@@ -619,7 +630,7 @@ class BufferStore:
         _validate(req.validate)
         self._check_open()
         cookie = req.dbuf_cookie
-        if cookie in self._buffers:
+        if cookie in self._buffers or cookie in self._creating:
             raise RequestError(EEXIST, f"display buffer 0x{cookie:x} exists")
         if req.be_alloc and not self.be_alloc:
             raise RequestError(EPERM, "REQ_ALLOC without be-alloc")
@@ -636,9 +647,12 @@ class BufferStore:
             )
             self._refusals.warning(f"dom{self.domid}: DBUF_CREATE refused: {message}")
             raise RequestError(ENOMEM, message)
-        buffer = self._create_backend(req) if req.be_alloc else self._create_guest(req)
-        # No await since check_buffer: the charge cannot fail.
-        self.quota.charge(npages)
+        if req.be_alloc:
+            buffer = self._create_backend(req)
+            # No await since check_buffer: the charge cannot fail.
+            self.quota.charge(npages)
+        else:
+            buffer = await self._create_guest_off_loop(req)
         self._buffers[cookie] = buffer
         self.log.debug(
             f"dom{self.domid}: buffer 0x{cookie:x} created: {buffer.kind.value}, "
@@ -660,6 +674,30 @@ class BufferStore:
             refs=refs,
         )
 
+    async def _create_guest_off_loop(self, req: DbufCreateReq) -> _DisplayBuffer:
+        """:meth:`_create_guest` in a worker thread, within the guest's share of the copy
+        workers: reading a directory and mapping or exporting its grants is one gntdev call
+        per directory page and one for up to 8187 grefs (7-13 ms for the largest buffer),
+        which on the event loop held every guest's flips while one guest churned buffers.
+
+        The buffer is charged and its cookie reserved before the wait, so concurrent creates
+        of the guest's rings see both; a create that fails or is cancelled before its thread
+        ran gives them back. A thread that ran is always waited for (the copy workers never
+        abandon one), and its buffer is in the table before the next checkpoint: a teardown
+        releases it like any other.
+        """
+        npages, cookie = req.npages, req.dbuf_cookie
+        self.quota.charge(npages)
+        self._creating.add(cookie)
+        created: list[_DisplayBuffer] = []
+        try:
+            await self.copies.run(self.domid, lambda: created.append(self._create_guest(req)))
+        finally:
+            self._creating.discard(cookie)
+            if not created:
+                self.quota.release(npages)
+        return created[0]
+
     def _create_guest(self, req: DbufCreateReq) -> _DisplayBuffer:
         if self.policy is ZeroCopyPolicy.REQUIRE and self._export_supported is False:
             raise RequestError(EOPNOTSUPP, "zero-copy is required but cannot be done here")
@@ -667,6 +705,10 @@ class BufferStore:
         if self.policy is ZeroCopyPolicy.OFF or self._export_supported is False:
             buffer = self._new_buffer(req, BufferKind.COPY, refs)
             buffer.cpu = map_buffer(self.grants, self.domid, refs, writable=False)
+            if self.policy is ZeroCopyPolicy.OFF:
+                buffer.copy_reasons.append("zero_copy is off")
+            else:
+                buffer.copy_reasons.append(self._export_refusal or "cannot export dma-bufs")
             return buffer
         try:
             fd = self.grants.dmabuf_export(self.domid, list(refs))
@@ -695,6 +737,7 @@ class BufferStore:
                 errno_for_os_error(exc), f"cannot export buffer 0x{req.dbuf_cookie:x}: {exc}"
             ) from exc
         self._export_supported = False
+        self._export_refusal = reason
         if self.policy is ZeroCopyPolicy.REQUIRE:
             if mapping is not None:
                 mapping.close()
@@ -705,6 +748,7 @@ class BufferStore:
             mapping = map_buffer(self.grants, self.domid, refs, writable=False)
         buffer = self._new_buffer(req, BufferKind.COPY, refs)
         buffer.cpu = mapping
+        buffer.copy_reasons.append(reason)
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:

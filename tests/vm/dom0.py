@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.vm.machine import NO_VKMS, XenVM
+from tests.vm.machine import DOM0_SHARE, NO_VKMS, XenVM
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 #: Guest kernel log level (4: errors only); DISPLBACK_VM_GUEST_LOGLEVEL=8 to debug a guest.
 GUEST_LOGLEVEL = int(os.environ.get("DISPLBACK_VM_GUEST_LOGLEVEL", "4"))
-SHARE = "/mnt"
+SHARE = DOM0_SHARE
+#: What libxl prints when a device removal went wrong (issue 10); ``xl`` still exits 0 then.
+LIBXL_ERRORS = ("unable to remove device", "libxl__devices_destroy failed", "libxl: error")
+#: /proc/<pid>/stat counts CPU time in USER_HZ ticks, 100 a second on x86.
+USER_HZ = 100
 
 
 @dataclass
@@ -32,6 +36,32 @@ class Guest:
     name: str
     domid: int
     console: Path
+
+
+@dataclass(frozen=True)
+class XlRun:
+    """One ``xl`` command timed in Dom0, with the daemon's CPU time across it."""
+
+    command: str
+    rc: int
+    wall_s: float
+    daemon_cpu_s: float
+    output: str
+
+    @property
+    def libxl_errors(self) -> list[str]:
+        return libxl_errors(self.output)
+
+
+def libxl_errors(text: str) -> list[str]:
+    """The lines of ``xl`` output (or of its monitor's log) that report a failed removal."""
+    return [line for line in text.splitlines() if any(e in line for e in LIBXL_ERRORS)]
+
+
+def _cpu_ticks(stat: str) -> int:
+    """utime + stime of a ``/proc/<pid>/stat`` line (fields 14 and 15)."""
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
 
 
 @dataclass
@@ -90,8 +120,18 @@ exec /bin/sh -i
         self.sh(f"({command}) > {SHARE}/.out 2>&1", timeout, check=check)
         return (self.share / ".out").read_text(errors="replace")
 
-    def start_daemon(self, *args: str, wait: bool = True, timeout: float = 120.0) -> None:
-        """Start ``displback run`` in the background, logging JSON to ``/mnt/daemon.log``."""
+    def start_daemon(
+        self,
+        *args: str,
+        wait: bool = True,
+        timeout: float = 120.0,
+        snapshot_interval: float = 0.5,
+    ) -> None:
+        """Start ``displback run`` in the background, logging JSON to ``/mnt/daemon.log``.
+
+        A long ``snapshot_interval`` keeps PNG encoding out of measurements of the daemon's
+        CPU time (the snapshots and ``status.json`` are then written once, at start).
+        """
         started = time.monotonic()
         log = f"{SHARE}/daemon.log"
         argv = " ".join(
@@ -103,7 +143,7 @@ exec /bin/sh -i
                 "--snapshot-dir",
                 f"{SHARE}/snap",
                 "--snapshot-interval",
-                "0.5",
+                str(snapshot_interval),
                 *args,
             ]
         )
@@ -151,11 +191,18 @@ exec /bin/sh -i
         return status
 
     def status(self) -> list[dict[str, Any]]:
+        """The devices in the daemon's ``status.json`` (displback.status), each with its
+        guest's ``domid``."""
         path = self.share / "snap" / "status.json"
         try:
-            return list(json.loads(path.read_text()))
+            doc = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return []
+        return [
+            {**device, "domid": guest["domid"]}
+            for guest in doc["guests"]
+            for device in guest["devices"]
+        ]
 
     def write_guest_config(
         self,
@@ -169,7 +216,9 @@ exec /bin/sh -i
         then: str = "stay",
         maxmem: int = 256,
         guest_type: str = "pv",
+        vdispl: bool = True,
     ) -> Path:
+        """``/mnt/<name>.cfg``; ``vdispl=False``: the same guest without a display (baselines)."""
         extra = (
             f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
             f"drmtest.flips={flips} drmtest.hold={hold} "
@@ -184,17 +233,24 @@ memory = 256
 maxmem = {maxmem}
 vcpus = 1
 on_reboot = "restart"
-vdispl = [ 'backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}' ]
 """
+        if vdispl:
+            spec = f"backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}"
+            text += f"vdispl = [ '{spec}' ]\n"
         path = self.share / f"{name}.cfg"
         path.write_text(text)
         return path
 
-    def xl_create(self, name: str, timeout: float = 120.0, **config: Any) -> Guest:
+    def xl_create(
+        self, name: str, timeout: float = 120.0, *, paused: bool = False, **config: Any
+    ) -> Guest:
         self.write_guest_config(name, **config)
         started = time.monotonic()
+        flags = "-p " if paused else ""
         rc = self.sh(
-            f"xl create {SHARE}/{name}.cfg > {SHARE}/xl-{name}.txt 2>&1", timeout, check=False
+            f"xl create {flags}{SHARE}/{name}.cfg > {SHARE}/xl-{name}.txt 2>&1",
+            timeout,
+            check=False,
         )
         self._step(f"xl create {name}", started)
         if rc != 0:
@@ -213,6 +269,50 @@ vdispl = [ 'backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}' ]
             guest.console, lambda t: regex.search(t) is not None, timeout, what=what
         )
 
+    def xl_timed(self, args: str, timeout: float = 120.0) -> XlRun:
+        """Run ``xl ARGS`` in Dom0: its wall time (taken in Dom0, so the serial line's typing
+        is not in it), its stdout+stderr, and the daemon's utime+stime before and after."""
+        if self.daemon_pid is None:
+            raise self.vm.fail("xl_timed needs the daemon running (its CPU time is measured)")
+        stat = f"/proc/{self.daemon_pid}/stat"
+        self.sh(
+            f"cat {stat} > {SHARE}/.cpu0; s=$(date +%s%N); xl {args} > {SHARE}/.xl 2>&1; "
+            f"rc=$?; e=$(date +%s%N); cat {stat} > {SHARE}/.cpu1; "
+            f"echo $rc $s $e > {SHARE}/.xlrun",
+            timeout,
+        )
+        rc, start_ns, end_ns = (int(f) for f in (self.share / ".xlrun").read_text().split())
+        stats = [(self.share / f".cpu{i}").read_text() for i in (0, 1)]
+        if not all(stats):
+            raise self.vm.fail(f"the daemon (pid {self.daemon_pid}) died around `xl {args}`")
+        ticks = [_cpu_ticks(stat) for stat in stats]
+        run = XlRun(
+            command=f"xl {args}",
+            rc=rc,
+            wall_s=(end_ns - start_ns) / 1e9,
+            daemon_cpu_s=(ticks[1] - ticks[0]) / USER_HZ,
+            output=(self.share / ".xl").read_text(errors="replace"),
+        )
+        with (self.share / "xl-timed.log").open("a") as log:  # every run, for the post-mortem
+            log.write(f"$ {run.command}  # rc {rc}, {run.wall_s:.2f} s\n{run.output}\n")
+        return run
+
+    def xl_monitor_log(self, name: str) -> str:
+        """The log of the ``xl create`` process that stays to watch guest ``name``: it, not
+        the ``xl shutdown``/``reboot`` command, destroys the domain and its devices."""
+        return self.output(f"cat /var/log/xen/xl-{name}.log", check=False)
+
+    def vdispl_backends(self) -> set[tuple[int, int]]:
+        """The (domid, devid) of every vdispl device directory in Dom0's backend tree."""
+        root = "/local/domain/0/backend/vdispl"
+        text = self.output(
+            f"for d in $(xenstore-list {root}); do for v in $(xenstore-list {root}/$d); do "
+            "echo $d/$v; done; done",
+            check=False,
+        )
+        pairs = (line.strip().partition("/") for line in text.splitlines())
+        return {(int(d), int(v)) for d, _, v in pairs if d.isdigit() and v.isdigit()}
+
     def xenstore_read(self, path: str) -> str:
         return self.output(f"xenstore-read {path}").strip()
 
@@ -221,6 +321,8 @@ vdispl = [ 'backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}' ]
         pid = self.daemon_pid
         text = self.output(f"ls -l /proc/{pid}/fd; echo @@MAPS; cat /proc/{pid}/maps", check=False)
         fds, _, maps = text.partition("@@MAPS")
+        if not maps.strip():  # a dead daemon would hold nothing, and prove nothing
+            raise self.vm.fail(f"the daemon (pid {pid}) is not running:\n{text[-1000:]}")
         return {
             "gntdev_maps": sum(1 for line in maps.splitlines() if "/dev/xen/gntdev" in line),
             "dmabuf_maps": sum(1 for line in maps.splitlines() if "dmabuf" in line),
@@ -228,6 +330,17 @@ vdispl = [ 'backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}' ]
             "evtchn_fds": sum(1 for line in fds.splitlines() if "/dev/xen/evtchn" in line),
             "gntdev_fds": sum(1 for line in fds.splitlines() if "/dev/xen/gntdev" in line),
         }
+
+    def wait_no_guest_resources(self, timeout: float = 30.0) -> None:
+        """Wait until the daemon holds no guest's grant maps, dma-bufs or event channels."""
+        deadline = time.monotonic() + timeout
+        held = self.daemon_resources()
+        while time.monotonic() < deadline:
+            held = self.daemon_resources()
+            if held["gntdev_maps"] == held["dmabuf_fds"] == held["evtchn_fds"] == 0:
+                return
+            time.sleep(1)
+        raise AssertionError(f"the daemon still holds guest resources: {held}")
 
     def report(self) -> None:
         print("timings (s):", json.dumps(self.timings))

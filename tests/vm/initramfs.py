@@ -10,7 +10,8 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
 * DomU: ``/init`` runs ``drmtest`` on xen-drm-front's card (driver ``xendrm-du``) with the
   arguments found on the kernel command line
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
-  ``halt``/``reboot``/``stay``).
+  ``halt``/``reboot``/``stay``), and has ``/sbin/poweroff`` and ``/sbin/reboot`` for the
+  kernel to run on ``xl shutdown``/``xl reboot``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ exec sh
 """
 
 
+# `xl shutdown` / `xl reboot` reach a PV guest's kernel, which runs /sbin/poweroff or
+# /sbin/reboot (orderly_poweroff; without the program a poweroff request is dropped).
+# busybox's own applets would only signal init, which here is the script above: go straight
+# to the kernel (-f), whose device shutdown still closes the frontends first (each waits for
+# its backend's Closed). The line on the console shows the guest took the request.
+def _power_script(applet: str) -> str:
+    return f"""#!/bin/sh
+echo "DOMU {applet.upper()}" > /dev/console
+exec /bin/busybox {applet} -f
+"""
+
+
 def compile_drmtest(out: Path) -> Path:
     """``gcc -static`` the guest's DRM test program into ``out``."""
     compiler = shutil.which("gcc")
@@ -152,6 +165,11 @@ def build_dom0(path: Path) -> Path:
 
 def build_domu(path: Path, drmtest: Path) -> Path:
     """Write the DomU initramfs (with the compiled ``drmtest``) to ``path``."""
-    entries = [*_base(DOMU_INIT), _file("bin/drmtest", drmtest.read_bytes())]
+    entries = [
+        *_base(DOMU_INIT),
+        _file("bin/drmtest", drmtest.read_bytes()),
+        _file("sbin/poweroff", _power_script("poweroff").encode()),
+        _file("sbin/reboot", _power_script("reboot").encode()),
+    ]
     path.write_bytes(_newc(entries))
     return path

@@ -34,6 +34,8 @@ DOM0_ARGS = f"console=hvc0 earlyprintk=xen rdinit=/init loglevel={DOM0_LOGLEVEL}
 # (Debian's Xen has no shadow paging: without HAP, `xl create` of a PVH guest fails).
 CPU = os.environ.get("DISPLBACK_VM_CPU", "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3,+svm,+npt")
 _RC = re.compile(rb"@@RC=(\d+)@@")
+#: Where Dom0 mounts the shared directory (tests/vm/initramfs.py's Dom0 /init).
+DOM0_SHARE = "/mnt"
 
 
 class VMError(AssertionError):
@@ -191,8 +193,17 @@ class XenVM:
             time.sleep(0.02)
 
     def sh(self, command: str, timeout: float = 60.0, *, check: bool = True) -> int:
-        """Run ``command`` in Dom0's shell; return its exit status (``check``: must be 0)."""
-        self.send(f'{command}; echo "@@""RC=$?@@"\n')
+        """Run ``command`` in Dom0's shell; return its exit status (``check``: must be 0).
+
+        The command is written to the shared directory and only ``. /mnt/.cmd`` is typed:
+        under load the serial line drops typed characters (seen: a 170-character command lost
+        some and the shell sat at its continuation prompt). Every command is appended to
+        ``commands.log`` there, for the post-mortem.
+        """
+        (self.share / ".cmd").write_text(command + "\n")
+        with (self.share / "commands.log").open("a") as log:
+            log.write(command + "\n")
+        self.send(f'. {DOM0_SHARE}/.cmd; echo "@@""RC=$?@@"\n')
         match = self.expect(_RC, timeout, what=f"end of `{command}`")
         rc = int(match.group(1))
         if check and rc != 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.vm import initramfs, kernel
+from tests.vm import dom0, initramfs, kernel
 
 
 def test_newc_archive_lists_and_extracts_with_cpio(tmp_path: Path) -> None:
@@ -48,3 +48,35 @@ def test_committed_fragment_has_what_the_backend_needs() -> None:
         "9P_FS",
     ):
         assert options[f"CONFIG_{name}"] == "y", name
+
+
+def test_domu_image_has_the_programs_the_kernel_runs_on_xl_shutdown_and_reboot(
+    tmp_path: Path,
+) -> None:
+    drmtest = tmp_path / "drmtest"
+    drmtest.write_bytes(b"\x7fELF")
+    archive = initramfs.build_domu(tmp_path / "domU.cpio", drmtest).read_bytes()
+    subprocess.run(
+        ["cpio", "-id", "--quiet"], input=archive, cwd=tmp_path, check=True, capture_output=True
+    )
+    for applet in ("poweroff", "reboot"):
+        script = tmp_path / "sbin" / applet
+        assert script.stat().st_mode & 0o111, applet
+        assert script.read_text().splitlines()[-1] == f"exec /bin/busybox {applet} -f"
+
+
+def test_cpu_ticks_are_read_past_a_process_name_with_spaces_and_parens() -> None:
+    stat = "812 (py (x) y) S 1 812 812 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 3 0 1234"
+    assert dom0._cpu_ticks(stat) == 287
+
+
+def test_libxl_removal_errors_are_found_in_xl_output() -> None:
+    output = (
+        "Parsing config from /mnt/g.cfg\n"
+        "libxl: error: libxl_device.c:1111:device_backend_callback: Domain 3:unable to remove "
+        "device with path /local/domain/0/backend/vdispl/3/0\n"
+        "libxl: error: libxl_domain.c:1530:devices_destroy_cb: Domain 3:libxl__devices_destroy"
+        " failed\n"
+    )
+    assert len(dom0.libxl_errors(output)) == 2
+    assert dom0.libxl_errors("Parsing config from /mnt/g.cfg\n") == []

@@ -1,9 +1,12 @@
-"""A guest that releases frames on screen makes the output keep a copy of each (its memory
-must go, the screen must not go dark): up to 32 MiB per FB_DETACH or DBUF_DESTROY, one per
-vblank and connector. Zero-copy mode, where the frame on screen is the guest's own memory.
-Those copies run in the copy workers, within the guest's share, never on the event loop (they
-did: 7 ms each at 4095×2047 held every guest's flips, p99 latency ×3 in ``make bench``'s
-churn run)."""
+"""A guest's heavy requests run off the event loop, within its share of the copy workers.
+
+A guest that releases frames on screen makes the output keep a copy of each (its memory must
+go, the screen must not go dark): up to 32 MiB per FB_DETACH or DBUF_DESTROY, one per vblank
+and connector, in zero-copy mode where the frame on screen is the guest's own memory. And
+each DBUF_CREATE reads a directory and maps or exports up to 8187 grants. On the event loop
+both held every guest's flips (a guest churning its largest buffers: honest p99 flip latency
+×3 in ``make bench``'s ``fairness`` churn runs); gated here, the honest guest flips while the
+attacker's work is held in its thread."""
 
 from __future__ import annotations
 
@@ -77,3 +80,39 @@ async def test_releasing_frames_on_screen_keeps_their_copies_off_the_event_loop(
             # The output shows the kept copy of the released frame, not the guest's memory.
             assert w.output("A0").current_fb is None
             assert shown(w.output("A0"), *BIG) == (0, 7)
+
+
+async def test_a_guest_creating_its_largest_buffers_does_so_off_the_event_loop(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DBUF_CREATE reads the directory and maps or exports up to 8187 grants: 7-13 ms of
+    # gntdev calls for the largest buffer. A guest creating and destroying such buffers in a
+    # loop held every guest's flips while those calls ran on the event loop.
+    from displback.backend import buffers as buffers_module
+
+    loop_thread = threading.get_ident()
+    gate = threading.Event()
+    held: list[int] = []
+    real = buffers_module.read_directory
+
+    def gated(grants: object, domid: int, *args: object, **kwargs: object) -> object:
+        if domid == ATTACKER:
+            held.append(threading.get_ident())
+            if threading.get_ident() != loop_thread:
+                gate.wait(timeout=30)
+        return real(grants, domid, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(buffers_module, "read_directory", gated)
+    with trio.fail_after(60):
+        async with zero_copy_machine(hypervisor, tmp_path, monkeypatch) as (
+            w, attacker, honest, _,
+        ):
+            hbufs, hfbs = await new_guest_buffers(honest, 320, 240)
+            await honest.set_config(0, hfbs[0])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attacker.create_dumb, *BIG, 32)
+                await wait_until(lambda: bool(held))  # the attacker's create is under way ...
+                for frame in range(1, 4):  # ... and the honest guest flips meanwhile
+                    await flip_frame(honest, 0, hbufs[frame % 2], hfbs[frame % 2], frame)
+                gate.set()
+            assert held and loop_thread not in held
