@@ -50,6 +50,7 @@ __all__ = [
     "quota_violations",
     "reset_and_back",
     "rounds",
+    "starved",
     "run_attack",
     "set_field",
 ]
@@ -76,6 +77,19 @@ OUTPUTS = (
 Attack = Callable[["Arena", SimGuest], Awaitable[None]]
 
 
+def starved() -> float:
+    """Seconds the calling thread has spent runnable but not running (waiting for a CPU
+    other processes held): ``run_delay`` of ``/proc/thread-self/schedstat``; 0 if unknown.
+
+    Blocking Dom0's loop (on-CPU work, or waiting for the GIL or a socket) is not counted:
+    that is what the rate check is there to see."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def quota_violations(quota: Quota) -> list[str]:
     """Every resource of ``quota`` held beyond its limit."""
     usage = quota.usage()
@@ -97,6 +111,7 @@ class Arena:
     baseline: int = 0  # honest flips in one window alone
     beside: float = 0.0  # honest flips per window beside the attacker
     after: int | None = None  # honest flips in one window alone after it, if measured
+    starved: float = 0.0  # seconds the daemon's thread waited for a CPU beside the attacker
 
     @property
     def honest_flips(self) -> int:
@@ -138,23 +153,29 @@ class Arena:
             self.check()
         return self.honest_flips - start
 
-    async def assert_rate_kept(self, flips: int, seconds: float) -> None:
+    async def assert_rate_kept(self, flips: int, seconds: float, starved: float = 0.0
+                               ) -> None:
         """Beside the attacker (gone by now) the honest guest completed ``flips`` in
         ``seconds``: at least 90 % of its rate alone, less one frame.
 
-        Should it fall short, the rate alone is measured once more, now that the attacker
-        has left, and the lower of the two counts: the cores are shared (CI, other jobs), so
-        the machine may simply be busier than when the baseline was taken. A slowdown the
-        attacker caused does not come back without it."""
+        The cores are shared (CI, other jobs), so two allowances keep a busy machine from
+        passing for an attacker: the vblanks of the ``starved`` seconds the daemon's thread
+        waited for a CPU held by other processes (:func:`starved`) are not counted against
+        it; and should the rate still fall short, the rate alone is measured once more, now
+        that the attacker has left, and the lower of the two baselines counts. A slowdown the
+        attacker caused shows in neither."""
         self.beside = flips * WINDOW / seconds
+        self.starved = starved
+        excused = starved * HONEST_HZ * WINDOW / seconds
         baseline = self.baseline
-        if self.beside < (1 - RATE_TOLERANCE) * baseline - 1:
+        if self.beside + excused < (1 - RATE_TOLERANCE) * baseline - 1:
             self.after = await self.flips_in(WINDOW)
             baseline = min(baseline, self.after)
         floor = (1 - RATE_TOLERANCE) * baseline - 1
-        assert self.beside >= floor, (
+        assert self.beside + excused >= floor, (
             f"honest flips per {WINDOW} s: {self.baseline} alone before, {self.after} "
-            f"after, {self.beside:.1f} beside the attacker (at least {floor:.1f} expected)"
+            f"after, {self.beside:.1f} beside the attacker, {excused:.1f} excused for "
+            f"{starved:.3f} s without a CPU (at least {floor:.1f} expected)"
         )
 
     async def attacker_gone(self, domid: int = ATTACKER) -> None:
@@ -236,7 +257,7 @@ async def run_attack(
             if before is not None:
                 before(a)
             await m.add_guest(ATTACKER, spec)
-            start_flips, start = a.honest_flips, trio.current_time()
+            start_flips, start, start_starved = a.honest_flips, trio.current_time(), starved()
             async with m.guest(ATTACKER, **guest_options) as bad:
                 await bad.wait_connected()
                 async with trio.open_nursery() as nursery:
@@ -255,10 +276,11 @@ async def run_attack(
                     await a.flips_in(rest)
                 elapsed = trio.current_time() - start
                 flips = a.honest_flips - start_flips
+                starving = starved() - start_starved
                 if crash:
                     bad.crash()
             await a.attacker_gone()
-            await a.assert_rate_kept(flips, elapsed)
+            await a.assert_rate_kept(flips, elapsed, starving)
     return a
 
 

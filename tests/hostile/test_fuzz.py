@@ -50,7 +50,7 @@ from displback.sim.hypervisor import HypervisorThread, wait_for_no_leaks
 from displback.sim.platform import client_resources
 from displback.xenstore.wire import XenStoreError
 from tests.backend.support import paint
-from tests.hostile.support import ATTACKER, WINDOW, Arena, arena
+from tests.hostile.support import ATTACKER, WINDOW, Arena, arena, starved
 
 T = TypeVar("T")
 
@@ -110,6 +110,7 @@ class World:
         self._error: BaseException | None = None
         self._start_flips = 0
         self._start_time = 0.0
+        self._start_starved = 0.0
         self._thread = threading.Thread(target=self._run, name="fuzz-world", daemon=True)
         self._thread.start()
         self._ready.wait(60)
@@ -134,6 +135,7 @@ class World:
             async with arena(self.hv, self.tmp) as a, trio.open_nursery() as nursery:
                 self.arena, self._nursery = a, nursery
                 self._start_flips, self._start_time = a.honest_flips, trio.current_time()
+                self._start_starved = starved()
                 await self._spawn()
                 self._ready.set()
                 await self._finish.wait()
@@ -142,8 +144,9 @@ class World:
                     await a.flips_in(rest)
                 flips = a.honest_flips - self._start_flips
                 elapsed = trio.current_time() - self._start_time
+                starving = starved() - self._start_starved
                 await self._attacker_leaves(crash=False)
-                await a.assert_rate_kept(flips, elapsed)
+                await a.assert_rate_kept(flips, elapsed, starving)
 
     async def _spawn(self) -> None:
         assert self.arena is not None and self._nursery is not None
