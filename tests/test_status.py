@@ -27,7 +27,7 @@ from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine
 from displback.status import StatusModel, render_table, to_json
 from displback.status_socket import StatusUnavailable, fetch_status, serve_status
-from tests.backend.support import connected_guest, flip_frame, release, show
+from tests.backend.support import connected_guest, flip_frame, release, show, wait_until
 from tests.kms.fake import FakeCard, bochs_card, vkms_card
 
 SPEC = "connectors=c0:320x240;c1:320x240"
@@ -357,3 +357,73 @@ def test_run_serves_status_on_the_default_socket_unless_told_otherwise() -> None
     assert config.status_socket == "/run/displback/status.sock"
     config = config_from_args(parser.parse_args(["run", "--status-socket", ""]))
     assert config.status_socket is None
+
+
+async def test_a_flip_event_later_than_the_guest_waits_counts_as_a_frame_done_timeout(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 2 Hz output lands a flip up to 0.5 s after it was accepted: past a (shortened)
+    # frame-done timeout of 0.2 s, the guest would have given up on its event.
+    from displback.backend import connector as connector_module
+    from displback.display.virtual import OutputConfig
+
+    path = tmp_path / "status.sock"
+    outputs = [OutputConfig("A", 320, 240, 2.0)]
+    with trio.fail_after(30):
+        async with (
+            connected_guest(hypervisor, tmp_path, outputs=outputs) as (machine, guest),
+            status_served(machine, path),
+        ):
+            bufs, fbs = await show(guest, 0, 320, 240)
+            await _flips(guest, bufs, fbs, 2)
+            [c] = (await _fetch(path))["guests"][0]["devices"][0]["connectors"]
+            assert c["frame_done_timeouts"] == c["events_late"] == 0
+            monkeypatch.setattr(connector_module, "FRAME_DONE_TIMEOUT_S", 0.2)
+            await _flips(guest, bufs, fbs, 2)
+            [c] = (await _fetch(path))["guests"][0]["devices"][0]["connectors"]
+            assert c["events_late"] >= 1 and c["frame_done_timeouts"] == c["events_late"]
+            assert render_table(await _fetch(path)).count(f"{c['events_late']}/0") == 1
+            await release(guest, 0, bufs, fbs)
+
+
+async def test_run_serves_its_status_and_runs_on_without_a_usable_socket(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    from displback.display.virtual import OutputConfig
+    from displback.run import RunConfig, serve
+    from displback.sim.platform import SimPlatform
+    from displback.sim.toolstack import Toolstack
+    from displback.sim.xenstored import running_xenstored
+
+    (tmp_path / "file").touch()
+    good, bad = tmp_path / "run" / "status.sock", tmp_path / "file" / "status.sock"
+    with trio.fail_after(30):
+        async with running_xenstored(str(tmp_path)) as xs:
+            platform = SimPlatform(hypervisor.socket_path, xs.socket_path)
+            toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
+            toolstack.create_domain(1, "guest1")
+            await xs.add_domain_socket(1)
+            for path in (good, bad):
+                config = RunConfig(
+                    virtual_outputs=[OutputConfig("left", 320, 240)], status_socket=str(path)
+                )
+                with capture_logs() as logs:
+                    async with trio.open_nursery() as nursery:
+                        backend = await nursery.start(
+                            functools.partial(serve, config, platform=platform)
+                        )
+                        if path == good:
+                            await toolstack.add_vdispl(1, "connectors=c0:320x240")
+                        await wait_until(lambda b=backend: len(b.statuses()) == 1)
+                        if path == good:
+                            doc = await _fetch(good)
+                            assert doc["guests"][0]["devices"][0]["devid"] == 0
+                            assert doc["outputs"][0]["name"] == "left"
+                        nursery.cancel_scope.cancel()
+                if path == bad:
+                    [warning] = [e for e in logs if e["event"].startswith("no status socket")]
+                    assert warning["path"] == str(bad)
+            assert not good.exists()  # removed when the daemon stopped
+            platform.close()
