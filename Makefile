@@ -9,7 +9,7 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
 	edid-decode cpio python3-venv systemd
 # `make install` (docs/operations.md): Debian's interpreter and its venv module.
-INSTALL_APT_PACKAGES := python3 python3-venv
+INSTALL_APT_PACKAGES := python3 python3-venv libatomic1
 # Wheels of displback's dependencies and build backend: `make install WHEELHOUSE=...` installs
 # from them without PyPI (an air-gapped Dom0; tests/test_install.py).
 WHEELHOUSE_DIR ?= $(VENV)/wheelhouse
@@ -19,7 +19,7 @@ INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_
 INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
 .PHONY: test test-vm test-vm-pvh demo bench lint apt-deps vm-deps clean install uninstall \
-	install-deps wheelhouse
+	install-deps wheelhouse deb
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ install: install-deps
 
 uninstall:
 	$(INSTALL_ENV) sh packaging/install.sh uninstall
+
+# The same tree as a Debian package: build/displback_VERSION_ARCH.deb (packaging/deb.sh).
+deb: install-deps
+	rm -rf build/deb
+	@$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb/root \
+		UNITDIR=/lib/systemd/system
+	sh packaging/deb.sh build/deb/root build
 
 install-deps:
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(INSTALL_APT_PACKAGES)"

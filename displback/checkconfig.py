@@ -91,7 +91,10 @@ def show_config(config: RunConfig) -> str:
         _pair("zero_copy", config.zero_copy.value),
         _pair("wait_free_ms", config.wait_free_ms),
         _pair("log_level", config.log_level),
-        _pair("log_format", config.log_format),
+        _optional(
+            "log_format", config.log_format, "journal when started by systemd, else console"
+        ),
+        _pair("status_socket", config.status_socket or ""),
         "",
         "[assign]",
         *(_pair(k, v) for k, v in config.assign.items()),

@@ -13,6 +13,7 @@ from displback.checkconfig import add_check_config_parser
 from displback.kms.info import add_kms_info_parser
 from displback.logs import LOG_LEVELS, configure_logging
 from displback.run import add_run_parser
+from displback.status_socket import add_status_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(commands)
     add_check_config_parser(commands)
+    add_status_parser(commands)
     add_kms_info_parser(commands)
     return parser
 

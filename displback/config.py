@@ -29,7 +29,7 @@ from typing import Any
 from displback.backend.quotas import LIMIT_NAMES, LimitOverrides, limit_problem
 from displback.display.virtual import OutputConfig
 from displback.edid import check_resolution
-from displback.logs import LOG_LEVELS
+from displback.logs import LOG_FORMATS, LOG_LEVELS
 from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
 from displback.tomllines import KeyPath, dotted, key_lines
 
@@ -52,8 +52,6 @@ __all__ = [
 DEFAULT_CONFIG = Path("/etc/displback/displback.toml")
 #: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
 MAX_DOMID = 0x7FEF
-#: The log formats of ``log_format`` and ``--log-format``.
-LOG_FORMATS = ("console", "json")
 
 _NAME = r"[A-Za-z0-9_.:-]+"
 _OUTPUT_SPEC = re.compile(rf"^({_NAME})=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
@@ -99,6 +97,13 @@ def _is_int(value: Any) -> bool:
 def _string(value: Any) -> Iterator[tuple[KeyPath, str]]:
     if not isinstance(value, str) or not value:
         yield (), f"must be a non-empty string, not {value!r}"
+
+
+def _socket_path(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, str):
+        yield (), f'must be a path ("" for no status socket), not {value!r}'
+    elif len(value.encode()) > 107:
+        yield (), f"must be at most 107 bytes long (a UNIX socket path), not {value!r}"
 
 
 def _choice(*allowed: str) -> Check:
@@ -226,6 +231,7 @@ KEYS: Mapping[str, Check] = {
     "log_level": _choice(*LOG_LEVELS),
     "log_format": _choice(*LOG_FORMATS),
     "limits": _limits,
+    "status_socket": _socket_path,
 }
 
 

@@ -4,15 +4,15 @@ It starts the simulated machine (hypervisor, xenstored, toolstack, a virtual dis
 backend daemon exactly as it runs in Dom0, and two guests that behave like Linux's
 xen-drm-front: guest 1 with guest-allocated buffers (zero-copy through dma-bufs), guest 2
 with backend-allocated ones (``be-alloc=1``), two connectors each, drawing moving test
-patterns. It prints a live status table, writes a PNG of every output at the end, then shuts
-everything down the way a guest and an admin would and checks that nothing leaked.
+patterns. It prints a live status table (the one ``displback status`` prints), writes a PNG
+of every output at the end, then shuts everything down the way a guest and an admin would
+and checks that nothing leaked.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +24,7 @@ from displback.display.virtual import OutputConfig
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread, wait_for_no_leaks
 from displback.sim.machine import SimMachine, sim_machine
+from displback.status import StatusModel, render_table, to_json
 
 __all__ = ["DemoGuest", "DEMO_GUESTS", "run_demo"]
 
@@ -52,83 +53,6 @@ DEMO_GUESTS = (
         ((640, 480), (480, 360)),
     ),
 )
-
-
-@dataclass
-class _Rate:
-    """Frames per second over the last status period."""
-
-    last_count: int = 0
-    last_time: float = 0.0
-
-    def update(self, count: int, now: float) -> float:
-        elapsed = now - self.last_time
-        rate = (count - self.last_count) / elapsed if self.last_time and elapsed > 0 else 0.0
-        self.last_count, self.last_time = count, now
-        return rate
-
-
-def _status_rows(
-    machine: SimMachine, guests: dict[int, SimGuest], rates: dict[str, _Rate]
-) -> list[list[str]]:
-    rows = []
-    now = time.monotonic()
-    statuses = {s.domid: s for s in machine.backend.statuses()}
-    for spec in DEMO_GUESTS:
-        status = statuses.get(spec.domid)
-        guest = guests.get(spec.domid)
-        store = status.store if status is not None else None
-        for index in range(len(spec.resolutions)):
-            name = spec.output_name(index)
-            output = machine.display.outputs[name]
-            connector = None
-            if status is not None and index < len(status.connectors):
-                connector = status.connectors[index]
-            flips = connector.stats.flips_accepted if connector is not None else 0
-            fps = rates.setdefault(name, _Rate()).update(output.stats.flips_completed, now)
-            gstats = guest.connector_stats(index) if guest is not None else None
-            mode = output.mode
-            if store is not None:
-                s = store.stats
-                buffers = f"{s.buffers} ({s.zero_copy} zc/{s.copy} copy/{s.backend_allocated} be)"
-            else:
-                buffers = "-"
-            rows.append(
-                [
-                    f"dom{spec.domid}",
-                    str(index),
-                    status.state if status is not None else "-",
-                    gstats.state if gstats is not None else "-",
-                    f"{mode.width}x{mode.height}",
-                    f"{fps:5.1f}",
-                    str(flips),
-                    str(connector.stats.events_sent if connector is not None else 0),
-                    str(gstats.frame_done_timeouts if gstats is not None else 0),
-                    buffers,
-                ]
-            )
-    return rows
-
-
-_HEADER = [
-    "guest",
-    "conn",
-    "backend",
-    "guest state",
-    "mode",
-    "fps",
-    "flips",
-    "events",
-    "timeouts",
-    "buffers (kinds)",
-]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADER)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADER, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 async def run_demo(
@@ -173,13 +97,13 @@ async def run_demo(
                         guests[spec.domid] = await nursery.start(
                             _run_guest, machine, spec, fps, stop
                         )
-                    rates: dict[str, _Rate] = {}
+                    model = StatusModel(machine.backend, machine.display.outputs)
                     deadline = trio.current_time() + seconds
                     while trio.current_time() < deadline:
                         await trio.sleep(
                             min(status_interval, max(0.0, deadline - trio.current_time()))
                         )
-                        table = _table(_status_rows(machine, guests, rates))
+                        table = render_table(to_json(model.report()))
                         if live:
                             out.write("\x1b[H\x1b[2J")
                         print(table, file=out, flush=True)

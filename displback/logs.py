@@ -1,31 +1,93 @@
-"""Logging set-up: structlog key-value lines to stderr, human or JSON, at a chosen level.
+"""Logging set-up: structlog records to stderr (human or JSON) or to journald, at a level.
 
 Modules log through ``structlog.get_logger(...)`` and bind what identifies their object
-(``domid``, ``devid``, ``connector``); this module decides how it looks. The stdlib
-``logging`` records of libraries (and of our XenStore client) go through the same renderer.
+(``domid``, ``devid``, ``connector``); this module decides where it goes and how it looks.
+The stdlib ``logging`` records of libraries (and of our XenStore client) go the same way.
+Under systemd the default is the journal (:mod:`displback.journal`), where bound keys become
+fields (``DOMID=3``); elsewhere human-readable lines. :class:`LogThrottle` is how a warning a
+guest can cause over and over is kept to one line per interval that counts the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import structlog
 
-__all__ = ["LOG_LEVELS", "configure_logging"]
+from displback.journal import (
+    JOURNAL_SOCKET,
+    JournalHandler,
+    JournalLoggerFactory,
+    JournalSender,
+    render_for_journal,
+    under_systemd,
+)
+
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "LogFormat",
+    "LogThrottle",
+    "configure_logging",
+    "default_log_format",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json", "journal")
+LogFormat = Literal["console", "json", "journal"]
+
+
+def default_log_format(
+    environ: Mapping[str, str] | None = None, journal_socket: str = JOURNAL_SOCKET
+) -> LogFormat:
+    """``journal`` when systemd started us and journald listens, else ``console``."""
+    if under_systemd(environ) and os.path.exists(journal_socket):
+        return "journal"
+    return "console"
+
+
+class LogThrottle:
+    """Lets one line through per ``interval`` seconds and counts the ones it held back."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = -float("inf")
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        """None: do not log now. Else log, saying how many were not logged since the last."""
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self.interval
+        return suppressed
 
 
 def configure_logging(
-    level: str = "info", *, fmt: Literal["console", "json"] = "console", stream: object = None
+    level: str = "info",
+    *,
+    fmt: LogFormat = "console",
+    stream: object = None,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> None:
-    """Send every log line to ``stream`` (stderr) at ``level`` or above."""
+    """Send every log record at ``level`` or above to ``stream`` (stderr) or the journal."""
     if level not in LOG_LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     numeric = getattr(logging, level.upper())
     out = stream if stream is not None else sys.stderr
+    if fmt == "journal":
+        _configure_journal(numeric, JournalSender(journal_socket, fallback=out))  # type: ignore[arg-type]
+        return
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -55,4 +117,28 @@ def configure_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+
+def _configure_journal(numeric: int, sender: JournalSender) -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.CallsiteParameterAdder(
+                {
+                    structlog.processors.CallsiteParameter.PATHNAME,
+                    structlog.processors.CallsiteParameter.LINENO,
+                    structlog.processors.CallsiteParameter.FUNC_NAME,
+                }
+            ),
+            structlog.processors.format_exc_info,
+            render_for_journal,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=JournalLoggerFactory(sender),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [JournalHandler(sender)]
     root.setLevel(numeric)

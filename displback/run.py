@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
 import signal
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,11 +56,13 @@ from displback.config import (
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.fdstore import FdStore, inherited_fds
-from displback.logs import LOG_LEVELS, configure_logging
+from displback.logs import LOG_LEVELS, LogFormat, configure_logging, default_log_format
 from displback.protocol import layout
 from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
 from displback.protocol.xenbus import XenbusState
 from displback.sdnotify import Notifier
+from displback.status import StatusModel, to_json
+from displback.status_socket import DEFAULT_SOCKET, serve_status, socket_path
 from displback.tomllines import KeyPath
 from displback.xen.interfaces import Platform
 from displback.xen.real import (
@@ -97,8 +100,11 @@ class RunConfig:
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
     log_level: str = "info"
-    log_format: Literal["console", "json"] = "console"
+    log_format: LogFormat | None = None  # None: journal under systemd, else console
     limits: LimitOverrides = field(default_factory=LimitOverrides)  # the file's [limits]
+    # The status socket of `displback status`; None (a RunConfig made in code): none. The
+    # command line's default is DEFAULT_SOCKET; "" there means none too.
+    status_socket: str | None = None
 
 
 def parse_output(text: str) -> OutputConfig:
@@ -218,7 +224,19 @@ def add_run_parser(
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    run.add_argument("--log-format", choices=LOG_FORMATS, default="console")
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="console, json or journal (default: journal when started by systemd, else console)",
+    )
+    run.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        type=socket_path,
+        default=DEFAULT_SOCKET,
+        help=f"where `displback status` asks ({DEFAULT_SOCKET}; '' for none)",
+    )
     run.add_argument(
         "--config",
         metavar="FILE",
@@ -246,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         wait_free_ms=args.wait_free_ms,
         log_level=args.log_level,
         log_format=args.log_format,
+        status_socket=args.status_socket or None,
     )
 
 
@@ -420,12 +439,15 @@ async def serve(
                 fdstore=FdStore(notifier),
                 inherited=inherited,
             )
+            model = StatusModel(backend, display.outputs)
             keys: list[tuple[int, int]] = []
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     await nursery.start(backend.run)
+                    if config.status_socket:
+                        await _start_status_socket(nursery, model, config.status_socket, log)
                     if config.snapshot_dir is not None:
-                        nursery.start_soon(_snapshots, display, backend, config)
+                        nursery.start_soon(_snapshots, display, model, config)
                     task_status.started(backend)
                     notifier.ready(f"serving vdispl devices of domain {platform.domid}")
                     if notifier.watchdog_s is not None:
@@ -441,7 +463,7 @@ async def serve(
                 await _set_states(platform, keys, XenbusState.CLOSED, log)
             if config.snapshot_dir is not None:
                 with contextlib.suppress(OSError):
-                    await _write_snapshots(display, backend, config.snapshot_dir)
+                    await _write_snapshots(display, model, config.snapshot_dir)
     finally:
         if own:
             platform.close()
@@ -485,26 +507,24 @@ async def _set_states(
         log.warning("timed out writing states", state=state.name)
 
 
-def _status(backend: Backend) -> list[dict[str, Any]]:
-    rows = []
-    for status in backend.statuses():
-        store = status.store
-        rows.append(
-            {
-                "domid": status.domid,
-                "devid": status.devid,
-                "state": status.state,
-                "connects": status.connects,
-                "violations": status.violations,
-                "connectors": [asdict(c.stats) for c in status.connectors],
-                "buffers": asdict(store.stats) if store is not None else None,
-                "export_supported": store.export_supported if store is not None else None,
-            }
+async def _start_status_socket(
+    nursery: trio.Nursery, model: StatusModel, path: str, log: Any
+) -> None:
+    """Serve ``displback status`` on ``path``; a socket that cannot be made is logged, and
+    the daemon serves its guests without it."""
+    try:
+        await nursery.start(
+            functools.partial(serve_status, lambda: to_json(model.report()), path, log=log)
         )
-    return rows
+    except OSError as exc:
+        log.warning(
+            "no status socket: displback status will not work",
+            path=path,
+            error=exc.strerror or str(exc),
+        )
 
 
-async def _write_snapshots(display: Display, backend: Backend, directory: Path) -> None:
+async def _write_snapshots(display: Display, model: StatusModel, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     images = {}
     for name, output in display.outputs.items():
@@ -512,7 +532,7 @@ async def _write_snapshots(display: Display, backend: Backend, directory: Path) 
             images[name] = output.snapshot()
         except Exception as exc:  # a zero-copy KMS frame may not be mappable
             structlog.get_logger("displback.run").debug("no snapshot", output=name, error=str(exc))
-    status = json.dumps(_status(backend), indent=1, default=str)
+    status = json.dumps(to_json(model.report()), indent=1, default=str)
 
     def write() -> None:
         for name, image in images.items():
@@ -526,10 +546,10 @@ async def _write_snapshots(display: Display, backend: Backend, directory: Path) 
     await trio.to_thread.run_sync(write)
 
 
-async def _snapshots(display: Display, backend: Backend, config: RunConfig) -> None:
+async def _snapshots(display: Display, model: StatusModel, config: RunConfig) -> None:
     assert config.snapshot_dir is not None
     while True:
-        await _write_snapshots(display, backend, config.snapshot_dir)
+        await _write_snapshots(display, model, config.snapshot_dir)
         await trio.sleep(config.snapshot_interval_s)
 
 
@@ -544,7 +564,7 @@ def run_command(args: argparse.Namespace) -> int:
             log.error("configuration", problem=problem.format(exc.path))
         log.error("cannot start", reason=f"{len(exc.problems)} configuration problem(s)")
         return 1
-    configure_logging(config.log_level, fmt=config.log_format)
+    configure_logging(config.log_level, fmt=config.log_format or default_log_format())
     log = structlog.get_logger("displback.run")
     try:
         trio.run(serve, config)

@@ -32,6 +32,14 @@ die() { printf 'displback: %s\n' "$*" >&2; exit 1; }
 
 systemd_running() { [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; }
 
+# The Debian package (`make deb`) owns the same paths: dpkg, not this script, manages them.
+refuse_if_packaged() {
+    if [ -z "$DESTDIR" ] && command -v dpkg-query >/dev/null &&
+        dpkg-query -S "$VENVDIR/bin/displback" >/dev/null 2>&1; then
+        die "$VENVDIR belongs to the Debian package displback: use apt/dpkg (apt remove displback)"
+    fi
+}
+
 # What the venv is built from: the package sources, pyproject.toml and the interpreter.
 source_id() {
     (cd "$SRC" && find pyproject.toml README.md displback -name __pycache__ -prune -o -type f \
@@ -140,6 +148,7 @@ install_docs() {
 }
 
 do_install() {
+    refuse_if_packaged
     install_venv
     install_command
     install_unit
@@ -155,6 +164,7 @@ do_install() {
 }
 
 do_uninstall() {
+    refuse_if_packaged
     unit=$DESTDIR$UNITDIR/displback.service
     if systemd_running && [ -e "$unit" ]; then
         systemctl disable --now displback.service 2>/dev/null || true

@@ -22,6 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
 MAKE = shutil.which("make")
 
+
+def _install_python() -> str:
+    """Debian's interpreter, as on a Dom0, when the wheelhouse fits it; else this venv's base."""
+    debian = Path("/usr/bin/python3")
+    if debian.exists():
+        same = subprocess.run(
+            [str(debian), "-c", "import ensurepip, sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if same == str(sys.version_info[:2]):
+            return str(debian)
+    return os.path.realpath(sys._base_executable)
+
+
+INSTALL_PYTHON = _install_python()
+
 pytestmark = [
     pytest.mark.skipif(MAKE is None, reason="make missing"),
     pytest.mark.skipif(
@@ -36,7 +53,7 @@ def make(target: str, destdir: Path, *variables: str) -> str:
     done = subprocess.run(
         [
             MAKE, "-s", "-C", str(REPO), target, f"DESTDIR={destdir}",
-            f"WHEELHOUSE={WHEELHOUSE}", f"INSTALL_PYTHON={os.path.realpath(sys._base_executable)}",
+            f"WHEELHOUSE={WHEELHOUSE}", f"INSTALL_PYTHON={INSTALL_PYTHON}",
             *variables,
         ],
         capture_output=True,
@@ -55,8 +72,12 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def copy_of(staged: Path, tmp_path: Path) -> Path:
+    """A copy to change: hard links (install and uninstall replace or remove files, never
+    write into them), real copies under etc/ (the tests edit the config in place)."""
     root = tmp_path / "root"
-    shutil.copytree(staged, root, symlinks=True)
+    shutil.copytree(staged, root, symlinks=True, copy_function=os.link)
+    shutil.rmtree(root / "etc")
+    shutil.copytree(staged / "etc", root / "etc", symlinks=True)
     return root
 
 
@@ -190,3 +211,44 @@ def test_install_refuses_to_replace_a_venv_it_did_not_make(tmp_path: Path) -> No
     assert done.returncode != 0
     assert "was not made by this installer" in done.stderr
     assert files_in(root) == []
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb missing")
+def test_the_deb_holds_the_staged_tree_with_the_config_as_a_conffile(
+    staged: Path, tmp_path: Path
+) -> None:
+    root = copy_of(staged, tmp_path)
+    # `make deb` stages with UNITDIR=/lib/systemd/system, the place for a package's units.
+    (root / "lib/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/system/displback.service").rename(
+        root / "lib/systemd/system/displback.service"
+    )
+    done = subprocess.run(
+        ["sh", "packaging/deb.sh", str(root), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "DEB_COMPRESSION": "none"},  # the test reads it, nobody ships it
+    )
+    if "must be made with Debian's /usr/bin/python3" in done.stderr:
+        pytest.skip("the test's interpreter is not Debian's")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (deb,) = (tmp_path / "out").glob("displback_*.deb")
+    info = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True).stdout
+    assert "Package: displback" in info
+    assert f"Depends: python{sys.version_info.major}.{sys.version_info.minor}, libatomic1" in info
+    conffiles = subprocess.run(
+        ["dpkg-deb", "--ctrl-tarfile", str(deb)], capture_output=True, check=True
+    ).stdout
+    assert b"/etc/displback/displback.toml\n" in conffiles
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True).stdout
+    for path in (
+        "./usr/bin/displback -> ../../opt/displback/bin/displback",
+        "./lib/systemd/system/displback.service",
+        "./etc/displback/displback.toml",
+        "./opt/displback/bin/displback",
+        "./usr/share/doc/displback/docs/operations.md",
+    ):
+        assert path in listing, path
+    assert "./etc/systemd/system/displback.service" not in listing

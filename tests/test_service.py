@@ -154,49 +154,87 @@ def test_the_unit_gives_no_capability_and_no_address_family_but_unix() -> None:
     assert _directives("MemoryDenyWriteExecute") == ["yes"]
 
 
-# What systemd's MemoryDenyWriteExecute=yes asks of the process, done by the kernel itself
-# (PR_SET_MDWE, Linux >= 6.3; inherited across execve): W+X mappings and gaining exec refused.
-_UNDER_MDWE = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-    sys.exit(77)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
+def _expand(group: str) -> set[str]:
+    """A ``@group`` of ``systemd-analyze syscall-filter`` as system call names."""
+    assert SYSTEMD_ANALYZE is not None
+    out = subprocess.run(
+        [SYSTEMD_ANALYZE, "syscall-filter", group], capture_output=True, text=True, check=True
+    ).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        entry = line.strip()
+        if entry.startswith("@"):
+            names |= _expand(entry)
+        elif entry and not entry.startswith("#"):
+            names.add(entry)
+    return names
 
-_MDWE_IS_ON = """
-import ctypes, mmap
+
+def unit_allowed_syscalls() -> set[str]:
+    """The unit's SystemCallFilter= lines, applied in order as systemd does."""
+    allowed: set[str] = set()
+    for value in _directives("SystemCallFilter"):
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for entry in value.lstrip("~").split():
+            names |= _expand(entry) if entry.startswith("@") else {entry}
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+_CONFINED = """
+import ctypes, errno, mmap, os
+# MemoryDenyWriteExecute=yes: no W+X mapping, no making memory executable.
 try:
     mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
 except PermissionError:
     pass
 else:
     raise SystemExit("a W+X mapping was allowed")
-# ctypes callbacks (libffi closures) work without W+X pages on this libffi.
+libc = ctypes.CDLL(None, use_errno=True)
+page = mmap.mmap(-1, 4096)
+address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+if libc.mprotect(ctypes.c_void_p(address), 4096, mmap.PROT_READ | mmap.PROT_EXEC) == 0:
+    raise SystemExit("mprotect to PROT_EXEC was allowed")
+# SystemCallFilter=~@privileged: chroot(2) fails with EPERM even for root.
+try:
+    os.chroot("/")
+except PermissionError:
+    pass
+else:
+    raise SystemExit("chroot was allowed")
+# ctypes callbacks (libffi closures) need no W+X page with Debian 12's libffi.
 assert ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)() == 7
+print("confined")
 """
 
 
-def _run_under_mdwe(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _run_confined(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    allowed = tmp_path / "allowed-syscalls"
+    allowed.write_text("\n".join(sorted(unit_allowed_syscalls())) + "\n")
     done = subprocess.run(
-        [sys.executable, "-c", _UNDER_MDWE, *argv],
+        [sys.executable, "-m", "tests.unit_sandbox", str(allowed), "--", sys.executable, *argv],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=cwd,
+        cwd=REPO,
     )
     if done.returncode == 77:
-        pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3)")
+        pytest.skip("libseccomp missing")
     return done
 
 
-def test_the_daemon_serves_guests_under_memory_deny_write_execute(tmp_path: Path) -> None:
-    check = _run_under_mdwe("-c", _MDWE_IS_ON, cwd=REPO)
-    assert check.returncode == 0, check.stdout + check.stderr
+@needs_systemd_analyze
+def test_the_daemon_serves_guests_under_the_units_syscall_filter_and_mdwe(
+    tmp_path: Path,
+) -> None:
+    check = _run_confined("-c", _CONFINED, tmp_path=tmp_path)
+    assert check.returncode == 0 and "confined" in check.stdout, check.stdout + check.stderr
     # The whole daemon against the simulated Xen: numpy, pillow, ctypes (libatomic fences),
-    # trio. The demo fails if a flip was late or anything leaked.
-    done = _run_under_mdwe(
-        "-m", "displback", "demo", "--seconds", "1", "--snapshots", str(tmp_path), cwd=REPO
-    )
+    # trio, threads. The demo fails if a flip was late or anything leaked.
+    done = _run_confined(
+        "-m", "displback", "demo", "--seconds", "1", "--snapshots", str(tmp_path / "png"),
+        tmp_path=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "nothing leaked" in done.stdout

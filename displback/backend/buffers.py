@@ -99,6 +99,7 @@ from displback.display.interface import (
     UnsupportedFormat,
 )
 from displback.display.pixels import copy_frame, frame_end
+from displback.logs import LogThrottle
 from displback.protocol.constants import (
     EDID_BLOCK_SIZE,
     EDID_MAX_SIZE,
@@ -199,20 +200,14 @@ class _RateLimitedLog:
         self, log: Logger, interval: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._log = log
-        self._interval = interval
-        self._clock = clock
-        self._next = -float("inf")
-        self._suppressed = 0
+        self._throttle = LogThrottle(interval, clock)
 
     def warning(self, message: str) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
+        suppressed = self._throttle.allow()
+        if suppressed is None:
             return
-        if self._suppressed:
-            message += f" ({self._suppressed} similar refusals not logged)"
-        self._suppressed = 0
-        self._next = now + self._interval
+        if suppressed:
+            message += f" ({suppressed} similar refusals not logged)"
         self._log.warning(message)
 
 
@@ -233,6 +228,9 @@ class _DisplayBuffer:
     cpu: GrantMapping | DmaBufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
+    # Why its frames are copied: a COPY buffer's reason, or "<output>: <why>" per output
+    # that refused to import it (for the status).
+    copy_reasons: list[str] = field(default_factory=list)
     dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
     # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
     copies: int = 0
@@ -385,6 +383,9 @@ class GuestFramebuffer:
                 )
             state.copying = True
             store._import_fallbacks += 1
+            reason = f"{output.name} refused the import: {exc.reason}"
+            if reason not in buffer.copy_reasons:
+                buffer.copy_reasons.append(reason)
             return None
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: import failed: {exc}") from exc
@@ -541,6 +542,7 @@ class BufferStore:
         self._fbs: dict[int, GuestFramebuffer] = {}
         # None until the first export settles whether this platform can export dma-bufs.
         self._export_supported: bool | None = None
+        self._export_refusal: str | None = None  # why it cannot, once known
         self._deferred_count = 0
         self._import_fallbacks = 0
         self._closed = False
@@ -573,6 +575,14 @@ class BufferStore:
             deferred=self._deferred_count,
             import_fallbacks=self._import_fallbacks,
         )
+
+    def copy_reasons(self) -> dict[str, int]:
+        """Why frames are copied rather than scanned out: reason → buffers it applies to."""
+        reasons: dict[str, int] = {}
+        for buffer in self._buffers.values():
+            for reason in buffer.copy_reasons:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
 
     @property
     def export_supported(self) -> bool | None:
@@ -695,6 +705,10 @@ class BufferStore:
         if self.policy is ZeroCopyPolicy.OFF or self._export_supported is False:
             buffer = self._new_buffer(req, BufferKind.COPY, refs)
             buffer.cpu = map_buffer(self.grants, self.domid, refs, writable=False)
+            if self.policy is ZeroCopyPolicy.OFF:
+                buffer.copy_reasons.append("zero_copy is off")
+            else:
+                buffer.copy_reasons.append(self._export_refusal or "cannot export dma-bufs")
             return buffer
         try:
             fd = self.grants.dmabuf_export(self.domid, list(refs))
@@ -723,6 +737,7 @@ class BufferStore:
                 errno_for_os_error(exc), f"cannot export buffer 0x{req.dbuf_cookie:x}: {exc}"
             ) from exc
         self._export_supported = False
+        self._export_refusal = reason
         if self.policy is ZeroCopyPolicy.REQUIRE:
             if mapping is not None:
                 mapping.close()
@@ -733,6 +748,7 @@ class BufferStore:
             mapping = map_buffer(self.grants, self.domid, refs, writable=False)
         buffer = self._new_buffer(req, BufferKind.COPY, refs)
         buffer.cpu = mapping
+        buffer.copy_reasons.append(reason)
         return buffer
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:

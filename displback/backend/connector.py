@@ -32,7 +32,7 @@ close the whole device; that decision belongs to the device, which we tell throu
 from __future__ import annotations
 
 import collections
-import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.display.interface import DisplayError, Output
 from displback.edid import build_edid
+from displback.logs import LogThrottle
 from displback.protocol.constants import EINVAL, EIO, ENODEV, EOPNOTSUPP
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
@@ -79,6 +80,11 @@ MAX_QUEUED_EVENTS = 256
 #: this many wake-ups, and its requests wait at most one token interval.
 SPURIOUS_WAKEUPS_PER_SECOND = 100.0
 SPURIOUS_WAKEUP_BURST = 32
+#: How long a Linux guest waits for a flip's event (xen-drm-front's frame-done timeout, 3.1 s
+#: including its 100 ms margin); an event later than this has already timed out there.
+FRAME_DONE_TIMEOUT_S = 3.1
+#: Warnings a guest can cause repeatedly (throttling, dropped events) at most this often.
+REPEATED_WARNING_INTERVAL_S = 10.0
 
 
 class Buffers(Protocol):
@@ -113,6 +119,9 @@ class ConnectorStats:
     wakeups: int = 0
     spurious_wakeups: int = 0
     wakeups_throttled: int = 0
+    #: Flip events delivered later than the guest waits for them (it timed out; see
+    #: ``FRAME_DONE_TIMEOUT_S``). With ``events_dropped`` these are its frame-done timeouts.
+    events_late: int = 0
 
 
 @dataclass
@@ -157,10 +166,16 @@ class Connector:
         self._log = log if log is not None else structlog.get_logger("displback.connector")
         self._edid = build_edid(config.width, config.height, serial=config.index)
         self.stats = ConnectorStats()
+        #: When this connector was connected (``time.monotonic``), for rates in the status.
+        self.started_at = time.monotonic()
+        self._flood_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
+        self._throttle_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
+        self._drop_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
         self._ring_kick = trio.Event()
         self._scanout_kick = trio.Event()
-        self._commands: collections.deque[_Config | tuple[int, Any]] = collections.deque()
-        self._pending_events: collections.deque[int] = collections.deque()
+        # Flips are (cookie, framebuffer, trio time accepted); events (cookie, time accepted).
+        self._commands: collections.deque[_Config | tuple[int, Any, float]] = collections.deque()
+        self._pending_events: collections.deque[tuple[int, float]] = collections.deque()
         self._events_stuck = trio.Event()
         # Width, height of what SET_CONFIG last showed; None while the connector is disabled.
         self.mode_fb: tuple[int, int] | None = None
@@ -209,19 +224,17 @@ class Connector:
         if self._spurious.take():
             return
         self.stats.wakeups_throttled += 1
-        now = trio.current_time()
-        if now - self._last_flood_log >= 10.0:
-            self._last_flood_log = now
+        suppressed = self._flood_log.allow()
+        if suppressed is not None:
             self._log.warning(
                 "guest notifies with no request: its request channel is throttled",
                 connector=self.index,
                 rate=self._spurious.rate,
                 spurious=self.stats.spurious_wakeups,
+                suppressed=suppressed,
             )
         while not self._spurious.take():
             await trio.sleep(self._spurious.seconds_until_token())
-
-    _last_flood_log = -math.inf
 
     async def _drain_ring(self) -> int:
         """Answer every request in the ring; return how many there were."""
@@ -242,17 +255,15 @@ class Connector:
             if not self._ring.final_check():
                 return taken
 
-    _last_throttle_log = -math.inf
-
     def _log_throttle(self) -> None:
-        now = trio.current_time()
-        if now - self._last_throttle_log >= 10.0:
-            self._last_throttle_log = now
+        suppressed = self._throttle_log.allow()
+        if suppressed is not None:
             self._log.warning(
                 "guest over its request rate: throttled",
                 connector=self.index,
                 rate=self._limiter.rate,
                 throttled=self.stats.throttled,
+                suppressed=suppressed,
             )
 
     async def _answer(self, raw: bytes) -> Response:
@@ -325,7 +336,7 @@ class Connector:
     def _queue_flip(self, req: PgFlipReq) -> None:
         fb = self._buffers.framebuffer(req.fb_cookie)  # ENOENT for an unknown cookie
         self.stats.flips_accepted += 1
-        self._commands.append((req.fb_cookie, fb))
+        self._commands.append((req.fb_cookie, fb, trio.current_time()))
         self._scanout_kick.set()
 
     # --- scanout ----------------------------------------------------------------------------
@@ -340,18 +351,18 @@ class Connector:
             if isinstance(head, _Config):
                 await self._apply_config(head)
                 continue
-            cookies = [head[0]]
+            flips = [(head[0], head[2])]
             newest = head[1]
             # Coalesce: every flip queued behind this one (up to the next SET_CONFIG) is
             # shown instead; each still gets its event when the newest lands.
             while self._commands and not isinstance(self._commands[0], _Config):
-                cookie, newest = self._commands.popleft()  # type: ignore[misc]
-                cookies.append(cookie)
+                cookie, newest, accepted = self._commands.popleft()  # type: ignore[misc]
+                flips.append((cookie, accepted))
                 self.stats.flips_coalesced += 1
             await self._show(newest)
-            for cookie in cookies:
+            for flip in flips:
                 if len(self._pending_events) < MAX_QUEUED_EVENTS:
-                    self._pending_events.append(cookie)
+                    self._pending_events.append(flip)
                 else:
                     self._drop_event()
             self._send_events()
@@ -406,30 +417,32 @@ class Connector:
         """Events waiting for room on the event page (at most ``MAX_QUEUED_EVENTS``)."""
         return len(self._pending_events)
 
-    _last_drop_log = -math.inf
-
     def _drop_event(self) -> None:
         self.stats.events_dropped += 1
-        now = trio.current_time()
-        if now - self._last_drop_log >= 10.0:
-            self._last_drop_log = now
+        suppressed = self._drop_log.allow()
+        if suppressed is not None:
             self._log.warning(
                 "guest does not read its event page: flip events dropped",
                 connector=self.index,
                 queued=len(self._pending_events),
                 dropped=self.stats.events_dropped,
+                suppressed=suppressed,
             )
 
     def _send_events(self) -> None:
         sent = 0
+        now = trio.current_time()
         try:
             while self._pending_events:
-                if not self._events.put_pg_flip(self._pending_events[0]):
+                cookie, accepted = self._pending_events[0]
+                if not self._events.put_pg_flip(cookie):
                     self.stats.events_delayed += 1
                     self._events_stuck.set()
                     break
                 self._pending_events.popleft()
                 sent += 1
+                if now - accepted > FRAME_DONE_TIMEOUT_S:
+                    self.stats.events_late += 1
         except ProtocolError as exc:
             self._on_violation(f"connector {self.index} event page: {exc}")
             self._pending_events.clear()

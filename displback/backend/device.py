@@ -81,11 +81,18 @@ class BackendSettings:
 
 @dataclass
 class DeviceStatus:
-    """What ``displback demo`` and the logs show about a device."""
+    """What ``displback status``, the demo and the logs show about a device.
+
+    ``state`` is the handshake's phase; ``backend_state``/``frontend_state`` the XenbusState
+    names last written by us and last read from the guest; ``name`` the domain's name.
+    """
 
     domid: int
     devid: int
     state: str = "new"
+    name: str | None = None
+    backend_state: str | None = None
+    frontend_state: str | None = None
     connects: int = 0
     violations: int = 0
     connectors: list[Connector] = field(default_factory=list)
@@ -306,6 +313,7 @@ class GuestDevice:
             # answers EACCES, not ENOENT, under a parent it cannot read): the device is gone.
             return Vanished()
         frontend = await self._frontend_state()
+        self.status.frontend_state = frontend.name
         online = online_raw is not None and online_raw.strip() not in (b"", b"0")
         if not online:
             self._offline_seen = True
@@ -344,8 +352,21 @@ class GuestDevice:
 
     async def run(self) -> None:
         """Drive the handshake until the device is forgotten (its directories are gone)."""
-        self.log.info("device found")
+        self.status.name = await self._domain_name()
+        self.log.info("device found", name=self.status.name)
         await self._run()
+
+    async def _domain_name(self) -> str | None:
+        """The guest domain's name (``/local/domain/<domid>/name``), if we may read it."""
+        try:
+            raw = await self.xs.read_or_none(f"/local/domain/{self.domid}/name")
+        except XenStoreError:
+            return None
+        if raw is None:
+            return None
+        # Written by the toolstack, but keep what we show printable and short.
+        name = raw[:64].decode("utf-8", "replace")
+        return "".join(c if c.isprintable() else "?" for c in name)
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -403,6 +424,7 @@ class GuestDevice:
             self.log.warning("cannot write state", state=state.name, error=str(exc))
             return
         if written:
+            self.status.backend_state = state.name
             self.log.info("state", state=state.name)
         self._nudge()
 

@@ -101,6 +101,7 @@ __all__ = [
     "KmsDisplay",
     "KmsDisplayOptions",
     "KmsDumbFramebuffer",
+    "KmsOutputInfo",
     "KmsFramebuffer",
     "KmsOutput",
     "KmsOutputConfig",
@@ -398,6 +399,25 @@ def _compose(dst: memoryview, dst_pitch: int, mode: Mode, frame: _Frame) -> None
     )
 
 
+@dataclass(frozen=True, slots=True)
+class KmsOutputInfo:
+    """A KMS output as ``displback status`` shows it (see docs/operations.md).
+
+    ``other_sizes`` says how a frame not of the mode's size is placed in general;
+    ``placement`` how the frame on screen now is (:attr:`KmsOutput.placement`).
+    """
+
+    card: str
+    driver: str
+    commit: str
+    crtc: int
+    plane: int | None
+    connected: bool
+    other_sizes: str
+    placement: str
+    flip_timeouts: int
+
+
 @dataclass(slots=True, eq=False)
 class _Canvas:
     """A mode-sized dumb buffer of ours: letterboxing and kept copies are composed here."""
@@ -480,6 +500,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._flips_completed = 0
         self._missed_vblanks = 0
         self._last_seq = 0
+        self.flip_timeouts = 0  # flips landed on the timeout, the driver sent no event
 
     # -- state ---------------------------------------------------------------------------
 
@@ -517,6 +538,38 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
     def __repr__(self) -> str:
         w, h, hz = self._mode
         return f"<KmsOutput {self.name} CRTC {self.crtc_id} {w}x{h}@{hz:g}>"
+
+    @property
+    def placement(self) -> str:
+        """How the frame on screen is placed: ``full-screen`` (the mode's size), ``plane
+        position`` (a centred primary plane), ``letterbox`` (copied onto a black mode-sized
+        buffer), ``kept copy`` (a released frame's copy) or ``off``."""
+        shown = self._shown
+        if shown is None:
+            return "off"
+        if shown.fb is None:
+            return "kept copy"
+        if shown.canvas is not None:
+            return "letterbox"
+        if shown.placement.covers(self._mode.width, self._mode.height):
+            return "full-screen"
+        return "plane position"
+
+    @property
+    def kms_info(self) -> KmsOutputInfo:
+        """What ``displback status`` shows of this output beyond any output's fields."""
+        d = self._display
+        return KmsOutputInfo(
+            card=d.card,
+            driver=d.driver,
+            commit=d.commit_path,
+            crtc=self.crtc_id,
+            plane=self.plane_id,
+            connected=self._connected,
+            other_sizes=d.other_sizes,
+            placement=self.placement,
+            flip_timeouts=self.flip_timeouts,
+        )
 
     def _period(self) -> float:
         return 1.0 / self._mode.refresh_hz
@@ -922,6 +975,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             with trio.move_on_after(self._display.flip_timeout_s):
                 await pending.done.wait()
             if self._pending is pending:
+                self.flip_timeouts += 1
                 log.warning("%s: no flip event after %g s", self, self._display.flip_timeout_s)
                 self._land(pending, self._last_seq + 1, _monotonic())
 
@@ -1072,7 +1126,39 @@ class KmsDisplay(DisplayBase[KmsOutput]):
             if self.atomic and plane_id is None:
                 raise DisplayError(f"{self.driver}: no primary plane for CRTC {crtc_id}")
             self._save_crtc(res, crtc_id)
-            self._outputs[conn.name] = KmsOutput(self, config, conn, crtc_id, plane_id, formats)
+            output = KmsOutput(self, config, conn, crtc_id, plane_id, formats)
+            self._outputs[conn.name] = output
+            w, h, hz = output.mode
+            log.info(
+                "output %s on %s (%s), CRTC %d, mode %dx%d@%g, %s commits; "
+                "frames of another size: %s",
+                conn.name,
+                self.card,
+                self.driver,
+                crtc_id,
+                w,
+                h,
+                hz,
+                self.commit_path,
+                self.other_sizes,
+            )
+
+    @property
+    def card(self) -> str:
+        """The card's device path (or its driver's name when opened from an fd)."""
+        return self.device.path or self.driver
+
+    @property
+    def commit_path(self) -> str:
+        """``atomic`` or ``legacy`` (SETCRTC + PAGE_FLIP) mode-setting."""
+        return "atomic" if self.atomic else "legacy"
+
+    @property
+    def other_sizes(self) -> str:
+        """How a guest frame not of the mode's size is placed on this card."""
+        if self.atomic:
+            return "plane position (centred; letterbox where the driver refuses it)"
+        return "letterbox (legacy KMS cannot place a plane; the frame is copied)"
 
     def _pick_crtc(self, res: Resources, conn: Connector, taken: set[int]) -> int:
         current = 0

@@ -8,8 +8,8 @@ process) because its owner decides how leaks are checked.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ class SimMachine:
     hv: HypervisorThread | HypervisorProcess
     xs: RunningXenStored
     toolstack: Toolstack
-    display: VirtualDisplay
+    display: Any  # a VirtualDisplay unless the machine was given another
     platform: SimPlatform
     backend: Backend
     nursery: trio.Nursery
@@ -110,13 +110,21 @@ async def sim_machine(
     display_options: dict[str, Any] | None = None,
     assignments: dict[str, str] | None = None,
     backend_options: dict[str, Any] | None = None,
+    open_display: Callable[[SimPlatform], AbstractAsyncContextManager[Any]] | None = None,
 ) -> AsyncIterator[SimMachine]:
+    """The machine with a virtual display of ``outputs``, or the display ``open_display``
+    opens (a KMS display on a fake card, say) given the platform."""
     async with running_xenstored(str(tmp_path)) as xs:
         platform = SimPlatform(hv.socket_path, xs.socket_path, **(platform_options or {}))
-        try:
-            async with VirtualDisplay.open(
+        opened: AbstractAsyncContextManager[Any]
+        if open_display is None:
+            opened = VirtualDisplay.open(
                 list(outputs), dmabuf_importer=platform.open_dmabuf, **(display_options or {})
-            ) as display:
+            )
+        else:
+            opened = open_display(platform)
+        try:
+            async with opened as display:
                 omap = OutputMap(display.outputs, assignments)
                 backend = Backend(platform, omap, settings, **(backend_options or {}))
                 toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)

@@ -5,10 +5,13 @@ once its backend directory is gone, and then does no more work for it."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
+from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
 from tests.backend.support import SPEC, flips_continue, show_frames, wait_until
@@ -30,22 +33,37 @@ async def assert_idle(w: SimMachine, *, settle: float = 0.3, window: float = 1.0
     assert daemon_requests(w) - before == 0
 
 
+@asynccontextmanager
+async def flipping_guest(
+    w: SimMachine, domid: int = 1, spec: str = SPEC
+) -> AsyncIterator[SimGuest]:
+    """Guest ``domid`` with vdispl ``spec``, connected and flipping on every connector."""
+    await w.add_guest(domid, spec)
+    async with w.guest(domid) as guest:
+        await guest.wait_connected()
+        guest.start_drawing(fps=200)
+        for connector in range(len(guest.resolutions)):
+            await flips_continue(guest, connector)
+        yield guest
+
+
+async def removed(w: SimMachine) -> None:
+    """libxl reported no error, the daemon forgot every device and then does nothing."""
+    assert w.toolstack.errors == []
+    await wait_until(lambda: not w.backend.devices)
+    await assert_idle(w)
+
+
 async def test_xl_destroy_mid_flip_is_answered_at_once_without_libxl_error(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     with trio.fail_after(30):
         async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, "connectors=c0:320x240;c1:160x120")
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await flips_continue(guest, 0)
+            async with flipping_guest(w, spec="connectors=c0:320x240;c1:160x120") as guest:
                 with trio.fail_after(PROMPT_S):
                     assert await w.toolstack.destroy_domain(1)
-                assert w.toolstack.errors == []
-                await wait_until(lambda: not w.backend.devices)
                 guest.crash()  # the domain is gone
-            await assert_idle(w)
+            await removed(w)
 
 
 async def test_xl_destroy_of_a_crashed_guest_is_answered_at_once(
@@ -53,17 +71,11 @@ async def test_xl_destroy_of_a_crashed_guest_is_answered_at_once(
 ) -> None:
     with trio.fail_after(30):
         async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await flips_continue(guest)
+            async with flipping_guest(w) as guest:
                 guest.crash()
                 with trio.fail_after(PROMPT_S):
                     assert await w.toolstack.destroy_domain(1)
-            assert w.toolstack.errors == []
-            await wait_until(lambda: not w.backend.devices)
-            await assert_idle(w)
+            await removed(w)
 
 
 async def test_xl_shutdown_guest_closes_without_waiting_then_destroy_is_prompt(
@@ -73,17 +85,11 @@ async def test_xl_shutdown_guest_closes_without_waiting_then_destroy_is_prompt(
     # backend's Closing; xl's monitor then destroys the domain.
     with trio.fail_after(30):
         async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await flips_continue(guest)
+            async with flipping_guest(w) as guest:
                 with trio.fail_after(PROMPT_S):
                     assert await guest.shutdown(), "the guest waited for our Closing in vain"
                     assert await w.toolstack.destroy_domain(1)
-            assert w.toolstack.errors == []
-            await wait_until(lambda: not w.backend.devices)
-            await assert_idle(w)
+            await removed(w)
 
 
 async def test_xl_reboot_destroys_promptly_and_the_new_domain_connects(
@@ -91,11 +97,7 @@ async def test_xl_reboot_destroys_promptly_and_the_new_domain_connects(
 ) -> None:
     with trio.fail_after(40):
         async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await flips_continue(guest)
+            async with flipping_guest(w) as guest:
                 with trio.fail_after(PROMPT_S):
                     assert await guest.shutdown()
                     assert await w.toolstack.destroy_domain(1)
@@ -112,17 +114,12 @@ async def test_vdispl_detach_on_a_running_guest_is_answered_at_once_and_attach_s
 ) -> None:
     with trio.fail_after(40):
         async with sim_machine(hypervisor, tmp_path) as w:
-            await w.add_guest(1, SPEC)
-            async with w.guest(1) as guest:
-                await guest.wait_connected()
-                guest.start_drawing(fps=200)
-                await flips_continue(guest)
+            async with flipping_guest(w) as guest:
                 with trio.fail_after(PROMPT_S):
                     assert await w.toolstack.remove_vdispl(1, 0)
                 await wait_until(lambda: not w.backend.devices)
                 guest.crash()  # its driver is unbound; the device is gone
-            assert w.toolstack.errors == []
-            await assert_idle(w)
+            await removed(w)
             # xl vdispl-attach: the same device number again, a fresh connection.
             await w.toolstack.add_vdispl(1, SPEC, devid=0)
             async with w.guest(1) as guest:
@@ -142,6 +139,4 @@ async def test_twenty_guests_created_and_destroyed_in_a_row_each_promptly(
                     with trio.fail_after(PROMPT_S):
                         assert await w.toolstack.destroy_domain(domid)
                     guest.crash()
-            assert w.toolstack.errors == []
-            await wait_until(lambda: not w.backend.devices)
-            await assert_idle(w)
+            await removed(w)

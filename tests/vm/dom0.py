@@ -191,11 +191,18 @@ exec /bin/sh -i
         return status
 
     def status(self) -> list[dict[str, Any]]:
+        """The devices in the daemon's ``status.json`` (displback.status), each with its
+        guest's ``domid``."""
         path = self.share / "snap" / "status.json"
         try:
-            return list(json.loads(path.read_text()))
+            doc = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return []
+        return [
+            {**device, "domid": guest["domid"]}
+            for guest in doc["guests"]
+            for device in guest["devices"]
+        ]
 
     def write_guest_config(
         self,

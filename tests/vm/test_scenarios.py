@@ -148,7 +148,7 @@ def test_backend_allocated_buffers_are_shown(dom0: Dom0) -> None:
     wait_flips_done(dom0, guest, (0, 1), 5)
     wait_pixels(dom0, "id0", 0, 5)
     wait_pixels(dom0, "id1", 1, 5)
-    dom0.wait_status(_buffers(backend_allocated=4), 30, what="4 backend-allocated buffers")
+    dom0.wait_status(_buffers(be_alloc=4), 30, what="4 backend-allocated buffers")
 
 
 def test_guest_reboots_three_times_and_reconnects_each_time(dom0: Dom0) -> None:

@@ -29,7 +29,8 @@ from tests.backend.support import wait_until
 
 def _states(snapshots: Path) -> list[str]:
     try:
-        return [row["state"] for row in json.loads((snapshots / "status.json").read_text())]
+        doc = json.loads((snapshots / "status.json").read_text())
+        return [device["state"] for guest in doc["guests"] for device in guest["devices"]]
     except FileNotFoundError:
         return []
 
