@@ -7,6 +7,8 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
   (``hostroot``) and the test's shared directory read-write (``share``, at ``/mnt`` inside),
   puts tmpfs on the host's ``/run``, ``/tmp``, ``/var/lib/xen``, ``/var/log``, mounts xenfs
   and chroots into the host root to run ``/mnt/dom0.sh`` (written by the harness).
+* Dom0 with systemd (``build_dom0_systemd``, tests/vm/systemd_dom0.py): an overlay of a staged
+  ``make install`` over the host's root, then ``switch_root`` to systemd.
 * DomU: ``/init`` runs ``drmtest`` on xen-drm-front's card (driver ``xendrm-du``) with the
   arguments found on the kernel command line
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
