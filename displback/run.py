@@ -15,9 +15,10 @@ in the file; ``displback check-config`` runs the same check alone.
 What gntdev can do with dma-bufs is probed once at start and logged in one line; with
 ``--zero-copy require`` a Dom0 that cannot export guest grants refuses to start.
 
-Shutdown (SIGTERM/SIGINT): every known device is told ``Closing``, the daemon is cancelled
-(connections release their mappings, ports and buffers), then each device's backend state
-is set to ``Closed`` so the guests see the backend gone; the devices are closed last.
+Shutdown (SIGTERM/SIGINT) goes through each device's handshake (``Backend.shutdown``): its
+connection releases its mappings, ports and buffers, its backend state is set to ``Closed``
+so the guest sees the backend gone (and re-handshakes with the next daemon), and the device
+is forgotten; then the daemon's remaining tasks are cancelled.
 """
 
 from __future__ import annotations
@@ -57,9 +58,7 @@ from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.fdstore import FdStore, inherited_fds
 from displback.logs import LOG_LEVELS, LogFormat, configure_logging, default_log_format
-from displback.protocol import layout
 from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
-from displback.protocol.xenbus import XenbusState
 from displback.sdnotify import Notifier
 from displback.status import StatusModel, to_json
 from displback.status_socket import DEFAULT_SOCKET, serve_status, socket_path
@@ -71,8 +70,6 @@ from displback.xen.real import (
     default_xenstore_path,
     read_own_domid,
 )
-from displback.xenstore.client import open_xenstore
-from displback.xenstore.wire import XenStoreError
 
 __all__ = [
     "RunConfig",
@@ -440,7 +437,6 @@ async def serve(
                 inherited=inherited,
             )
             model = StatusModel(backend, display.outputs)
-            keys: list[tuple[int, int]] = []
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     await nursery.start(backend.run)
@@ -456,11 +452,8 @@ async def serve(
                         log.info("shutting down", signal=signal.Signals(signum).name)
                         notifier.stopping()
                         break
-                keys = [(key.domid, key.devid) for key in backend.devices]
-                # Cancelling the daemon releases every connection (mappings, ports, buffers).
+                await backend.shutdown()
                 nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await _set_states(platform, keys, XenbusState.CLOSED, log)
             if config.snapshot_dir is not None:
                 with contextlib.suppress(OSError):
                     await _write_snapshots(display, model, config.snapshot_dir)
@@ -477,34 +470,6 @@ async def _watchdog(notifier: Notifier, backend: Backend) -> None:
         connected = sum(1 for s in statuses if s.state == "connected")
         notifier.send(watchdog=1, status=f"{len(statuses)} vdispl devices, {connected} connected")
         await trio.sleep(notifier.watchdog_s / 2)
-
-
-async def _set_states(
-    platform: Platform, keys: list[tuple[int, int]], state: XenbusState, log: Any
-) -> None:
-    """Write backend ``state`` of each ``(domid, devid)`` whose directory still exists."""
-    if not keys:
-        return
-    writes = layout.backend_state_writes(state)
-    with trio.move_on_after(5) as scope:
-        async with open_xenstore(platform.xenstore_path, reconnect=False) as xs:
-            for domid, devid in keys:
-                directory = layout.backend_dir(platform.domid, domid, devid)
-
-                async def write(tx: Any, directory: str = directory) -> bool:
-                    if not await tx.exists(directory):
-                        return False  # never resurrect a removed device
-                    for node, value in writes.items():
-                        await tx.write(f"{directory}/{node}", value)
-                    return True
-
-                try:
-                    if await xs.run_transaction(write):
-                        log.info("state", domid=domid, devid=devid, state=state.name)
-                except XenStoreError as exc:
-                    log.warning("cannot write state", state=state.name, error=str(exc))
-    if scope.cancelled_caught:
-        log.warning("timed out writing states", state=state.name)
 
 
 async def _start_status_socket(

@@ -75,6 +75,7 @@ class Backend:
         self.devices: dict[_Key, GuestDevice] = {}
         self.root = layout.backend_root(platform.domid)
         self._ignored: set[str] = set()
+        self._stopping = False
         self.deferred: DeferredReleases | None = None
         #: One account per guest domain, shared by all its devices (see quotas.py).
         self.accounts: dict[int, Quota] = {}
@@ -111,6 +112,21 @@ class Backend:
                     await deferred.aclose()
                 self.retained.close()
 
+    async def shutdown(self, timeout: float = 10.0) -> bool:
+        """The daemon stops: every device releases what it holds, tells its guest Closed and
+        is forgotten — through its handshake, the one path a device ends by — and no new
+        device is taken on. Returns ``False`` if devices were left after ``timeout`` (their
+        tasks are cancelled with the daemon's; the connections still release everything)."""
+        self._stopping = True
+        for device in list(self.devices.values()):
+            device.shutdown()
+        with trio.move_on_after(timeout):
+            while self.devices:
+                await trio.sleep(0.01)
+        if self.devices:
+            self.log.warning("devices not closed in time", devices=len(self.devices))
+        return not self.devices
+
     async def _list(self, xs: XenStoreClient, path: str) -> list[str]:
         try:
             return await xs.directory(path)
@@ -132,10 +148,10 @@ class Backend:
                 if devid is None:
                     continue
                 key = _Key(domid, devid)
-                if key in self.devices:
+                if key in self.devices or self._stopping:
                     continue
                 account = await self._configured_account(xs, domid)
-                if key not in self.devices:  # another scan may have made it meanwhile
+                if key not in self.devices and not self._stopping:  # a scan may have meanwhile
                     device = GuestDevice(
                         xs=xs,
                         platform=self.platform,

@@ -44,6 +44,7 @@ from displback.protocol.handshake import (
     Input,
     Observed,
     ProtocolViolation,
+    Shutdown,
     Teardown,
     TeardownDone,
     Tick,
@@ -290,6 +291,10 @@ class GuestDevice:
 
     def _feed(self, event: Input) -> None:
         self._send.send_nowait(event)
+
+    def shutdown(self) -> None:
+        """The daemon stops: release everything, tell the guest Closed, end (handshake)."""
+        self._feed(Shutdown())
 
     def report_violation(self, reason: str) -> None:
         """A connector found the guest breaking the protocol: close this device only."""

@@ -27,6 +27,8 @@ Inputs
     directory is not this: it is observed as a frontend in state Closed.
 ``Tick``
     A :class:`WakeAt` deadline passed. Time is an input (``now``), never a sleep.
+``Shutdown``
+    The daemon stops (SIGTERM): release everything, tell the guest Closed, forget the device.
 
 Actions
 -------
@@ -71,6 +73,9 @@ The rows, following displif-reference §2:
 * Protocol violation or failed connect: ``Teardown``, write Closed, and offer InitWait again
   only after a back-off delay (:class:`RetryPolicy`) and once the frontend has reset.
 * Backend directory vanished: ``Teardown`` if needed, then ``Forget``; no more writes.
+* Daemon shutdown: ``Teardown`` if needed (a connect under way finishes first), write Closed
+  (so the frontend sees its backend gone and re-handshakes with the next daemon), ``Forget``.
+  A device already removed or vanished only finishes that.
 
 The Linux frontend reads our *current* state when its watch fires, so of two quick writes
 (Closed then InitWait) it may see only the second. Both orders are harmless: Closed alone makes
@@ -103,6 +108,7 @@ __all__ = [
     "Phase",
     "ProtocolViolation",
     "RetryPolicy",
+    "Shutdown",
     "Teardown",
     "TeardownDone",
     "Tick",
@@ -163,8 +169,20 @@ class Tick:
     """A :class:`WakeAt` deadline has passed."""
 
 
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The daemon is stopping."""
+
+
 Input = (
-    Observed | ConnectSucceeded | ConnectFailed | ProtocolViolation | TeardownDone | Vanished | Tick
+    Observed
+    | ConnectSucceeded
+    | ConnectFailed
+    | ProtocolViolation
+    | TeardownDone
+    | Vanished
+    | Tick
+    | Shutdown
 )
 
 # --- actions --------------------------------------------------------------------------------
@@ -234,11 +252,13 @@ class Phase(enum.Enum):
     CONNECTING_THEN_REOFFER = "connecting-then-reoffer"  # ... frontend reset meanwhile
     CONNECTING_THEN_REMOVE = "connecting-then-remove"  # ... toolstack removal meanwhile
     CONNECTING_THEN_FORGET = "connecting-then-forget"  # ... directories vanished meanwhile
+    CONNECTING_THEN_STOP = "connecting-then-stop"  # ... the daemon stops meanwhile
     CONNECTED = "connected"  # wrote Connected; rings live
     TEARDOWN_REOFFER = "teardown-reoffer"  # Teardown emitted; then Closed, InitWait
     TEARDOWN_BACKOFF = "teardown-backoff"  # Teardown emitted; then Closed, back-off
     TEARDOWN_REMOVE = "teardown-remove"  # Teardown emitted; then Closed for good
     TEARDOWN_FORGET = "teardown-forget"  # Teardown emitted; then Forget
+    TEARDOWN_STOP = "teardown-stop"  # Teardown emitted; then Closed and Forget (shutdown)
     CLOSING_HOLD = "closing-hold"  # torn down; our Closing held until the frontend answers
     CLOSED = "closed"  # wrote Closed; will offer InitWait again
     REMOVED = "removed"  # wrote Closed for the toolstack; waiting to vanish
@@ -259,6 +279,7 @@ class _Trigger(enum.Enum):
     CONNECT_FAILED = "connect failed"
     VIOLATION = "violation"
     TEARDOWN_DONE = "teardown done"
+    SHUTDOWN = "shutdown"
 
 
 _FE_CLASS: Final = {
@@ -326,6 +347,7 @@ def _rows(
 
 _CONNECTING_THEN = {
     _P.CONNECTING_THEN_REMOVE: _P.TEARDOWN_REMOVE,
+    _P.CONNECTING_THEN_STOP: _P.TEARDOWN_STOP,
     _P.CONNECTING_THEN_FORGET: _P.TEARDOWN_FORGET,
 }
 _CONNECTING_THEN_ANY: Final = frozenset({*_CONNECTING_THEN, _P.CONNECTING_THEN_REOFFER})
@@ -334,6 +356,7 @@ _TEARDOWNS = {
     _P.TEARDOWN_BACKOFF: _Go(_P.CLOSED, (_D.WRITE_CLOSED,)),
     _P.TEARDOWN_REMOVE: _Go(_P.REMOVED, (_D.WRITE_CLOSED,)),
     _P.TEARDOWN_FORGET: _Go(_P.GONE, (_D.FORGET,)),
+    _P.TEARDOWN_STOP: _Go(_P.GONE, (_D.WRITE_CLOSED, _D.FORGET)),
 }
 
 _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
@@ -360,6 +383,8 @@ _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
     **_rows(_P.CONNECTING_THEN_REMOVE, (*_FE_ALL, _T.REMOVE), STAY),
     (_P.CONNECTING_THEN_REMOVE, _T.VANISHED): _Go(_P.CONNECTING_THEN_FORGET),
     **_rows(_P.CONNECTING_THEN_FORGET, (*_FE_ALL, _T.REMOVE, _T.VANISHED), STAY),
+    **_rows(_P.CONNECTING_THEN_STOP, (*_FE_ALL, _T.REMOVE), STAY),
+    (_P.CONNECTING_THEN_STOP, _T.VANISHED): _Go(_P.CONNECTING_THEN_FORGET),
     **{
         (phase, t): _Go(after, (_D.TEARDOWN,), failure=t is _T.CONNECT_FAILED)
         for phase, after in _CONNECTING_THEN.items()
@@ -378,6 +403,7 @@ _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
     (_P.TEARDOWN_BACKOFF, _T.REMOVE): _Go(_P.TEARDOWN_REMOVE),
     (_P.TEARDOWN_REMOVE, _T.REMOVE): STAY,
     (_P.TEARDOWN_FORGET, _T.REMOVE): STAY,
+    (_P.TEARDOWN_STOP, _T.REMOVE): STAY,
     **{(phase, _T.VANISHED): _Go(_P.TEARDOWN_FORGET) for phase in _TEARDOWNS},
     (_P.TEARDOWN_FORGET, _T.VANISHED): STAY,
     **{(phase, _T.TEARDOWN_DONE): go for phase, go in _TEARDOWNS.items()},
@@ -396,6 +422,27 @@ _TABLE: Final[dict[tuple[Phase, _Trigger], _Go | _Rule]] = {
     **_rows(_P.REMOVED, (*_FE_ALL, _T.REMOVE), STAY),
     (_P.REMOVED, _T.VANISHED): _Go(_P.GONE, (_D.FORGET,)),
     **_rows(_P.GONE, (*_FE_ALL, _T.REMOVE, _T.VANISHED), STAY),
+    # SHUTDOWN: whatever is held is released, the guest told Closed, the device forgotten.
+    **{
+        (phase, _T.SHUTDOWN): _Go(_P.GONE, (_D.WRITE_CLOSED, _D.FORGET))
+        for phase in (_P.NEW, _P.INIT_WAIT, _P.CLOSED, _P.CLOSING_HOLD)
+    },
+    **{
+        (phase, _T.SHUTDOWN): _Go(_P.CONNECTING_THEN_STOP)
+        for phase in (_P.CONNECTING, _P.CONNECTING_THEN_REOFFER, _P.CONNECTING_THEN_REMOVE)
+    },
+    (_P.CONNECTED, _T.SHUTDOWN): _Go(_P.TEARDOWN_STOP, (_D.TEARDOWN,)),
+    **{
+        (phase, _T.SHUTDOWN): _Go(_P.TEARDOWN_STOP)
+        for phase in (_P.TEARDOWN_REOFFER, _P.TEARDOWN_BACKOFF, _P.TEARDOWN_REMOVE)
+    },
+    (_P.REMOVED, _T.SHUTDOWN): _Go(_P.GONE, (_D.FORGET,)),  # Closed is written already
+    **_rows(_P.GONE, (_T.SHUTDOWN,), STAY),
+    **{
+        (phase, _T.SHUTDOWN): STAY
+        for phase in (_P.CONNECTING_THEN_FORGET, _P.CONNECTING_THEN_STOP)
+        + (_P.TEARDOWN_FORGET, _P.TEARDOWN_STOP)
+    },
 }
 # Local results outside the phases that expect them are misuse; a violation report outside
 # CONNECTED is a late report about rings already torn down (or not yet live): nothing to do.
@@ -474,6 +521,8 @@ class Handshake:
                 self._fire(_T.VIOLATION, f"protocol violation: {reason}", actions)
             case TeardownDone():
                 self._fire(_T.TEARDOWN_DONE, "", actions)
+            case Shutdown():
+                self._fire(_T.SHUTDOWN, "daemon stopping", actions)
         return actions
 
     # -- internals --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from displback.protocol.handshake import (
     Phase,
     ProtocolViolation,
     RetryPolicy,
+    Shutdown,
     Teardown,
     TeardownDone,
     Tick,
@@ -477,6 +478,59 @@ def test_vanished_during_connect_releases_then_forgets() -> None:
 # --- our state node is ours -----------------------------------------------------------------------
 
 
+# --- daemon shutdown --------------------------------------------------------------------------
+
+
+def test_shutdown_while_connected_tears_down_then_writes_closed_and_forgets() -> None:
+    dev = Device()
+    dev.connected()
+    assert "daemon stopping" in only_teardown(dev.feed(Shutdown())).reason
+    assert dev.fe(S.CONNECTED) == []  # still tearing down: nothing else happens
+    assert dev.feed(TeardownDone()) == [W6, Forget()]
+    assert dev.machine.finished
+
+
+@pytest.mark.parametrize("setup", ["init-wait", "closed", "closing-hold"])
+def test_shutdown_holding_nothing_writes_closed_and_forgets_at_once(setup: str) -> None:
+    dev = Device()
+    dev.fe(S.INITIALISING)
+    if setup == "closed":
+        dev.fe(S.INITIALISED)
+        dev.feed(ConnectFailed("f"))
+        dev.feed(TeardownDone())
+    elif setup == "closing-hold":
+        dev.fe(S.INITIALISED)
+        dev.feed(ConnectSucceeded())
+        dev.fe(S.CLOSING)
+        dev.feed(TeardownDone())
+    assert dev.machine.phase.value == setup
+    assert dev.feed(Shutdown()) == [W6, Forget()]
+
+
+def test_shutdown_during_a_connect_waits_for_its_result_then_releases_it() -> None:
+    dev = Device()
+    dev.fe(S.INITIALISING)
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    assert dev.feed(Shutdown()) == []
+    only_teardown(dev.feed(ConnectSucceeded()))  # never Connected
+    assert dev.feed(TeardownDone()) == [W6, Forget()]
+
+
+def test_shutdown_of_a_removed_device_forgets_it_without_writing_again() -> None:
+    dev = Device()
+    dev.online = False
+    assert dev.fe(S.INITIALISING) == [W6]
+    assert dev.feed(Shutdown()) == [Forget()]
+
+
+def test_directories_vanishing_during_shutdown_teardown_forget_without_writing() -> None:
+    dev = Device()
+    dev.connected()
+    only_teardown(dev.feed(Shutdown()))
+    assert dev.feed(Vanished()) == []
+    assert dev.feed(TeardownDone()) == [Forget()]
+
+
 def test_foreign_write_of_our_state_is_reasserted() -> None:
     dev = Device()
     dev.connected()
@@ -526,6 +580,7 @@ externals = st.one_of(
     st.builds(ProtocolViolation, st.just("v")),
     st.just(Tick()),
     st.just(Vanished()),
+    st.just(Shutdown()),
 )
 anything = st.one_of(
     externals,
@@ -628,6 +683,8 @@ def _run_io(start: S, steps: list[tuple[tuple[object, ...], float]]) -> None:
                 io.feed(Tick(), now)
             case ("vanish",):
                 io.feed(Vanished(), now)
+            case ("shutdown",):
+                io.feed(Shutdown(), now)
     # Drain: the directories vanish; everything held is released and the device forgotten.
     io.feed(Vanished(), now)
     if io.connect_pending:
@@ -642,7 +699,7 @@ def _run_io(start: S, steps: list[tuple[tuple[object, ...], float]]) -> None:
     )
 
 
-_STEP_KINDS = 11  # the weights below: frontend observations are drawn most often
+_STEP_KINDS = 12  # the weights below: frontend observations are drawn most often
 
 
 def _step(kind: int, state: S, flag: bool) -> tuple[object, ...]:
@@ -656,7 +713,7 @@ def _step(kind: int, state: S, flag: bool) -> tuple[object, ...]:
         return ("result", True)
     if kind < 8:
         return ("teardown-done",)
-    return (("violation",), ("tick",), ("vanish",))[kind - 8]
+    return (("violation",), ("tick",), ("vanish",), ("shutdown",))[kind - 8]
 
 
 @given(

@@ -8,6 +8,7 @@ Missing tools are failures, not skips, once the tests are selected.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import shutil
@@ -55,6 +56,11 @@ def vm_assets(tmp_path_factory: pytest.TempPathFactory) -> VMAssets:
     started = time.monotonic()
     bzimage = kernel.build()  # cached after the first build
     print(f"kernel: {bzimage} ({time.monotonic() - started:.1f} s)")
+    # Dom0 imports the daemon over 9p under TCG and writes no bytecode
+    # (PYTHONDONTWRITEBYTECODE): compiled here once, its start-up reads .pyc files instead of
+    # compiling every module at every start (start to "watching" took up to 112 s on a
+    # busy host, past the 120 s limit, with a fresh clone's uncompiled sources).
+    compileall.compile_dir(str(REPO / "displback"), quiet=1)
     work = tmp_path_factory.mktemp("vm-assets")
     drmtest = initramfs.compile_drmtest(work / "drmtest")
     return VMAssets(
