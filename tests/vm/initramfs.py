@@ -7,6 +7,8 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
   (``hostroot``) and the test's shared directory read-write (``share``, at ``/mnt`` inside),
   puts tmpfs on the host's ``/run``, ``/tmp``, ``/var/lib/xen``, ``/var/log``, mounts xenfs
   and chroots into the host root to run ``/mnt/dom0.sh`` (written by the harness).
+* Dom0 with systemd (``build_dom0_systemd``, tests/vm/systemd_dom0.py): an overlay of a staged
+  ``make install`` over the host's root, then ``switch_root`` to systemd.
 * DomU: ``/init`` runs ``drmtest`` on xen-drm-front's card (driver ``xendrm-du``) with the
   arguments found on the kernel command line
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
@@ -93,6 +95,38 @@ echo "@@CHROOT@@"
 exec chroot /host /bin/sh /mnt/dom0.sh
 """
 
+# Dom0 with systemd as PID 1 (tests/vm/test_systemd.py): the host root read-only over 9p under
+# an overlay, with the staged `make install` tree (9p tag ``stage``) as the layer above it and
+# a tmpfs as the writable top; the harness's files for this Dom0 (``share/rootfs``: fstab, the
+# console shell's unit, masks, Xen's defaults) are copied into the top layer, the share is
+# mounted at /mnt, then systemd takes over.
+DOM0_SYSTEMD_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "@@INITRAMFS DOM0@@"
+fail() { echo "@@FAIL $1@@"; exec sh; }
+mkdir -p /lower /stage /rw /newroot
+ninep="-t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000"
+mount $ninep hostroot /lower || fail "mount hostroot"
+mount $ninep stage /stage || fail "mount stage"
+mount -t tmpfs -o mode=0755 tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/stage:/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
+    || fail "mount overlay"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none share /newroot/mnt \
+    || fail "mount share"
+cp -a /newroot/mnt/rootfs/. /newroot/ || fail "copy rootfs"
+# The host's /tmp is not Dom0's: systemd-tmpfiles would empty it at boot (`D /tmp`), one
+# whiteout at a time over 9p.
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+echo "@@SWITCH ROOT@@"
+umount /proc /sys /dev
+exec switch_root /newroot /lib/systemd/systemd
+"""
+
 DOMU_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -160,6 +194,12 @@ def compile_drmtest(out: Path) -> Path:
 def build_dom0(path: Path) -> Path:
     """Write the Dom0 initramfs to ``path``."""
     path.write_bytes(_newc(_base(DOM0_INIT)))
+    return path
+
+
+def build_dom0_systemd(path: Path) -> Path:
+    """Write the initramfs of the systemd Dom0 (overlay root, then systemd) to ``path``."""
+    path.write_bytes(_newc(_base(DOM0_SYSTEMD_INIT)))
     return path
 
 

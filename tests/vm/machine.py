@@ -69,6 +69,8 @@ class XenVM:
         memory_mb: int = 3072,
         display: bool = True,
         pvh_dom0: bool = False,
+        stage: Path | None = None,
+        dom0_args: str = "",
     ) -> None:
         self.workdir = workdir
         self.share = share
@@ -81,7 +83,7 @@ class XenVM:
         self.started = time.monotonic()
         if shutil.which(QEMU) is None:
             raise FileNotFoundError(f"{QEMU} missing: apt-get install qemu-system-x86")
-        modules = f"{kernel} {DOM0_ARGS},{initramfs}"
+        modules = f"{kernel} {DOM0_ARGS} {dom0_args},{initramfs}".replace(" ,", ",")
         # A PVH Dom0 (auto-translated: gntdev can export dma-bufs) needs an IOMMU, and the
         # virtio devices must go through it (iommu_platform) since Dom0's physical addresses
         # are not the machine's.
@@ -113,6 +115,15 @@ class XenVM:
                     "-device", f"virtio-9p-pci,fsdev=fs2,mount_tag=repo{virtio}",
                 ]
                 if repo is not None
+                else []
+            ),
+            # A staged `make install` tree (DESTDIR), the systemd Dom0's layer above the host.
+            *(
+                [
+                    "-fsdev", f"local,id=fs3,path={stage},security_model=none,readonly=on",
+                    "-device", f"virtio-9p-pci,fsdev=fs3,mount_tag=stage{virtio}",
+                ]
+                if stage is not None
                 else []
             ),
             "-net", "none",
