@@ -40,7 +40,7 @@ from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
 from displback.xen.interfaces import Platform
-from displback.xenstore.client import XenStoreClient, open_xenstore
+from displback.xenstore.client import XenStoreClient, XenStoreConnectionError, open_xenstore
 from displback.xenstore.wire import XenStoreError
 
 __all__ = ["DOMAIN_RECHECK_S", "Backend"]
@@ -136,6 +136,19 @@ class Backend:
             return []
 
     async def _scan(
+        self, xs: XenStoreClient, nursery: trio.Nursery, deferred: DeferredReleases
+    ) -> None:
+        """Serve every device below the root that is not served yet.
+
+        A XenStore connection lost under a request (xenstored restarted, or dropped us) ends
+        this scan only: the client reconnects and its watch fires again, which scans again.
+        """
+        try:
+            await self._scan_once(xs, nursery, deferred)
+        except XenStoreConnectionError as exc:
+            self.log.warning("xenstore connection lost while looking for devices", error=str(exc))
+
+    async def _scan_once(
         self, xs: XenStoreClient, nursery: trio.Nursery, deferred: DeferredReleases
     ) -> None:
         for dom_name in await self._list(xs, self.root):
@@ -236,6 +249,9 @@ class Backend:
             except XenStoreError as exc:
                 if exc.name != "EACCES":
                     self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
+                present = True
+            except XenStoreConnectionError as exc:  # looked at again on the next event
+                self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
                 present = True
             if present:
                 continue

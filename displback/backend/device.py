@@ -57,7 +57,12 @@ from displback.protocol.ring import BackRing
 from displback.protocol.trust import TrustRule, UntrustedNode
 from displback.protocol.xenbus import XenbusState, parse_state
 from displback.xen.interfaces import EventChannels, GrantDevice, GrantMapping, Platform
-from displback.xenstore.client import Perm, Transaction, XenStoreClient
+from displback.xenstore.client import (
+    Perm,
+    Transaction,
+    XenStoreClient,
+    XenStoreConnectionError,
+)
 from displback.xenstore.wire import XenStoreError
 
 __all__ = ["BackendSettings", "Connection", "GuestDevice"]
@@ -302,7 +307,16 @@ class GuestDevice:
         self.log.warning("protocol violation", reason=reason)
         self._feed(ProtocolViolation(reason))
 
-    async def _observe(self) -> Input:
+    async def _observe(self) -> Input | None:
+        """What XenStore shows now; None if the connection was lost under the reads (the
+        client reconnects and its watches fire again, which observes again)."""
+        try:
+            return await self._observe_once()
+        except XenStoreConnectionError as exc:
+            self.log.warning("xenstore connection lost while reading states", error=str(exc))
+            return None
+
+    async def _observe_once(self) -> Input:
         self._observe_queued = False
         xs = self.xs
         try:
@@ -379,6 +393,8 @@ class GuestDevice:
             nursery.start_soon(self._watch, self.frontend_dir)
             async for item in self._receive:
                 event = await self._observe() if item is _OBSERVE else item
+                if event is None:
+                    continue
                 actions = self._handshake.handle(event, trio.current_time())
                 self.status.state = self._handshake.phase.value
                 for action in actions:
@@ -425,7 +441,9 @@ class GuestDevice:
 
         try:
             written = await self.xs.run_transaction(write)
-        except XenStoreError as exc:
+        except (XenStoreError, XenStoreConnectionError) as exc:
+            # Lost: the next observation shows our state is not what we wrote, and the
+            # handshake writes it again.
             self.log.warning("cannot write state", state=state.name, error=str(exc))
             return
         if written:
