@@ -89,7 +89,8 @@ $(WHEELHOUSE_DIR)/.complete: $(STAMP)
 vm-deps:
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(VM_APT_PACKAGES)"
 
-test-vm: apt-deps vm-deps $(STAMP)
+# The wheelhouse: the systemd scenarios install displback by `make install` from it, offline.
+test-vm: apt-deps vm-deps $(STAMP) wheelhouse
 	$(PY) -m tests.vm.kernel
 	$(PY) -m pytest -m "vm and not pvh_dom0" tests/vm -v -s
 
