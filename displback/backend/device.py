@@ -351,11 +351,10 @@ class GuestDevice:
         destroy``) removes it together with writing Closing to us: neither ends the device,
         whose life is our directory's. Taking them for the device's end made the daemon forget
         the device, find it again at once (our directory still there) and loop, and never
-        answer libxl's Closing.
+        answer libxl's Closing. A missing ``state`` node reads as Unknown, which the handshake
+        treats as closed: one read, no separate look for the directory.
         """
         try:
-            if not await self.xs.exists(self.frontend_dir):
-                return XenbusState.CLOSED
             return parse_state(await self.xs.read_or_none(f"{self.frontend_dir}/{layout.STATE}"))
         except XenStoreError as exc:
             if exc.name != "EACCES":
