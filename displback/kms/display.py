@@ -63,6 +63,7 @@ from displback.display.common import (
     check_dumb_size,
     check_output_names,
     on_black,
+    report_landed,
     size_fits,
 )
 from displback.display.interface import (
@@ -72,6 +73,7 @@ from displback.display.interface import (
     FlipResult,
     Framebuffer,
     ImportRefused,
+    LandedCallback,
     Mode,
     OutputStats,
     UnsupportedFormat,
@@ -449,6 +451,7 @@ class _PendingFlip:
     done: trio.Event
     timer_due: float | None = None  # trio time, for flips of an unplugged output
     result: FlipResult | None = None
+    on_landed: LandedCallback | None = None  # start_flip's callback
 
 
 def _monotonic() -> float:
@@ -719,34 +722,67 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     async def flip(self, fb: Framebuffer) -> FlipResult:
         kfb = self._flippable(fb)
+        pending = self._new_pending(kfb, None)
+        if self._modeset_in_thread():
+            # The first legacy modeset: SETCRTC blocks until it is done, so in a thread.
+            self._pending = pending
+            try:
+                await trio.to_thread.run_sync(self._set_crtc, pending.shown)
+            except DrmError as exc:
+                raise self._flip_failed(pending, exc) from exc
+            self._land(pending, self._last_seq + 1, _monotonic())
+        else:
+            self._submit(pending)
+        # Cancelled here, the flip still lands (the event or the timer lands it).
+        return await self._landed(pending)
+
+    def start_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> bool:
+        kfb = self._flippable(fb)
+        if self._modeset_in_thread():
+            return False
+        self._submit(self._new_pending(kfb, on_landed))
+        return True
+
+    def _new_pending(self, kfb: KmsFramebuffer, on_landed: LandedCallback | None) -> _PendingFlip:
         shown = self._prepare(kfb)
-        pending = _PendingFlip(kfb, shown, next(self._display._tokens), _monotonic(), trio.Event())
+        token = next(self._display._tokens)
+        return _PendingFlip(kfb, shown, token, _monotonic(), trio.Event(), on_landed=on_landed)
+
+    def _modeset_in_thread(self) -> bool:
+        """Whether the next flip is a legacy modeset (a blocking SETCRTC, run in a thread)."""
+        return (
+            self._connected
+            and self._modeinfo is not None
+            and not self._display.atomic
+            and not self._hw_on
+        )
+
+    def _submit(self, pending: _PendingFlip) -> None:
+        """Queue ``pending`` with the driver (or on the timer while unplugged), no waiting."""
         self._pending = pending
         try:
             if not self._connected or self._modeinfo is None:
                 pending.timer_due = trio.current_time() + self._period()
             elif self._display.atomic:
-                self._commit(shown, event_token=pending.token)
-            elif not self._hw_on:
-                await trio.to_thread.run_sync(self._set_crtc, shown)
-                self._land(pending, self._last_seq + 1, _monotonic())
+                self._commit(pending.shown, event_token=pending.token)
             else:
                 self._display.device.page_flip(
                     self.crtc_id,
-                    shown.scan_fb_id,
+                    pending.shown.scan_fb_id,
                     flags=uapi.DRM_MODE_PAGE_FLIP_EVENT,
                     user_data=pending.token,
                 )
         except DrmError as exc:
-            if self._pending is pending:
-                self._pending = None
-            if exc.errno == errno.EBUSY:
-                raise FlipPending(f"output {self.name}: {exc}") from exc
-            raise DisplayError(f"output {self.name}: flip failed: {exc}") from exc
+            raise self._flip_failed(pending, exc) from exc
         self._display._awaiting[pending.token] = self
         self._wake.set()
-        # Cancelled here, the flip still lands (the event or the timer lands it).
-        return await self._landed(pending)
+
+    def _flip_failed(self, pending: _PendingFlip, exc: DrmError) -> DisplayError:
+        if self._pending is pending:
+            self._pending = None
+        if exc.errno == errno.EBUSY:
+            return FlipPending(f"output {self.name}: {exc}")
+        return DisplayError(f"output {self.name}: flip failed: {exc}")
 
     async def disable(self) -> None:
         await self._check_disable()
@@ -952,7 +988,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._shown = pending.shown
         self._flips_completed += 1
         pending.result = FlipResult(pending.fb, seq, timestamp)
-        pending.done.set()
+        report_landed(pending)
 
     def _on_event(self, event: DrmEvent) -> None:
         pending = self._pending
