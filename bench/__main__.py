@@ -74,6 +74,14 @@ async def _roundtrip(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                       rt["overhead"]["p50_ms"], "ms"))
     report.add(Metric("flip_overhead_p99_ms", "flip overhead p99",
                       rt["overhead"]["p99_ms"], "ms", Target("<=", 0.3)))
+    echo = await flips.echo_round_trip(tmp / "echo", rounds=plan.rt_flips)
+    report.details["echo_round_trip"] = echo
+    report.add(Metric("echo_p99_ms", "floor: event-channel echo p99 (notify → answer)",
+                      echo["echo"]["p99_ms"], "ms",
+                      note=f"p50 {echo['echo']['p50_ms']:.3f} ms over {echo['rounds']} rounds"))
+    report.add(Metric("goal2_overhead_over_echo", "goal 2: flip overhead p99 / echo p99",
+                      rt["overhead"]["p99_ms"] / echo["echo"]["p99_ms"], "",
+                      Target("<=", 1.5)))
 
 
 async def _cpu(report: Report, plan: Plan, tmp: Path, profile: cProfile.Profile | None) -> None:
@@ -103,6 +111,11 @@ async def _cpu(report: Report, plan: Plan, tmp: Path, profile: cProfile.Profile 
             report.add(Metric(f"cpu_{key}_percent",
                               f"  = % of one core per 60 fps connector ({result['fps']:.1f} fps)",
                               result["percent_of_core_per_60fps"], "%", target))
+            if not copy and (width, height) == (1920, 1080):
+                report.add(Metric("goal1_flip_over_wakeup",
+                                  "goal 1: zero-copy 1080p CPU per flip / bare trio wake-up",
+                                  result["cpu_per_flip_us"] / floor["cpu_per_wakeup_us"], "",
+                                  Target("<=", 1.2)))
     report.details["cpu_per_flip"] = results
 
 

@@ -27,6 +27,13 @@ async def test_round_trip_pairs_every_guest_flip_with_the_backends_display_flip(
     assert 0 < over["p50_ms"] <= rt["max_ms"]
 
 
+async def test_echo_round_trip_times_every_round(tmp_path: Path) -> None:
+    result = await flips.echo_round_trip(tmp_path, rounds=30, warmup=3)
+    assert result["rounds"] == 30
+    echo = result["echo"]
+    assert 0 < echo["p50_ms"] <= echo["p99_ms"] <= echo["max_ms"]
+
+
 @pytest.mark.parametrize("copy", [False, True], ids=["zero-copy", "copy"])
 async def test_cpu_per_flip_measures_flips_of_the_intended_buffer_kind(
     tmp_path: Path, copy: bool
