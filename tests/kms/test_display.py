@@ -221,6 +221,46 @@ async def test_legacy_first_flip_sets_the_crtc_then_page_flips(bochs: FakeCard) 
         assert a.pitch % 64 == 0
 
 
+async def test_start_flip_calls_back_from_the_flip_event_reader(vkms: FakeCard) -> None:
+    vkms.auto_vblank = False
+    async with open_display(vkms) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        landed: list[Any] = []
+        arrived = trio.Event()
+
+        def on_landed(result: Any) -> None:
+            landed.append(result)
+            arrived.set()
+
+        assert out.start_flip(fb, on_landed)
+        assert out.flip_pending and landed == []
+        assert vkms.vblank() == 1
+        with trio.fail_after(5):
+            await arrived.wait()
+        (result,) = landed
+        assert result.fb is fb and result.sequence == 1001 and out.current_fb is fb
+
+
+async def test_start_flip_declines_a_legacy_modeset_and_takes_the_page_flips(
+    bochs: FakeCard,
+) -> None:
+    async with open_display(bochs) as display:
+        out = display.outputs["Virtual-1"]
+        a = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        b = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        calls = len(bochs.calls)
+        assert out.start_flip(a, lambda _r: None) is False  # SETCRTC blocks: use flip()
+        assert not out.flip_pending and len(bochs.calls) == calls
+        await out.flip(a)
+        arrived = trio.Event()
+        assert out.start_flip(b, lambda _r: arrived.set())
+        assert bochs.calls[-1] == "MODE_PAGE_FLIP"
+        with trio.fail_after(5):
+            await arrived.wait()
+        assert bochs.crtc.fb_id == b.fb_id
+
+
 async def test_kernel_ebusy_becomes_flip_pending(vkms: FakeCard) -> None:
     async with open_display(vkms) as display:
         out = display.outputs["Virtual-1"]
