@@ -358,8 +358,8 @@ class Connector:
 
     def _queue_flip(self, req: PgFlipReq) -> None:
         fb = self._buffers.framebuffer(req.fb_cookie)  # ENOENT for an unknown cookie
+        # Started by _drain_ring's _pump once the answer is published.
         self._flips.accept_flip(req.fb_cookie, fb, trio.current_time())
-        self._pump()
 
     # --- scanout ----------------------------------------------------------------------------
 
