@@ -16,8 +16,9 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from displback.mapping import DmabufMapping
+
 __all__ = [
-    "DmaBufMapping",
     "DmaBufs",
     "EventChannels",
     "GrantDevice",
@@ -171,33 +172,11 @@ class GrantDevice(Protocol):
         ...
 
 
-class DmaBufMapping(Protocol):
-    """A dma-buf imported for CPU access (like a KMS driver's PRIME import + mmap)."""
-
-    @property
-    def buffer(self) -> memoryview:
-        """The dma-buf's memory, format ``B``, writable."""
-        ...
-
-    def close(self) -> None:
-        """Unmap and drop the import's reference to the dma-buf."""
-        ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
 @runtime_checkable
 class DmaBufs(Protocol):
     """The display side of dma-bufs: reach a buffer's memory, or allocate a Dom0 buffer."""
 
-    def open_dmabuf(self, fd: int) -> DmaBufMapping:
+    def open_dmabuf(self, fd: int) -> DmabufMapping:
         """Import the dma-buf ``fd`` (a private reference keeps it alive until closed).
 
         ``EBADF`` for a closed fd, ``EINVAL`` for an fd that is not a dma-buf.
