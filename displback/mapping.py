@@ -7,8 +7,10 @@ release our view first and make a fresh one if someone else still holds theirs.
 :class:`MappedMemory` does that once for all of them, :class:`MappedRegion` is the one base
 class of every mapping object (``buffer``, ``closed``, ``close`` and what else closing
 undoes), :class:`ClosesOnExit` gives each its ``with`` block, and :class:`DmabufMapping` is
-the one interface of a dma-buf mapped for the CPU, whoever mapped it. May touch: nothing of
-displback (every layer may import it).
+the one interface of a dma-buf mapped for the CPU, whoever mapped it. Every layer may import
+it.
+
+May import: nothing of displback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol, Self
 
-__all__ = ["ClosesOnExit", "DmabufImporter", "DmabufMapping", "MappedMemory", "MappedRegion"]
+__all__ = [
+    "ClosesOnExit",
+    "DmabufImporter",
+    "DmabufMapping",
+    "MappedMemory",
+    "MappedRegion",
+    "Mapping",
+]
 
 
 class ClosesOnExit(abc.ABC):
@@ -108,19 +117,16 @@ class MappedRegion(ClosesOnExit):
         """What closing undoes besides the mapping (nothing here)."""
 
 
-class DmabufMapping(Protocol):
-    """A dma-buf mapped for CPU access (a platform's import, or a display's ``mmap``).
-
-    It holds its own reference to the dma-buf, so the fd it came from may be closed at once.
-    """
+class Mapping(Protocol):
+    """What every mapping hands its user: the memory, ``close``, and a ``with`` block."""
 
     @property
     def buffer(self) -> memoryview:
-        """The dma-buf's memory, format ``B``."""
+        """The mapped memory, format ``B``."""
         ...
 
     def close(self) -> None:
-        """Unmap and drop this reference to the dma-buf."""
+        """Unmap (and undo what mapping did); ``BufferError`` while views of it are held."""
         ...
 
     def __enter__(self) -> Self: ...
@@ -131,6 +137,14 @@ class DmabufMapping(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+class DmabufMapping(Mapping, Protocol):
+    """A dma-buf mapped for CPU access (a platform's import, or a display's ``mmap``).
+
+    It holds its own reference to the dma-buf, so the fd it came from may be closed at once;
+    closing it drops that reference.
+    """
 
 
 DmabufImporter = Callable[[int], DmabufMapping]

@@ -13,10 +13,9 @@ XenStore is not here: the platform only says where the XenStore client should co
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from displback.mapping import DmabufMapping
+from displback.mapping import DmabufMapping, Mapping
 
 __all__ = [
     "DmaBufs",
@@ -97,26 +96,9 @@ class EventChannels(Protocol):
         ...
 
 
-class GrantMapping(Protocol):
-    """Grants mapped by ``MAP_GRANT_REF`` + ``mmap``: one contiguous span of ``count * 4096``."""
-
-    @property
-    def buffer(self) -> memoryview:
-        """The mapped memory, format ``B``; read-only when mapped without ``writable``."""
-        ...
-
-    def close(self) -> None:
-        """``munmap`` + ``UNMAP_GRANT_REF``; ``BufferError`` while views of it are still held."""
-        ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+class GrantMapping(Mapping, Protocol):
+    """Grants mapped by ``MAP_GRANT_REF`` + ``mmap``: one contiguous span of ``count * 4096``,
+    read-only when mapped without ``writable``; closing is ``munmap`` + ``UNMAP_GRANT_REF``."""
 
 
 @runtime_checkable
