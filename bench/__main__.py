@@ -113,11 +113,16 @@ async def _dbuf(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
         result = await buffers.dbuf_create_time(tmp / f"dbuf-{mode}", copy=copy,
                                                 runs=plan.dbuf_runs)
         results[mode] = result
+        key = "copy" if copy else "zc"
         report.add(Metric(
-            f"dbuf_create_{'copy' if copy else 'zc'}_p50_ms",
+            f"dbuf_create_{key}_p50_ms",
             f"DBUF_CREATE {result['width']}x{result['height']}x32 p50, {mode} "
             f"({result['pages']} grefs, {result['directory_pages']} dir pages)",
             result["create_s"]["p50"] * 1000, "ms"))
+        report.add(Metric(
+            f"dbuf_create_{key}_over_map", f"  / bare map of the {result['pages']} grefs "
+            f"in one call ({result['bare_map_s']['p50'] * 1000:.2f} ms p50)",
+            result["create_over_map"], "", Target("<=", 1.5)))
     report.details["dbuf_create"] = results
 
 

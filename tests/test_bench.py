@@ -50,6 +50,9 @@ async def test_dbuf_create_time_creates_and_destroys_through_the_buffer_store(
     assert result["kind"] == ("copy" if copy else "zero-copy")
     assert (result["pages"], result["directory_pages"]) == (12, 1)
     assert len(result["create_s"]["samples"]) == 2
+    assert len(result["bare_map_s"]["samples"]) == 2
+    assert result["create_over_map"] == pytest.approx(
+        result["create_s"]["p50"] / result["bare_map_s"]["p50"])
 
 
 async def test_copy_bandwidth_copies_through_present_on_and_copy_frame(tmp_path: Path) -> None:
