@@ -65,6 +65,18 @@ async def test_copy_bandwidth_copies_through_present_on_and_copy_frame(tmp_path:
     assert (odd["guest_pitch"], odd["dumb_pitch"]) == (120, 128)
 
 
+async def test_copy_scaling_copies_with_one_thread_and_with_several_in_turn(
+    tmp_path: Path,
+) -> None:
+    result = await buffers.copy_scaling(tmp_path, size=TINY, guests=2, workers=2,
+                                        window=0.1, rounds=2)
+    one, many = result["one_worker"], result["all_workers"]
+    assert [r["workers"] for r in one + many] == [1, 1, 2, 2]
+    assert all(r["frames"] > 0 for r in one + many)
+    assert max(r["most_running"] for r in one) == 1  # one thread: never two copies at once
+    assert result["ratio"] == pytest.approx(percentile(result["ratios"], 50))
+
+
 async def test_capacity_measures_one_step_per_guest_added(tmp_path: Path) -> None:
     result = await flips.capacity(tmp_path, max_guests=1, size=TINY, window=0.3, settle=0.2)
     (step,) = result["steps"]
