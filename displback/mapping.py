@@ -27,7 +27,7 @@ __all__ = [
     "DmabufMapping",
     "MappedMemory",
     "MappedRegion",
-    "Mapping",
+    "MemoryMapping",
 ]
 
 
@@ -117,7 +117,7 @@ class MappedRegion(ClosesOnExit):
         """What closing undoes besides the mapping (nothing here)."""
 
 
-class Mapping(Protocol):
+class MemoryMapping(Protocol):
     """What every mapping hands its user: the memory, ``close``, and a ``with`` block."""
 
     @property
@@ -139,7 +139,7 @@ class Mapping(Protocol):
     ) -> None: ...
 
 
-class DmabufMapping(Mapping, Protocol):
+class DmabufMapping(MemoryMapping, Protocol):
     """A dma-buf mapped for CPU access (a platform's import, or a display's ``mmap``).
 
     It holds its own reference to the dma-buf, so the fd it came from may be closed at once;

@@ -30,6 +30,7 @@ from displback.app.tomllines import KeyPath, dotted, key_lines
 from displback.app.validators import (
     MAX_DOMID,
     choice,
+    copy_workers,
     did_you_mean,
     domid,
     non_empty_string,
@@ -196,6 +197,7 @@ KEYS: Mapping[str, Check] = {
     "assign": _assign,
     "zero_copy": _value(choice("auto", "require", "off")),
     "wait_free_ms": _value(wait_free_ms),
+    "copy_workers": _value(copy_workers),
     "log_level": _value(choice(*LOG_LEVELS)),
     "log_format": _value(choice(*LOG_FORMATS)),
     "limits": _limits,

@@ -53,7 +53,14 @@ from displback.app.logs import LOG_LEVELS, LogFormat, configure_logging, default
 from displback.app.status import StatusModel, to_json
 from displback.app.status_socket import DEFAULT_SOCKET, serve_status
 from displback.app.tomllines import KeyPath
-from displback.app.validators import domid, option, positive, socket_path, wait_free_ms
+from displback.app.validators import (
+    copy_workers,
+    domid,
+    option,
+    positive,
+    socket_path,
+    wait_free_ms,
+)
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
@@ -96,6 +103,7 @@ class RunConfig:
     assign: dict[str, str] = field(default_factory=dict)  # "domid/devid/index" -> output
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
+    copy_workers: int | None = None  # None: the CPUs this process may use
     log_level: str = "info"
     log_format: LogFormat | None = None  # None: journal under systemd, else console
     limits: LimitOverrides = field(default_factory=LimitOverrides)  # the file's [limits]
@@ -190,6 +198,12 @@ def add_run_parser(
         default=2000,
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
+    run.add_argument(
+        "--copy-workers",
+        type=option(copy_workers, int),
+        default=None,
+        help="worker threads copying frames in copy mode (default: the CPUs it may use)",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     run.add_argument(
         "--log-format",
@@ -229,6 +243,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         assign=dict(args.assign),
         zero_copy=ZeroCopyPolicy(args.zero_copy),
         wait_free_ms=args.wait_free_ms,
+        copy_workers=args.copy_workers,
         log_level=args.log_level,
         log_format=args.log_format,
         status_socket=args.status_socket or None,
@@ -391,6 +406,7 @@ async def serve(
         settings = BackendSettings(
             zero_copy=config.zero_copy,
             wait_free_ms=config.wait_free_ms,
+            copy_workers=config.copy_workers,
             limit_overrides=config.limits,
         )
         notifier = Notifier()

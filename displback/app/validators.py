@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
 
 __all__ = [
+    "MAX_COPY_WORKERS",
     "MAX_DOMID",
     "SOCKET_PATH_MAX",
     "choice",
+    "copy_workers",
     "did_you_mean",
     "domid",
     "int_range",
@@ -38,6 +40,8 @@ T = TypeVar("T")
 
 #: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
 MAX_DOMID = 0x7FEF
+#: Most copy worker threads (more than cores only share memory bandwidth worse).
+MAX_COPY_WORKERS = 256
 #: The longest UNIX socket path (``sun_path`` holds 108 bytes with the NUL).
 SOCKET_PATH_MAX = 107
 
@@ -104,6 +108,7 @@ def positive(value: Any) -> float:
 
 
 domid = int_range(0, MAX_DOMID)
+copy_workers = int_range(1, MAX_COPY_WORKERS)
 wait_free_ms = int_range(
     1,
     LINUX_RESPONSE_TIMEOUT_MS - 1,

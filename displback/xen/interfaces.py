@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from displback.mapping import DmabufMapping, Mapping
+from displback.mapping import DmabufMapping, MemoryMapping
 
 __all__ = [
     "DmaBufs",
@@ -96,7 +96,7 @@ class EventChannels(Protocol):
         ...
 
 
-class GrantMapping(Mapping, Protocol):
+class GrantMapping(MemoryMapping, Protocol):
     """Grants mapped by ``MAP_GRANT_REF`` + ``mmap``: one contiguous span of ``count * 4096``,
     read-only when mapped without ``writable``; closing is ``munmap`` + ``UNMAP_GRANT_REF``."""
 
@@ -113,6 +113,17 @@ class GrantDevice(Protocol):
 
     def map_grants(self, domid: int, refs: list[int], *, writable: bool = True) -> GrantMapping:
         """Map ``refs`` of domain ``domid`` as one contiguous buffer."""
+        ...
+
+    def copy_from_grant(self, domid: int, ref: int, length: int) -> bytes:
+        """``IOCTL_GNTDEV_GRANT_COPY`` of one segment: the first ``length`` bytes (at most a
+        page) of grant ``ref`` of ``domid``, copied by Xen into private memory.
+
+        Nothing is mapped, so nothing needs unmapping: one call where reading through
+        :meth:`map_grants` takes two (map, unmap) plus an ``munmap``. The copy is a snapshot:
+        the guest changing the page afterwards changes nothing in it. ``EINVAL`` for a bad
+        grant (as :meth:`map_grants`) or a ``length`` outside 1..4096.
+        """
         ...
 
     def dmabuf_export(self, domid: int, refs: list[int], *, flags: int = 0) -> int:
