@@ -492,6 +492,11 @@ class Connector:
     # --- events -----------------------------------------------------------------------------
 
     @property
+    def flips(self) -> FlipQueue[Any, _Config]:
+        """This connector's flip queue (its state; the connector alone feeds it)."""
+        return self._flips
+
+    @property
     def queued_events(self) -> int:
         """Events waiting for room on the event page (at most ``MAX_QUEUED_EVENTS``)."""
         return self._flips.queued_events

@@ -138,7 +138,8 @@ class FlipQueue(Generic[FbT, CfgT]):
             raise ValueError(f"max_queued_events must be >= 0, not {max_queued_events}")
         self._sink = sink
         self._max_events = max_queued_events
-        self._late_after = late_after
+        #: Seconds after acceptance past which a written event counts as late (may be changed).
+        self.late_after = late_after
         self.counters = counters if counters is not None else FlipCounters()
         self._commands: collections.deque[_Flip[FbT] | ConfigCommand[CfgT]] = (
             collections.deque()
@@ -228,7 +229,7 @@ class FlipQueue(Generic[FbT, CfgT]):
                     break
                 events.popleft()
                 sent += 1
-                if now - flip.accepted > self._late_after:
+                if now - flip.accepted > self.late_after:
                     late += 1
         except ProtocolError:
             events.clear()
