@@ -79,3 +79,33 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.take() and not bucket.take()
     now[0] += 100.0
     assert sum(bucket.take() for _ in range(10)) == 3
+
+
+@pytest.mark.parametrize("connectors", [3, 4, 8])
+def test_each_connected_connector_brings_eight_buffers_and_their_display_slots(
+    connectors: int,
+) -> None:
+    """A domain's allowance grows with its connected connectors: 8 buffers each (at least
+    16), each framebuffer shown on every connector with 2 display slots (an import, or two
+    copy buffers). Two devices of the domain add up; a disconnected one gives its share
+    back."""
+    quota = Quota(domid=1)
+    quota.add_device(0, [(640, 480)] * (connectors - 1))
+    quota.add_device(1, [(320, 240)])
+    allowed = 8 * connectors
+    for _ in range(allowed):
+        quota.charge(1)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.charge(1)
+    assert exc.value.limit == "max_buffers"
+    # Every framebuffer on every connector, twice: fits; one more does not.
+    slots = 2 * 2 * allowed * connectors
+    quota.take("display_fbs", slots)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.take("display_fbs")
+    assert exc.value.limit == "max_display_fbs"
+    quota.give("display_fbs", slots)
+    quota.remove_device(0)
+    assert quota.limits.max_buffers == 16  # one connector left: the floor
+    with pytest.raises(QuotaExceeded):
+        quota.charge(1)  # what is held stays charged

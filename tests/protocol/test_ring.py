@@ -415,6 +415,31 @@ def test_any_req_prod_gives_valid_copies_or_overflow_error(
         assert back.final_check() is (back.unanswered < RING_SIZE)
 
 
+def test_final_check_sleeps_while_every_slot_awaits_its_response() -> None:
+    """RING_HAS_UNCONSUMED_REQUESTS is capped by the free response slots: with all 32
+    requests unanswered a req_prod claiming more is nothing to read yet, so the backend
+    arms req_event and sleeps; one response later the claim is looked at (and refused)."""
+    start = U32 - 5  # across the u32 wrap
+    page, back = back_with_history(start, RING_SIZE, 0)
+    assert back.unanswered == RING_SIZE
+    set_u32(page, 0, start + RING_SIZE + 3)  # three more than the ring can hold
+    assert back.final_check() is False
+    assert header(page)[1] == (start + RING_SIZE + 1) & INDEX_MASK  # req_event armed
+    back.put_response(packet(2, 0))
+    back.push_responses()
+    assert back.final_check() is True
+    with pytest.raises(ProtocolError, match="producer overflow"):
+        back.take_requests()
+
+
+def test_final_check_counts_at_most_the_free_response_slots() -> None:
+    page, back = back_with_history(0, RING_SIZE - 1, 0)  # one slot free
+    set_u32(page, 0, RING_SIZE - 1 + 1)  # an honest guest fills it
+    assert back.final_check() is True
+    assert back.take_requests() == [bytes(page[slot_offset(31) : slot_offset(31) + 64])]
+    assert back.final_check() is False  # 32 unanswered: nothing more to read
+
+
 def test_producer_overflow_is_refused() -> None:
     page, back = back_with_history(0, 0, 0)
     set_u32(page, 0, RING_SIZE + 1)
