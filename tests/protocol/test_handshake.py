@@ -165,8 +165,9 @@ def test_a_stale_closing_of_ours_at_discovery_is_a_stale_device_not_a_removal() 
     assert dev.machine.phase is Phase.INIT_WAIT
 
 
-def test_guest_resets_of_young_connections_back_off_after_the_first() -> None:
-    dev = Device()
+@pytest.mark.parametrize("start", [0.0, 1000.0])
+def test_guest_resets_of_young_connections_back_off_after_the_first(start: float) -> None:
+    dev = Device(now=start)  # a connection's age is now minus its start, whatever the clock
     dev.connected()
     # The first reset in a row is reoffered at once (Linux polls 1 s for InitWait)...
     only_teardown(dev.fe(S.INITIALISING))
@@ -175,9 +176,9 @@ def test_guest_resets_of_young_connections_back_off_after_the_first() -> None:
     assert dev.feed(ConnectSucceeded()) == [W4]
     # ... the second waits the back-off.
     only_teardown(dev.fe(S.INITIALISING))
-    assert dev.feed(TeardownDone()) == [W6, WakeAt(RetryPolicy().delay(2))]
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(start + RetryPolicy().delay(2))]
     assert dev.machine.phase is Phase.CLOSED
-    dev.now = RetryPolicy().delay(2)
+    dev.now = start + RetryPolicy().delay(2)
     assert dev.feed(Tick()) == [W2]
 
 
