@@ -292,7 +292,9 @@ def test_libxl_state_closing_alone_means_removal() -> None:
     dev = Device()
     dev.connected()
     dev.backend = S.CLOSING
-    only_teardown(dev.fe(S.CONNECTED))
+    assert "toolstack removes" in only_teardown(dev.fe(S.CONNECTED)).reason
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
 
 
 def test_online_zero_alone_means_removal() -> None:

@@ -507,7 +507,10 @@ def test_set_config_half_filled_is_einval(fields: dict[str, int]) -> None:
 
 
 def test_set_config_enable_is_valid() -> None:
-    SetConfigReq(id=1, fb_cookie=7, x=0, y=0, width=1024, height=768, bpp=32).validate()
+    req = SetConfigReq(id=1, fb_cookie=7, x=0, y=0, width=1024, height=768, bpp=32)
+    req.validate()  # raises on anything invalid
+    assert not req.is_disable
+    assert SetConfigReq.disable(2).is_disable
 
 
 def test_get_edid_needs_a_full_size_buffer_and_a_directory() -> None:
