@@ -88,7 +88,8 @@ async def test_capacity_measures_one_step_per_guest_added(tmp_path: Path) -> Non
     result = await flips.capacity(tmp_path, max_guests=1, size=TINY, window=0.3, settle=0.2)
     (step,) = result["steps"]
     assert (step["guests"], step["connectors"]) == (1, 2)
-    assert result["largest_passing_connectors"] in (0, 2)
+    # Whether the step passed depends on the machine's load; what follows from it does not.
+    assert result["largest_passing_connectors"] == (2 if step["passed"] else 0)
     assert step["failed_flips"] == 0
 
 
