@@ -126,7 +126,7 @@ async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_que
             bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
             await guest.set_config(0, fbs[0])
             for _ in range(flips):
-                await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
+                await guest.hostile.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
             [status] = w.backend.statuses()
             connector = status.connectors[0]
             await wait_until(
