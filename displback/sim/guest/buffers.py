@@ -177,9 +177,8 @@ class Buffers:
         if self._guest._gntdev is None:
             self._guest._gntdev = dom.open_grant_device()
         try:
-            buf._backend = self._guest._gntdev.map_grants(
-                self._guest.backend_domid, buf.backend_refs
-            )
+            gntdev = self._guest._gntdev
+            buf._backend = gntdev.map_grants(self._guest.backend_domid, buf.backend_refs)
         except OSError as exc:
             raise GuestRequestError(exc.errno or _errno.EIO, f"mapping: {exc}") from exc
 
@@ -245,7 +244,8 @@ class Buffers:
         """``ADDFB2``: FB_ATTACH on connector 0's ring."""
         if buf.freed:
             raise GuestRequestError(_errno.EINVAL, "buffer is gone")
-        fb = GuestFb(self._cookie() if cookie is None else cookie, buf, width, height, int(fourcc))
+        fb = GuestFb(self._cookie() if cookie is None else cookie, buf, width, height,
+                         int(fourcc))
         await self._guest.channels.request(
             0,
             lambda req_id: FbAttachReq(

@@ -56,31 +56,34 @@ class PendingRequest:
         self.edid_sz = 0
 
 
-class ReqChannel:
-    """A connector's request ring: page, grant, port, and the request serialisation."""
+class _Page:
+    """A shared page of a connector's channel: its frame, mapping, grant and port."""
 
-    def __init__(self, index: int, pfn: int, mapping: PageMapping, ring: FrontRing) -> None:
+    def __init__(self, index: int, pfn: int, mapping: PageMapping) -> None:
         self.index = index
         self.pfn = pfn
         self.mapping = mapping
-        self.ring = ring
         self.gref = 0
         self.port = 0
+
+
+class ReqChannel(_Page):
+    """A connector's request ring: page, grant, port, and the request serialisation."""
+
+    def __init__(self, index: int, pfn: int, mapping: PageMapping, ring: FrontRing) -> None:
+        super().__init__(index, pfn, mapping)
+        self.ring = ring
         self.lock = trio.Lock()
         self.next_id = 0
         self.pending: PendingRequest | None = None
 
 
-class EvtChannel:
+class EvtChannel(_Page):
     """A connector's event page: page, grant, port and the Linux-like consumer."""
 
     def __init__(self, index: int, pfn: int, mapping: PageMapping, consumer: EventConsumer):
-        self.index = index
-        self.pfn = pfn
-        self.mapping = mapping
+        super().__init__(index, pfn, mapping)
         self.consumer = consumer
-        self.gref = 0
-        self.port = 0
 
 
 class Link:
@@ -250,13 +253,14 @@ class Channels:
             if not pending.done.is_set():
                 stats.response_timeouts += 1
                 raise GuestRequestError(
-                    _errno.ETIMEDOUT,
-                    f"{op_name}: no response in {self._guest.response_timeout} s",
+                    _errno.ETIMEDOUT, f"{op_name}: no response in {self._guest.response_timeout} s",
                     op=op,
                 )
             if pending.status != 0:
                 errno = -pending.status if pending.status < 0 else _errno.EIO
-                raise GuestRequestError(errno, f"{op_name}: status {pending.status}", op=op)
+                raise GuestRequestError(
+                    errno, f"{op_name}: status {pending.status}", op=op
+                )
             return pending
 
     def find(self, connector: int) -> tuple[ReqChannel, EvtChannel]:

@@ -95,7 +95,9 @@ class Drawing:
             with trio.CancelScope(shield=True):
                 await self._undraw(connector, buffers, fbs)
 
-    async def _undraw(self, connector: int, buffers: list[GuestBuffer], fbs: list[GuestFb]) -> None:
+    async def _undraw(
+        self, connector: int, buffers: list[GuestBuffer], fbs: list[GuestFb]
+    ) -> None:
         if self._guest.connected:
             with contextlib.suppress(GuestRequestError):
                 await self._guest.set_config(connector, None)
@@ -109,13 +111,8 @@ class Drawing:
     @staticmethod
     def _paint(buf: GuestBuffer, fmt: PixelFormat, connector: int, frame: int) -> None:
         draw_pattern(
-            buf.buffer,
-            width=buf.width,
-            height=buf.height,
-            pitch=buf.pitch,
-            fmt=fmt,
-            connector=connector,
-            frame=frame,
+            buf.buffer, width=buf.width, height=buf.height, pitch=buf.pitch, fmt=fmt,
+            connector=connector, frame=frame,
         )
 
     def start_drawing(
@@ -130,9 +127,8 @@ class Drawing:
         nursery, until the guest closes."""
         if self._guest._nursery is None:
             raise RuntimeError("guest is not running")
-        indices = (
-            list(range(len(self._guest.resolutions))) if connectors is None else list(connectors)
-        )
+        every = range(len(self._guest.resolutions))
+        indices = list(every if connectors is None else connectors)
         for index in indices:
             self._guest._nursery.start_soon(
                 functools.partial(self.draw, index, fps=fps, fmt=fmt, frames=frames)

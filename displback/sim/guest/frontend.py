@@ -361,9 +361,8 @@ class SimGuest:
 
     async def wait_connected(self, *, timeout: float = 10.0) -> None:
         """Wait until the guest is Connected with a DRM device."""
-        await self.wait_state(
-            lambda g: g.connected and g.state is XenbusState.CONNECTED, timeout=timeout
-        )
+        await self.wait_state(lambda g: g.connected and g.state is XenbusState.CONNECTED,
+                              timeout=timeout)
 
     def _changed(self) -> None:
         self._state_changed.set()
@@ -460,9 +459,8 @@ class SimGuest:
             be_alloc = False  # xenbus_read_unsigned's default
         resolutions: list[tuple[int, int]] = []
         for i in range(LINUX_MAX_CONNECTORS):
-            value = await xs.read_or_none(
-                f"{connector_dir(self.domid, self.devid, i)}/{RESOLUTION}"
-            )
+            value = await xs.read_or_none(f"{connector_dir(self.domid, self.devid, i)}/"
+                                          f"{RESOLUTION}")
             size = _linux_resolution(value)
             if size is None:
                 break
@@ -566,9 +564,8 @@ class SimGuest:
             await self._switch_state(XenbusState.CLOSING)
             path = f"{self.backend_path}/{STATE}"
             with trio.move_on_after(self.remove_timeout):
-                while (
-                    parse_state(await self.xenstore.read_or_none(path)) is not XenbusState.INIT_WAIT
-                ):
+                while parse_state(await self.xenstore.read_or_none(path)) \
+                        is not XenbusState.INIT_WAIT:
                     await trio.sleep(_REMOVE_POLL)
         link = self._link
         if link is not None:

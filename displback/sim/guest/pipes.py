@@ -68,20 +68,13 @@ class Pipes:
         stats = self._guest.connector_stats(connector)
         try:
             if fb is None:
-                await self._guest.channels.request(
-                    connector, lambda req_id: SetConfigReq.disable(req_id)
-                )
+                await self._guest.channels.request(connector, SetConfigReq.disable)
             else:
                 await self._guest.channels.request(
                     connector,
                     lambda req_id: SetConfigReq(
-                        id=req_id,
-                        fb_cookie=fb.cookie,
-                        x=x,
-                        y=y,
-                        width=fb.width,
-                        height=fb.height,
-                        bpp=fb.bpp,
+                        id=req_id, fb_cookie=fb.cookie, x=x, y=y, width=fb.width,
+                        height=fb.height, bpp=fb.bpp,
                     ),
                 )
         except GuestRequestError:
@@ -132,9 +125,8 @@ class Pipes:
             return FlipOutcome.RELEASED
         if frame_done.cancelled_caught:
             stats.frame_done_timeouts += 1
-            log.warning(
-                "guest %d: connector %d: frame done timed-out", self._guest.domid, connector
-            )
+            domid = self._guest.domid
+            log.warning("guest %d: connector %d: frame done timed-out", domid, connector)
             return FlipOutcome.FRAME_DONE_TIMEOUT
         stats.flips_ok += 1
         return FlipOutcome.DONE
