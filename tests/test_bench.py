@@ -10,7 +10,7 @@ import pytest
 
 import bench.__main__ as bench_main
 from bench import buffers, flips
-from bench.report import Metric, Report, Target, percentile
+from bench.report import GOALS, Goal, Metric, Report, Target, percentile
 
 TINY = (64, 48)
 
@@ -118,6 +118,28 @@ def test_report_judges_targets_and_writes_json(tmp_path: Path) -> None:
     assert data["metrics"][2]["value"] is None
 
 
+def test_goal_table_lists_every_issue_12_goal_with_its_rows_and_verdicts(tmp_path: Path) -> None:
+    report = Report("test")
+    report.add_goal(Goal(5, "connectors, zero-copy", 40, "", Target(">=", 32)))
+    report.add_goal(Goal(5, "connectors, copy", 20, "", Target(">=", 32)))
+    report.add_goal(Goal(6, "RSS with no guest", 50.5, "MiB"))
+    table = report.goal_table()
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[2:2 + len(GOALS) + 1]] == [
+        "1", "2", "3", "4", "5", "connectors,", "6", "7"]
+    assert "not measured" in lines[2] and "PASS" in lines[6] and "MISS" in lines[7]
+    assert "50.5 MiB" in lines[8] and "PASS" not in lines[8] and "MISS" not in lines[8]
+    assert "goal rows: 1/2 PASS; missed: 5 (connectors, copy)" in report.summary()
+    path = tmp_path / "r.json"
+    report.write_json(path)
+    goals = json.loads(path.read_text())["goals"]
+    assert [(g["number"], g["status"]) for g in goals] == [
+        (5, "PASS"), (5, "MISS"), (6, None), (1, "not measured"), (2, "not measured"),
+        (3, "not measured"), (4, "not measured"), (7, "not measured")]
+    with pytest.raises(ValueError):
+        Goal(8, "no such goal", 1.0)
+
+
 def test_main_runs_a_part_and_writes_the_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,5 +148,6 @@ def test_main_runs_a_part_and_writes_the_json(
     assert bench_main.main(["--quick", "--only", "copy", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "copy-mode bandwidth 1920x1080" in out and "targets met" in out
+    assert "5     capacity" in out and "not measured" in out  # the goal table, unmeasured
     keys = {m["key"] for m in json.loads(path.read_text())["metrics"]}
     assert {"memcpy_numpy_gbps", "copy_1920x1080_percent"} <= keys
