@@ -51,7 +51,7 @@ FULL = Plan(
     dbuf_runs=7, memcpy_bytes=64 << 20, copy_sizes=((1920, 1080), (2560, 1600)),
     copy_repeats=20, capacity_connectors=64, capacity_stride=8, capacity_window=3.0,
     capacity_settle=1.5,
-    fairness_window=4.0, fairness_hostile=4, memory_guests=8,
+    fairness_window=4.0, fairness_hostile=4, memory_guests=16,
 )
 QUICK = Plan(
     rt_flips=500, cpu_sizes=((1920, 1080),), cpu_seconds=1.0, cpu_warmup=0.5,
@@ -254,8 +254,12 @@ def _copy_share(report: Report, key: str, result: dict[str, Any]) -> None:
 
 
 async def _memory(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
-    result = await memory.footprint(tmp, guests=plan.memory_guests)
-    report.details["memory"] = result
+    result = await memory.footprint(tmp / "rss", guests=plan.memory_guests)
+    traced = await memory.footprint(tmp / "heap", guests=plan.memory_guests, trace=True)
+    for key in ("heap_guests_1_connector_bytes", "heap_guests_n_connectors_bytes",
+                "heap_per_guest_bytes", "heap_per_connector_bytes"):
+        result[key] = traced[key]
+    report.details["memory"] = {"rss": result, "traced": traced}
     mib, kib = 1 << 20, 1 << 10
     report.add(Metric("rss_no_guest_mib", "daemon RSS without shared memory, no guest "
                       "(+ simulated xenstored and toolstack)", result["rss_no_guest_bytes"] / mib,
@@ -266,13 +270,21 @@ async def _memory(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                            f"guest (code paths and caches loaded once)"))
     report.add(Metric("rss_per_connector_kib", "  per connector, excluding pixel buffers",
                       result["per_connector_bytes"] / kib, "KiB"))
+    report.add(Metric("heap_per_guest_kib", "  Python heap per connected guest (tracemalloc)",
+                      result["heap_per_guest_bytes"] / kib, "KiB"))
+    report.add(Metric("heap_per_connector_kib", "  Python heap per connector (tracemalloc)",
+                      result["heap_per_connector_bytes"] / kib, "KiB"))
     report.add_goal(Goal(6, "daemon RSS with no guest", result["rss_no_guest_bytes"] / mib,
                          "MiB"))
-    report.add_goal(Goal(6, "per connected guest (its connectors excluded)",
-                         result["per_guest_bytes"] / kib, "KiB"))
-    report.add_goal(Goal(6, "per connector, pixel buffers excluded",
+    report.add_goal(Goal(6, "per connected guest, its connectors excluded (RSS; heap)",
+                         result["per_guest_bytes"] / kib, "KiB",
+                         note=f"Python heap (tracemalloc) "
+                              f"{result['heap_per_guest_bytes'] / kib:.0f} KiB per guest"))
+    report.add_goal(Goal(6, "per connector, pixel buffers excluded (RSS; heap)",
                          result["per_connector_bytes"] / kib, "KiB",
-                         note="growth over a soak: make soak"))
+                         note=f"Python heap (tracemalloc) "
+                              f"{result['heap_per_connector_bytes'] / kib:.0f} KiB per "
+                              f"connector; growth over a soak: make soak"))
 
 
 RUNNERS: dict[str, Callable[[Report, Plan, Path, Any], Awaitable[None]]] = {

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,12 @@ def rss_without_shmem(pid: int | str = "self") -> int:
     return fields["Rss"] - fields.get("RssShmem", 0)
 
 
-async def _settled_rss(settle: float) -> int:
-    """RSS after a pause and a collection, so that garbage of the last steps is gone."""
+async def _settled(settle: float) -> tuple[int, int]:
+    """RSS and the bytes traced by :mod:`tracemalloc` (0 when not tracing) after a pause
+    and a collection, so that garbage of the last steps is gone."""
     await trio.sleep(settle)
     gc.collect()
-    return rss_without_shmem()
+    return rss_without_shmem(), tracemalloc.get_traced_memory()[0]
 
 
 def _outputs(domids: Sequence[int], connectors: int, size: tuple[int, int]) -> tuple[
@@ -68,7 +70,7 @@ def _outputs(domids: Sequence[int], connectors: int, size: tuple[int, int]) -> t
 
 async def footprint(
     tmp: Path, *, guests: int = 8, connectors: int = 4, size: tuple[int, int] = (1024, 768),
-    settle: float = 1.0, guests_per_process: int = 4,
+    settle: float = 1.0, guests_per_process: int = 4, trace: bool = False,
 ) -> dict[str, Any]:
     """The daemon's memory with no guest, per connected guest and per connector.
 
@@ -77,7 +79,12 @@ async def footprint(
     first guest brings code paths and caches every later guest shares); then ``guests``
     guests with one connector each (Δ₁), then ``guests`` with ``connectors`` each (Δₙ); each
     shows its first frame on every connector. Per connector = (Δₙ − Δ₁) / (guests ×
-    (connectors − 1)); per guest = Δ₁ / guests − one connector.
+    (connectors − 1)); per guest = Δ₁ / guests − one connector. Each is given twice: from
+    RSS, which Python's allocator quantises (new objects first fill memory freed earlier, so
+    small deltas can even come out negative), and, with ``trace``, from the bytes
+    :mod:`tracemalloc` traces (every Python object and numpy array allocated, exact; not C
+    memory outside them) — tracing costs memory of its own, so its RSS figures are not the
+    ones to quote: measure twice.
     """
     one = list(range(2, 2 + guests))
     many = list(range(2 + guests, 2 + 2 * guests))
@@ -85,29 +92,49 @@ async def footprint(
     more, more_assignments = _outputs(many, connectors, size)
     async with bench_machine(tmp, outputs + more,
                              assignments=assignments | more_assignments) as machine:
-        empty = await _settled_rss(settle)
+        empty, _ = await _settled(settle)
         await machine.start_guest(1, connector_spec([size]))
-        warm = await _settled_rss(settle)
-        await machine.start_guests(one, connector_spec([size]), per_process=guests_per_process)
-        with_one = await _settled_rss(settle)
-        await machine.start_guests(many, connector_spec([size] * connectors),
-                                   per_process=guests_per_process)
-        with_many = await _settled_rss(settle)
-    delta_one = with_one - warm
-    delta_many = with_many - with_one
-    per_connector = (delta_many - delta_one) / (guests * (connectors - 1))
-    per_guest = delta_one / guests - per_connector
+        warm, _ = await _settled(settle)
+        tracing = trace and not tracemalloc.is_tracing()
+        if tracing:
+            tracemalloc.start()
+        try:
+            _, heap0 = await _settled(0)
+            await machine.start_guests(one, connector_spec([size]),
+                                       per_process=guests_per_process)
+            with_one, heap_one = await _settled(settle)
+            await machine.start_guests(many, connector_spec([size] * connectors),
+                                       per_process=guests_per_process)
+            with_many, heap_many = await _settled(settle)
+        finally:
+            if tracing:
+                tracemalloc.stop()
+    rss = _split(with_one - warm, with_many - with_one, guests, connectors)
+    heap = _split(heap_one - heap0, heap_many - heap_one, guests, connectors)
     return {
+        "traced": trace,
         "guests": guests,
         "connectors": connectors,
         "size": list(size),
         "rss_no_guest_bytes": empty,
         "rss_first_guest_bytes": warm - empty,
-        "rss_guests_1_connector_bytes": delta_one,
-        "rss_guests_n_connectors_bytes": delta_many,
-        "per_guest_bytes": per_guest,
-        "per_connector_bytes": per_connector,
+        "rss_guests_1_connector_bytes": with_one - warm,
+        "rss_guests_n_connectors_bytes": with_many - with_one,
+        "per_guest_bytes": rss[0],
+        "per_connector_bytes": rss[1],
+        "heap_guests_1_connector_bytes": heap_one - heap0,
+        "heap_guests_n_connectors_bytes": heap_many - heap_one,
+        "heap_per_guest_bytes": heap[0],
+        "heap_per_connector_bytes": heap[1],
     }
+
+
+def _split(delta_one: int, delta_many: int, guests: int, connectors: int) -> tuple[
+        float, float]:
+    """(per guest, per connector) from ``guests`` guests with 1 connector each adding
+    ``delta_one`` and as many with ``connectors`` each adding ``delta_many``."""
+    per_connector = (delta_many - delta_one) / (guests * (connectors - 1))
+    return delta_one / guests - per_connector, per_connector
 
 
 async def soak(

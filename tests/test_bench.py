@@ -111,13 +111,17 @@ async def test_guests_share_a_process_when_asked(tmp_path: Path) -> None:
 async def test_memory_footprint_separates_no_guest_per_guest_and_per_connector(
     tmp_path: Path,
 ) -> None:
-    result = await memory.footprint(tmp_path, guests=1, connectors=2, size=TINY, settle=0.1)
+    result = await memory.footprint(tmp_path, guests=1, connectors=2, size=TINY, settle=0.1,
+                                    trace=True)
     assert result["rss_no_guest_bytes"] > 0
     assert result["rss_no_guest_bytes"] == pytest.approx(memory.rss_without_shmem(), rel=0.9)
     assert result["per_connector_bytes"] == (
         result["rss_guests_n_connectors_bytes"] - result["rss_guests_1_connector_bytes"])
     assert result["per_guest_bytes"] == (
         result["rss_guests_1_connector_bytes"] - result["per_connector_bytes"])
+    # Every guest and connector holds Python objects: the traced heap grew with each.
+    assert result["heap_per_connector_bytes"] > 0
+    assert result["heap_guests_1_connector_bytes"] > result["heap_per_connector_bytes"]
 
 
 def test_soak_samples_the_daemons_memory_while_guests_flip(
