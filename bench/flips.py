@@ -25,7 +25,7 @@ import trio
 from bench.guestproc import FlipLog
 from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
 from bench.report import busy_percent, cpu_jiffies, percentile
-from displback.backend.copies import CopyWorkers, set_default_copy_workers
+from displback.backend.copies import CopyWorkers
 from displback.display.virtual import OutputConfig
 
 T = TypeVar("T")
@@ -364,8 +364,8 @@ class TimedCopyWorkers(CopyWorkers):
     guest domain) and the most copies that ran at once for one guest: the per-guest fair
     share made visible."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, total: int | None = None) -> None:
+        super().__init__(total)
         self.waits: dict[int, list[float]] = {}
         self.copy_times: dict[int, list[float]] = {}
 
@@ -435,9 +435,10 @@ async def fairness(
     assignments = {"1/0/0": "honest"} | {
         f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
     }
-    workers = TimedCopyWorkers()
-    set_default_copy_workers(workers)  # this machine's buffer stores take it on first copy
     async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
+        # The daemon's copy workers, timed; its devices (none yet) take them when found.
+        workers = TimedCopyWorkers(machine.sim.backend.copies.total)
+        machine.sim.backend.copies = workers
         honest = await machine.start_guest(1, connector_spec([honest_size]))
         alone = await _honest_window(machine, honest, window, warmup)
         copies_alone = workers.summary()

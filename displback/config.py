@@ -52,6 +52,8 @@ __all__ = [
 DEFAULT_CONFIG = Path("/etc/displback/displback.toml")
 #: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
 MAX_DOMID = 0x7FEF
+#: Most copy worker threads (more than cores only share memory bandwidth worse).
+MAX_COPY_WORKERS = 256
 
 _NAME = r"[A-Za-z0-9_.:-]+"
 _OUTPUT_SPEC = re.compile(rf"^({_NAME})=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
@@ -228,6 +230,7 @@ KEYS: Mapping[str, Check] = {
         LINUX_RESPONSE_TIMEOUT_MS - 1,
         f" (below the guest's {LINUX_RESPONSE_TIMEOUT_MS} ms request timeout)",
     ),
+    "copy_workers": _int_range(1, MAX_COPY_WORKERS),
     "log_level": _choice(*LOG_LEVELS),
     "log_format": _choice(*LOG_FORMATS),
     "limits": _limits,

@@ -46,6 +46,7 @@ from displback.backend.outputs import OutputMap
 from displback.backend.quotas import LimitOverrides
 from displback.config import (
     LOG_FORMATS,
+    MAX_COPY_WORKERS,
     ConfigError,
     Problem,
     apply_config,
@@ -96,6 +97,7 @@ class RunConfig:
     assign: dict[str, str] = field(default_factory=dict)  # "domid/devid/index" -> output
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
+    copy_workers: int | None = None  # None: the CPUs this process may use
     log_level: str = "info"
     log_format: LogFormat | None = None  # None: journal under systemd, else console
     limits: LimitOverrides = field(default_factory=LimitOverrides)  # the file's [limits]
@@ -136,6 +138,13 @@ def _wait_free_ms(text: str) -> int:
             f"must be from 1 to {LINUX_RESPONSE_TIMEOUT_MS - 1} (below the guest's "
             f"{LINUX_RESPONSE_TIMEOUT_MS} ms request timeout): {text!r}"
         )
+    return value
+
+
+def _copy_workers(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= MAX_COPY_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_COPY_WORKERS}: {text!r}")
     return value
 
 
@@ -220,6 +229,12 @@ def add_run_parser(
         default=2000,
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
+    run.add_argument(
+        "--copy-workers",
+        type=_copy_workers,
+        default=None,
+        help="worker threads copying frames in copy mode (default: the CPUs it may use)",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     run.add_argument(
         "--log-format",
@@ -259,6 +274,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         assign=dict(args.assign),
         zero_copy=ZeroCopyPolicy(args.zero_copy),
         wait_free_ms=args.wait_free_ms,
+        copy_workers=args.copy_workers,
         log_level=args.log_level,
         log_format=args.log_format,
         status_socket=args.status_socket or None,
@@ -421,6 +437,7 @@ async def serve(
         settings = BackendSettings(
             zero_copy=config.zero_copy,
             wait_free_ms=config.wait_free_ms,
+            copy_workers=config.copy_workers,
             limit_overrides=config.limits,
         )
         notifier = Notifier()

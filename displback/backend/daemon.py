@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 import trio
 
+from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
@@ -83,6 +84,8 @@ class Backend:
         self._named: set[int] = set()
         #: Backend-allocated memory guests may still map, kept until their domain dies.
         self.retained = RetainedMemory(fdstore=fdstore, log=self.log)
+        #: Where every guest's copies run: ``settings.copy_workers`` threads, fair by guest.
+        self.copies = CopyWorkers(self.settings.copy_workers)
         for kept in self.retained.adopt(inherited or []):
             account = self.account(kept.domid)
             account.force("be_alloc_buffers")
@@ -175,6 +178,7 @@ class Backend:
                         deferred=deferred,
                         account=account,
                         retained=self.retained,
+                        copies=self.copies,
                         log=self.log,
                     )
                     self.devices[key] = device

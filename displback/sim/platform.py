@@ -14,6 +14,7 @@ Live client-side resources (connections, mappings, eventfds, held dma-buf fds) a
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import errno
@@ -351,6 +352,13 @@ class SimGrantDevice:
         with self._lock:
             self._live_maps += 1
         return SimGrantMapping(self, map_id, pages)
+
+    def copy_from_grant(self, domid: int, ref: int, length: int) -> bytes:
+        """The first ``length`` bytes of grant ``ref`` of ``domid``, copied by the hypervisor."""
+        if self._closing:
+            raise OSError(errno.EBADF, "grant device is closed")
+        reply = self._conn.call("grant_copy", domid=domid, ref=ref, length=length)
+        return base64.b64decode(reply["data"])
 
     def _unmapped(self, map_id: int) -> None:
         with contextlib.suppress(OSError, ConnectionError):

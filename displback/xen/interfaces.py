@@ -132,6 +132,17 @@ class GrantDevice(Protocol):
         """Map ``refs`` of domain ``domid`` as one contiguous buffer."""
         ...
 
+    def copy_from_grant(self, domid: int, ref: int, length: int) -> bytes:
+        """``IOCTL_GNTDEV_GRANT_COPY`` of one segment: the first ``length`` bytes (at most a
+        page) of grant ``ref`` of ``domid``, copied by Xen into private memory.
+
+        Nothing is mapped, so nothing needs unmapping: one call where reading through
+        :meth:`map_grants` takes two (map, unmap) plus an ``munmap``. The copy is a snapshot:
+        the guest changing the page afterwards changes nothing in it. ``EINVAL`` for a bad
+        grant (as :meth:`map_grants`) or a ``length`` outside 1..4096.
+        """
+        ...
+
     def dmabuf_export(self, domid: int, refs: list[int], *, flags: int = 0) -> int:
         """``DMABUF_EXP_FROM_REFS``: map the grants and return a new dma-buf fd (``O_CLOEXEC``).
 

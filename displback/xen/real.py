@@ -28,6 +28,7 @@ and error mapping without Xen.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -392,6 +393,26 @@ class RealGrantDevice:
         with self._lock:
             self._live_maps += 1
         return RealGrantMapping(self, MappedMemory(mm, writable), index, count)
+
+    def copy_from_grant(self, domid: int, ref: int, length: int) -> bytes:
+        """``GRANT_COPY`` of one segment into private memory; ``EINVAL`` when Xen refuses
+        the grant (the segment's ``GNTST_*`` status is in the message)."""
+        if not 1 <= length <= PAGE_SIZE:
+            raise OSError(errno.EINVAL, f"grant copy of {length} bytes (1..{PAGE_SIZE})")
+        data = bytearray(length)
+        dest = (ctypes.c_char * length).from_buffer(data)
+        segment = ioctls.pack_grant_copy_segment(domid, ref, ctypes.addressof(dest), length)
+        held = (ctypes.c_char * len(segment)).from_buffer(segment)
+        try:
+            self._call("IOCTL_GNTDEV_GRANT_COPY", ioctls.pack_grant_copy(1, ctypes.addressof(held)))
+        finally:
+            del dest, held  # the bytearrays may be read (and freed) again
+        status = ioctls.unpack_grant_copy_status(segment)
+        if status != 0:
+            raise OSError(
+                errno.EINVAL, f"grant copy from gref {ref} of dom{domid} failed: GNTST {status}"
+            )
+        return bytes(data)
 
     def _unmap(self, index: int, count: int) -> None:
         try:
