@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``make soak``: run :func:`soak`, print the verdict, write the JSON."""
     import json
 
-    from displback.logs import configure_logging
+    from displback.app.logs import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__)
     parser.add_argument("--soak", type=float, default=600.0, metavar="SECONDS",

@@ -142,7 +142,7 @@ async def test_memory_footprint_separates_no_guest_per_guest_and_per_connector(
 def test_soak_samples_the_daemons_memory_while_guests_flip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("displback.logs.configure_logging", lambda level: None)  # keep pytest's
+    monkeypatch.setattr("displback.app.logs.configure_logging", lambda level: None)  # keep pytest's
     path = tmp_path / "soak.json"
     memory.main(["--soak", "1", "--interval", "0.25", "--guests", "2", "--json", str(path)])
     result = json.loads(path.read_text())
