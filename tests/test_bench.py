@@ -86,7 +86,9 @@ async def test_capacity_steps_up_and_accounts_the_backend_and_the_guests_apart(
     first = result["steps"][0]
     assert (first["guests"], first["connectors"]) == (1, 2)
     assert result["mode"] == ("copy" if copy else "zero-copy")
-    assert result["largest_passing_connectors"] in (0, 2, 4)
+    # Whether a step passed depends on the machine's load; what follows from it does not.
+    passing = [step["connectors"] for step in result["steps"] if step["passed"]]
+    assert result["largest_passing_connectors"] == max(passing, default=0)
     assert result["cap_reached"] == (result["largest_passing_connectors"] == 4)
     for step in result["steps"]:
         assert step["failed_flips"] == 0
@@ -142,7 +144,8 @@ async def test_memory_footprint_separates_no_guest_per_guest_and_per_connector(
 def test_soak_samples_the_daemons_memory_while_guests_flip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("displback.app.logs.configure_logging", lambda level: None)  # keep pytest's
+    # Keep pytest's logging.
+    monkeypatch.setattr("displback.app.logs.configure_logging", lambda level: None)
     path = tmp_path / "soak.json"
     memory.main(["--soak", "1", "--interval", "0.25", "--guests", "2", "--json", str(path)])
     result = json.loads(path.read_text())
