@@ -8,6 +8,7 @@ import errno
 import random
 from pathlib import Path
 
+import pytest
 import trio
 
 from displback.protocol.layout import REQ_RING_REF, connector_dir
@@ -18,6 +19,7 @@ from displback.sim.guest import (
 )
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
+from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
 from tests.backend.support import (
     SPEC,
     connected_guest,
@@ -34,7 +36,49 @@ async def test_stray_notifications_change_nothing(
             for _ in range(200):
                 guest.hostile.notify(0, "evt")
                 guest.hostile.notify(0, "req")
-            await trio.sleep(0.05)
+            # The requests that follow queue behind the 400 notifications on the same ring
+            # and event channels: no wait is needed to let the daemon see them first.
+            await show_frames(w, guest, 1, count=2)
+            assert guest.stats.disconnects == 0 and guest.stats.fatal_errors == 0
+
+
+async def test_a_port_that_belongs_to_no_ring_is_unmasked_after_each_notification(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port on the daemon's event-channel device that no connector owns (bound there by
+    someone else, or reported after an overflow) is unmasked again each time it fires, so it
+    can never leave the device stuck readable nor be lost for good."""
+    opened: list[SimEventChannels] = []
+    unmasked: list[int] = []
+    open_event_channels = SimPlatform.open_event_channels
+
+    def recording(platform: SimPlatform) -> SimEventChannels:
+        evtchn = open_event_channels(platform)
+        unmask = evtchn.unmask
+
+        def recorded(ports: list[int]) -> None:
+            unmask(ports)
+            unmasked.extend(ports)
+
+        monkeypatch.setattr(evtchn, "unmask", recorded)
+        opened.append(evtchn)
+        return evtchn
+
+    monkeypatch.setattr(SimPlatform, "open_event_channels", recording)
+    with trio.fail_after(10):
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            daemon_evtchn = opened[-1]
+            with SimDomain(hypervisor.socket_path, 1) as other:
+                stranger = other.open_event_channels()
+                try:
+                    remote = stranger.bind_unbound_port(0)
+                    port = daemon_evtchn.bind_interdomain(1, remote)  # fires once at bind
+                    for fired in range(1, 4):
+                        await wait_until(lambda n=fired: unmasked.count(port) == n)
+                        stranger.notify(remote)
+                    await wait_until(lambda: unmasked.count(port) == 4)
+                finally:
+                    stranger.close()
             await show_frames(w, guest, 1, count=2)
             assert guest.stats.disconnects == 0
 
