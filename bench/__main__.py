@@ -279,8 +279,8 @@ def _copy_share(report: Report, key: str, result: dict[str, Any]) -> None:
 
 
 async def _memory(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
-    result = await memory.footprint(tmp / "rss", guests=plan.memory_guests)
-    traced = await memory.footprint(tmp / "heap", guests=plan.memory_guests, trace=True)
+    result = await memory.footprint_in_child(tmp, guests=plan.memory_guests)
+    traced = await memory.footprint_in_child(tmp, guests=plan.memory_guests, trace=True)
     for key in ("heap_guests_1_connector_bytes", "heap_guests_n_connectors_bytes",
                 "heap_per_guest_bytes", "heap_per_connector_bytes"):
         result[key] = traced[key]

@@ -32,7 +32,9 @@ import trio
 from bench.machine import BenchMachine, bench_machine, connector_spec
 from displback.display.virtual import OutputConfig
 
-__all__ = ["GROWTH_TOLERANCE_MIB", "footprint", "main", "rss_without_shmem", "soak"]
+__all__ = [
+    "GROWTH_TOLERANCE_MIB", "footprint", "footprint_in_child", "main", "rss_without_shmem", "soak",
+]
 
 MIB = 1 << 20
 #: Growth of the daemon's memory over a soak (after its warm-up) that still passes: Python's
@@ -137,6 +139,20 @@ def _split(delta_one: int, delta_many: int, guests: int, connectors: int) -> tup
     return delta_one / guests - per_connector, per_connector
 
 
+async def footprint_in_child(tmp: Path, *, guests: int, trace: bool = False) -> dict[str, Any]:
+    """:func:`footprint` in a fresh process: "no guest" must not include what earlier
+    benchmarks in this process left on its heap (222 MiB after a whole ``make bench``)."""
+    import json
+
+    out = tmp / f"footprint-{'traced' if trace else 'rss'}.json"
+    tmp.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "bench.memory", "--footprint", "--guests", str(guests),
+               "--json", str(out)] + (["--trace"] if trace else [])
+    await trio.run_process(command, cwd=Path(__file__).resolve().parent.parent)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 async def soak(
     tmp: Path, *, seconds: float = 600.0, guests: int = 16, connectors: int = 2,
     size: tuple[int, int] = (640, 480), copy: bool = True, interval: float = 10.0,
@@ -233,8 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between samples (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=Path("soak-results.json"))
+    parser.add_argument("--footprint", action="store_true",
+                        help="instead of the soak: footprint() of --guests guests (with "
+                             "--trace under tracemalloc) into --json")
+    parser.add_argument("--trace", action="store_true")
     args = parser.parse_args(argv)
     configure_logging("error")
+    if args.footprint:
+        async def measure() -> dict[str, Any]:
+            with tempfile.TemporaryDirectory(prefix="displback-memory-") as tmp:
+                return await footprint(Path(tmp), guests=args.guests, trace=args.trace)
+
+        args.json.write_text(json.dumps(trio.run(measure)) + "\n")
+        return 0
 
     def say(text: str) -> None:
         print(f"bench: {text}", file=sys.stderr, flush=True)

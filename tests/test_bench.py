@@ -141,6 +141,12 @@ async def test_memory_footprint_separates_no_guest_per_guest_and_per_connector(
     assert result["heap_guests_1_connector_bytes"] > result["heap_per_connector_bytes"]
 
 
+async def test_memory_footprint_in_a_child_leaves_this_process_out(tmp_path: Path) -> None:
+    result = await memory.footprint_in_child(tmp_path, guests=1)
+    assert result["guests"] == 1 and result["traced"] is False
+    assert result["rss_no_guest_bytes"] > 0
+
+
 def test_soak_samples_the_daemons_memory_while_guests_flip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
