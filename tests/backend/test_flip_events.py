@@ -13,7 +13,7 @@ import trio
 from displback.display.virtual import OutputConfig
 from displback.protocol.constants import EVT_PAGE_SLOTS
 from displback.protocol.messages import PgFlipReq
-from displback.sim.guest import SimGuest
+from displback.sim.guest.channels import Channels
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import connected_guest, new_guest_buffers, show, wait_until
 
@@ -24,23 +24,23 @@ async def test_events_held_back_by_a_full_page_reach_the_guest_once_it_reads_aga
     hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The guest never tells the backend it consumed: the connector must retry on its own.
-    real_on_events = SimGuest._on_events
+    real_on_events = Channels.on_events
     reading = False
-    seen: list[tuple[Any, Any]] = []
+    seen: list[tuple[Any, Any, Any]] = []
 
-    def on_events(self: SimGuest, link: Any, evt: Any) -> None:
-        seen.append((link, evt))
+    def on_events(self: Channels, link: Any, evt: Any) -> None:
+        seen.append((self, link, evt))
         if reading:
             real_on_events(self, link, evt)
 
-    monkeypatch.setattr(SimGuest, "_on_events", on_events)
+    monkeypatch.setattr(Channels, "on_events", on_events)
     flips = EVT_PAGE_SLOTS + QUEUED
     with trio.fail_after(30):
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             _bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
             await guest.set_config(0, fbs[0])
             for _ in range(flips):
-                await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
+                await guest.hostile.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
             [status] = w.backend.statuses()
             connector = status.connectors[0]
             await wait_until(lambda: connector.stats.events_sent == EVT_PAGE_SLOTS
@@ -48,8 +48,8 @@ async def test_events_held_back_by_a_full_page_reach_the_guest_once_it_reads_aga
             stats = guest.connector_stats(0)
             assert stats.events == 0
             reading = True
-            link, evt = seen[-1]
-            real_on_events(guest, link, evt)  # the guest reads its full page: room again
+            channels, link, evt = seen[-1]
+            real_on_events(channels, link, evt)  # the guest reads its full page: room again
             assert stats.events == EVT_PAGE_SLOTS
             # No further flip comes: only the connector's retry can deliver the rest.
             await wait_until(lambda: stats.events == flips)
@@ -75,7 +75,7 @@ async def test_flips_coalesced_behind_a_flip_in_flight_each_get_their_own_event(
             shown0 = connector.stats.frames_shown
             cookies = [fbs[n % 2].cookie for n in range(1, 6)]
             for cookie in cookies:
-                await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=cookie).pack())
+                await guest.hostile.raw_request(0, PgFlipReq(id=0, fb_cookie=cookie).pack())
             await wait_until(lambda: connector.stats.events_sent >= 5)
             await wait_until(lambda: stats.events >= events0 + 5)
             assert connector.stats.flips_coalesced == 3

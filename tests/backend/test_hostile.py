@@ -34,8 +34,8 @@ async def test_stray_notifications_change_nothing(
     with trio.fail_after(20):
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             for _ in range(200):
-                guest.notify(0, "evt")
-                guest.notify(0, "req")
+                guest.hostile.notify(0, "evt")
+                guest.hostile.notify(0, "req")
             # The requests that follow queue behind the 400 notifications on the same ring
             # and event channels: no wait is needed to let the daemon see them first.
             await show_frames(w, guest, 1, count=2)
@@ -123,15 +123,15 @@ async def test_the_daemon_survives_everything_at_once(
                     for _ in range(100):
                         packet = rng.randbytes(64)
                         try:
-                            await guest.raw_request(0, packet)
+                            await guest.hostile.raw_request(0, packet)
                         except GuestRequestError as exc:
                             assert exc.errno != errno.ETIMEDOUT
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(garbage, g1)
                     nursery.start_soon(garbage, g2)
-                    g3.scribble_ring(0, "req_prod", 77)
-                    g3.notify(0)
+                    g3.hostile.scribble_ring(0, "req_prod", 77)
+                    g3.hostile.notify(0)
                 await wait_until(lambda: g3.stats.disconnects == 1)
                 g3.crash()
                 await w.toolstack.destroy_domain(3)

@@ -17,7 +17,8 @@ from displback.display.virtual import VirtualOutput
 from displback.protocol.constants import EVT_PAGE_SLOTS
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.messages import PgFlipReq
-from displback.sim.guest import FlipOutcome, SimGuest
+from displback.sim.guest import FlipOutcome
+from displback.sim.guest.channels import Channels
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
 from tests.backend.support import (
@@ -120,14 +121,14 @@ async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_inst
 async def test_a_guest_that_never_reads_its_event_page_cannot_grow_the_event_queue_forever(
     hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(SimGuest, "_on_events", lambda self, link, evt: None)
+    monkeypatch.setattr(Channels, "on_events", lambda self, link, evt: None)
     flips = EVT_PAGE_SLOTS + MAX_QUEUED_EVENTS + 40
     with trio.fail_after(30):
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             bufs, fbs = await new_guest_buffers(guest, 320, 240, count=1)
             await guest.set_config(0, fbs[0])
             for _ in range(flips):
-                await guest.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
+                await guest.hostile.raw_request(0, PgFlipReq(id=0, fb_cookie=fbs[0].cookie).pack())
             [status] = w.backend.statuses()
             connector = status.connectors[0]
             await wait_until(
