@@ -93,7 +93,7 @@ class Backend:
         self.grant_budget = GrantBudget(self.settings.limit_overrides.dom0_grant_entries)
         #: Backend-allocated memory granted to guests, kept until their domain dies.
         self.retained = RetainedMemory(
-            open_grants=platform.open_grant_device, fdstore=fdstore, log=self.log
+            open_grants=lambda: self.platform.open_grant_device(), fdstore=fdstore, log=self.log
         )
         for kept in self.retained.adopt(inherited or []):
             account = self.account(kept.domid)

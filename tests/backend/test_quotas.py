@@ -2,7 +2,7 @@
 
 import pytest
 
-from displback.backend.quotas import Limits, Quota, QuotaExceeded, TokenBucket
+from displback.backend.quotas import GrantBudget, Limits, Quota, QuotaExceeded, TokenBucket
 from displback.protocol.constants import EINVAL, ENOMEM, pages_for
 
 
@@ -79,3 +79,23 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.take() and not bucket.take()
     now[0] += 100.0
     assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_every_guests_be_alloc_pages_share_one_daemon_wide_grant_budget() -> None:
+    budget = GrantBudget(100)
+    one = Quota(Limits(16, 200, 200, 1, 2000.0, 400), domid=1, grant_budget=budget)
+    two = Quota(Limits(16, 200, 200, 1, 2000.0, 400), domid=2, grant_budget=budget)
+    one.take("be_alloc_pages", 60)
+    two.take("be_alloc_pages", 40)
+    assert budget.held == 100
+    with pytest.raises(QuotaExceeded) as exc:
+        two.take("be_alloc_pages", 1)  # within guest 2's own limit, over the budget
+    assert exc.value.limit == "dom0_grant_entries" and exc.value.errno == ENOMEM
+    assert "daemon-wide limit 100" in str(exc.value) and two.be_alloc_pages == 40
+    one.force("be_alloc_pages", 5)  # adopted at a restart: never refused
+    assert budget.held == 105
+    one.give("be_alloc_pages", 65)
+    two.take("be_alloc_pages", 1)
+    assert budget.held == 41
+    with pytest.raises(ValueError):
+        GrantBudget(0)
