@@ -38,15 +38,16 @@ from typing import Any
 import structlog
 import trio
 
+from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import GrantBudget, Quota
 from displback.backend.retained import KeptMemory, RetainedMemory, parse_uuid
-from displback.fdstore import FdStore
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
+from displback.systemd.fdstore import FdStore
 from displback.xen.interfaces import Platform
 from displback.xenstore.client import XenStoreClient, XenStoreConnectionError, open_xenstore
 from displback.xenstore.wire import XenStoreError
@@ -95,6 +96,8 @@ class Backend:
         self.retained = RetainedMemory(
             open_grants=lambda: self.platform.open_grant_device(), fdstore=fdstore, log=self.log
         )
+        #: Where every guest's copies run: ``settings.copy_workers`` threads, fair by guest.
+        self.copies = CopyWorkers(self.settings.copy_workers)
         for kept in self.retained.adopt(inherited or []):
             account = self.account(kept.domid)
             account.force("be_alloc_buffers")
@@ -189,6 +192,7 @@ class Backend:
                         deferred=deferred,
                         account=account,
                         retained=self.retained,
+                        copies=self.copies,
                         log=self.log,
                     )
                     self.devices[key] = device

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from displback.backend.deferred import Logger, default_logger
-from displback.fdstore import FdStore
+from displback.systemd.fdstore import FdStore
 from displback.xen.interfaces import GrantDevice
 
 __all__ = ["KeptMemory", "RetainedMemory", "fd_name", "parse_uuid"]
