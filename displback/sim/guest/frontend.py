@@ -56,7 +56,6 @@ ends), :mod:`.pipes` (``xen_drm_front_kms.c``), :mod:`.drawing` (a client drawin
 and, apart, :mod:`.hostile` (what only a hostile guest does). May touch: the simulated
 platform (:mod:`displback.sim.platform`), the guest's own XenStore connection, and
 :mod:`displback.protocol`.
-
 """
 
 from __future__ import annotations
