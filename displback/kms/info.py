@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from displback.kms import uapi
+from displback.kms.cards import card_paths
 from displback.kms.device import DrmDevice, DrmError, open_card
-from displback.kms.display import card_paths
 from displback.kms.uapi import ClientCap, ObjectType, PlaneType
 
 __all__ = ["add_kms_info_parser", "describe_card", "format_card", "kms_info", "run_kms_info"]

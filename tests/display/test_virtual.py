@@ -97,6 +97,24 @@ async def display(
         yield d.outputs["conn0"]
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_new_dumb_buffer_costs_no_memory_until_written() -> None:
+    # Zeroing 256 MiB would touch every page (on the event loop); fresh zero pages do not.
+    async with display(width=8192, height=8192) as out:
+        before = _rss_bytes()
+        fb = out.create_dumb(width=8192, height=8192, fourcc=XRGB)
+        grown = _rss_bytes() - before
+        assert fb.size >= 8192 * 8192 * 4 and fb.buffer[fb.size - 1] == 0
+        assert grown < 32 << 20, f"creating the buffer touched {grown >> 20} MiB"
+        fb.buffer[:4] = b"\x01\x02\x03\x00"
+        assert out.snapshot().pixel(0, 0) == (0, 0, 0)  # not yet flipped
+        out.release(fb)
+
+
 # -- flips and vblanks --------------------------------------------------------------------
 
 

@@ -144,6 +144,7 @@ class FakeCard:
         plane_can_position: bool = False,
         pitch_align: int = 1,
         auto_vblank: bool = True,
+        dumb_fill: bytes = b"",
     ) -> None:
         self.driver, self.desc = driver, desc
         self.atomic_supported = atomic
@@ -153,6 +154,7 @@ class FakeCard:
         self.plane_can_position = plane_can_position
         self.pitch_align = pitch_align
         self.auto_vblank = auto_vblank
+        self.dumb_fill = dumb_fill  # a new dumb buffer's bytes (VRAM ones need not be zero)
         self.calls: list[str] = []
         self.failures: dict[str, list[int]] = {}
         self.master = False
@@ -520,6 +522,8 @@ class FakeCard:
         align = self.dumb_pitch_align
         d.pitch = -(-(d.width * d.bpp // 8) // align) * align
         obj = self._alloc(d.pitch * d.height, dumb=True)
+        if self.dumb_fill:
+            os.pwrite(self.mem, self.dumb_fill * obj.size, obj.offset)
         d.size = obj.size
         d.handle = self.next_handle
         self.handles[self.next_handle] = obj

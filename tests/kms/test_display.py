@@ -20,7 +20,8 @@ from displback.display.interface import (
     InvalidFramebuffer,
     UnsupportedFormat,
 )
-from displback.kms.display import KmsDisplay, KmsOutputConfig, choose_mode
+from displback.kms.display import KmsDisplay, KmsOutputConfig
+from displback.kms.modes import choose_mode
 from displback.protocol.constants import PixelFormat
 from tests.kms.fake import FBCON_FB, VKMS_MODES, FakeCard, bochs_card, dmt_mode, vkms_card
 
@@ -418,6 +419,37 @@ async def test_small_dumb_frame_is_letterboxed_in_the_middle(make: Any) -> None:
         card.close()
 
 
+@pytest.mark.parametrize("make", [vkms_card, bochs_card])
+async def test_letterbox_blanks_each_canvas_border_once_then_copies_only_the_frame(
+    make: Any,
+) -> None:
+    card = make(dumb_fill=b"\xee")  # dumb buffers in VRAM need not start black
+    marker = b"\x5a\x5a\x5a\x00"
+    try:
+        async with open_display(card, 640, 400) as display:
+            out = display.outputs["Virtual-1"]
+            fb = out.create_dumb(width=640, height=400, fourcc=XRGB)
+            canvases: list[int] = []
+            for n in range(4):
+                value = bytes([n + 1, n + 2, n + 3, 0])
+                fill(fb.buffer, fb.pitch, 640, 400, value)
+                await out.flip(fb)
+                canvas = card.shown_fb()
+                assert canvas is not None and card.crtc.fb_id != fb.fb_id
+                canvases.append(card.crtc.fb_id)
+                for x, y in [(192, 184), (831, 583), (500, 300)]:
+                    assert card.scanout_pixels(x, y) == value
+                for x, y in [(191, 184), (832, 583), (500, 183), (500, 584), (1023, 767)]:
+                    assert card.scanout_pixels(x, y) == b"\x00\x00\x00\x00", (n, x, y)
+                if n < 2:  # a mark in the border of each canvas: no later frame writes there
+                    os.pwrite(canvas.obj.fd, marker, canvas.obj.offset + canvas.offset)
+                else:
+                    assert card.scanout_pixels(0, 0) == marker, n
+            assert canvases[0] == canvases[2] != canvases[1] == canvases[3]
+    finally:
+        card.close()
+
+
 async def test_bigger_frame_shows_its_centre(vkms: FakeCard) -> None:
     async with open_display(vkms, 1280, 1000) as display:
         out = display.outputs["Virtual-1"]
@@ -487,7 +519,7 @@ async def test_release_of_imported_frame_on_screen_copies_from_the_mapping(
 async def test_keep_frame_copies_through_the_runner_and_release_then_copies_nothing(
     vkms: FakeCard, guest: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from displback.kms import display as kms_display
+    from displback.kms import output as kms_output
 
     buf = guest(1024 * 4 * 768)
     fill(buf.map, 4096, 1024, 768, b"\x44\x55\x66\x00")
@@ -504,8 +536,8 @@ async def test_keep_frame_copies_through_the_runner_and_release_then_copies_noth
         await out.keep_frame(fb, run)
         assert ran == [1] and out.current_fb is None  # the copy is on screen already
         composed: list[int] = []
-        real = kms_display._compose
-        monkeypatch.setattr(kms_display, "_compose", lambda *a: composed.append(1) or real(*a))
+        real = kms_output.compose
+        monkeypatch.setattr(kms_output, "compose", lambda *a: composed.append(1) or real(*a))
         out.release(fb)
         assert composed == []  # nothing copied on the event loop
         fill(buf.map, 4096, 1024, 768, b"\x00\x00\x00\x00")

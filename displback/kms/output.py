@@ -1,0 +1,574 @@
+"""One KMS output: a guest connector's frames on one card connector, its CRTC and plane.
+
+:class:`KmsOutput` implements :class:`~displback.display.interface.Output`. It decides *what*
+is on screen — the guest's framebuffer placed by the plane, or a letterbox canvas, or a kept
+copy after a release — and hands it to its :class:`~displback.kms.commit.Committer`, which
+knows *how* on its KMS path. It lands a flip when the display's event reader passes it the
+flip event (or on its own timer: unplugged, or the event never came), and follows hot-plug
+when the display polls it. May touch: :mod:`displback.kms.commit` (never the ioctls of a
+commit itself), :mod:`displback.kms.framebuffers`, :mod:`displback.kms.letterbox`,
+:mod:`displback.kms.modes`, :mod:`displback.display`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from displback.display.common import MAX_SIZE, OutputBase, check_dumb_size, on_black, size_fits
+from displback.display.interface import (
+    CopyRunner,
+    DisplayError,
+    FlipPending,
+    FlipResult,
+    Framebuffer,
+    ImportRefused,
+    Mode,
+    OutputStats,
+    UnsupportedFormat,
+)
+from displback.display.pixels import RgbImage, to_rgb
+from displback.kms.commit import Committer
+from displback.kms.device import Connector, DrmError, DrmEvent, ModeInfo
+from displback.kms.framebuffers import (
+    FramePixels,
+    KmsDumbFramebuffer,
+    KmsFramebuffer,
+    quietly,
+)
+from displback.kms.letterbox import Canvas, CanvasPool, Placement, compose
+from displback.kms.modes import FALLBACK_MODE, choose_mode
+from displback.protocol.constants import PixelFormat
+
+if TYPE_CHECKING:
+    from displback.kms.display import KmsDisplay, KmsOutputConfig
+
+__all__ = ["KmsOutput", "KmsOutputInfo"]
+
+log = logging.getLogger(__name__)
+
+
+def _monotonic() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+@dataclass(frozen=True, slots=True)
+class KmsOutputInfo:
+    """A KMS output as ``displback status`` shows it (see docs/operations.md).
+
+    ``other_sizes`` says how a frame not of the mode's size is placed in general;
+    ``placement`` how the frame on screen now is (:attr:`KmsOutput.placement`).
+    """
+
+    card: str
+    driver: str
+    commit: str
+    crtc: int
+    plane: int | None
+    connected: bool
+    other_sizes: str
+    placement: str
+    flip_timeouts: int
+
+
+@dataclass(slots=True, eq=False)
+class _Shown:
+    """What an output shows: ``fb`` (None for a kept copy) through KMS FB ``scan_fb_id``."""
+
+    fb: KmsFramebuffer | None
+    scan_fb_id: int
+    placement: Placement
+    frame: FramePixels  # for snapshots: the guest frame, or the canvas holding its copy
+    canvas: Canvas | None
+
+
+@dataclass(slots=True, eq=False)
+class _FlipInFlight:
+    """A flip given to the committer: landed by its event, its timer or the timeout."""
+
+    fb: KmsFramebuffer
+    shown: _Shown
+    token: int
+    submitted: float  # CLOCK_MONOTONIC
+    done: trio.Event
+    timer_due: float | None = None  # trio time, for flips of an unplugged output
+    result: FlipResult | None = None
+
+
+class KmsOutput(OutputBase[KmsFramebuffer]):
+    """One connector of the card with its CRTC (and primary plane); made by KmsDisplay."""
+
+    _FRAMEBUFFER = KmsFramebuffer
+    _display: KmsDisplay
+
+    def __init__(
+        self,
+        display: KmsDisplay,
+        config: KmsOutputConfig,
+        connector: Connector,
+        committer: Committer,
+        plane_id: int | None,
+        formats: frozenset[int] | None,
+    ) -> None:
+        self._display = display
+        self._config = config
+        self._connector = connector
+        self._committer = committer
+        self.crtc_id = committer.crtc_id
+        self.plane_id = plane_id
+        self.formats = formats
+        self._connected = connector.connected
+        self._modeinfo: ModeInfo | None = None
+        self._mode = FALLBACK_MODE
+        self._select_mode(connector)
+        self._shown: _Shown | None = None
+        self._pending: _FlipInFlight | None = None
+        self._live: set[KmsFramebuffer] = set()
+        self._canvases = CanvasPool(display.new_dumb)
+        self._position_ok: dict[tuple[int, int, int], bool] = {}
+        self._wake = trio.Event()
+        self._opened = _monotonic()
+        self._on_since: float | None = None
+        self._frames_before = 0
+        self._flips_completed = 0
+        self._missed_vblanks = 0
+        self._last_seq = 0
+        self.flip_timeouts = 0  # flips landed on the timeout, the driver sent no event
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._connector.name
+
+    @property
+    def modeinfo(self) -> ModeInfo | None:
+        """The KMS mode chosen for the connector (None while it offers none)."""
+        return self._modeinfo
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def enabled(self) -> bool:
+        return self._shown is not None
+
+    @property
+    def current_fb(self) -> KmsFramebuffer | None:
+        return None if self._shown is None else self._shown.fb
+
+    @property
+    def stats(self) -> OutputStats:
+        now = _monotonic()
+        return OutputStats(
+            flips_completed=self._flips_completed,
+            frames_shown=self._frames_before + self._frames_since_on(now),
+            missed_vblanks=self._missed_vblanks,
+            vblanks=math.floor((now - self._opened) / self._period()),
+        )
+
+    def __repr__(self) -> str:
+        w, h, hz = self._mode
+        return f"<KmsOutput {self.name} CRTC {self.crtc_id} {w}x{h}@{hz:g}>"
+
+    @property
+    def placement(self) -> str:
+        """How the frame on screen is placed: ``full-screen`` (the mode's size), ``plane
+        position`` (a centred primary plane), ``letterbox`` (copied onto a black mode-sized
+        buffer), ``kept copy`` (a released frame's copy) or ``off``."""
+        shown = self._shown
+        if shown is None:
+            return "off"
+        if shown.fb is None:
+            return "kept copy"
+        if shown.canvas is not None:
+            return "letterbox"
+        if shown.placement.covers(self._mode.width, self._mode.height):
+            return "full-screen"
+        return "plane position"
+
+    @property
+    def kms_info(self) -> KmsOutputInfo:
+        """What ``displback status`` shows of this output beyond any output's fields."""
+        d = self._display
+        return KmsOutputInfo(
+            card=d.card,
+            driver=d.driver,
+            commit=self._committer.path,
+            crtc=self.crtc_id,
+            plane=self.plane_id,
+            connected=self._connected,
+            other_sizes=self._committer.other_sizes,
+            placement=self.placement,
+            flip_timeouts=self.flip_timeouts,
+        )
+
+    def _period(self) -> float:
+        return 1.0 / self._mode.refresh_hz
+
+    def _frames_since_on(self, now: float) -> int:
+        if self._on_since is None:
+            return 0
+        return math.floor((now - self._on_since) / self._period()) + 1
+
+    def _select_mode(self, connector: Connector) -> None:
+        c = self._config
+        chosen = choose_mode(connector.modes, c.width, c.height, c.refresh_hz)
+        self._modeinfo = chosen
+        if chosen is not None:
+            self._mode = Mode(chosen.width, chosen.height, chosen.refresh_hz)
+        elif c.width is not None and c.height is not None:
+            self._mode = Mode(c.width, c.height, c.refresh_hz or 60.0)
+
+    # -- framebuffers --------------------------------------------------------------------
+
+    def _check_format(self, fourcc: int, refuse: Callable[[str], Exception]) -> PixelFormat:
+        try:
+            fmt = PixelFormat(fourcc)
+        except ValueError:
+            raise refuse(f"unknown pixel format 0x{fourcc:08x}") from None
+        if self.formats is not None and fmt not in self.formats:
+            raise refuse(f"{self.name}'s plane does not scan out {fmt.name}")
+        return fmt
+
+    def import_dmabuf(
+        self, fd: int, *, width: int, height: int, pitch: int, offset: int, fourcc: int
+    ) -> KmsFramebuffer:
+        self._check_open()
+        d = self._display
+        if not d.prime_import:
+            raise ImportRefused(f"{d.driver} cannot import dma-bufs (no PRIME import)")
+        fmt = self._check_format(fourcc, ImportRefused)
+        if not size_fits(width, height):
+            raise ImportRefused(f"size {width}x{height} outside 1..{MAX_SIZE}")
+        if pitch < width * fmt.cpp or offset < 0:
+            raise ImportRefused(f"pitch {pitch} / offset {offset} do not fit a {width}-pixel row")
+        if not self._can_place(width, height):
+            raise ImportRefused(self._letterbox_reason(width, height))
+        dev = d.device
+        try:
+            handle = dev.prime_fd_to_handle(fd)
+        except DrmError as exc:
+            raise ImportRefused(f"{d.driver} refused the dma-buf: {exc}") from exc
+        try:
+            fb_id = dev.add_fb2(
+                width, height, fmt, [handle], [pitch], [offset], d.linear_modifiers(1)
+            )
+        except DrmError as exc:
+            quietly(dev.gem_close, handle)
+            raise ImportRefused(f"{d.driver} refused the framebuffer: {exc}") from exc
+        try:
+            keep = os.dup(fd)
+        except OSError as exc:
+            quietly(dev.rm_fb, fb_id)
+            quietly(dev.gem_close, handle)
+            raise ImportRefused(f"cannot keep the dma-buf fd: {exc}") from exc
+        fb = KmsFramebuffer(
+            self,
+            fb_id=fb_id,
+            handle=handle,
+            width=width,
+            height=height,
+            fourcc=fmt,
+            pitch=pitch,
+            offset=offset,
+            dmabuf_fd=keep,
+        )
+        if not self._test_position(fb):
+            fb.drop(dev)
+            raise ImportRefused(self._letterbox_reason(width, height))
+        self._live.add(fb)
+        return fb
+
+    def create_dumb(self, *, width: int, height: int, fourcc: int) -> KmsDumbFramebuffer:
+        self._check_open()
+        fmt = self._check_format(fourcc, UnsupportedFormat)
+        check_dumb_size(width, height, fmt)
+        alloc = self._display.new_dumb(width, height, fmt)
+        fb = KmsDumbFramebuffer(
+            self,
+            fb_id=alloc.fb_id,
+            dumb=alloc.dumb,
+            mapped=alloc.mapped,
+            width=width,
+            height=height,
+            fourcc=fmt,
+        )
+        self._live.add(fb)
+        return fb
+
+    def release(self, fb: Framebuffer) -> None:
+        kfb = self._own(fb, allow_released=True)
+        if kfb.released:
+            return
+        if self._shows(kfb):
+            self._swap_kept(kfb, self._kept_copy(kfb))
+        self._live.discard(kfb)
+        kfb.drop(self._display.device)
+
+    async def keep_frame(self, fb: Framebuffer, run: CopyRunner) -> None:
+        kfb = self._own(fb, allow_released=True)
+        if kfb.released or not self._shows(kfb):
+            return
+        frame = kfb.pixels()
+        if frame.memory is None:
+            return  # release shows black: nothing to copy
+        canvas = self._spare_canvas(kfb.fourcc)
+        self._canvases.reserved.add(canvas)  # no flip composes into it while the thread does
+        try:
+            await run(lambda: compose(canvas, frame))
+        finally:
+            self._canvases.reserved.discard(canvas)
+        if canvas in self._canvases and canvas.mode == self._mode and self._shows(kfb):
+            self._swap_kept(kfb, self._canvas_shown(None, canvas))
+
+    def _shows(self, kfb: KmsFramebuffer) -> bool:
+        """Whether ``kfb`` is on screen or the target of the flip in flight."""
+        return (self._shown is not None and self._shown.fb is kfb) or (
+            self._pending is not None and self._pending.fb is kfb
+        )
+
+    def _swap_kept(self, kfb: KmsFramebuffer, kept: _Shown) -> None:
+        """Show ``kept`` (a copy of ``kfb``'s frame) wherever ``kfb`` is shown or will be."""
+        if self._committer.on and self._connected:
+            self._show_now(kept)  # off the FB before RMFB, or the CRTC goes dark
+        if self._shown is not None and self._shown.fb is kfb:
+            self._shown = kept
+        if self._pending is not None and self._pending.fb is kfb:
+            self._pending.shown = kept
+
+    def _kept_copy(self, fb: KmsFramebuffer) -> _Shown:
+        """The frame of ``fb`` composed on a spare canvas (black if it cannot be read)."""
+        frame = fb.pixels()
+        if frame.memory is None:
+            log.warning("%s: %r has no CPU mapping; showing black after its release", self, fb)
+        canvas = self._spare_canvas(fb.fourcc)
+        compose(canvas, frame)
+        return self._canvas_shown(None, canvas)
+
+    def _canvas_shown(self, fb: KmsFramebuffer | None, canvas: Canvas) -> _Shown:
+        return _Shown(fb, canvas.fb_id, Placement.full(canvas.mode), canvas.pixels(), canvas)
+
+    # -- scanout -------------------------------------------------------------------------
+
+    async def flip(self, fb: Framebuffer) -> FlipResult:
+        kfb = self._flippable(fb)
+        shown = self._prepare(kfb)
+        pending = _FlipInFlight(kfb, shown, next(self._display.tokens), _monotonic(), trio.Event())
+        self._pending = pending
+        committer = self._committer
+        try:
+            if not self._connected or self._modeinfo is None:
+                pending.timer_due = trio.current_time() + self._period()
+            elif committer.flip_blocks():
+                await trio.to_thread.run_sync(self._show_now, shown)
+                self._land(pending, self._last_seq + 1, _monotonic())
+            else:
+                committer.flip(shown.scan_fb_id, shown.placement, self._modeinfo, pending.token)
+        except DrmError as exc:
+            if self._pending is pending:
+                self._pending = None
+            if exc.errno == errno.EBUSY:
+                raise FlipPending(f"output {self.name}: {exc}") from exc
+            raise DisplayError(f"output {self.name}: flip failed: {exc}") from exc
+        self._display.awaiting[pending.token] = self
+        self._wake.set()
+        # Cancelled here, the flip still lands (the event or the timer lands it).
+        return await self._landed(pending)
+
+    async def disable(self) -> None:
+        await self._check_disable()
+        if self._committer.on:
+            try:
+                await trio.to_thread.run_sync(self._committer.off)
+            except DrmError as exc:
+                raise DisplayError(f"output {self.name}: disable failed: {exc}") from exc
+        self._scanout_off()
+
+    def snapshot(self) -> RgbImage:
+        mw, mh, _ = self._mode
+        shown = self._shown
+        if shown is None:
+            return RgbImage(mw, mh, bytes(3 * mw * mh))
+        frame, p = shown.frame, shown.placement
+        if frame.memory is None:
+            raise DisplayError(
+                f"output {self.name}: the zero-copy frame on screen has no CPU mapping "
+                "(give the display a dmabuf_importer, or use copy mode, to snapshot it)"
+            )
+        cpp = frame.fourcc.cpp
+        image = to_rgb(
+            frame.memory,
+            width=p.width,
+            height=p.height,
+            pitch=frame.pitch,
+            offset=frame.offset + p.src_y * frame.pitch + p.src_x * cpp,
+            fourcc=frame.fourcc,
+        )
+        if p.covers(mw, mh):
+            return image
+        return on_black(image.to_pil(), self._mode, (p.dst_x, p.dst_y))
+
+    # -- internals: planning what is shown ----------------------------------------------
+
+    def _letterbox_reason(self, width: int, height: int) -> str:
+        w, h, _ = self._mode
+        return (
+            f"a {width}x{height} frame on {self.name}'s {w}x{h} mode needs letterboxing "
+            f"({self._committer.letterbox_why}), which copies"
+        )
+
+    def _can_place(self, width: int, height: int) -> bool:
+        """Whether a frame of this size can be scanned out without letterboxing (so far)."""
+        w, h, _ = self._mode
+        if (width, height) == (w, h) or not self._connected:
+            return True
+        if not self._committer.places_planes:
+            return False
+        return self._position_ok.get((width, height, w * 100000 + h), True)
+
+    def _test_position(self, fb: KmsFramebuffer) -> bool:
+        """TEST_ONLY commit of a centred plane for a frame not the mode's size (cached)."""
+        w, h, _ = self._mode
+        if (fb.width, fb.height) == (w, h) or not self._connected or self._modeinfo is None:
+            return True
+        key = (fb.width, fb.height, w * 100000 + h)
+        if key not in self._position_ok:
+            placement = Placement.centred(fb.width, fb.height, w, h)
+            try:
+                self._committer.test_placement(fb.fb_id, placement, self._modeinfo)
+                self._position_ok[key] = True
+            except DrmError as exc:
+                log.info("%s: no plane placement for %dx%d: %s", self, fb.width, fb.height, exc)
+                self._position_ok[key] = False
+        return self._position_ok[key]
+
+    def _prepare(self, fb: KmsFramebuffer) -> _Shown:
+        """How ``fb`` will be shown: directly, placed by the plane, or letterboxed (copied)."""
+        w, h, _ = self._mode
+        placement = Placement.centred(fb.width, fb.height, w, h)
+        direct = (fb.width, fb.height) == (w, h) or (
+            self._committer.places_planes
+            and self._connected
+            and (placement.covers(w, h) or self._test_position(fb))
+        )
+        if direct or not self._connected:
+            return _Shown(fb, fb.fb_id, placement, fb.pixels(), None)
+        canvas = self._spare_canvas(fb.fourcc)
+        compose(canvas, fb.pixels())
+        # Snapshots read the canvas: what is on screen, not what the backend writes next.
+        return self._canvas_shown(fb, canvas)
+
+    def _spare_canvas(self, fourcc: PixelFormat) -> Canvas:
+        """A canvas of this format and mode that is neither on screen nor about to be."""
+        busy = (s.canvas for s in (self._shown, self._pending and self._pending.shown) if s)
+        return self._canvases.spare(fourcc, self._mode, busy)
+
+    # -- internals: the hardware ---------------------------------------------------------
+
+    def _show_now(self, shown: _Shown) -> None:
+        """Put ``shown`` on screen before returning (blocking; for release and replug)."""
+        assert self._modeinfo is not None
+        self._committer.show_now(shown.scan_fb_id, shown.placement, self._modeinfo)
+
+    def _scanout_off(self) -> None:
+        now = _monotonic()
+        self._frames_before += self._frames_since_on(now)
+        self._on_since = None
+        self._shown = None
+
+    def _land(self, pending: _FlipInFlight, seq: int, timestamp: float) -> None:
+        if self._pending is not pending:
+            return
+        self._pending = None
+        self._display.awaiting.pop(pending.token, None)
+        late = math.floor((timestamp - pending.submitted) / self._period())
+        self._missed_vblanks += max(0, late)
+        self._last_seq = seq
+        if self._shown is None:
+            self._on_since = timestamp
+        self._shown = pending.shown
+        self._flips_completed += 1
+        pending.result = FlipResult(pending.fb, seq, timestamp)
+        pending.done.set()
+
+    def on_flip_event(self, event: DrmEvent) -> None:
+        """The display read the flip event of ``event.user_data``: land that flip."""
+        pending = self._pending
+        if pending is not None and pending.token == event.user_data:
+            self._land(pending, event.sequence, event.timestamp)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Land timer flips (unplugged output) and flips whose event never comes."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            pending = self._pending
+            if pending is None:
+                continue
+            if pending.timer_due is not None:
+                await trio.sleep_until(pending.timer_due)
+                self._land(pending, self._last_seq + 1, _monotonic())
+                continue
+            with trio.move_on_after(self._display.flip_timeout_s):
+                await pending.done.wait()
+            if self._pending is pending:
+                self.flip_timeouts += 1
+                log.warning("%s: no flip event after %g s", self, self._display.flip_timeout_s)
+                self._land(pending, self._last_seq + 1, _monotonic())
+
+    # -- hot-plug ------------------------------------------------------------------------
+
+    def poll_connector(self) -> None:
+        """Check the connector's status; turn the CRTC off when unplugged, on when back.
+
+        An unplugged output's flips land on a timer at the mode's rate (nothing is shown,
+        the guest keeps running); when it comes back, its modes are read again and the frame
+        on screen, if any, is set again (letterboxed anew if the mode changed).
+        """
+        dev = self._display.device
+        conn = dev.connector(self._connector.id)
+        if conn.connected == self._connected:
+            return
+        if not conn.connected:
+            log.info("%s: unplugged; frames are dropped until it comes back", self)
+            self._connected = False
+            if self._committer.on:
+                self._committer.off()
+            return
+        conn = dev.connector(self._connector.id, probe=True)
+        self._connector = conn
+        self._connected = True
+        old = self._mode
+        self._select_mode(conn)
+        self._position_ok.clear()
+        log.info("%s: plugged in; mode %s", self, self._modeinfo)
+        shown = self._shown
+        if shown is None or self._pending is not None or self._modeinfo is None:
+            return
+        if self._mode != old or shown.canvas is not None:
+            canvas = self._spare_canvas(shown.frame.fourcc)
+            compose(canvas, shown.frame)
+            shown = self._canvas_shown(shown.fb, canvas)
+        self._show_now(shown)
+        self._shown = shown
+
+    def _close(self) -> None:
+        """Wake a pending flip with DisplayClosed, stop scanout, free every framebuffer."""
+        live = self._close_bookkeeping()
+        self._committer.on = False
+        dev = self._display.device
+        for fb in live:
+            fb.drop(dev)
+        self._canvases.free(dev)
+        self._committer.close()
