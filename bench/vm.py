@@ -162,6 +162,7 @@ class Bench:
         self.python = python
         self.pid: int | None = None
         self.guests = 0
+        self.starts = 0
 
     def bochs_card(self) -> str:
         text = self.dom0.output(
@@ -174,7 +175,9 @@ class Bench:
         raise RuntimeError(f"no bochs card in Dom0:\n{text}")
 
     def start(self, backend: Backend, displ_be: DisplBe | None) -> None:
-        log = f"{SHARE}/{backend.key}.log"
+        self.starts += 1  # a log of its own per start: "ready" is looked for in this one
+        name = f"{backend.key}-{self.starts}.log"
+        log = f"{SHARE}/{name}"
         if backend.kind == "displback":
             argv = shlex.join(
                 [
@@ -191,7 +194,7 @@ class Bench:
         self.dom0.sh(f"{command} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/backend.pid; cd /")
         self.pid = int((self.dom0.share / "backend.pid").read_text().strip())
         text = self.dom0.vm.wait_file(
-            self.dom0.share / f"{backend.key}.log",
+            self.dom0.share / name,
             lambda t: ready in t or "cannot start" in t,
             300,
             what=f"{backend.label} ready",
@@ -200,7 +203,7 @@ class Bench:
             raise RuntimeError(f"{backend.label} cannot start:\n{text[-2000:]}")
         time.sleep(2)  # displ_be: its XenStore watch is set up right after the version lines
         if self.dom0.sh(f"kill -0 {self.pid}", check=False) != 0:
-            log_text = (self.dom0.share / f"{backend.key}.log").read_text(errors="replace")
+            log_text = (self.dom0.share / name).read_text(errors="replace")
             raise RuntimeError(f"{backend.label} exited:\n{log_text[-2000:]}")
 
     def stop(self) -> None:
