@@ -75,6 +75,7 @@ class Run:
     user_ms_per_flip: float = float("nan")
     sys_ms_per_flip: float = float("nan")
     dom0_busy_ms_per_flip: float = float("nan")
+    dom0_steal_ms_per_flip: float = float("nan")
     backend_cpu_percent: float = float("nan")
     window_s: float = float("nan")
     profiled: bool = False
@@ -112,6 +113,8 @@ def result_of(backend: str, guest: str, raw: dict[str, Any], *, profiled: bool) 
     run.sys_ms_per_flip = per_flip("sys_s")
     run.cpu_ms_per_flip = run.user_ms_per_flip + run.sys_ms_per_flip
     run.dom0_busy_ms_per_flip = per_flip("dom0_busy_s")
+    if "dom0_steal_s" in start:
+        run.dom0_steal_ms_per_flip = per_flip("dom0_steal_s")
     run.backend_cpu_percent = run.cpu_ms_per_flip * run.fps / 10
     before, after = start.get("threads", {}), end.get("threads", {})
     run.threads_ms_per_flip = {
@@ -280,7 +283,7 @@ def backends(card: str, size: str, displ_be: DisplBe | None) -> list[Backend]:
 def table(runs: list[Run], labels: dict[str, str]) -> str:
     head = (
         f"{'backend':<30} {'CPU/flip':>9} {'user':>7} {'sys':>7} {'Dom0 busy':>10} "
-        f"{'fps':>6} {'flips':>6} {'failed':>6}"
+        f"{'steal':>7} {'fps':>6} {'flips':>6} {'failed':>6}"
     )
     lines = [head, "-" * len(head)]
     for run in runs:
@@ -293,7 +296,7 @@ def table(runs: list[Run], labels: dict[str, str]) -> str:
         lines.append(
             f"{label:<30} {run.cpu_ms_per_flip:>6.2f} ms {run.user_ms_per_flip:>7.2f} "
             f"{run.sys_ms_per_flip:>7.2f} {run.dom0_busy_ms_per_flip:>7.2f} ms "
-            f"{run.fps:>6.1f} {run.flips:>6} {run.failed:>6}"
+            f"{run.dom0_steal_ms_per_flip:>7.2f} {run.fps:>6.1f} {run.flips:>6} {run.failed:>6}"
         )
     return "\n".join(lines)
 
