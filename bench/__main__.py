@@ -20,7 +20,7 @@ import trio
 
 from bench import buffers, flips
 from bench.report import Metric, Report, Target, busy_percent, cpu_jiffies
-from displback.logs import configure_logging
+from displback.app.logs import configure_logging
 
 PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity", "fairness")
 
@@ -42,19 +42,21 @@ class Plan:
     capacity_settle: float
     fairness_window: float
     fairness_hostile: int
+    scaling_window: float
+    scaling_rounds: int
 
 
 FULL = Plan(
     rt_flips=2000, cpu_sizes=((1920, 1080), (2560, 1600)), cpu_seconds=4.0, cpu_warmup=1.0,
     dbuf_runs=7, memcpy_bytes=64 << 20, copy_sizes=((1920, 1080), (2560, 1600)),
     copy_repeats=20, capacity_guests=8, capacity_window=3.0, capacity_settle=1.5,
-    fairness_window=4.0, fairness_hostile=4,
+    fairness_window=4.0, fairness_hostile=4, scaling_window=1.5, scaling_rounds=3,
 )
 QUICK = Plan(
     rt_flips=500, cpu_sizes=((1920, 1080),), cpu_seconds=1.0, cpu_warmup=0.5,
     dbuf_runs=3, memcpy_bytes=16 << 20, copy_sizes=((1920, 1080),), copy_repeats=5,
     capacity_guests=2, capacity_window=1.0, capacity_settle=0.5,
-    fairness_window=1.5, fairness_hostile=2,
+    fairness_window=1.5, fairness_hostile=2, scaling_window=0.5, scaling_rounds=1,
 )
 
 
@@ -113,11 +115,16 @@ async def _dbuf(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
         result = await buffers.dbuf_create_time(tmp / f"dbuf-{mode}", copy=copy,
                                                 runs=plan.dbuf_runs)
         results[mode] = result
+        key = "copy" if copy else "zc"
         report.add(Metric(
-            f"dbuf_create_{'copy' if copy else 'zc'}_p50_ms",
+            f"dbuf_create_{key}_p50_ms",
             f"DBUF_CREATE {result['width']}x{result['height']}x32 p50, {mode} "
             f"({result['pages']} grefs, {result['directory_pages']} dir pages)",
             result["create_s"]["p50"] * 1000, "ms"))
+        report.add(Metric(
+            f"dbuf_create_{key}_over_map", f"  / bare map of the {result['pages']} grefs "
+            f"in one call ({result['bare_map_s']['p50'] * 1000:.2f} ms p50)",
+            result["create_over_map"], "", Target("<=", 1.5)))
     report.details["dbuf_create"] = results
 
 
@@ -145,6 +152,22 @@ async def _copy(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                       odd["percent_of_same_size_memcpy"], "%"))
     report.details["memcpy"] = memcpy
     report.details["copy_bandwidth"] = {"present_on": copies, "copy_frame_1366x768": odd}
+    _say("  copy: frames per second with every core's worker thread, and with one")
+    scaling = await buffers.copy_scaling(tmp / "scaling", window=plan.scaling_window,
+                                         rounds=plan.scaling_rounds)
+    report.details["copy_scaling"] = scaling
+    w, h = scaling["size"]
+    many = scaling["workers"]
+    report.add(Metric("copy_fps_1_worker",
+                      f"copy-mode frames/s {w}x{h}, {scaling['guests']} guests, 1 copy thread",
+                      scaling["fps_one"], "fps",
+                      note=f"= {scaling['fps_one'] / 60:.0f} connectors at 60 fps; the process "
+                           f"used {scaling['cores_used_one']:.2f} cores"))
+    report.add(Metric("copy_fps_all_workers", f"  with {many} copy threads (one per core)",
+                      scaling["fps_all"], "fps",
+                      note=f"the process used {scaling['cores_used_all']:.2f} cores"))
+    report.add(Metric("copy_workers_ratio", f"  = {many} threads / 1 thread",
+                      scaling["ratio"], "", Target(">=", 1.7)))
 
 
 async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:

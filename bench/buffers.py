@@ -24,6 +24,7 @@ import trio
 
 from bench.report import percentile
 from displback.backend.buffers import BufferKind, BufferStore
+from displback.backend.copies import CopyWorkers, available_cores
 from displback.backend.deferred import DeferredReleases
 from displback.backend.quotas import Limits, Quota
 from displback.display.pixels import copy_frame
@@ -40,7 +41,9 @@ from displback.protocol.pagedir import build_directory, dir_pages_for
 from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
 from displback.sim.platform import SimDomain, SimPlatform
 
-__all__ = ["copy_bandwidth", "dbuf_create_time", "memcpy_bandwidth", "StoreBench"]
+__all__ = [
+    "copy_bandwidth", "copy_scaling", "dbuf_create_time", "memcpy_bandwidth", "StoreBench",
+]
 
 GUEST = 7
 XRGB = PixelFormat.XRGB8888
@@ -70,6 +73,23 @@ class _GuestBuffer:
     dir_grefs: list[int]
 
 
+def _grant_buffer(guest: SimDomain, width: int, height: int, bpp: int = 32) -> _GuestBuffer:
+    """What the guest does before DBUF_CREATE: pages, grants, the directory."""
+    npages = pages_for(pitch_for(width, bpp) * height)
+    pfns = guest.alloc_pages(npages)
+    refs = guest.grant_pages(pfns, 0)
+    dir_pfns = guest.alloc_pages(dir_pages_for(npages))
+    dir_grefs = guest.grant_pages(dir_pfns, 0)
+    with guest.map_pages(dir_pfns) as directory:
+        directory.buffer[:] = b"".join(build_directory(refs, dir_grefs))
+    return _GuestBuffer(pfns, refs, dir_pfns, dir_grefs)
+
+
+def _free_buffer(guest: SimDomain, buf: _GuestBuffer) -> None:
+    guest.end_access_pages(buf.refs + buf.dir_grefs)
+    guest.free_pages(buf.pfns + buf.dir_pfns)
+
+
 @dataclass
 class StoreBench:
     """A buffer store of one guest device, the guest's domain handle and one output."""
@@ -85,19 +105,10 @@ class StoreBench:
         return self._ids
 
     def grant_buffer(self, width: int, height: int, bpp: int = 32) -> _GuestBuffer:
-        """What the guest does before DBUF_CREATE: pages, grants, the directory."""
-        npages = pages_for(pitch_for(width, bpp) * height)
-        pfns = self.guest.alloc_pages(npages)
-        refs = self.guest.grant_pages(pfns, 0)
-        dir_pfns = self.guest.alloc_pages(dir_pages_for(npages))
-        dir_grefs = self.guest.grant_pages(dir_pfns, 0)
-        with self.guest.map_pages(dir_pfns) as directory:
-            directory.buffer[:] = b"".join(build_directory(refs, dir_grefs))
-        return _GuestBuffer(pfns, refs, dir_pfns, dir_grefs)
+        return _grant_buffer(self.guest, width, height, bpp)
 
     def free_buffer(self, buf: _GuestBuffer) -> None:
-        self.guest.end_access_pages(buf.refs + buf.dir_grefs)
-        self.guest.free_pages(buf.pfns + buf.dir_pfns)
+        _free_buffer(self.guest, buf)
 
     def create_req(self, cookie: int, buf: _GuestBuffer, width: int, height: int) -> DbufCreateReq:
         return DbufCreateReq(
@@ -169,15 +180,31 @@ async def dbuf_create_time(
     width: int = LINUX_MAX_WIDTH, height: int = LINUX_MAX_HEIGHT,
 ) -> dict[str, Any]:
     """The store's DBUF_CREATE (and, for information, DBUF_DESTROY) time, in seconds, for a
-    ``width`` × ``height`` × 32 buffer, ``runs`` times."""
+    ``width`` × ``height`` × 32 buffer, ``runs`` times; and the floor it is held to: the
+    bare cost of mapping the same grefs read-only in one ``map_grants`` call of the same
+    grant device (unmapped right after, not timed), just before each create.
+
+    ``create_over_map`` is the ratio of the p50s (issue 12 goal 3: ≤ 1.5). What the create
+    adds to the bare map is reading the directory (one gntdev call per directory page,
+    the parse) and the bookkeeping; in zero-copy mode the export replaces the map.
+    """
     creates: list[float] = []
     destroys: list[float] = []
+    maps: list[float] = []
+    unmaps: list[float] = []
     kind = None
     npages = pages_for(pitch_for(width, 32) * height)
     async with store_bench(tmp, copy=copy) as bench:
+        grants = bench.store.grants
         for run in range(runs):
             buf = bench.grant_buffer(width, height)
             req = bench.create_req(0x1000 + run, buf, width, height)
+            start = time.perf_counter()
+            mapping = grants.map_grants(GUEST, list(buf.refs), writable=False)
+            maps.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            mapping.close()
+            unmaps.append(time.perf_counter() - start)
             start = time.perf_counter()
             await bench.store.create(req)
             creates.append(time.perf_counter() - start)
@@ -198,6 +225,9 @@ async def dbuf_create_time(
         "kind": expected.value,
         "create_s": _summary(creates),
         "destroy_s": _summary(destroys),
+        "bare_map_s": _summary(maps),
+        "bare_unmap_s": _summary(unmaps),
+        "create_over_map": percentile(creates, 50) / percentile(maps, 50),
     }
 
 
@@ -324,4 +354,149 @@ def copy_frame_bandwidth(
         **rate, "guest_pitch": src_pitch, "dumb_pitch": dst_pitch,
         "memcpy_same_size": same_size,
         "percent_of_same_size_memcpy": 100 * rate["median_bps"] / same_size["baseline_bps"],
+    }
+
+
+@dataclass
+class _CopyGuest:
+    """One guest of :func:`copy_scaling`: its domain, granted buffer and output."""
+
+    domain: SimDomain
+    buffer: _GuestBuffer
+    output: Any
+
+
+async def _frames_per_second(
+    guests: list[_CopyGuest], grants: Any, platform: SimPlatform, deferred: DeferredReleases,
+    workers: CopyWorkers, size: tuple[int, int], window: float, log: _QuietLog,
+) -> dict[str, float]:
+    """Every guest presenting its frame as fast as it can for ``window`` seconds through a
+    store of its own, all stores sharing ``workers``: frames copied per second in all, and
+    the event loop thread's CPU time per frame (its GIL-held share of each copy)."""
+    width, height = size
+    stores: list[BufferStore] = []
+    fbs = []
+    try:
+        for guest in guests:
+            store = BufferStore(
+                domid=guest.domain.domid, grants=grants, dmabufs=platform,
+                outputs=[guest.output], quota=Quota(Limits.for_connectors([size])),
+                deferred=deferred, be_alloc=False, log=log, copies=workers,
+            )
+            stores.append(store)
+            await store.create(DbufCreateReq(
+                id=1, dbuf_cookie=1, width=width, height=height, bpp=32,
+                buffer_sz=pitch_for(width, 32) * height, flags=0,
+                gref_directory=guest.buffer.dir_grefs[0], data_ofs=0,
+            ))
+            store.attach(FbAttachReq(id=2, dbuf_cookie=1, fb_cookie=2, width=width,
+                                     height=height, pixel_format=XRGB))
+            fb = store.framebuffer(2)
+            if fb.zero_copy:
+                raise RuntimeError("the copy-mode store did not copy")
+            fbs.append(fb)
+        for fb, guest in zip(fbs, guests, strict=True):  # warm: dumb buffers made, touched
+            await fb.present_on(guest.output)
+            await fb.present_on(guest.output)
+        frames = 0
+        deadline = trio.current_time() + window
+
+        async def present(fb: Any, output: Any) -> None:
+            nonlocal frames
+            while trio.current_time() < deadline:
+                await fb.present_on(output)
+                frames += 1
+
+        loop_cpu, cpu = time.thread_time(), time.process_time()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for fb, guest in zip(fbs, guests, strict=True):
+                nursery.start_soon(present, fb, guest.output)
+        elapsed = time.perf_counter() - start
+        loop_cpu, cpu = time.thread_time() - loop_cpu, time.process_time() - cpu
+    finally:
+        for store in stores:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+    return {
+        "workers": workers.total,
+        "frames": frames,
+        "seconds": elapsed,
+        "fps": frames / elapsed,
+        "loop_cpu_per_frame_us": 1e6 * loop_cpu / max(frames, 1),
+        # All threads: how many cores the copies got (other work on the machine takes its
+        # share; the hypervisor process is idle here).
+        "cores_used": cpu / elapsed,
+        "most_running": workers.stats.most_running,
+    }
+
+
+async def copy_scaling(
+    tmp: Path, *, size: tuple[int, int] = (1024, 768), guests: int = 4,
+    workers: int | None = None, window: float = 1.0, rounds: int = 3,
+) -> dict[str, Any]:
+    """Copy-mode capacity on all cores against one (issue 12 goal 4): frames per second the
+    copy path makes when ``guests`` guests (one copy at a time each, as the daemon allows)
+    present ``size`` frames as fast as they can, with ``workers`` copy threads (default: the
+    CPUs this process may use) and with one, in the same run. Each frame is what a copy-mode
+    flip costs the backend before the display flip: ``present_on`` (dumb buffer picked, the
+    copy handed to a worker thread and awaited). ``rounds`` alternations of the two, so that
+    a disturbance by other work hits both; the ratio is the median of the rounds' ratios."""
+    many = workers if workers is not None else available_cores()
+    width, height = size
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    log = _QuietLog()
+    runs: dict[int, list[dict[str, float]]] = {1: [], many: []}
+    try:
+        with contextlib.ExitStack() as stack:
+            platform = stack.enter_context(
+                SimPlatform(hv.socket_path, "unused", dmabuf_export_supported=False))
+            grants = platform.open_grant_device()
+            deferred = DeferredReleases(retry_interval=0.01, log=log)
+            stack.callback(deferred.close_device_when_drained, grants)
+            domains = [stack.enter_context(SimDomain(hv.socket_path, GUEST + i))
+                       for i in range(guests)]
+            configs = [OutputConfig(f"copy{i}", width, height) for i in range(guests)]
+            try:
+                async with (
+                    trio.open_nursery() as nursery,
+                    VirtualDisplay.open(configs, dmabuf_importer=platform.open_dmabuf) as display,
+                ):
+                    await nursery.start(deferred.run)
+                    party: list[_CopyGuest] = []
+                    for domain, config in zip(domains, configs, strict=True):
+                        buf = _grant_buffer(domain, width, height)
+                        party.append(_CopyGuest(domain, buf, display.outputs[config.name]))
+                        with domain.map_pages(buf.pfns) as pixels:
+                            pixels.buffer[:] = b"\x3c" * len(pixels.buffer)
+                    for _ in range(rounds):
+                        for count in (1, many):
+                            runs[count].append(await _frames_per_second(
+                                party, grants, platform, deferred, CopyWorkers(count), size,
+                                window, log))
+                    for guest in party:
+                        _free_buffer(guest.domain, guest.buffer)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await deferred.aclose()
+        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
+        if leaks:
+            raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+    finally:
+        await trio.to_thread.run_sync(hv.stop)
+    ratios = [b["fps"] / a["fps"] for a, b in zip(runs[1], runs[many], strict=True)]
+    return {
+        "size": [width, height],
+        "guests": guests,
+        "workers": many,
+        "one_worker": runs[1],
+        "all_workers": runs[many],
+        "fps_one": percentile([r["fps"] for r in runs[1]], 50),
+        "fps_all": percentile([r["fps"] for r in runs[many]], 50),
+        "ratios": ratios,
+        "ratio": percentile(ratios, 50),
+        "cores_used_one": percentile([r["cores_used"] for r in runs[1]], 50),
+        "cores_used_all": percentile([r["cores_used"] for r in runs[many]], 50),
     }

@@ -50,6 +50,9 @@ async def test_dbuf_create_time_creates_and_destroys_through_the_buffer_store(
     assert result["kind"] == ("copy" if copy else "zero-copy")
     assert (result["pages"], result["directory_pages"]) == (12, 1)
     assert len(result["create_s"]["samples"]) == 2
+    assert len(result["bare_map_s"]["samples"]) == 2
+    assert result["create_over_map"] == pytest.approx(
+        result["create_s"]["p50"] / result["bare_map_s"]["p50"])
 
 
 async def test_copy_bandwidth_copies_through_present_on_and_copy_frame(tmp_path: Path) -> None:
@@ -60,6 +63,18 @@ async def test_copy_bandwidth_copies_through_present_on_and_copy_frame(tmp_path:
     assert result["64x48"]["percent_of_same_size_memcpy"] > 0
     odd = buffers.copy_frame_bandwidth(30, 10, repeats=2)
     assert (odd["guest_pitch"], odd["dumb_pitch"]) == (120, 128)
+
+
+async def test_copy_scaling_copies_with_one_thread_and_with_several_in_turn(
+    tmp_path: Path,
+) -> None:
+    result = await buffers.copy_scaling(tmp_path, size=TINY, guests=2, workers=2,
+                                        window=0.1, rounds=2)
+    one, many = result["one_worker"], result["all_workers"]
+    assert [r["workers"] for r in one + many] == [1, 1, 2, 2]
+    assert all(r["frames"] > 0 for r in one + many)
+    assert max(r["most_running"] for r in one) == 1  # one thread: never two copies at once
+    assert result["ratio"] == pytest.approx(percentile(result["ratios"], 50))
 
 
 async def test_capacity_measures_one_step_per_guest_added(tmp_path: Path) -> None:

@@ -28,8 +28,10 @@ source and target memory mapped until :meth:`CopyWorkers.run` returns (see
 ``GuestFramebuffer`` in :mod:`displback.backend.buffers`), so no thread ever touches memory
 that was unmapped under it. A copy still waiting for its slot is simply not started.
 
-One :class:`CopyWorkers` serves the whole daemon: :func:`default_copy_workers` gives the one of
-the current trio run (the tests run many daemons, one per run).
+One :class:`CopyWorkers` serves the whole daemon: the backend makes it with the configured
+``copy_workers`` threads (default: the CPUs this process may use) and hands it to every
+guest's buffer store. A store made without one (tests of the store alone) takes
+:func:`default_copy_workers`, one per trio run.
 """
 
 from __future__ import annotations

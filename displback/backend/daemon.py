@@ -30,15 +30,16 @@ from typing import Any
 import structlog
 import trio
 
+from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import Quota
 from displback.backend.retained import RetainedMemory
-from displback.fdstore import FdStore
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
+from displback.systemd.fdstore import FdStore
 from displback.xen.interfaces import Platform
 from displback.xenstore.client import XenStoreClient, XenStoreConnectionError, open_xenstore
 from displback.xenstore.wire import XenStoreError
@@ -83,6 +84,8 @@ class Backend:
         self._named: set[int] = set()
         #: Backend-allocated memory guests may still map, kept until their domain dies.
         self.retained = RetainedMemory(fdstore=fdstore, log=self.log)
+        #: Where every guest's copies run: ``settings.copy_workers`` threads, fair by guest.
+        self.copies = CopyWorkers(self.settings.copy_workers)
         for kept in self.retained.adopt(inherited or []):
             account = self.account(kept.domid)
             account.force("be_alloc_buffers")
@@ -175,6 +178,7 @@ class Backend:
                         deferred=deferred,
                         account=account,
                         retained=self.retained,
+                        copies=self.copies,
                         log=self.log,
                     )
                     self.devices[key] = device

@@ -26,6 +26,7 @@ import trio
 
 from displback.backend.buffers import BufferStore, ZeroCopyPolicy
 from displback.backend.connector import Connector
+from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import LimitOverrides, Limits, Quota
@@ -83,6 +84,9 @@ class BackendSettings:
     #: Limits an admin fixed ([limits] in the configuration), for all or for one guest.
     limit_overrides: LimitOverrides = field(default_factory=LimitOverrides)
     teardown_timeout_s: float = 5.0
+    #: Worker threads for copy-mode copies and buffer creations, daemon-wide (None: the CPUs
+    #: this process may use; see displback.backend.copies).
+    copy_workers: int | None = None
 
 
 @dataclass
@@ -155,6 +159,7 @@ class Connection:
             be_alloc=self.config.be_alloc,
             log=dev.log,
             retained=dev.retained,
+            copies=dev.copies,
         )
         self.store = store
         for cfg, transport, output in zip(self.config.connectors, transports, outputs, strict=True):
@@ -260,6 +265,7 @@ class GuestDevice:
         deferred: DeferredReleases,
         account: Quota | None = None,
         retained: RetainedMemory | None = None,
+        copies: CopyWorkers | None = None,
         log: Any = None,
     ) -> None:
         self.xs = xs
@@ -273,6 +279,8 @@ class GuestDevice:
         self.account = account if account is not None else Quota(settings.limits, domid=domid)
         #: Where be-alloc memory the guest may still map is kept until the domain dies.
         self.retained = retained
+        #: The daemon's copy workers (None: the default of this trio run).
+        self.copies = copies
         base = log if log is not None else structlog.get_logger("displback.device")
         self.log = base.bind(domid=domid, devid=devid)
         self.backend_dir = layout.backend_dir(platform.domid, domid, devid)

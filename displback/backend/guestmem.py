@@ -1,11 +1,17 @@
 """Guest memory through gntdev: page directories read or filled one page at a time, buffers mapped.
 
 The grant-reference page directory (reference §7) is guest memory. The sans-I/O
-:mod:`displback.protocol.pagedir` knows its rules; this module does the I/O around it: map one
-directory page (read-only to read it, writable to fill it), hand it over, unmap it, go on with
-the next — so at most one directory page is ever mapped, and none is read twice. Every
-failure becomes a :class:`RequestError` with the errno the guest's request is answered with,
-and nothing stays mapped after one:
+:mod:`displback.protocol.pagedir` knows its rules; this module does the I/O around it, one
+directory page at a time (the next page's gref is on the current one), none read twice:
+
+* reading: Xen copies the page into private memory (gntdev ``GRANT_COPY``), which is handed
+  over. One gntdev call per page, where map + unmap took two and an ``munmap``: the
+  directory of the largest buffer (9 pages) cost as much as mapping all its 8187 grefs;
+* filling (be-alloc): the page is mapped writable, filled, unmapped; at most one directory
+  page is mapped at a time.
+
+Every failure becomes a :class:`RequestError` with the errno the guest's request is answered
+with, and nothing stays mapped after one:
 
 * a malformed directory (:class:`ProtocolError`) → its errno (``EINVAL``);
 * a grant the platform refuses to map (``EINVAL``: unknown, revoked, granted to someone else
@@ -19,7 +25,7 @@ import errno as _errno
 from collections.abc import Callable, Sequence
 
 from displback.backend.errors import RequestError
-from displback.protocol.constants import EINVAL, EIO, ENOMEM
+from displback.protocol.constants import EINVAL, EIO, ENOMEM, PAGE_SIZE
 from displback.protocol.errors import ProtocolError
 from displback.protocol.pagedir import DEFAULT_MAX_REFS, DirectoryFiller, DirectoryReader
 from displback.xen.interfaces import GrantDevice, GrantMapping
@@ -77,14 +83,20 @@ def read_directory(
 ) -> tuple[int, ...]:
     """The ``nrefs`` buffer grant refs listed by the guest's directory at ``gref_directory``.
 
-    Each directory page is mapped read-only, copied once by :class:`DirectoryReader`, and
-    unmapped before the next one is mapped.
+    Each directory page is copied out of guest memory by Xen (one ``GRANT_COPY``), then
+    validated by :class:`DirectoryReader`: the guest cannot change what is being checked.
     """
     try:
         reader = DirectoryReader(gref_directory, nrefs, max_refs=max_refs)
         while (gref := reader.next_page_gref) is not None:
-            page = _map(grants, domid, [gref], writable=False, what="a directory page")
-            _on_page(page, reader.feed)
+            try:
+                page = grants.copy_from_grant(domid, gref, PAGE_SIZE)
+            except OSError as exc:
+                raise RequestError(
+                    errno_for_os_error(exc),
+                    f"cannot read directory page gref {gref} of dom{domid}: {exc}",
+                ) from exc
+            reader.feed(page)
         return reader.refs
     except ProtocolError as exc:
         raise RequestError(exc.errno or EINVAL, f"bad page directory: {exc}") from exc

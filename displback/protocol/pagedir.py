@@ -99,8 +99,9 @@ class _ChainWalker:
             return GREFS_PER_DIR_PAGE
         return self.nrefs - GREFS_PER_DIR_PAGE * self.page_index
 
-    def check_next(self, next_gref: int, taken: set[int]) -> None:
-        """Validate the current page's ``gref_dir_next_page`` without moving."""
+    def check_next(self, next_gref: int, *taken: set[int]) -> None:
+        """Validate the current page's ``gref_dir_next_page`` without moving; ``taken``:
+        sets of grefs the owner already uses for something else."""
         last = self.page_index + 1 == self.npages
         if last:
             if next_gref != 0:
@@ -123,7 +124,7 @@ class _ChainWalker:
                 "gref_dir_next_page",
                 next_gref,
             )
-        if next_gref in taken:
+        if any(next_gref in grefs for grefs in taken):
             raise _error(
                 f"directory page gref {next_gref} is also a buffer gref",
                 "gref_dir_next_page",
@@ -217,6 +218,29 @@ class DirectoryReader:
         copy = bytes(memoryview(page)[: _REFS_OFS + 4 * count])
         (next_gref,) = _NEXT.unpack_from(copy, 0)
         refs = struct.unpack_from(f"<{count}I", copy, _REFS_OFS)
+        # The checks run in C, in one pass over the refs: they join the set of refs seen,
+        # which grows by exactly ``count`` unless one repeats (a Python loop over the up to
+        # 8187 refs of the largest buffer cost as much as the gntdev calls of its directory).
+        # Only a bad page is walked ref by ref, to name the first offending one.
+        seen = self._seen
+        before = len(seen)
+        seen.update(refs)
+        if (
+            len(seen) != before + count
+            or 0 in seen
+            or (self._same_table and not self._walker.dir_grefs.isdisjoint(refs))
+        ):
+            self._seen = set(self._refs)  # the refs of the pages accepted so far
+            self._explain(refs)
+        if self._same_table:
+            self._walker.check_next(next_gref, seen)
+        else:
+            self._walker.check_next(next_gref)
+        self._refs.extend(refs)
+        self._walker.advance(next_gref)
+
+    def _explain(self, refs: Sequence[int]) -> None:
+        """Raise for the first ref of this (bad) page that is 0 or seen on an earlier page."""
         base = len(self._refs)
         fresh: set[int] = set()
         for k, ref in enumerate(refs):
@@ -227,10 +251,7 @@ class DirectoryReader:
             ):
                 raise _error(f"grant ref {ref} appears twice (aliasing)", "gref", ref)
             fresh.add(ref)
-        self._walker.check_next(next_gref, self._seen | fresh if self._same_table else set())
-        self._seen |= fresh
-        self._refs.extend(refs)
-        self._walker.advance(next_gref)
+        raise AssertionError("_explain() of a page without a bad ref")
 
 
 class DirectoryFiller:
@@ -286,7 +307,7 @@ class DirectoryFiller:
         if view.readonly:
             raise ValueError("directory page must be writable")
         (next_gref,) = _NEXT.unpack_from(view, 0)
-        self._walker.check_next(next_gref, set())
+        self._walker.check_next(next_gref)
         count = self._walker.refs_on_current_page()
         start = GREFS_PER_DIR_PAGE * self._walker.page_index
         struct.pack_into(f"<{count}I", view, _REFS_OFS, *self._refs[start : start + count])

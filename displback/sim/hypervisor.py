@@ -18,7 +18,9 @@ when a process exits.
   reserved as Linux reserves them). Each page a domain maps (gntdev map or
   dma-buf export) takes one of its :data:`MAPTRACK_ENTRIES`; beyond, the map fails. Mapping
   checks the gref exists, is not being revoked, is granted to the mapper, and is writable if
-  mapped writable; otherwise ``EINVAL`` as gntdev reports a failed map. Live mappings are
+  mapped writable; otherwise ``EINVAL`` as gntdev reports a failed map. A grant copy
+  (gntdev ``GRANT_COPY``) checks the same as a read-only map and sends the page's bytes
+  back, mapping nothing. Live mappings are
   counted per grant; ending access to a mapped grant is refused (``EBUSY``) so leaks show.
   Grants of a connection that dies, or of a released dma-buf import, are revoked lazily: no
   new mappings, and the grant ends when its last mapping goes. A page is freed once nothing
@@ -45,6 +47,7 @@ loop). Run standalone with ``python -m displback.sim.hypervisor --socket PATH``.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import errno
 import heapq
@@ -547,6 +550,15 @@ class Machine:
         conn.mappings[mapping.ident] = mapping
         pfns = [g.page.pfn for g in grants]
         return Reply({"map_id": mapping.ident, "pfns": pfns}, [dom.ram_fd])
+
+    def op_grant_copy(self, conn: Conn, message: Message) -> Reply:
+        """``GNTTABOP_copy`` from grant ``ref`` of ``domid`` (offset 0, ``length`` bytes) to
+        the caller; reply the bytes (base64). Nothing stays mapped or tracked."""
+        domid = _int(message, "domid", 0, DOMID_MAX)
+        length = _int(message, "length", 1, PAGE_SIZE)
+        _, (grant,) = self._check_grants(conn.domain, domid, [_int(message, "ref")], False)
+        data = os.pread(grant.domain.ram_fd, length, grant.page.pfn * PAGE_SIZE)
+        return Reply({"data": base64.b64encode(data).decode("ascii")})
 
     def op_unmap(self, conn: Conn, message: Message) -> Reply:
         """Forget mapping ``map_id`` (the client has unmapped it)."""

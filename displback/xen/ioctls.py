@@ -25,6 +25,9 @@ __all__ = [
     "pack_map_grant_ref",
     "unpack_map_grant_ref",
     "pack_unmap_grant_ref",
+    "pack_grant_copy",
+    "pack_grant_copy_segment",
+    "unpack_grant_copy_status",
     "pack_dmabuf_exp_from_refs",
     "unpack_dmabuf_exp_from_refs",
     "pack_dmabuf_exp_wait_released",
@@ -73,6 +76,11 @@ _WAIT = struct.Struct("=II")  # fd, wait_to_ms
 _IMP_HEAD = struct.Struct("=IIII")  # fd, count, domid, reserved
 _IMP_RELEASE = struct.Struct("=II")  # fd, reserved
 _U32 = struct.Struct("=I")
+# gntdev_grant_copy_segment: source, dest (each a union of a pointer and {ref, offset, domid}),
+# len, flags, status, 2 bytes of tail padding (8-byte alignment).
+_COPY_SEGMENT = struct.Struct("=IHHQHHh2x")  # source.foreign, dest.virt, len, flags, status
+_GRANT_COPY = struct.Struct("=I4xQ")  # count, pad, segments
+GNTCOPY_SOURCE_GREF = 1 << 0  # GNTCOPY_source_gref: the source is a grant reference
 
 # --- evtchn (reference §12) -------------------------------------------------------------------
 _BIND_INTERDOMAIN = struct.Struct("=II")  # remote_domain, remote_port
@@ -97,6 +105,20 @@ LAYOUTS: dict[str, StructLayout] = {
     "unmap_grant_ref": StructLayout(
         "ioctl_gntdev_unmap_grant_ref", 16, {"index": 0, "count": 8, "pad": 12}
     ),
+    "grant_copy_segment": StructLayout(
+        "gntdev_grant_copy_segment",
+        24,
+        {
+            "source.foreign.ref": 0,
+            "source.foreign.offset": 4,
+            "source.foreign.domid": 6,
+            "dest.virt": 8,
+            "len": 16,
+            "flags": 18,
+            "status": 20,
+        },
+    ),
+    "grant_copy": StructLayout("ioctl_gntdev_grant_copy", 16, {"count": 0, "segments": 8}),
     "dmabuf_exp_from_refs": StructLayout(
         "ioctl_gntdev_dmabuf_exp_from_refs",
         20,
@@ -138,6 +160,7 @@ LAYOUTS: dict[str, StructLayout] = {
 IOCTLS: dict[str, int] = {
     "IOCTL_GNTDEV_MAP_GRANT_REF": ioc(_IOC_NONE, "G", 0, 24),
     "IOCTL_GNTDEV_UNMAP_GRANT_REF": ioc(_IOC_NONE, "G", 1, 16),
+    "IOCTL_GNTDEV_GRANT_COPY": ioc(_IOC_NONE, "G", 8, 16),
     "IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS": ioc(_IOC_NONE, "G", 9, 20),
     "IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED": ioc(_IOC_NONE, "G", 10, 8),
     "IOCTL_GNTDEV_DMABUF_IMP_TO_REFS": ioc(_IOC_NONE, "G", 11, 20),
@@ -177,6 +200,22 @@ def unpack_map_grant_ref(buf: bytearray) -> int:
 def pack_unmap_grant_ref(index: int, count: int) -> bytearray:
     """``ioctl_gntdev_unmap_grant_ref``."""
     return bytearray(_UNMAP.pack(index, count, 0))
+
+
+def pack_grant_copy_segment(domid: int, ref: int, dest: int, length: int) -> bytearray:
+    """One ``gntdev_grant_copy_segment``: ``length`` bytes from offset 0 of grant ``ref`` of
+    ``domid`` to the local address ``dest``; ``status`` out."""
+    return bytearray(_COPY_SEGMENT.pack(ref, 0, domid, dest, length, GNTCOPY_SOURCE_GREF, 0))
+
+
+def unpack_grant_copy_status(segment: bytearray) -> int:
+    """The segment's ``status`` (``GNTST_okay`` = 0, negative ``GNTST_*`` on failure)."""
+    return int(_COPY_SEGMENT.unpack_from(segment)[6])
+
+
+def pack_grant_copy(count: int, segments: int) -> bytearray:
+    """``ioctl_gntdev_grant_copy`` of ``count`` segments at local address ``segments``."""
+    return bytearray(_GRANT_COPY.pack(count, segments))
 
 
 def pack_dmabuf_exp_from_refs(domid: int, refs: list[int], flags: int) -> bytearray:

@@ -608,6 +608,36 @@ async def test_policy_off_copies_even_where_export_works(
         free_buffer(env.guest, buf)
 
 
+async def test_a_directory_is_read_with_one_grant_copy_per_page_and_maps_nothing(
+    hypervisor: HypervisorThread,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Copy mode: the only mapping a DBUF_CREATE makes is the buffer's, in one call; each
+    directory page costs one gntdev call (map + unmap cost two and an munmap)."""
+    async with open_env(hypervisor, policy=ZeroCopyPolicy.OFF) as env:
+        calls: list[tuple[str, int]] = []
+        grants = env.store.grants
+        real_map, real_copy = grants.map_grants, grants.copy_from_grant
+
+        def map_grants(domid: int, refs: list[int], *, writable: bool = True) -> object:
+            calls.append(("map", len(refs)))
+            return real_map(domid, refs, writable=writable)
+
+        def copy_from_grant(domid: int, ref: int, length: int) -> bytes:
+            calls.append(("copy", ref))
+            return real_copy(domid, ref, length)
+
+        monkeypatch.setattr(grants, "map_grants", map_grants)
+        monkeypatch.setattr(grants, "copy_from_grant", copy_from_grant)
+        npages = GREFS_PER_DIR_PAGE + 5
+        buf = guest_buffer(env.guest, npages)
+        await env.store.create(env.create_req(1, buf, 16, 8, buffer_sz=npages * PAGE_SIZE))
+        assert calls == [("copy", buf.dir_grefs[0]), ("copy", buf.dir_grefs[1]), ("map", npages)]
+        assert mappings_of_dom0(env.hv) == npages
+        await env.destroy(1)
+        free_buffer(env.guest, buf)
+
+
 @pytest.mark.parametrize("unsupported", [errno.ENOTTY, errno.EINVAL])
 async def test_policy_require_refuses_buffers_that_cannot_be_exported(
     hypervisor: HypervisorThread,  # noqa: F811

@@ -100,6 +100,9 @@ class _FaultyGrants(_Wrapper):
     def map_grants(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("map_grants", *args, **kwargs)
 
+    def copy_from_grant(self, *args: Any) -> Any:
+        return self._call("copy_from_grant", *args)
+
     def dmabuf_export(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("dmabuf_export", *args, **kwargs)
 

@@ -24,12 +24,12 @@ import trio
 
 from displback.backend import buffers as buffers_module
 from displback.backend.connector import SPURIOUS_WAKEUP_BURST, SPURIOUS_WAKEUPS_PER_SECOND
-from displback.backend.copies import CopyWorkers, set_default_copy_workers
-from displback.backend.device import GuestDevice
+from displback.backend.copies import CopyWorkers
+from displback.backend.device import BackendSettings, GuestDevice
 from displback.display import virtual as virtual_module
 from displback.display.pixels import copy_frame
 from displback.display.virtual import OutputConfig
-from displback.sim.guest import DumbBuffer, Framebuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestFb, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread, query_counters
 from displback.sim.machine import SimMachine, sim_machine
 from tests.backend.support import (
@@ -98,15 +98,16 @@ async def attacked_machine(
     hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[SimMachine, SimGuest, SimGuest, Gate, CopyWorkers]]:
     """A copy-mode machine (Dom0 cannot export) with the attacker and an honest guest
-    connected, copies on two worker slots, the attacker's copies gated."""
-    workers = CopyWorkers(2, per_guest=1)
-    set_default_copy_workers(workers)
+    connected, copies on two worker threads (``copy_workers``), the attacker's copies gated."""
     gate = Gate(threading.get_ident())
     monkeypatch.setattr(buffers_module, "copy_frame", gate.copy)
     async with sim_machine(
         hypervisor, tmp_path, OUTPUTS, assignments=ASSIGNMENTS,
         platform_options={"dmabuf_export_supported": False},
+        settings=BackendSettings(copy_workers=2),
     ) as machine:
+        workers = machine.backend.copies
+        assert (workers.total, workers.per_guest) == (2, 1)
         for domid, spec in SPECS.items():
             await machine.add_guest(domid, spec)
         async with machine.guest(ATTACKER) as attacker, machine.guest(HONEST) as honest:
@@ -120,7 +121,7 @@ async def attacked_machine(
 
 async def _big_frame(
     guest: SimGuest, connector: int, frame: int
-) -> tuple[list[DumbBuffer], list[Framebuffer]]:
+) -> tuple[list[GuestBuffer], list[GuestFb]]:
     """Two big buffers with a framebuffer each, ``frame`` painted into the first (buffer
     requests travel on connector 0's ring: make them before a SET_CONFIG blocks it)."""
     bufs, fbs = await new_guest_buffers(guest, *BIG)

@@ -72,6 +72,7 @@ AUTO, OFF = ZeroCopyPolicy.AUTO, ZeroCopyPolicy.OFF
 REQUEST_FAULTS = [
     ("grants.dmabuf_export", errno.ENOMEM, GUEST, AUTO),
     ("grants.map_grants", errno.EIO, GUEST, OFF),
+    ("grants.copy_from_grant", errno.EIO, GUEST, AUTO),
     ("grants.dmabuf_wait_released", errno.EIO, GUEST, AUTO),
     ("platform.alloc_dmabuf", errno.ENOMEM, BE_ALLOC, AUTO),
     ("grants.dmabuf_import_to_refs", errno.ENOSPC, BE_ALLOC, AUTO),

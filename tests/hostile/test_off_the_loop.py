@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from displback.backend.copies import CopyWorkers, set_default_copy_workers
+from displback.backend.device import BackendSettings
 from displback.display import virtual as virtual_module
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
@@ -32,10 +32,12 @@ async def zero_copy_machine(
     hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[SimMachine, SimGuest, SimGuest, Gate]]:
     """Both guests connected, buffers exported (zero-copy), the attacker's kept copies gated."""
-    set_default_copy_workers(CopyWorkers(2, per_guest=1))
     gate = Gate(threading.get_ident())
     monkeypatch.setattr(virtual_module, "copy_frame", gate.copy)
-    async with sim_machine(hypervisor, tmp_path, OUTPUTS, assignments=ASSIGNMENTS) as machine:
+    async with sim_machine(
+        hypervisor, tmp_path, OUTPUTS, assignments=ASSIGNMENTS,
+        settings=BackendSettings(copy_workers=2),
+    ) as machine:
         for domid, spec in SPECS.items():
             await machine.add_guest(domid, spec)
         async with machine.guest(ATTACKER) as attacker, machine.guest(HONEST) as honest:

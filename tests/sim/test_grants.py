@@ -86,6 +86,39 @@ def test_unknown_gref_is_einval_and_maps_nothing(
     guest.free_pages([pfn])
 
 
+def test_grant_copy_returns_the_pages_bytes_as_they_were_and_maps_nothing(
+    hypervisor: HypervisorThread, guest: SimDomain, gntdev: SimGrantDevice
+) -> None:
+    [pfn] = guest.alloc_pages(1)
+    ref = guest.grant(pfn, 0, readonly=True)  # a copy only reads
+    with guest.map_pages([pfn]) as own:
+        own.buffer[:6] = b"chain:"
+        copied = gntdev.copy_from_grant(GUEST, ref, 4096)
+        own.buffer[:6] = b"later!"
+    assert len(copied) == 4096 and copied[:6] == b"chain:"
+    assert gntdev.copy_from_grant(GUEST, ref, 3) == b"lat"
+    assert hypervisor.counters()["domains"][0]["mappings"] == 0
+    guest.end_access(ref)  # not busy: nothing was mapped
+    guest.free_pages([pfn])
+
+
+@pytest.mark.parametrize("case", ["unknown", "revoked", "other domain", "length 0", "length 4097"])
+def test_grant_copy_of_a_bad_grant_or_length_is_einval(
+    guest: SimDomain, gntdev: SimGrantDevice, case: str
+) -> None:
+    [pfn] = guest.alloc_pages(1)
+    ref = guest.grant(pfn, 7 if case == "other domain" else 0)
+    if case == "revoked":
+        guest.end_access(ref)
+    length = {"length 0": 0, "length 4097": 4097}.get(case, 4096)
+    with pytest.raises(OSError) as exc:
+        gntdev.copy_from_grant(GUEST, 4242 if case == "unknown" else ref, length)
+    assert exc.value.errno == errno.EINVAL
+    if case != "revoked":
+        guest.end_access(ref)
+    guest.free_pages([pfn])
+
+
 def test_revoked_gref_cannot_be_mapped(guest: SimDomain, gntdev: SimGrantDevice) -> None:
     [pfn] = guest.alloc_pages(1)
     ref = guest.grant(pfn, 0)

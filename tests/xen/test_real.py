@@ -6,6 +6,7 @@ needed and a socket pair for ``/dev/xen/evtchn``'s read/write side.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -224,6 +225,48 @@ def test_map_grants_packs_domid_ref_pairs_and_maps_at_the_returned_index(
     assert kernel.calls[1] == ("IOCTL_GNTDEV_UNMAP_GRANT_REF", struct.pack("=QII", 2 * PAGE, 3, 0))
     mapping.close()  # once only
     assert len(kernel.calls) == 2
+    device.close()
+
+
+def _grant_copy_writing(data: bytes, status: int = 0) -> Callable[[bytearray | int], int]:
+    """A GRANT_COPY handler acting as Xen: per segment, copy ``data`` to ``dest.virt`` and
+    write ``status``."""
+
+    def handler(arg: bytearray | int) -> int:
+        assert isinstance(arg, bytearray)
+        count, segments = struct.unpack("=I4xQ", arg)
+        for i in range(count):
+            segment = (ctypes.c_char * 24).from_address(segments + 24 * i)
+            ref, offset, domid, dest, length, flags, _ = struct.unpack("=IHHQHHh2x", segment)
+            assert (offset, flags) == (0, 1)  # from offset 0 of a grant ref (GNTCOPY_source_gref)
+            ctypes.memmove(dest, data, min(length, len(data)))
+            struct.pack_into("=h", segment, 20, status)
+        return 0
+
+    return handler
+
+
+def test_grant_copy_sends_one_segment_and_returns_what_xen_copied(
+    kernel: FakeKernel, memfd: int
+) -> None:
+    kernel.handlers["IOCTL_GNTDEV_GRANT_COPY"] = _grant_copy_writing(b"directory page")
+    device = _device(kernel, memfd)
+    assert device.copy_from_grant(5, 77, 9) == b"directory"
+    ((name, arg),) = kernel.calls
+    assert name == "IOCTL_GNTDEV_GRANT_COPY" and isinstance(arg, bytes)
+    assert struct.unpack("=I4xQ", arg)[0] == 1
+    device.close()
+
+
+def test_grant_copy_refused_by_xen_is_einval(kernel: FakeKernel, memfd: int) -> None:
+    kernel.handlers["IOCTL_GNTDEV_GRANT_COPY"] = _grant_copy_writing(b"", status=-4)
+    device = _device(kernel, memfd)
+    with pytest.raises(OSError) as info:
+        device.copy_from_grant(5, 77, 4096)
+    assert info.value.errno == errno.EINVAL and "GNTST -4" in str(info.value)
+    with pytest.raises(OSError) as info:
+        device.copy_from_grant(5, 77, 4097)  # more than a page: refused before the ioctl
+    assert info.value.errno == errno.EINVAL and len(kernel.calls) == 1
     device.close()
 
 

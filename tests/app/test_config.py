@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from displback.cli import build_parser
-from displback.config import ConfigError, apply_config, load_config
-from displback.run import RunConfig, StartupError, check_config
+from displback.app.cli import build_parser
+from displback.app.config import ConfigError, apply_config, load_config
+from displback.app.run import RunConfig, StartupError, check_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -31,6 +31,7 @@ def test_the_shipped_example_is_a_valid_configuration() -> None:
         ("wait_free_ms = -1", ":1: wait_free_ms: must be an integer from 1 to 2999"),
         ("wait_free_ms = 3000", ":1: wait_free_ms: must be an integer from 1 to 2999"),
         ("wait_free_ms = true", ":1: wait_free_ms: must be an integer"),
+        ("copy_workers = 0", ":1: copy_workers: must be an integer from 1 to 256"),
         ("connectors = 'HDMI-A-1'", ":1: connectors: must be a list"),
         ("[assign]\n'1/0/0' = 3", ':2: assign."1/0/0": must be an output name'),
         ("display = 'kms'\nzero_copy = ", ":2: not valid TOML"),
@@ -54,7 +55,7 @@ def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Pa
     path = write(
         tmp_path,
         "display = 'virtual'\nvirtual_outputs = ['A=640x480']\nwait_free_ms = 500\n"
-        "zero_copy = 'off'\n[assign]\n'1/0/0' = 'A'\n",
+        "zero_copy = 'off'\ncopy_workers = 3\n[assign]\n'1/0/0' = 'A'\n",
     )
     parser = build_parser()
     args = parser.parse_args(["run", "--zero-copy", "require"])
@@ -64,6 +65,7 @@ def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Pa
     assert [o.name for o in merged.virtual_outputs] == ["A"]
     assert merged.virtual_outputs[0].width == 640
     assert merged.wait_free_ms == 500
+    assert merged.copy_workers == 3
     assert merged.zero_copy == "require"  # given on the command line: it wins
     assert merged.assign == {"1/0/0": "A"}
 
@@ -72,7 +74,8 @@ def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Pa
 def test_an_output_resolution_no_guest_could_be_given_is_refused_at_start(
     tmp_path: Path, spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The same limit as for the toolstack's resolution nodes (displback.edid.check_resolution).
+    # The same limit as for the toolstack's resolution nodes
+    # (displback.protocol.edid.check_resolution).
     path = write(tmp_path, f"display = 'virtual'\nvirtual_outputs = ['{spec}']\n")
     parser = build_parser()
     with pytest.raises(ConfigError, match=r":2: virtual_outputs\[0\]: .*cannot be described"):
