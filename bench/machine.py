@@ -6,9 +6,10 @@ the backend and virtual display in this process, guests in their own processes.
 measuring process are the backend daemon, the virtual display and xenstored (plus the idle
 toolstack). On the way out it checks that the hypervisor holds nothing any more.
 
-:class:`FlipProbe` times the backend's calls of ``Output.flip`` from outside: it wraps the
-``flip`` of one output object (an instance attribute; the display's code is untouched) and
-keeps, per flip, when the backend asked, when the flip returned and the vblank it landed at.
+:class:`FlipProbe` times the backend's flips from outside: it wraps ``flip`` and ``start_flip``
+of one output object (instance attributes; the display's code is untouched) and keeps, per
+flip, when the backend asked, when the flip returned (or called back) and the vblank it landed
+at.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 
 import trio
 
-from bench.guestproc import GuestProcess
+from bench.guestproc import GuestHost, GuestProcess
 from displback.backend.device import BackendSettings
-from displback.display.interface import FlipResult, Framebuffer
+from displback.display.interface import FlipResult, Framebuffer, LandedCallback
 from displback.display.virtual import OutputConfig
 from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
 from displback.sim.machine import SimMachine, sim_machine
@@ -63,13 +64,29 @@ class FlipProbe:
             return result
 
         setattr(output, "flip", flip)  # noqa: B010 - an instance attribute, on purpose
+        start_flip: Callable[[Framebuffer, LandedCallback], bool] = output.start_flip
+
+        def start(fb: Framebuffer, on_landed: LandedCallback) -> bool:
+            called = time.perf_counter()
+
+            def landed(result: FlipResult | None) -> None:
+                returned = time.perf_counter()
+                if result is not None:
+                    offset = trio.current_time() - time.perf_counter()
+                    self.records.append(FlipRecord(called, returned, result.timestamp - offset))
+                on_landed(result)
+
+            return start_flip(fb, landed)
+
+        setattr(output, "start_flip", start)  # noqa: B010
 
     def clear(self) -> None:
         self.records.clear()
 
     def remove(self) -> None:
-        if "flip" in vars(self.output):
-            delattr(self.output, "flip")
+        for name in ("flip", "start_flip"):
+            if name in vars(self.output):
+                delattr(self.output, name)
 
 
 @dataclass
@@ -87,10 +104,30 @@ class BenchMachine:
         """Create domain ``domid`` with vdispl ``spec``, start its guest process and wait
         until it shows its first frames on every connector."""
         await self.sim.add_guest(domid, spec)
-        guest = GuestProcess(self.hv.socket_path, self.sim.xs.domain_sockets[domid], domid)
+        guest = GuestProcess.alone(self.hv.socket_path, self.sim.xs.domain_sockets[domid], domid)
         self.guests[domid] = guest
         await guest.ready()
         return guest
+
+    async def start_guests(
+        self, domids: Sequence[int], spec: str, *, per_process: int = 1
+    ) -> list[GuestProcess]:
+        """:meth:`start_guest` for several domains, ``per_process`` guests in each process
+        (:class:`~bench.guestproc.GuestHost`), the processes starting side by side."""
+        for domid in domids:
+            await self.sim.add_guest(domid, spec)
+        started = []
+        host = None
+        for i, domid in enumerate(domids):
+            if i % per_process == 0:
+                host = GuestHost(self.hv.socket_path)
+            assert host is not None
+            guest = host.add(self.sim.xs.domain_sockets[domid], domid)
+            self.guests[domid] = guest
+            started.append(guest)
+        for guest in started:
+            await guest.ready()
+        return started
 
     async def stop_guest(self, domid: int) -> dict[str, Any]:
         """Unload the guest's driver, end its process and detach its vdispl device."""

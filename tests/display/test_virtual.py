@@ -147,6 +147,59 @@ async def test_every_flip_completes_exactly_once(autojump_clock: trio.testing.Mo
         assert stats.missed_vblanks == 0
 
 
+async def test_start_flip_calls_back_once_from_the_vblank_and_may_start_the_next_flip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with display() as out:
+        t0 = trio.current_time()
+        fbs = [out.create_dumb(width=8, height=4, fourcc=XRGB) for _ in range(2)]
+        landed: list[Any] = []
+        done = trio.Event()
+
+        def on_landed(result: Any) -> None:
+            landed.append((result, trio.current_time()))
+            if len(landed) < 3:  # the callback starts the next flip, as the backend does
+                assert out.start_flip(fbs[len(landed) % 2], on_landed)
+            else:
+                done.set()
+
+        assert out.start_flip(fbs[0], on_landed)
+        assert out.flip_pending and landed == []  # returned at once
+        with pytest.raises(FlipPending):
+            out.start_flip(fbs[1], on_landed)
+        await done.wait()
+        assert [r.sequence for r, _t in landed] == [1, 2, 3]
+        assert [r.fb for r, _t in landed] == [fbs[0], fbs[1], fbs[0]]
+        assert [t for _r, t in landed] == pytest.approx([t0 + n * PERIOD for n in (1, 2, 3)])
+        assert out.stats.flips_completed == 3 and out.current_fb is fbs[0]
+
+
+async def test_a_failing_landing_callback_is_logged_and_the_output_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with display() as out:
+        fb = out.create_dumb(width=8, height=4, fourcc=XRGB)
+        called = trio.Event()
+
+        def broken(_result: Any) -> None:
+            called.set()
+            raise RuntimeError("a bug in the caller")
+
+        assert out.start_flip(fb, broken)
+        await called.wait()
+        result = await out.flip(fb)  # the vblank task survived the first flip's callback
+        assert result.sequence == 2
+        assert "landing callback failed" in caplog.text
+
+
+async def test_closing_the_display_calls_a_pending_start_flip_back_with_none() -> None:
+    landed: list[Any] = []
+    async with display() as out:
+        fb = out.create_dumb(width=8, height=4, fourcc=XRGB)
+        assert out.start_flip(fb, landed.append)
+    assert landed == [None]
+
+
 async def test_flip_or_disable_while_a_flip_is_pending_is_refused_like_ebusy(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -244,6 +297,36 @@ async def test_outputs_tick_at_their_own_refresh_rates(
         await trio.sleep(1.0 + PERIOD / 4 - 1 / 30)
         assert a.stats.vblanks == 60 and b.stats.vblanks == 30
         assert a.stats.frames_shown == 0 and b.stats.frames_shown == 30
+
+
+async def test_outputs_of_one_refresh_rate_share_one_vblank_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    configs = [OutputConfig(f"o{i}", 8, 4) for i in range(16)]
+    configs.append(OutputConfig("slow", 8, 4, refresh_hz=30))
+    async with VirtualDisplay.open(configs) as d:
+        # One timer task per rate, as one DRM fd carries every CRTC's vblanks: 32 outputs
+        # flipping at 60 fps cost one wake-up per vblank, not 32.
+        assert d._nursery is not None and len(d._nursery.child_tasks) == 2
+        t0 = trio.current_time()
+        results: dict[str, Any] = {}
+
+        async def flip(name: str, delay: float) -> None:
+            await trio.sleep(delay)
+            out = d.outputs[name]
+            results[name] = await out.flip(out.create_dumb(width=8, height=4, fourcc=XRGB))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):  # o15 asks only after the first vblank: it waits for vblank 2
+                nursery.start_soon(flip, f"o{i}", 1.5 * PERIOD if i == 15 else 0.0)
+            nursery.start_soon(flip, "slow", 0.0)
+        assert {results[f"o{i}"].sequence for i in range(15)} == {1}
+        assert [results[f"o{i}"].timestamp for i in range(15)] == [pytest.approx(t0 + PERIOD)] * 15
+        assert results["o15"].sequence == 2
+        assert results["o15"].timestamp == pytest.approx(t0 + 2 * PERIOD)
+        assert results["slow"].sequence == 1
+        assert results["slow"].timestamp == pytest.approx(t0 + 1 / 30)
+        assert all(d.outputs[c.name].stats.missed_vblanks == 0 for c in configs)
 
 
 def test_output_configs_are_validated() -> None:

@@ -17,7 +17,12 @@ from displback.protocol.layout import REQ_RING_REF, connector_dir
 from displback.protocol.messages import DbufCreateReq, DbufDestroyReq, GetEdidReq
 from displback.protocol.pagedir import build_directory
 from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
-from displback.sim.hypervisor import FIRST_GREF, HypervisorThread, wait_for_no_leaks
+from displback.sim.hypervisor import (
+    FIRST_GREF,
+    MAPTRACK_ENTRIES,
+    HypervisorThread,
+    wait_for_no_leaks,
+)
 from displback.sim.platform import client_resources
 from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
 from tests.hostile.support import HONEST, Arena, run_attack, set_field
@@ -27,12 +32,12 @@ def _rewrite_refs(g: SimGuest, refs_of: Callable[[GuestBuffer], list[int]]) -> N
     """Before the next DBUF_CREATE, rewrite its whole directory to list ``refs_of(buf)``."""
 
     def rewrite(buf: GuestBuffer) -> None:
-        dom = g._require_domain()
+        dom = g.hostile.domain
         with dom.map_pages(buf.dir_pfns) as directory:
             for i, page in enumerate(build_directory(refs_of(buf), buf.dir_grefs)):
                 directory.buffer[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
 
-    g.on_directory = rewrite
+    g.hostile.on_directory = rewrite
 
 
 async def _refused(a: Arena, g: SimGuest, expect: int | None = errno.EINVAL,
@@ -44,9 +49,9 @@ async def _refused(a: Arena, g: SimGuest, expect: int | None = errno.EINVAL,
     if expect is not None:
         assert exc.value.errno == expect
     assert exc.value.errno != errno.ETIMEDOUT
-    g.on_directory = None
-    g.set_request_hook(Op.DBUF_CREATE, None)
-    g.set_request_hook(Op.GET_EDID, None)
+    g.hostile.on_directory = None
+    g.hostile.set_request_hook(Op.DBUF_CREATE, None)
+    g.hostile.set_request_hook(Op.GET_EDID, None)
     assert g.pending_end_access == 0
     [store] = a.stores(g.domid)
     assert store.stats.buffers == 0 and store.quota.pages == 0
@@ -60,9 +65,9 @@ async def test_a_directory_ref_no_one_granted_is_refused(
     hypervisor: HypervisorThread, tmp_path: Path, gref: int
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", gref))
+        g.hostile.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", gref))
         await _refused(a, g)
-        g.set_request_hook(Op.GET_EDID, set_field(GetEdidReq, "gref_directory", gref))
+        g.hostile.set_request_hook(Op.GET_EDID, set_field(GetEdidReq, "gref_directory", gref))
         with pytest.raises(GuestRequestError) as exc:
             await g.get_edid(0)
         assert exc.value.errno == errno.EINVAL
@@ -73,7 +78,7 @@ async def test_a_directory_ref_no_one_granted_is_refused(
 async def _refused_with_pages_granted(a: Arena, g: SimGuest, *, to_domid: int,
                                       readonly: bool) -> None:
     """The next DBUF_CREATE names other pages of the guest, granted as given: refused."""
-    dom = g._require_domain()
+    dom = g.hostile.domain
     pfns = dom.alloc_pages(75)
     extra = dom.grant_pages(pfns, to_domid, readonly=readonly)
     _rewrite_refs(g, lambda buf: extra)
@@ -89,7 +94,7 @@ async def test_the_ring_page_as_a_directory_is_refused(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         ring = int(await g.xenstore.read(f"{connector_dir(g.domid, 0, 0)}/{REQ_RING_REF}"))
-        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", ring))
+        g.hostile.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", ring))
         await _refused(a, g, expect=None)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -124,7 +129,7 @@ async def test_another_guests_gref_numbers_resolve_in_the_attackers_own_table(
     guest's memory is never mapped for the attacker."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
-        theirs = sorted({gref for b in a.honest._buffers.values() for gref in b.grefs})
+        theirs = sorted({gref for b in a.honest.buffers.live for gref in b.grefs})
 
         def stolen(buf: GuestBuffer) -> list[int]:
             # After the attacker granted this buffer: numbers above all of its own grants.
@@ -156,14 +161,14 @@ async def test_refs_revoked_before_the_request_are_refused(
     after writing the directory: the directory names grants that no longer exist."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
-        dom = g._require_domain()
+        dom = g.hostile.domain
 
         def revoke(buf: GuestBuffer) -> None:
             old = buf.grefs[::2]
             buf.grefs[::2] = dom.grant_pages(buf.pfns[::2], 0)
             dom.end_access_pages(old)
 
-        g.on_directory = revoke
+        g.hostile.on_directory = revoke
         await _refused(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -177,7 +182,7 @@ async def test_refs_revoked_while_mapped_cannot_pull_pages_from_under_dom0(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         bufs, fbs = await show(g, 0, 320, 240, frame=3)
-        dom = g._require_domain()
+        dom = g.hostile.domain
         for buf in bufs:
             with pytest.raises(OSError) as exc:
                 dom.end_access_pages(buf.grefs)
@@ -220,7 +225,7 @@ async def test_refs_of_another_buffer_share_pages_and_both_release(
         first = await g.create_dumb(320, 240, 32)
         _rewrite_refs(g, lambda buf: list(first.grefs))
         second = await g.create_dumb(320, 240, 32)
-        g.on_directory = None
+        g.hostile.on_directory = None
         fb_first = await g.add_fb(first, 320, 240)
         fb_second = await g.add_fb(second, 320, 240)
         paint(first, fb_first, connector=0, frame=11)
@@ -236,19 +241,32 @@ async def test_refs_of_another_buffer_share_pages_and_both_release(
     await run_attack(hypervisor, tmp_path, attack)
 
 
-@pytest.fixture
-def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
-    """A hypervisor whose grant tables hold 600 entries and whose maptracks 600 mappings
-    (Xen's defaults: 32768 and 262144), with the ``hypervisor`` fixture's leak checks."""
+def _small_hypervisor(tmp_path: Path, maptrack_entries: int) -> Iterator[HypervisorThread]:
+    """A hypervisor whose grant tables hold 600 entries, with the ``hypervisor`` fixture's
+    leak checks."""
     before = client_resources()
     hv = HypervisorThread(str(tmp_path / "xen.sock"), grant_entries=FIRST_GREF + 600,
-                          maptrack_entries=600)
+                          maptrack_entries=maptrack_entries)
     try:
         yield hv
         assert wait_for_no_leaks(hv) == {}, "hypervisor resources leaked"
         assert client_resources() == before, "client-side resources leaked"
     finally:
         hv.stop()
+
+
+@pytest.fixture
+def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
+    """Grant tables of 600 entries and maptracks of 600 mappings (Xen's defaults: 32768 and
+    262144)."""
+    yield from _small_hypervisor(tmp_path, 600)
+
+
+@pytest.fixture
+def small_grant_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
+    """Grant tables of 600 entries, maptracks of Xen's default size (a guest that keeps its
+    mappings fills its own maptrack, not Dom0's grant table)."""
+    yield from _small_hypervisor(tmp_path, MAPTRACK_ENTRIES)
 
 
 async def _create_until_refused(g: SimGuest) -> tuple[list[GuestBuffer], int]:
@@ -300,21 +318,25 @@ async def test_dom0s_grant_table_exhausted_by_be_alloc_refuses_new_buffers_only(
     await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: reused be-alloc memory is granted afresh (DMABUF_IMP_TO_REFS) while the guest "
-    "still maps the previous grants, which gntdev only revokes lazily: every reuse costs "
-    "Dom0 grant entries, uncharged (with Xen's 32768: 4 reuses of a 32 MiB buffer). "
-    "Reported; the simulation's grant table stays unbounded by default until it is fixed"))
 async def test_be_alloc_reuse_by_a_guest_keeping_its_mappings_costs_no_grant_entries(
-    small_tables: HypervisorThread, tmp_path: Path
+    small_grant_tables: HypervisorThread, tmp_path: Path
 ) -> None:
     """Twelve create/destroy rounds of one 75-page be-alloc buffer, destroyed without
-    unmapping (Linux unmaps first; a hostile guest need not): the kept memory is reused,
-    so Dom0's 600-entry grant table must not run out."""
+    unmapping (Linux unmaps first; a hostile guest need not): the kept memory is reused with
+    its grants (the same refs every time), so Dom0's 600-entry grant table must not run out:
+    Dom0 holds the buffer's 75 entries, all charged to the guest. Before, every reuse granted
+    the memory afresh while the old grants stayed in use (gntdev revokes lazily)."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
+        refs = set()
         for _ in range(12):
             buf = await g.create_dumb(320, 240, 32)
-            await g.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
+            refs.add(tuple(buf.backend_refs))
+            await g.hostile.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
+        assert len(refs) == 1
+        counters = await trio.to_thread.run_sync(a.machine.hv.counters)
+        account = a.machine.backend.accounts[g.domid]
+        assert counters["domains"][0]["grants"] == account.be_alloc_pages == 75
 
-    await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")
+    await run_attack(small_grant_tables, tmp_path, attack,
+                     spec="be-alloc=1,connectors=c0:320x240")
