@@ -1,6 +1,6 @@
 """Runs in the nested Dom0 (bench.vm): ``displback run`` with a cProfile switched by signals.
 
-``python -m bench.vm_daemon PSTATS ARGS…`` runs ``displback.run.main(ARGS)`` unchanged, plus:
+``python -m bench.vm_daemon PSTATS ARGS…`` runs ``displback.app.run.main(ARGS)`` unchanged, plus:
 SIGUSR1 starts profiling the event loop's thread, SIGUSR2 stops it and writes the stats to
 ``PSTATS`` (bench.vm_sampler sends both around the guest's timed flips). Only the profiled
 window pays the profiler's cost, so the same daemon serves the unprofiled measurement and
@@ -17,7 +17,7 @@ import sys
 import time
 from types import FrameType
 
-from displback.run import main as run_main
+from displback.app.run import main as run_main
 
 
 class SignalProfiler:

@@ -78,3 +78,10 @@ def test_a_displ_be_prefix_without_the_binary_or_libxenbe_is_refused(tmp_path: P
 def test_the_build_lives_in_the_cache_not_the_checkout() -> None:
     assert "/.cache/displback/displ_be-" in str(cache_dir()) or os.environ.get("XDG_CACHE_HOME")
     assert not str(cache_dir()).startswith(str(Path(__file__).resolve().parents[1]))
+
+
+def test_the_profiled_daemon_runs_displback_run_main() -> None:
+    from bench import vm_daemon
+    from displback.app.run import main
+
+    assert vm_daemon.run_main is main
