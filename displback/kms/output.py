@@ -54,6 +54,7 @@ from displback.kms.framebuffers import (
 )
 from displback.kms.letterbox import Canvas, CanvasPool, Placement, compose
 from displback.kms.modes import FALLBACK_MODE, choose_mode
+from displback.kms.uapi import ConnectorStatus
 from displback.protocol.constants import PixelFormat
 
 if TYPE_CHECKING:
@@ -578,10 +579,10 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         on screen, if any, is set again (letterboxed anew if the mode changed).
         """
         dev = self._display.device
-        conn = dev.connector(self._connector.id)
-        if conn.connected == self._connected:
+        connected = dev.connector_status(self._connector.id) is ConnectorStatus.CONNECTED
+        if connected == self._connected:
             return
-        if not conn.connected:
+        if not connected:
             log.info("%s: unplugged; frames are dropped until it comes back", self)
             self._connected = False
             if self._committer.on:

@@ -638,6 +638,22 @@ async def test_release_of_a_framebuffer_of_another_output_is_refused(vkms: FakeC
 # ---- hot-plug -------------------------------------------------------------------------
 
 
+async def test_hotplug_check_of_an_unchanged_connector_is_one_status_read(
+    vkms: FakeCard, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Measured in the nested VM (bench-vm): the once-a-second check read every mode and
+    property of the connector (two GETCONNECTORs and a dozen objects built, 48 ms of the
+    event loop under TCG) to look at its status. One GETCONNECTOR, no mode copied, will do."""
+    async with open_display(vkms, hotplug_poll_s=0.5) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        await out.flip(fb)
+        vkms.calls.clear()
+        await trio.sleep(2.25)  # 4 checks
+        assert vkms.calls == ["MODE_GETCONNECTOR"] * 4
+        assert out.connected
+
+
 async def test_unplugged_output_drops_frames_but_flips_complete(
     vkms: FakeCard, autojump_clock: trio.testing.MockClock
 ) -> None:
