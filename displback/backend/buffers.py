@@ -478,6 +478,11 @@ class GuestFramebuffer:
             ) from exc
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: {exc}") from exc
+        except OSError as exc:  # the display's allocator failed (ENOMEM, EMFILE, ...)
+            raise RequestError(
+                errno_for_os_error(exc),
+                f"output {output.name} cannot allocate a copy buffer: {exc}",
+            ) from exc
         finally:
             # Charge what the display really allocated (its pitch may be aligned).
             if dumb is None:
