@@ -147,6 +147,27 @@ def connector_spec(resolutions: Sequence[tuple[int, int]], *, prefix: str = "c")
 
 
 @asynccontextmanager
+async def hypervisor_process(
+    tmp: Path, *, check_leaks: bool = True
+) -> AsyncIterator[HypervisorProcess]:
+    """A simulated hypervisor in a child process, socket in ``tmp``, stopped on the way out.
+
+    With ``check_leaks``, raises RuntimeError on a clean exit if it still holds anything.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    leaks: dict[str, Any] = {}
+    try:
+        yield hv
+        if check_leaks:
+            leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
+    finally:
+        await trio.to_thread.run_sync(hv.stop)
+    if leaks:
+        raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+
+
+@asynccontextmanager
 async def bench_machine(
     tmp: Path,
     outputs: Sequence[OutputConfig],
@@ -159,24 +180,18 @@ async def bench_machine(
 
     Raises RuntimeError on the way out if the hypervisor still holds anything.
     """
-    tmp.mkdir(parents=True, exist_ok=True)
-    hv = HypervisorProcess(str(tmp / "xen.sock"))
-    leaks: dict[str, Any] = {}
-    try:
-        platform_options = {"dmabuf_export_supported": False} if copy else None
-        async with sim_machine(
+    platform_options = {"dmabuf_export_supported": False} if copy else None
+    async with (
+        hypervisor_process(tmp) as hv,
+        sim_machine(
             hv, tmp, outputs, settings=BackendSettings(), assignments=assignments,
             platform_options=platform_options,
-        ) as sim:
-            machine = BenchMachine(sim, hv)
-            try:
-                yield machine
-            finally:
-                with trio.CancelScope(shield=True):
-                    for domid in list(machine.guests):
-                        await machine.stop_guest(domid)
-        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
-    finally:
-        await trio.to_thread.run_sync(hv.stop)
-    if leaks:
-        raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+        ) as sim,
+    ):
+        machine = BenchMachine(sim, hv)
+        try:
+            yield machine
+        finally:
+            with trio.CancelScope(shield=True):
+                for domid in list(machine.guests):
+                    await machine.stop_guest(domid)
