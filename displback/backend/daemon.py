@@ -331,6 +331,10 @@ class Backend:
             del self.accounts[domid]
             self._named.discard(domid)
 
+    async def _forget_once_drained(self, domid: int, deferred: DeferredReleases) -> None:
+        await deferred.wait_drained(domid)
+        self._forget_account(domid)
+
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:
             return int(parse(name, what=path))
@@ -358,6 +362,10 @@ class Backend:
             if self.devices.get(key) is device:
                 del self.devices[key]
             self._forget_account(key.domid)
+            if key.domid in self.accounts and deferred.pending(key.domid):
+                # Buffers of the domain still wait for an importer (WAIT_FREE ran out):
+                # their release, not the device's end, leaves the account idle.
+                nursery.start_soon(self._forget_once_drained, key.domid, deferred)
         # The device was forgotten. A new device of the same number may already exist (the
         # toolstack detached and attached again): its watch event found this one still
         # here, so look again now that the number is free.
