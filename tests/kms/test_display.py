@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from displback.display.interface import (
     DisplayClosed,
@@ -217,7 +218,7 @@ async def test_atomic_flip_lands_at_the_flip_event(vkms: FakeCard) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flipper)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the flip was submitted
             assert out.flip_pending and not results
             with pytest.raises(FlipPending):
                 await out.flip(fb)
@@ -336,7 +337,7 @@ async def test_a_cancelled_flip_still_lands(vkms: FakeCard) -> None:
             await out.flip(fb)
         assert out.flip_pending
         vkms.vblank()
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the event was read off the card's fd
         assert not out.flip_pending and out.current_fb is fb
         assert out.stats.flips_completed == 1
 
@@ -368,7 +369,7 @@ async def test_pending_flip_is_woken_by_close(vkms: FakeCard) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flipper)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the flip waits for its event
             await display.aclose()
         assert len(errors) == 1
 
