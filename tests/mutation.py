@@ -47,7 +47,7 @@ GROUPS: tuple[Group, ...] = (
             _BACKEND + m
             for m in (
                 "buffers.py", "copies.py", "deferred.py", "errors.py", "guestmem.py",
-                "outputs.py", "quotas.py", "retained.py",
+                "outputs.py", "quotas.py", "retained.py", "throttle.py",
             )
         ),
         tuple(
