@@ -53,8 +53,8 @@ GROUPS: tuple[Group, ...] = (
         tuple(
             "tests/backend/" + t
             for t in (
-                "test_buffers.py", "test_deferred.py", "test_outputs.py", "test_quotas.py",
-                "test_limit_overrides.py", "test_throttled_logs.py",
+                "test_buffers.py", "test_deferred.py", "test_guestmem.py", "test_outputs.py",
+                "test_quotas.py", "test_limit_overrides.py", "test_throttled_logs.py",
             )
         ),
     ),
