@@ -203,6 +203,25 @@ async def test_close_restores_the_saved_crtc_and_frees_everything(make: Any) -> 
         card.close()
 
 
+@pytest.mark.parametrize("make", [vkms_card, bochs_card])
+async def test_a_crtc_that_cannot_be_set_back_at_close_is_turned_off(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md: never left scanning out a framebuffer we are about to remove."""
+    card = make()
+    try:
+        async with open_display(card) as display:
+            out = display.outputs["Virtual-1"]
+            await out.flip(out.create_dumb(width=1024, height=768, fourcc=XRGB))
+            card.fail("MODE_SETCRTC", errno.EINVAL)  # the saved mode is refused
+        assert card.crtc.fb_id == 0
+        assert f"cannot restore CRTC {card.crtc_id}" in caplog.text
+        assert "turning it off" in caplog.text
+        assert set(card.fbs) == {FBCON_FB} and card.gem_objects() == 0
+    finally:
+        card.close()
+
+
 # ---- flips ----------------------------------------------------------------------------
 
 
