@@ -256,23 +256,17 @@ class Backend:
         try:
             if not await xs.exists(home):
                 return False, None
-        except XenStoreError as exc:
-            if exc.name != "EACCES":
+        except (XenStoreError, XenStoreConnectionError) as exc:  # looked at again later
+            if _unexpected(exc, "EACCES"):
                 self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
-            return True, None
-        except XenStoreConnectionError as exc:  # looked at again on the next event
-            self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
             return True, None
         path = f"{home}/vm"
         try:
             value = await xs.read(path)
             perms = await xs.get_perms(path)
-        except XenStoreError as exc:
-            if exc.name not in ("ENOENT", "EACCES"):
+        except (XenStoreError, XenStoreConnectionError) as exc:
+            if _unexpected(exc, "ENOENT", "EACCES"):
                 self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
-            return True, None
-        except XenStoreConnectionError as exc:
-            self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
             return True, None
         reason = TrustRule(self.platform.domid, domid).reason(perms)
         if reason is not None:
@@ -371,3 +365,9 @@ class Backend:
         # here, so look again now that the number is free.
         if not nursery.cancel_scope.cancel_called:
             await self._scan(xs, nursery, deferred)
+
+
+def _unexpected(exc: XenStoreError | XenStoreConnectionError, *expected: str) -> bool:
+    """Whether a failed look deserves a warning: a lost connection always, an error answer
+    unless its name is one of ``expected``."""
+    return not isinstance(exc, XenStoreError) or exc.name not in expected
