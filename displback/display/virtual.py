@@ -269,9 +269,6 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._period = self._clock.period
         self._last_seq = 0  # the latest vblank a flip landed at
         self._on_seq = 0  # the vblank scanout (last) turned on at
-        self._flips_completed = 0
-        self._frames_before = 0  # frames shown in earlier enabled stretches
-        self._missed_vblanks = 0
 
     # -- state ---------------------------------------------------------------------------
 
@@ -280,22 +277,9 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         return self._config.name
 
     @property
-    def enabled(self) -> bool:
-        return self._scanout is not None
-
-    @property
-    def current_fb(self) -> VirtualFramebuffer | None:
-        return None if self._scanout is None else self._scanout.fb
-
-    @property
     def stats(self) -> OutputStats:
         seq = self._seq_now()
-        return OutputStats(
-            flips_completed=self._flips_completed,
-            frames_shown=self._frames_before + self._frames_since_on(seq),
-            missed_vblanks=self._missed_vblanks,
-            vblanks=seq,
-        )
+        return self._stats(self._frames_since_on(seq), seq)
 
     @property
     def owned_bytes(self) -> int:
@@ -471,17 +455,16 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         seq = self._seq_now()
         if seq < pending.due:
             return
-        self._missed_vblanks += seq - pending.due
-        self._land(pending, seq)
+        self._land(pending, seq, missed=seq - pending.due)
 
-    def _land(self, pending: _PendingFlip, seq: int) -> None:
+    def _land(self, pending: _PendingFlip, seq: int, *, missed: int = 0) -> None:
         self._pending = None
         self._clock.pending.pop(self, None)
         self._last_seq = seq
         if self._scanout is None:
             self._on_seq = seq
         self._scanout = pending.frame
-        self._flips_completed += 1
+        self._count_landing(missed)
         pending.result = FlipResult(pending.fb, seq, self._deadline(seq))
         report_landed(pending)
 
