@@ -6,8 +6,8 @@ package libxen-dev; ``make test`` installs it together with gcc) once per test s
 and returns its JSON: struct sizes and offsets, packet field spans, ring geometry, every
 ``XENDISPL_*`` constant, Xen errno values and packed sample packets (see the C file's header).
 :func:`kbdif_golden` does the same for ``kbdif_golden.c`` against ``xen/io/kbdif.h`` (the vkbd
-input protocol). :func:`header_macros` lists the object-like ``XENDISPL_*`` macros the preprocessor sees, so a
-test can prove the C program reports all of them.
+input protocol). :func:`header_macros` lists the object-like ``XENDISPL_*`` macros the
+preprocessor sees, so a test can prove the C program reports all of them.
 
 Missing tools are an error, not a skip: the tests that use these helpers must fail loudly with
 a message saying what to install.
