@@ -34,10 +34,11 @@ import structlog
 import trio
 
 from displback.display.common import DisplayBase
+from displback.display.input import InputPorts
 from displback.protocol.constants import PixelFormat
 from displback.protocol.layout import ConnectorConfig
 from displback.wayland.connection import ConnectionLost, WaylandConnection
-from displback.wayland.seat import SeatRouter, SinkFinder
+from displback.wayland.seat import SeatRouter
 from displback.wayland.window import WaylandOutput, WindowSpec
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class WaylandDisplay(DisplayBase[WaylandOutput]):
         *,
         refresh_hz: float = 60.0,
         fullscreen: Mapping[str, str] | None = None,
-        input_ports: SinkFinder | None = None,
+        input_ports: InputPorts | None = None,
         reconnect_min_s: float = 0.1,
         reconnect_max_s: float = 5.0,
         connect_timeout_s: float = 5.0,

@@ -1,10 +1,12 @@
 """The compositor's seat, routed to the guest whose window has the focus.
 
-Each ``wl_seat`` the compositor offers is listened to: its keyboard, pointer and touch go to
-the input sink of the guest connector whose window the event is for (``port(domid, devid,
-index)`` of the :class:`SinkFinder` the daemon hands the display; the vkbd backend serves
-it). Keyboard events follow keyboard focus (``wl_keyboard.enter``), pointer events the
-surface the pointer is in, touch points the surface they went down on.
+Each ``wl_seat`` the compositor offers is listened to: its keyboard, pointer and touch go
+to the :class:`~displback.display.input.InputSink` of the guest connector whose window the
+event is for: ``port(domid, devid, index)`` of the
+:class:`~displback.display.input.InputPorts` the daemon gives the display
+(:attr:`SeatRouter.ports`; the vkbd backend's router). Keyboard events follow keyboard
+focus (``wl_keyboard.enter``), pointer events the surface the pointer is in, touch points
+the surface they went down on.
 
 * **Keys** are Linux ``KEY_*`` codes: ``wl_keyboard.key`` carries evdev codes (X adds 8).
   The keymap fd the compositor sends is closed at once: the guest has its own keymap.
@@ -15,19 +17,21 @@ surface the pointer is in, touch points the surface they went down on.
   click) where the compositor sends no discrete steps; Wayland's positive axis is
   downwards, the wheel's positive is away from the user.
 * **Focus lost** (keyboard leave, the window destroyed, the compositor gone): the sink's
-  :meth:`SeatSink.release_all`, so no key stays pressed in the guest.
+  ``release_all``, so no key stays pressed in the guest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from displback.display.input import InputPorts, InputSink
 
 if TYPE_CHECKING:
     from displback.wayland.window import WaylandOutput
 
-__all__ = ["SeatRouter", "SeatSink", "SinkFinder"]
+__all__ = ["SeatRouter"]
 
 _SEAT_POINTER, _SEAT_KEYBOARD, _SEAT_TOUCH = 1, 2, 4
 _PRESSED = 1
@@ -35,40 +39,12 @@ _AXIS_VERTICAL = 0
 _UNITS_PER_CLICK = 10.0
 
 
-class SeatSink(Protocol):
-    """Input for one guest connector, in its pixels and Linux's codes (what the vkbd
-    backend's sinks take)."""
-
-    def key(self, code: int, pressed: bool) -> None: ...
-
-    def button(self, code: int, pressed: bool) -> None: ...
-
-    def pointer_absolute(self, x: float, y: float) -> None: ...
-
-    def pointer_relative(self, dx: int, dy: int, dz: int = 0) -> None: ...
-
-    def touch_down(self, contact: int, x: float, y: float) -> None: ...
-
-    def touch_motion(self, contact: int, x: float, y: float) -> None: ...
-
-    def touch_up(self, contact: int) -> None: ...
-
-    def frame(self) -> None: ...
-
-    def release_all(self) -> None: ...
-
-
-class SinkFinder(Protocol):
-    """The sink of a guest connector (the same object for the same connector)."""
-
-    def port(self, domid: int, devid: int, index: int) -> SeatSink: ...
-
-
 class SeatRouter:
     """Listens to the seats of a connection and feeds the focused window's guest."""
 
-    def __init__(self, ports: SinkFinder | None) -> None:
-        self._ports = ports
+    def __init__(self, ports: InputPorts | None) -> None:
+        #: Where input goes (None: nowhere, e.g. no vkbd backend); may be set later.
+        self.ports = ports
         self._by_surface: dict[Any, WaylandOutput] = {}
         self._pointer: WaylandOutput | None = None
         self._keyboard: WaylandOutput | None = None
@@ -110,10 +86,10 @@ class SeatRouter:
             if sink is not None:
                 sink.release_all()
 
-    def _sink(self, output: WaylandOutput | None) -> SeatSink | None:
-        if output is None or self._ports is None or output.spec.connector is None:
+    def _sink(self, output: WaylandOutput | None) -> InputSink | None:
+        if output is None or self.ports is None or output.spec.connector is None:
             return None
-        return self._ports.port(*output.spec.connector)
+        return self.ports.port(*output.spec.connector)
 
     def connection_lost(self) -> None:
         """The seats are gone with their connection: release what the guests hold."""
@@ -245,6 +221,8 @@ class SeatRouter:
 
     def touch_up(self, _t: Any, _serial: int, _time: int, contact: int) -> None:
         output = self._touches.pop(contact, None)
+        if output is not None:
+            self._touched.add(output)  # its frame ends the lift
         sink = self._sink(output)
         if sink is not None:
             sink.touch_up(contact)
