@@ -211,6 +211,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
         self._window: _Window | None = None
         self._callback_paced = True  # the last flip landed by a frame callback
         self._last_landing = 0.0
+        self._last_due = 0.0  # when the last flip was due (its landing, or the timer's)
         self._sequence = 0
         self._flips_completed = 0
         self._frames_presented = 0
@@ -318,8 +319,8 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
         now = trio.current_time()
         if self._callback_paced:
             deadline = now + FALLBACK_PERIODS * self._period
-        else:
-            deadline = max(now, self._last_landing + self._period)
+        else:  # the timer's own grid, so its rate does not drift with the guest's latency
+            deadline = max(now, self._last_due + self._period)
         pending = _PendingFlip(sfb, trio.Event(), deadline, on_landed=on_landed)
         self._pending = pending
         if self._window is None and self._conn is not None:
@@ -418,6 +419,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
             self.timer_landings += 1
             self._callback_paced = False
             self._land()
+            self._last_due = pending.deadline
 
     def _land(self) -> None:
         pending = self._pending
@@ -425,7 +427,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
         self._pending = None
         self._sequence += 1
         self._flips_completed += 1
-        self._last_landing = trio.current_time()
+        self._last_landing = self._last_due = trio.current_time()
         old, self._scanout = self._scanout, pending.fb
         if old is not None and old is not pending.fb and old.released and not old.freed:
             old._drop(self._conn)  # a released frame kept on screen until now

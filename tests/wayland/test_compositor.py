@@ -112,3 +112,34 @@ async def test_guests_keep_flipping_while_the_compositor_is_gone_and_their_windo
                 ((x, y, fw, fh),) = find_windows(shot)
                 assert (fw, fh) == (w, h)
                 assert np.array_equal(shot[y : y + h, x : x + w], pattern_rgb(w, h, 0, 14))
+
+
+async def test_a_minimised_windows_guest_flips_on_without_frame_callbacks(
+    weston: Weston, hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    spec, (w, h) = GUESTS[1]
+    async with _machine(hypervisor, tmp_path, weston.socket) as machine:
+        display: WaylandDisplay = machine.display
+        with trio.fail_after(30):
+            await display.connected.wait()
+            await machine.add_guest(1, spec)
+            async with machine.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await show(guest, 0, w, h, frame=1)
+                output = next(iter(display.outputs.values()))
+                for frame in range(2, 5):  # shown: flips land on frame callbacks
+                    await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
+                assert output.timer_landings <= 1  # the first, before the window was mapped
+                callbacks = output.stats.frames_shown
+                assert callbacks >= 2
+                window = output._window
+                assert window is not None
+                window.toplevel.set_minimized()  # weston's shell takes it off the output
+                window.conn.flush()
+                await trio.sleep(0.2)
+                callbacks, timer = output.stats.frames_shown, output.timer_landings
+                for frame in range(5, 25):
+                    await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
+                assert output.stats.frames_shown == callbacks
+                assert output.timer_landings == timer + 20
+                assert guest.connector_stats(0).frame_done_timeouts == 0

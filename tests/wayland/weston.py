@@ -35,8 +35,8 @@ BACKGROUND = (0x20, 0x20, 0x20)
 
 _INI = """\
 [core]
-repaint-window=15
-idle-time=0
+repaint-window=16
+idle-time={idle_time}
 [shell]
 panel-position=none
 background-color=0xff202020
@@ -88,14 +88,20 @@ class Weston:
 
 
 def start_weston(
-    runtime_dir: Path, *, name: str = "displback-test", width: int = 1280, height: int = 720
+    runtime_dir: Path,
+    *,
+    name: str = "displback-test",
+    width: int = 1280,
+    height: int = 720,
+    idle_time: int = 0,
 ) -> Weston:
-    """Start weston headless on ``runtime_dir/name`` and wait until its socket answers."""
+    """Start weston headless on ``runtime_dir/name`` and wait until its shell has drawn;
+    ``idle_time`` seconds without input put its output to sleep (0: never)."""
     assert WESTON is not None
     runtime_dir.mkdir(parents=True, exist_ok=True)
     runtime_dir.chmod(0o700)
     ini = runtime_dir / "weston.ini"
-    ini.write_text(_INI)
+    ini.write_text(_INI.format(idle_time=idle_time))
     log = runtime_dir / f"{name}.log"
     process = subprocess.Popen(
         [
