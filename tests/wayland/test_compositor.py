@@ -4,15 +4,21 @@ and coming back while a guest flips."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import numpy as np
 import trio
 
+from displback.app.run import RunConfig, serve
+from displback.sim.guest import SimGuest
 from displback.sim.guest_pattern import pattern_rgb
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
+from displback.sim.platform import SimPlatform
+from displback.sim.toolstack import Toolstack
+from displback.sim.xenstored import running_xenstored
 from displback.wayland.display import WaylandDisplay
 from tests.backend.support import flip_frame, show, wait_until
 from tests.wayland.weston import Weston, find_windows, load_rgb, start_weston
@@ -143,3 +149,40 @@ async def test_a_minimised_windows_guest_flips_on_without_frame_callbacks(
                 assert output.stats.frames_shown == callbacks
                 assert output.timer_landings == timer + 20
                 assert guest.connector_stats(0).frame_done_timeouts == 0
+
+
+async def test_displback_run_with_display_wayland_shows_a_guest_in_a_window(
+    weston: Weston, hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    spec, (w, h) = GUESTS[1]
+    config = RunConfig(display="wayland", wayland_display=weston.socket, snapshot_dir=tmp_path)
+    with trio.fail_after(30):
+        async with running_xenstored(str(tmp_path)) as xs:
+            platform = SimPlatform(hypervisor.socket_path, xs.socket_path)
+            toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
+            try:
+                async with trio.open_nursery() as nursery:
+                    backend = await nursery.start(
+                        functools.partial(serve, config, platform=platform)
+                    )
+                    toolstack.create_domain(1, "cluster")
+                    await xs.add_domain_socket(1)
+                    await toolstack.add_vdispl(1, spec)
+                    async with SimGuest.open(
+                        hypervisor_path=hypervisor.socket_path,
+                        xenstore_path=xs.domain_sockets[1],
+                        domid=1,
+                    ) as guest:
+                        await guest.wait_connected()
+                        bufs, fbs = await show(guest, 0, w, h, frame=3)
+                        await flip_frame(guest, 0, bufs[0], fbs[0], 4)
+                        (output,) = backend.outputs.outputs.values()
+                        assert output.spec.title == "cluster: connector 0"
+                        await wait_until(lambda: output.window_shown)
+                        shot = load_rgb(await trio.to_thread.run_sync(weston.screenshot, tmp_path))
+                        ((x, y, fw, fh),) = find_windows(shot)
+                        assert (fw, fh) == (w, h)
+                        assert np.array_equal(shot[y : y + h, x : x + w], pattern_rgb(w, h, 0, 4))
+                    nursery.cancel_scope.cancel()
+            finally:
+                platform.close()

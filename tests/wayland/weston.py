@@ -4,9 +4,9 @@ Debian 12's weston 10 runs with ``--backend=headless-backend.so --use-pixman`` (
 pixman renderer the headless output renders nothing and screenshots are empty) and
 ``--debug``, which lets any client (``weston-screenshooter``) take screenshots through
 weston's own ``weston_screenshooter`` protocol. Its headless output announces 60 Hz but
-repaints 16 ms after the previous repaint's finish plus (period − repaint window): with
-weston's default 7 ms window that is ~26 ms, 38 frames a second; ``repaint-window=15``
-(weston.ini) brings it to one frame per ~16.7 ms, the announced 60 Hz. The headless
+finishes a frame 16 ms after repainting it and repaints the next one "repaint window"
+before the following vblank: with the default 7 ms window a frame takes ~26 ms (38 a
+second); ``repaint-window=16`` (weston.ini) makes it 16.7 ms, the announced 60 Hz. The headless
 backend has no input devices, so no ``wl_seat``: input cannot be injected here (weston's
 test protocol is not in Debian's build), and the seat routing is tested without weston.
 """
