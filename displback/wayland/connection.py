@@ -21,13 +21,14 @@ made on it is dead, and :attr:`generation` tells objects of a new connection fro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 from collections.abc import Callable
 from typing import Any
 
 import trio
-from pywayland import ffi
+from pywayland import ffi, lib
 from pywayland.client.display import Display
 from pywayland.protocol.wayland import WlCompositor, WlOutput, WlSeat, WlShm
 from pywayland.protocol.xdg_output_unstable_v1 import ZxdgOutputManagerV1
@@ -155,6 +156,7 @@ class WaylandConnection:
             self._bind_output(registry, manager, gname, min(version, 3))
         for gname, version in by_interface.get("wl_seat", []):
             seat = registry.bind(gname, WlSeat, min(version, 5))
+            seat.user_data = min(version, 5)  # the seat router releases devices from v3 on
             self.seats.append(seat)
             if self.on_seat is not None:
                 self.on_seat(seat)
@@ -213,29 +215,36 @@ class WaylandConnection:
         raise lost if lost is not None else ConnectionLost(f"{self.name}: closed")
 
     async def _read_once(self) -> None:
+        """Wait until the fd is readable, read what is there, run the handlers.
+
+        libwayland's own ``wl_display_dispatch`` would first flush, and on a full socket
+        wait in ``poll`` for the compositor to read — blocking the whole event loop if it
+        never does — so its parts are called here, after trio's wait and with no await
+        between them: prepare, read (``MSG_DONTWAIT``: it does not block), dispatch.
+        Flushing is :meth:`flush`'s, which never blocks either."""
         if self.closed:
             raise ConnectionLost(f"{self.name}: closed")
         try:
             await trio.lowlevel.wait_readable(self.display.get_fd())
         except trio.ClosedResourceError:
             raise ConnectionLost(f"{self.name}: closed") from None
-        if self.closed:
+        ptr = self.display._ptr
+        if self.closed or ptr is None:
             raise ConnectionLost(f"{self.name}: closed")
-        try:
-            self.display.dispatch(block=True)
-        except RuntimeError as exc:
-            raise ConnectionLost(f"{self.name}: {self._error_text(exc)}") from None
+        while lib.wl_display_prepare_read(ptr) != 0:  # events already queued: run them
+            if lib.wl_display_dispatch_pending(ptr) < 0:
+                raise ConnectionLost(f"{self.name}: {self._error_text()}")
+        if lib.wl_display_read_events(ptr) < 0 or lib.wl_display_dispatch_pending(ptr) < 0:
+            raise ConnectionLost(f"{self.name}: {self._error_text()}")
 
-    def _error_text(self, exc: Exception) -> str:
-        from pywayland import lib
-
+    def _error_text(self) -> str:
         ptr = self.display._ptr
         err = lib.wl_display_get_error(ptr) if ptr is not None else 0
         if err == errno.EPROTO:
             return "protocol error (the compositor ended the connection)"
         if err:
             return f"connection lost ({errno.errorcode.get(err, err)})"
-        return str(exc)
+        return "connection lost"
 
     def flush(self) -> None:
         """Send the queued requests now; if the socket is full the pump sends the rest once
@@ -264,5 +273,6 @@ class WaylandConnection:
             return
         self.closed = True
         fd = self.display.get_fd()
-        trio.lowlevel.notify_closing(fd)
+        with contextlib.suppress(RuntimeError):  # outside trio: no task can be waiting
+            trio.lowlevel.notify_closing(fd)
         self.display.disconnect()

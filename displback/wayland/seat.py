@@ -52,7 +52,7 @@ class SeatRouter:
         self._touched: set[WaylandOutput] = set()
         self._scroll = 0.0
         self._discrete = False
-        self._devices: list[Any] = []
+        self._devices: dict[int, list[Any]] = {}  # per seat (by id): its devices
 
     # -- windows -------------------------------------------------------------------------
 
@@ -106,23 +106,27 @@ class SeatRouter:
         seat.dispatcher["capabilities"] = self._on_capabilities
 
     def _on_capabilities(self, seat: Any, capabilities: int) -> None:
+        # The seat says again what it has (a device came or went): take them afresh.
+        for device in self._devices.pop(id(seat), []):
+            if (seat.user_data or 0) >= 3:  # the bound version: release came in 3
+                device.release()
         if capabilities & _SEAT_POINTER:
             pointer = seat.get_pointer()
             for event in ("enter", "leave", "motion", "button", "axis", "frame"):
                 pointer.dispatcher[event] = getattr(self, f"pointer_{event}")
             if "axis_discrete" in pointer.dispatcher._names:
                 pointer.dispatcher["axis_discrete"] = self.pointer_axis_discrete
-            self._devices.append(pointer)
+            self._devices.setdefault(id(seat), []).append(pointer)
         if capabilities & _SEAT_KEYBOARD:
             keyboard = seat.get_keyboard()
             for event in ("keymap", "enter", "leave", "key"):
                 keyboard.dispatcher[event] = getattr(self, f"keyboard_{event}")
-            self._devices.append(keyboard)
+            self._devices.setdefault(id(seat), []).append(keyboard)
         if capabilities & _SEAT_TOUCH:
             touch = seat.get_touch()
             for event in ("down", "up", "motion", "frame", "cancel"):
                 touch.dispatcher[event] = getattr(self, f"touch_{event}")
-            self._devices.append(touch)
+            self._devices.setdefault(id(seat), []).append(touch)
 
     # -- pointer (the handlers take the proxy first, as pywayland calls them) --------------
 

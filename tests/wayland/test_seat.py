@@ -49,11 +49,16 @@ class FakeDispatcher(dict[str, Any]):
 class FakeDevice:
     def __init__(self, names: list[str]) -> None:
         self.dispatcher = FakeDispatcher(names)
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
 
 
 class FakeSeat:
     def __init__(self) -> None:
         self.dispatcher: dict[str, Any] = {}
+        self.user_data = 5  # the bound version
         self.pointer = FakeDevice(["enter", "leave", "motion", "button", "axis", "frame"])
         self.keyboard = FakeDevice(["keymap", "enter", "leave", "key"])
         self.touch = FakeDevice(["down", "up", "motion", "frame", "cancel"])
@@ -88,6 +93,11 @@ def test_the_seat_takes_the_devices_the_compositor_announces() -> None:
     assert set(seat.pointer.dispatcher) == {"enter", "leave", "motion", "button", "axis", "frame"}
     assert set(seat.keyboard.dispatcher) == {"keymap", "enter", "leave", "key"}
     assert set(seat.touch.dispatcher) == {"down", "up", "motion", "frame", "cancel"}
+    first_pointer = seat.pointer
+    seat.pointer = FakeDevice(["enter", "leave", "motion", "button", "axis", "frame"])
+    seat.dispatcher["capabilities"](seat, 1)  # the keyboard and touch screen went away
+    assert first_pointer.released and seat.keyboard.released and seat.touch.released
+    assert not seat.pointer.released and "enter" in seat.pointer.dispatcher
 
 
 async def test_keys_go_to_the_window_with_keyboard_focus_as_linux_codes(windows: Any) -> None:
