@@ -20,7 +20,7 @@ import trio
 
 from bench import buffers, flips
 from bench.report import Metric, Report, Target, busy_percent, cpu_jiffies
-from displback.logs import configure_logging
+from displback.app.logs import configure_logging
 
 PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity", "fairness")
 

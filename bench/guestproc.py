@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from displback.protocol.constants import PixelFormat
-from displback.sim.guest import DumbBuffer, FlipResult, Framebuffer, SimGuest
+from displback.sim.guest import FlipOutcome, GuestBuffer, GuestFb, SimGuest
 from displback.sim.guest_pattern import draw_pattern
 
 __all__ = ["FlipLog", "GuestProcess", "guest_main"]
@@ -62,15 +62,15 @@ class FlipLog:
 @dataclass
 class _Screen:
     index: int
-    buffers: list[DumbBuffer]
-    fbs: list[Framebuffer]
+    buffers: list[GuestBuffer]
+    fbs: list[GuestFb]
     shown: int = 0
 
 
 async def _prepare(guest: SimGuest, index: int) -> _Screen:
     width, height = guest.resolutions[index]
-    buffers: list[DumbBuffer] = []
-    fbs: list[Framebuffer] = []
+    buffers: list[GuestBuffer] = []
+    fbs: list[GuestFb] = []
     for frame in range(2):
         buf = await guest.create_dumb(width, height, XRGB.bpp)
         buffers.append(buf)
@@ -100,7 +100,7 @@ async def _flip(
         done = time.perf_counter()
         screen.shown += 1
         log.flips += 1
-        if result is not FlipResult.DONE:
+        if result is not FlipOutcome.DONE:
             log.not_done += 1
         if record:
             log.times.append((sent, done))

@@ -2,6 +2,6 @@
 
 import sys
 
-from displback.cli import main
+from displback.app.cli import main
 
 sys.exit(main())

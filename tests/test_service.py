@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from displback.app.run import RunConfig, serve
 from displback.display.virtual import OutputConfig
-from displback.run import RunConfig, serve
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.platform import SimPlatform
 from displback.sim.xenstored import running_xenstored

@@ -90,6 +90,7 @@ from displback.backend.guestmem import (
 )
 from displback.backend.quotas import Quota, QuotaExceeded
 from displback.backend.retained import RetainedMemory
+from displback.backend.throttle import LogThrottle
 from displback.display.interface import (
     DisplayError,
     DumbFramebuffer,
@@ -99,7 +100,7 @@ from displback.display.interface import (
     UnsupportedFormat,
 )
 from displback.display.pixels import copy_frame, frame_end
-from displback.logs import LogThrottle
+from displback.mapping import DmabufMapping
 from displback.protocol.constants import (
     EDID_BLOCK_SIZE,
     EDID_MAX_SIZE,
@@ -123,7 +124,7 @@ from displback.protocol.messages import (
     FbDetachReq,
     GetEdidReq,
 )
-from displback.xen.interfaces import DmaBufMapping, DmaBufs, GrantDevice, GrantMapping
+from displback.xen.interfaces import DmaBufs, GrantDevice, GrantMapping
 
 __all__ = [
     "BufferInfo",
@@ -225,7 +226,7 @@ class _DisplayBuffer:
     npages: int
     refs: tuple[int, ...]
     fd: int | None = None
-    cpu: GrantMapping | DmaBufMapping | None = None
+    cpu: GrantMapping | DmabufMapping | None = None
     fbs: dict[int, GuestFramebuffer] = field(default_factory=dict)
     refusal_logged: bool = False
     # Why its frames are copied: a COPY buffer's reason, or "<output>: <why>" per output
@@ -1106,7 +1107,7 @@ class BufferStore:
             self._refusals.warning(f"dom{self.domid}: refused {what}: {exc}")
             raise RequestError(exc.errno, f"{what}: {exc}") from exc
 
-    def _cpu_view(self, buffer: _DisplayBuffer) -> GrantMapping | DmaBufMapping:
+    def _cpu_view(self, buffer: _DisplayBuffer) -> GrantMapping | DmabufMapping:
         """The buffer's pages readable by the CPU, mapped on first need."""
         if buffer.cpu is None:
             if buffer.kind is BufferKind.BACKEND:

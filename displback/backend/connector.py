@@ -42,10 +42,10 @@ import trio
 
 from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
+from displback.backend.throttle import LogThrottle
 from displback.display.interface import DisplayError, Output
-from displback.edid import build_edid
-from displback.logs import LogThrottle
 from displback.protocol.constants import EINVAL, EIO, ENODEV, EOPNOTSUPP
+from displback.protocol.edid import build_edid
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.layout import ConnectorConfig

@@ -36,10 +36,10 @@ from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import Quota
 from displback.backend.retained import RetainedMemory
-from displback.fdstore import FdStore
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
+from displback.systemd.fdstore import FdStore
 from displback.xen.interfaces import Platform
 from displback.xenstore.client import XenStoreClient, XenStoreConnectionError, open_xenstore
 from displback.xenstore.wire import XenStoreError

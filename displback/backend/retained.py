@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from displback.backend.deferred import Logger, default_logger
-from displback.fdstore import FdStore
+from displback.systemd.fdstore import FdStore
 
 __all__ = ["KeptMemory", "RetainedMemory", "fd_name"]
 

@@ -2,7 +2,10 @@
 
 :mod:`.interface` is what the backend programs against; :mod:`.virtual` is the in-memory
 display (simulation, tests, headless hosts); :mod:`.pixels` converts frames to RGB and copies
-rows for the copy path. See docs/display.md.
+rows for the copy path; :mod:`.common` is what the virtual and the KMS display share. See
+docs/display.md.
+
+May import: ``displback.protocol``, ``displback.mapping``.
 """
 
 from displback.display import interface

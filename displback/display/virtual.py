@@ -17,12 +17,13 @@ full speed); each :class:`VirtualOutput` runs one vblank task in the display's n
   Vblank and frame counters are derived from the clock, not counted by ticks.
 
 Zero-copy imports go through an injected ``dmabuf_importer(fd)`` (the platform layer maps the
-dma-buf; tests pass a memfd-backed fake) returning a :class:`DmabufMapping`. The display owns
-that mapping until the framebuffer is released and closes it then, having first dropped every
-view of it (a kept copy replaces it on screen if needed). Options simulate drivers that refuse
-imports: ``dmabuf_importer=None`` or ``import_supported=False`` (no PRIME import at all),
-``import_formats`` (an allow-list), ``pitch_align``/``offset_align`` (like i915's 64-byte
-pitch rule). Dumb buffers get the display's own pitch, rounded up to ``dumb_pitch_align``.
+dma-buf; tests pass a memfd-backed fake) returning a :class:`~displback.mapping.DmabufMapping`.
+The display owns that mapping until the framebuffer is released and closes it then, having
+first dropped every view of it (a kept copy replaces it on screen if needed). Options simulate
+drivers that refuse imports: ``dmabuf_importer=None`` or ``import_supported=False`` (no PRIME
+import at all), ``import_formats`` (an allow-list), ``pitch_align``/``offset_align`` (like
+i915's 64-byte pitch rule). Dumb buffers get the display's own pitch, rounded up to
+``dumb_pitch_align``.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import trio
 
@@ -58,6 +59,7 @@ from displback.display.interface import (
     UnsupportedFormat,
 )
 from displback.display.pixels import RgbImage, copy_frame, frame_end, to_rgb
+from displback.mapping import DmabufImporter, DmabufMapping
 from displback.protocol.constants import PixelFormat
 
 if TYPE_CHECKING:
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SIZE",
-    "DmabufImporter",
-    "DmabufMapping",
     "OutputConfig",
     "VirtualDisplay",
     "VirtualDisplayOptions",
@@ -76,19 +76,6 @@ __all__ = [
 ]
 
 _MAX_REFRESH_HZ = 1000.0
-
-
-class DmabufMapping(Protocol):
-    """A readable mapping of an imported dma-buf; valid until :meth:`close`."""
-
-    @property
-    def buffer(self) -> memoryview: ...
-
-    def close(self) -> None: ...
-
-
-DmabufImporter = Callable[[int], DmabufMapping]
-"""Maps a dma-buf fd; raises OSError when it cannot. Closing the fd must not end the mapping."""
 
 
 @dataclass(frozen=True, slots=True)

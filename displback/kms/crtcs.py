@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from displback.display.interface import DisplayError
-from displback.kms.device import Connector, DrmDevice, DrmError, ModeInfo, Plane, PropertyValue
+from displback.kms.device import DrmConnector, DrmDevice, DrmError, ModeInfo, Plane, PropertyValue
 from displback.kms.uapi import ObjectType, PlaneType
 
 __all__ = ["SavedCrtc", "pick_crtc", "primary_plane", "restore_crtcs", "save_crtc"]
@@ -22,7 +22,7 @@ __all__ = ["SavedCrtc", "pick_crtc", "primary_plane", "restore_crtcs", "save_crt
 log = logging.getLogger(__name__)
 
 
-def pick_crtc(dev: DrmDevice, crtcs: Sequence[int], conn: Connector, taken: set[int]) -> int:
+def pick_crtc(dev: DrmDevice, crtcs: Sequence[int], conn: DrmConnector, taken: set[int]) -> int:
     """The CRTC driving ``conn`` now if not ``taken``, else the first free one that can."""
     current = 0
     possible = 0

@@ -44,13 +44,13 @@ from displback.kms.uapi import (
 )
 
 __all__ = [
-    "Connector",
+    "DrmConnector",
     "Crtc",
     "DrmDevice",
     "DrmError",
     "DrmEvent",
     "DrmVersion",
-    "DumbBuffer",
+    "DrmDumbBuffer",
     "Encoder",
     "KernelSyscalls",
     "ModeInfo",
@@ -256,7 +256,7 @@ class Property:
 
 
 @dataclass(frozen=True, slots=True)
-class Connector:
+class DrmConnector:
     """A connector (GETCONNECTOR): ``name`` like ``HDMI-A-1``, status, modes, properties."""
 
     id: int
@@ -321,7 +321,7 @@ class Plane:
 
 
 @dataclass(frozen=True, slots=True)
-class DumbBuffer:
+class DrmDumbBuffer:
     """A dumb buffer (CREATE_DUMB): GEM handle, the driver's pitch and size."""
 
     handle: int
@@ -513,7 +513,7 @@ class DrmDevice:
             counts = got
         raise DrmError("MODE_GETRESOURCES", errno.EAGAIN, "object counts kept changing")
 
-    def connector(self, connector_id: int, *, probe: bool = False) -> Connector:
+    def connector(self, connector_id: int, *, probe: bool = False) -> DrmConnector:
         """A connector's state; ``probe=True`` makes the kernel re-detect it (slow: EDID)."""
         n_modes, n_props, n_encs = (0 if probe else 1), 0, 0
         for _ in range(_MAX_RETRIES):
@@ -545,7 +545,7 @@ class DrmDevice:
             self.property(pid).name: PropertyValue(pid, int(val))
             for pid, val in zip(props[: c.count_props], values[: c.count_props], strict=True)
         }
-        return Connector(
+        return DrmConnector(
             id=connector_id,
             type=c.connector_type,
             type_id=c.connector_type_id,
@@ -677,10 +677,10 @@ class DrmDevice:
 
     # -- buffers and framebuffers ---------------------------------------------------------
 
-    def create_dumb(self, width: int, height: int, bpp: int) -> DumbBuffer:
+    def create_dumb(self, width: int, height: int, bpp: int) -> DrmDumbBuffer:
         d = uapi.drm_mode_create_dumb(height, width, bpp, 0)
         self._ioctl("MODE_CREATE_DUMB", d, f"{width}x{height} at {bpp} bpp")
-        return DumbBuffer(d.handle, d.pitch, int(d.size))
+        return DrmDumbBuffer(d.handle, d.pitch, int(d.size))
 
     def map_dumb(self, handle: int) -> int:
         """The fake offset to ``mmap`` the card fd at for dumb buffer ``handle``."""
@@ -688,7 +688,7 @@ class DrmDevice:
         self._ioctl("MODE_MAP_DUMB", m, f"handle {handle}")
         return int(m.offset)
 
-    def mmap_dumb(self, buffer: DumbBuffer) -> mmap.mmap:
+    def mmap_dumb(self, buffer: DrmDumbBuffer) -> mmap.mmap:
         """A shared read-write CPU mapping of a dumb buffer (MAP_DUMB + mmap of the card fd)."""
         offset = self.map_dumb(buffer.handle)
         return self._sys.mmap(self.fd, buffer.size, offset)

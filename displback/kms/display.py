@@ -47,7 +47,6 @@ import trio
 
 from displback.display.common import DisplayBase, check_output_names, size_fits
 from displback.display.interface import DisplayError
-from displback.display.virtual import DmabufImporter
 from displback.kms import uapi
 from displback.kms.atomic import AtomicCommitter, PropertyCache
 from displback.kms.cards import find_card
@@ -58,6 +57,7 @@ from displback.kms.framebuffers import DumbAllocation, new_dumb
 from displback.kms.legacy import LegacyCommitter
 from displback.kms.output import KmsOutput
 from displback.kms.uapi import ClientCap
+from displback.mapping import DmabufImporter
 from displback.protocol.constants import PixelFormat
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from displback.display.common import DumbBufferMixin, FramebufferBase
 from displback.display.interface import DisplayError, UnsupportedFormat
 from displback.display.pixels import frame_end
-from displback.display.virtual import DmabufMapping
-from displback.kms.device import DrmDevice, DrmError, DumbBuffer
+from displback.kms.device import DrmDevice, DrmDumbBuffer, DrmError
+from displback.mapping import DmabufMapping, MappedMemory, MappedRegion
 from displback.protocol.constants import PixelFormat
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ class KmsFramebuffer(FramebufferBase["KmsOutput"]):
         self._released = True
         mapping, self._mapping = self._mapping, None
         if mapping is not None:
-            mapping.close()
+            with contextlib.suppress(BufferError):  # a snapshot's view: unmapped when collected
+                mapping.close()
         if self._dmabuf_fd is not None:
             os.close(self._dmabuf_fd)
             self._dmabuf_fd = -1  # still zero-copy, but nothing left to map
@@ -143,7 +144,7 @@ class KmsDumbFramebuffer(KmsFramebuffer, DumbBufferMixin):
         output: KmsOutput,
         *,
         fb_id: int,
-        dumb: DumbBuffer,
+        dumb: DrmDumbBuffer,
         mapped: mmap.mmap,
         width: int,
         height: int,
@@ -178,7 +179,7 @@ class KmsDumbFramebuffer(KmsFramebuffer, DumbBufferMixin):
         quietly(dev.destroy_dumb, self._handle)
 
 
-class _MmapMapping:
+class _MmapMapping(MappedRegion):
     """A read-only CPU mapping of a dma-buf fd (when no importer was given)."""
 
     def __init__(self, fd: int) -> None:
@@ -186,13 +187,8 @@ class _MmapMapping:
         os.lseek(fd, 0, os.SEEK_SET)
         if size <= 0:
             raise OSError(errno.EINVAL, "dma-buf has no size")
-        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        self.buffer = memoryview(self._map)
-
-    def close(self) -> None:
-        self.buffer.release()
-        with contextlib.suppress(BufferError):
-            self._map.close()
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        super().__init__(MappedMemory(mm, writable=False))
 
 
 @dataclass(slots=True, eq=False)
@@ -200,7 +196,7 @@ class DumbAllocation:
     """A dumb buffer with its KMS FB and its CPU mapping, as :func:`new_dumb` made them."""
 
     fb_id: int
-    dumb: DumbBuffer
+    dumb: DrmDumbBuffer
     mapped: mmap.mmap
 
     def free(self, dev: DrmDevice) -> None:

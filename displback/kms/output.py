@@ -37,7 +37,7 @@ from displback.display.interface import (
 )
 from displback.display.pixels import RgbImage, to_rgb
 from displback.kms.commit import Committer
-from displback.kms.device import Connector, DrmError, DrmEvent, ModeInfo
+from displback.kms.device import DrmConnector, DrmError, DrmEvent, ModeInfo
 from displback.kms.framebuffers import (
     FramePixels,
     KmsDumbFramebuffer,
@@ -113,7 +113,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self,
         display: KmsDisplay,
         config: KmsOutputConfig,
-        connector: Connector,
+        connector: DrmConnector,
         committer: Committer,
         plane_id: int | None,
         formats: frozenset[int] | None,
@@ -220,7 +220,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             return 0
         return math.floor((now - self._on_since) / self._period()) + 1
 
-    def _select_mode(self, connector: Connector) -> None:
+    def _select_mode(self, connector: DrmConnector) -> None:
         c = self._config
         chosen = choose_mode(connector.modes, c.width, c.height, c.refresh_hz)
         self._modeinfo = chosen

@@ -20,7 +20,7 @@ Decisions recorded here:
 * **be-alloc** is an integer, any non-zero value true (as xl and Linux read it); a missing node
   reads as false, like Linux's ``xenbus_read_unsigned(..., 0)`` default, so both ends agree.
 * **resolution** ``<W>x<H>``: both canonical decimals, and a size every connector can be
-  served at: :func:`displback.edid.check_resolution` (sides 1..4095, a 60 Hz pixel clock an
+  served at: :func:`displback.protocol.edid.check_resolution` (sides 1..4095, a 60 Hz pixel clock an
   EDID can hold) — the one resolution limit of the daemon, also applied to its own
   configuration, so that a value accepted here never fails a connect later. Linux's own
   framebuffer limit (4095 x 2047) is deliberately *not* applied: it limits guest
@@ -54,7 +54,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from displback.edid import EdidError, check_resolution
 from displback.protocol.constants import (
     DEVICE_TYPE,
     LINUX_MAX_CONNECTORS,
@@ -62,6 +61,7 @@ from displback.protocol.constants import (
     PROTOCOL_VERSION_INT,
     RESOLUTION_SEPARATOR,
 )
+from displback.protocol.edid import EdidError, check_resolution
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import PermEntry, TrustRule
 from displback.protocol.xenbus import XenbusState
@@ -227,7 +227,7 @@ def parse_bool(value: bytes | str | None, *, what: str = BE_ALLOC) -> bool:
 
 def parse_resolution(value: bytes | str | None, *, what: str = RESOLUTION) -> tuple[int, int]:
     """``"1920x1080"`` → ``(1920, 1080)``: canonical decimals, a size a connector can have
-    (:func:`displback.edid.check_resolution`)."""
+    (:func:`displback.protocol.edid.check_resolution`)."""
     raw = _raw(value, what)
     width_raw, sep, height_raw = raw.partition(RESOLUTION_SEPARATOR.encode())
     if not sep:

@@ -121,12 +121,12 @@ from displback.xenstore.client import Transaction, XenStoreClient, open_xenstore
 from displback.xenstore.wire import XenStoreError
 
 __all__ = [
-    "ConnectorStats",
+    "GuestConnectorStats",
     "DEFAULT_FRAME_DONE_TIMEOUT",
     "DEFAULT_RESPONSE_TIMEOUT",
-    "DumbBuffer",
-    "FlipResult",
-    "Framebuffer",
+    "GuestBuffer",
+    "FlipOutcome",
+    "GuestFb",
     "GuestRequestError",
     "GuestStats",
     "RequestHook",
@@ -185,7 +185,7 @@ class GuestRequestError(OSError):
         self.op = op
 
 
-class FlipResult(enum.Enum):
+class FlipOutcome(enum.Enum):
     """How a page flip ended after its OK response."""
 
     DONE = "done"  # EVT_PG_FLIP arrived in time
@@ -194,7 +194,7 @@ class FlipResult(enum.Enum):
 
 
 @dataclass
-class ConnectorStats:
+class GuestConnectorStats:
     """Per-connector counters (requests on connector 0's ring count for connector 0)."""
 
     state: str = "offline"  # offline | connected | enabled | error
@@ -223,10 +223,10 @@ class GuestStats:
     ring_full: int = 0
     bad_rsp_prod: int = 0
     bad_in_prod: int = 0
-    connectors: dict[int, ConnectorStats] = field(default_factory=dict)
+    connectors: dict[int, GuestConnectorStats] = field(default_factory=dict)
 
 
-class DumbBuffer:
+class GuestBuffer:
     """A display buffer (dumb or imported) shared with the backend; ``buffer`` is its memory."""
 
     def __init__(
@@ -274,17 +274,17 @@ class DumbBuffer:
 
     def __repr__(self) -> str:
         return (
-            f"DumbBuffer(cookie={self.cookie:#x}, {self.width}x{self.height}x{self.bpp}, "
+            f"GuestBuffer(cookie={self.cookie:#x}, {self.width}x{self.height}x{self.bpp}, "
             f"size={self.size}, be_alloc={self.be_alloc}, freed={self.freed})"
         )
 
 
 @dataclass(eq=False)
-class Framebuffer:
+class GuestFb:
     """A framebuffer attached to a buffer (``ADDFB2``)."""
 
     cookie: int
-    buffer: DumbBuffer
+    buffer: GuestBuffer
     width: int
     height: int
     fourcc: int
@@ -298,7 +298,7 @@ class Framebuffer:
             return self.buffer.bpp
 
 
-class _Pending:
+class _PendingRequest:
     """One request waiting for its response (Linux's completion + resp_status)."""
 
     def __init__(self, req_id: int, op: int) -> None:
@@ -321,7 +321,7 @@ class _ReqChannel:
         self.port = 0
         self.lock = trio.Lock()
         self.next_id = 0
-        self.pending: _Pending | None = None
+        self.pending: _PendingRequest | None = None
 
 
 class _EvtChannel:
@@ -336,7 +336,7 @@ class _EvtChannel:
         self.port = 0
 
 
-class _PendingFlip:
+class _AwaitedFlip:
     def __init__(self) -> None:
         self.event = trio.Event()
         self.released = False
@@ -351,7 +351,7 @@ class _Pipe:
         self.height = height
         self.conn_connected = True
         self.enabled = False
-        self.flip: _PendingFlip | None = None
+        self.flip: _AwaitedFlip | None = None
 
 
 class _Link:
@@ -409,7 +409,7 @@ class SimGuest:
         self.stats = GuestStats()
         self.request_hooks: dict[Op, RequestHook] = {}
         self.on_published: Callable[[SimGuest], Awaitable[None] | None] | None = None
-        self.on_directory: Callable[[DumbBuffer], None] | None = None
+        self.on_directory: Callable[[GuestBuffer], None] | None = None
         self.frontend_path = frontend_dir(domid, devid)
         self.backend_path = ""
         self.backend_domid = 0
@@ -418,7 +418,7 @@ class SimGuest:
         self._state_changed = trio.Event()
         self._link: _Link | None = None
         self._generation = 0
-        self._buffers: dict[int, DumbBuffer] = {}
+        self._buffers: dict[int, GuestBuffer] = {}
         self._next_cookie = _COOKIE_BASE
         self._deferred: list[tuple[int, int | None]] = []  # (gref, pfn to free after)
         self._port_handlers: dict[int, Callable[[], None]] = {}
@@ -587,9 +587,9 @@ class SimGuest:
             raise RuntimeError("guest is not running")
         return self._xs
 
-    def connector_stats(self, index: int) -> ConnectorStats:
+    def connector_stats(self, index: int) -> GuestConnectorStats:
         """Counters of connector ``index`` (created on first use)."""
-        return self.stats.connectors.setdefault(index, ConnectorStats())
+        return self.stats.connectors.setdefault(index, GuestConnectorStats())
 
     async def wait_state(
         self, predicate: Callable[[SimGuest], bool], *, timeout: float = 10.0
@@ -940,7 +940,7 @@ class SimGuest:
 
     async def _request(
         self, ring_index: int, build: Callable[[int], Request | bytes]
-    ) -> _Pending:
+    ) -> _PendingRequest:
         """Send one request on ring ``ring_index`` and wait for its answer (Linux's do_io).
 
         ``build`` gets the request id; it returns a request, or 64 raw bytes whose operation
@@ -970,7 +970,7 @@ class SimGuest:
             if req.ring.outstanding >= 32:
                 self.stats.ring_full += 1
                 raise GuestRequestError(_errno.EIO, "request ring full", op=op)
-            pending = _Pending(req_id, op_code)
+            pending = _PendingRequest(req_id, op_code)
             req.pending = pending
             req.ring.put_request(raw)
             stats.requests_sent += 1
@@ -1015,7 +1015,7 @@ class SimGuest:
 
     async def create_dumb(
         self, width: int, height: int, bpp: int, *, cookie: int | None = None
-    ) -> DumbBuffer:
+    ) -> GuestBuffer:
         """``DRM_IOCTL_MODE_CREATE_DUMB``: pitch = ceil(width*bpp/8), size = pitch*height."""
         if width <= 0 or height <= 0 or bpp <= 0:
             raise GuestRequestError(_errno.EINVAL, f"dumb buffer {width}x{height}x{bpp}")
@@ -1024,7 +1024,7 @@ class SimGuest:
 
     async def import_prime(
         self, size: int, data_ofs: int = 0, *, cookie: int | None = None
-    ) -> DumbBuffer:
+    ) -> GuestBuffer:
         """A PRIME-imported buffer: DBUF_CREATE with width = height = bpp = 0."""
         if size <= 0:
             raise GuestRequestError(_errno.EINVAL, f"imported buffer of {size} bytes")
@@ -1032,10 +1032,10 @@ class SimGuest:
 
     async def _create_buffer(
         self, width: int, height: int, bpp: int, size: int, data_ofs: int, cookie: int | None
-    ) -> DumbBuffer:
+    ) -> GuestBuffer:
         link = self._require_link()
         dom = self._require_domain()
-        buf = DumbBuffer(
+        buf = GuestBuffer(
             self._cookie() if cookie is None else cookie,
             width=width,
             height=height,
@@ -1087,7 +1087,7 @@ class SimGuest:
             raise GuestRequestError(_errno.EIO, "device disconnected", op=Op.DBUF_CREATE)
         return buf
 
-    def _map_backend_buffer(self, buf: DumbBuffer) -> None:
+    def _map_backend_buffer(self, buf: GuestBuffer) -> None:
         """be-alloc: read the refs the backend wrote into our directory and map them."""
         dom = self._require_domain()
         reader = DirectoryReader(buf.dir_grefs[0], buf.npages, same_grant_table=False)
@@ -1111,7 +1111,7 @@ class SimGuest:
         except OSError as exc:
             raise GuestRequestError(exc.errno or _errno.EIO, f"mapping: {exc}") from exc
 
-    def _close_buffer_mappings(self, buf: DumbBuffer) -> None:
+    def _close_buffer_mappings(self, buf: GuestBuffer) -> None:
         for mapping in (buf._backend, buf._own):
             if mapping is not None:
                 try:
@@ -1120,7 +1120,7 @@ class SimGuest:
                     log.error("buffer %#x: a view of its memory is still alive", buf.cookie)
         buf._backend = buf._own = None
 
-    def _free_buffer_local(self, buf: DumbBuffer) -> list[tuple[int, int | None]]:
+    def _free_buffer_local(self, buf: GuestBuffer) -> list[tuple[int, int | None]]:
         """``dbuf_free``: unmap, and return (gref, pfn) pairs whose access must end."""
         if buf.freed:
             return []
@@ -1136,10 +1136,10 @@ class SimGuest:
                 pairs += ((0, pfn) for pfn in pfns)
         return pairs
 
-    def _destroy_local(self, buf: DumbBuffer) -> None:
+    def _destroy_local(self, buf: GuestBuffer) -> None:
         self._end_access(self._free_buffer_local(buf))
 
-    async def destroy_dumb(self, buf: DumbBuffer) -> None:
+    async def destroy_dumb(self, buf: GuestBuffer) -> None:
         """GEM free: DBUF_DESTROY and end access to the pages whatever the answer.
 
         As Linux: in be-alloc mode the backend's pages are unmapped and the directory's
@@ -1163,17 +1163,17 @@ class SimGuest:
 
     async def add_fb(
         self,
-        buf: DumbBuffer,
+        buf: GuestBuffer,
         width: int,
         height: int,
         fourcc: PixelFormat | int = PixelFormat.XRGB8888,
         *,
         cookie: int | None = None,
-    ) -> Framebuffer:
+    ) -> GuestFb:
         """``ADDFB2``: FB_ATTACH on connector 0's ring."""
         if buf.freed:
             raise GuestRequestError(_errno.EINVAL, "buffer is gone")
-        fb = Framebuffer(self._cookie() if cookie is None else cookie, buf, width, height,
+        fb = GuestFb(self._cookie() if cookie is None else cookie, buf, width, height,
                          int(fourcc))
         await self._request(
             0,
@@ -1188,12 +1188,12 @@ class SimGuest:
         )
         return fb
 
-    async def rm_fb(self, fb: Framebuffer) -> None:
+    async def rm_fb(self, fb: GuestFb) -> None:
         """``RMFB``: FB_DETACH on connector 0's ring."""
         await self._request(0, lambda req_id: FbDetachReq(id=req_id, fb_cookie=fb.cookie))
 
     async def set_config(
-        self, connector: int, fb: Framebuffer | None, *, x: int = 0, y: int = 0
+        self, connector: int, fb: GuestFb | None, *, x: int = 0, y: int = 0
     ) -> None:
         """Enable the pipe showing ``fb`` (size and bpp of the FB), or disable it (None)."""
         pipe = self._pipe(connector)
@@ -1228,13 +1228,13 @@ class SimGuest:
         elif stats.state != "offline":
             stats.state = "connected"
 
-    async def page_flip(self, connector: int, fb: Framebuffer) -> FlipResult:
+    async def page_flip(self, connector: int, fb: GuestFb) -> FlipOutcome:
         """PG_FLIP, wait for its response, then for EVT_PG_FLIP until ``frame_done_timeout``
         after sending. Raises :class:`GuestRequestError` if the request failed (the
         connector is then marked disconnected, as Linux does)."""
         pipe = self._pipe(connector)
         stats = self.connector_stats(connector)
-        flip = _PendingFlip()
+        flip = _AwaitedFlip()
         pipe.flip = flip
         try:
             with trio.move_on_after(self.frame_done_timeout) as frame_done:
@@ -1244,7 +1244,7 @@ class SimGuest:
                     )
                 except GuestRequestError:
                     if flip.released:  # torn down under us: not the backend's failure
-                        return FlipResult.RELEASED
+                        return FlipOutcome.RELEASED
                     stats.flip_errors += 1
                     pipe.conn_connected = False
                     stats.state = "error"
@@ -1254,13 +1254,13 @@ class SimGuest:
             if pipe.flip is flip:
                 pipe.flip = None
         if flip.released:
-            return FlipResult.RELEASED
+            return FlipOutcome.RELEASED
         if frame_done.cancelled_caught:
             stats.frame_done_timeouts += 1
             log.warning("guest %d: connector %d: frame done timed-out", self.domid, connector)
-            return FlipResult.FRAME_DONE_TIMEOUT
+            return FlipOutcome.FRAME_DONE_TIMEOUT
         stats.flips_ok += 1
-        return FlipResult.DONE
+        return FlipOutcome.DONE
 
     async def get_edid(self, connector: int, *, buffer_sz: int = EDID_MAX_SIZE) -> bytes:
         """GET_EDID (v2) with a guest buffer of ``buffer_sz`` bytes; the EDID returned."""
@@ -1381,8 +1381,8 @@ class SimGuest:
     ) -> int:
         stats = self.connector_stats(connector)
         width, height = self.resolutions[connector]
-        buffers: list[DumbBuffer] = []
-        fbs: list[Framebuffer] = []
+        buffers: list[GuestBuffer] = []
+        fbs: list[GuestFb] = []
         try:
             for _ in range(2):
                 buf = await self.create_dumb(width, height, fmt.bpp)
@@ -1398,7 +1398,7 @@ class SimGuest:
                 self._paint(buffers[back], fmt, connector, shown)
                 stats.frames_drawn += 1
                 result = await self.page_flip(connector, fbs[back])
-                if result is FlipResult.RELEASED:
+                if result is FlipOutcome.RELEASED:
                     return shown
                 shown += 1
                 await trio.sleep_until(next_time)
@@ -1409,7 +1409,7 @@ class SimGuest:
                 await self._undraw(connector, buffers, fbs)
 
     async def _undraw(
-        self, connector: int, buffers: list[DumbBuffer], fbs: list[Framebuffer]
+        self, connector: int, buffers: list[GuestBuffer], fbs: list[GuestFb]
     ) -> None:
         if self.connected:
             with contextlib.suppress(GuestRequestError):
@@ -1422,7 +1422,7 @@ class SimGuest:
                 await self.destroy_dumb(buf)
 
     @staticmethod
-    def _paint(buf: DumbBuffer, fmt: PixelFormat, connector: int, frame: int) -> None:
+    def _paint(buf: GuestBuffer, fmt: PixelFormat, connector: int, frame: int) -> None:
         draw_pattern(
             buf.buffer, width=buf.width, height=buf.height, pitch=buf.pitch, fmt=fmt,
             connector=connector, frame=frame,
@@ -1478,7 +1478,7 @@ class SimGuest:
         offset = 64 + 64 * (index & 31)
         req.mapping.buffer[offset : offset + len(packet)] = packet
 
-    def scribble_directory(self, buf: DumbBuffer, page: int, offset: int, data: bytes) -> None:
+    def scribble_directory(self, buf: GuestBuffer, page: int, offset: int, data: bytes) -> None:
         """Overwrite bytes of the buffer's directory page ``page`` at ``offset``."""
         if buf.freed or self._domain is None:
             raise GuestRequestError(_errno.EINVAL, "buffer is gone")

@@ -16,8 +16,8 @@ import errno
 import mmap
 import os
 
+from displback.mapping import MappedMemory, MappedRegion
 from displback.protocol.constants import PAGE_SIZE
-from displback.xen.mapping import ClosesOnExit, MappedMemory
 
 __all__ = ["PageMapping", "runs_of"]
 
@@ -48,50 +48,42 @@ def runs_of(pfns: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class PageMapping(ClosesOnExit):
+def map_pages(fd: int, pfns: list[int], *, writable: bool) -> MappedMemory:
+    """``pfns`` of the RAM file ``fd`` mapped contiguously (``fd`` may be closed afterwards:
+    the mapping keeps the file)."""
+    if not pfns:
+        raise OSError(errno.EINVAL, "no pages to map")
+    size = len(pfns) * PAGE_SIZE
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+    anchor = ctypes.c_char.from_buffer(mm)
+    base = ctypes.addressof(anchor)
+    del anchor
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        for index, first, length in runs_of(pfns):
+            addr = _libc.mmap(
+                base + index * PAGE_SIZE,
+                length * PAGE_SIZE,
+                prot,
+                mmap.MAP_SHARED | _MAP_FIXED,
+                fd,
+                first * PAGE_SIZE,
+            )
+            if addr == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of pfn {first}: {os.strerror(err)}")
+    except BaseException:
+        mm.close()
+        raise
+    return MappedMemory(mm, writable)
+
+
+class PageMapping(MappedRegion):
     """``pfns`` of the RAM file ``fd`` mapped contiguously; ``buffer`` is read-only unless
     ``writable``. ``fd`` may be closed by the caller afterwards (the mapping keeps the file).
     """
 
     def __init__(self, fd: int, pfns: list[int], *, writable: bool) -> None:
-        if not pfns:
-            raise OSError(errno.EINVAL, "no pages to map")
-        size = len(pfns) * PAGE_SIZE
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
-        anchor = ctypes.c_char.from_buffer(mm)
-        base = ctypes.addressof(anchor)
-        del anchor
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        try:
-            for index, first, length in runs_of(pfns):
-                addr = _libc.mmap(
-                    base + index * PAGE_SIZE,
-                    length * PAGE_SIZE,
-                    prot,
-                    mmap.MAP_SHARED | _MAP_FIXED,
-                    fd,
-                    first * PAGE_SIZE,
-                )
-                if addr == _MAP_FAILED:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"mmap of pfn {first}: {os.strerror(err)}")
-        except BaseException:
-            mm.close()
-            raise
-        self._memory = MappedMemory(mm, writable)
+        super().__init__(map_pages(fd, pfns, writable=writable))
         self.pfns = list(pfns)
         self.writable = writable
-
-    @property
-    def buffer(self) -> memoryview:
-        """The mapped pages, format ``B``, ``len(pfns) * 4096`` bytes."""
-        return self._memory.buffer
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has unmapped the pages."""
-        return self._memory.closed
-
-    def close(self) -> None:
-        """Unmap; ``BufferError`` (and nothing unmapped) while other views of it are alive."""
-        self._memory.close()

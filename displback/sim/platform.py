@@ -25,15 +25,15 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Any
 
+from displback.mapping import ClosesOnExit, MappedMemory, MappedRegion
 from displback.protocol.constants import pages_for
 from displback.sim.hvwire import Message, recv_message, send_message
 from displback.sim.hypervisor import EVTCHN_MAX_PORTS
-from displback.sim.memmap import PageMapping
-from displback.xen.mapping import ClosesOnExit
+from displback.sim.memmap import PageMapping, map_pages
 
 if TYPE_CHECKING:
+    from displback.mapping import DmabufMapping
     from displback.xen.interfaces import (
-        DmaBufMapping,
         DmaBufs,
         EventChannels,
         GrantDevice,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "SimDmaBufMapping",
+    "SimDmabufMapping",
     "SimDomain",
     "SimEventChannels",
     "SimGrantDevice",
@@ -73,7 +73,7 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-class _Connection:
+class _HypervisorLink:
     """One hello'd connection to the hypervisor speaking for ``domid``."""
 
     def __init__(self, socket_path: str, domid: int) -> None:
@@ -128,53 +128,31 @@ class _Connection:
         _count("connections", -1)
 
 
-class SimGrantMapping(ClosesOnExit):
-    """Grants mapped from a :class:`SimGrantDevice` (implements ``GrantMapping``)."""
+class SimGrantMapping(MappedRegion):
+    """Grants mapped from a :class:`SimGrantDevice` (implements ``GrantMapping``): contiguous,
+    read-only unless mapped writable; closing also tells Xen."""
 
-    def __init__(self, device: SimGrantDevice, map_id: int, pages: PageMapping) -> None:
+    def __init__(self, device: SimGrantDevice, map_id: int, memory: MappedMemory) -> None:
+        super().__init__(memory)
         self._device = device
         self._map_id = map_id
-        self._pages = pages
         _count("mappings", 1)
 
-    @property
-    def buffer(self) -> memoryview:
-        """The mapped grants, contiguous, read-only unless mapped writable."""
-        return self._pages.buffer
-
-    @property
-    def closed(self) -> bool:
-        """Whether the grants are unmapped."""
-        return self._pages.closed
-
-    def close(self) -> None:
-        """Unmap (``BufferError`` while views of :attr:`buffer` are alive) and tell Xen."""
-        if self._pages.closed:
-            return
-        self._pages.close()
+    def _unmapped(self) -> None:
         _count("mappings", -1)
         self._device._unmapped(self._map_id)
 
 
-class SimDmaBufMapping(ClosesOnExit):
-    """A dma-buf's memory mapped for CPU access; holds a dup of the fd (``DmaBufMapping``)."""
+class SimDmabufMapping(MappedRegion):
+    """A dma-buf's memory mapped for CPU access; holds a dup of the fd (``DmabufMapping``)."""
 
-    def __init__(self, fd: int, pages: PageMapping) -> None:
+    def __init__(self, fd: int, memory: MappedMemory) -> None:
+        super().__init__(memory)
         self._fd = fd
-        self._pages = pages
         _count("dmabuf_refs", 1)
         _count("mappings", 1)
 
-    @property
-    def buffer(self) -> memoryview:
-        """The dma-buf's memory, writable."""
-        return self._pages.buffer
-
-    def close(self) -> None:
-        """Unmap and drop this reference to the dma-buf."""
-        if self._pages.closed:
-            return
-        self._pages.close()
+    def _unmapped(self) -> None:
         os.close(self._fd)
         _count("mappings", -1)
         _count("dmabuf_refs", -1)
@@ -208,7 +186,7 @@ class SimEventChannels:
     """
 
     def __init__(self, socket_path: str, domid: int) -> None:
-        self._conn = _Connection(socket_path, domid)
+        self._conn = _HypervisorLink(socket_path, domid)
         self._epoll = select.epoll()
         self._ports: dict[int, _Port] = {}
         self._by_fd: dict[int, int] = {}
@@ -329,7 +307,7 @@ class SimGrantDevice:
         self._socket_path = socket_path
         self._domid = domid
         self._dmabuf_errno = dmabuf_errno
-        self._conn = _Connection(socket_path, domid)
+        self._conn = _HypervisorLink(socket_path, domid)
         self._lock = threading.Lock()
         self._live_maps = 0
         self._closing = False
@@ -343,7 +321,7 @@ class SimGrantDevice:
         reply, fds = self._conn.call_fds("map", domid=domid, refs=list(refs), writable=writable)
         map_id = int(reply["map_id"])
         try:
-            pages = PageMapping(fds[0], [int(p) for p in reply["pfns"]], writable=writable)
+            pages = map_pages(fds[0], [int(p) for p in reply["pfns"]], writable=writable)
         except BaseException:
             self._conn.call("unmap", map_id=map_id)
             raise
@@ -388,7 +366,7 @@ class SimGrantDevice:
             ids = [ident for number, ident in self._exports if number == fd]
         if not ids:
             return True
-        waiter = _Connection(self._socket_path, self._domid)
+        waiter = _HypervisorLink(self._socket_path, self._domid)
         try:
             reply = waiter.call("dmabuf_wait", ids=ids, timeout_ms=timeout_ms)
         finally:
@@ -450,15 +428,15 @@ class SimGrantDevice:
 class _DmaBufHelper:
     """``DmaBufs`` over a connection of domain ``domid``."""
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _HypervisorLink) -> None:
         self._helper_conn = conn
 
-    def open_dmabuf(self, fd: int) -> SimDmaBufMapping:
+    def open_dmabuf(self, fd: int) -> SimDmabufMapping:
         """Map the dma-buf ``fd``; the mapping holds a dup of it until closed."""
         key = _dmabuf_key(fd)
         reply, fds = self._helper_conn.call_fds("dmabuf_lookup", **key)
         try:
-            pages = PageMapping(fds[0], [int(p) for p in reply["pfns"]], writable=True)
+            pages = map_pages(fds[0], [int(p) for p in reply["pfns"]], writable=True)
         finally:
             _close_fds(fds)
         try:
@@ -466,7 +444,7 @@ class _DmaBufHelper:
         except BaseException:
             pages.close()
             raise
-        return SimDmaBufMapping(held, pages)
+        return SimDmabufMapping(held, pages)
 
     def alloc_dmabuf(self, size: int) -> int:
         """A zeroed dma-buf of this domain's own memory (``size`` rounded up to pages)."""
@@ -496,7 +474,7 @@ class SimPlatform(_DmaBufHelper, ClosesOnExit):
     ) -> None:
         if dmabuf_unsupported_errno not in (errno.ENOTTY, errno.EINVAL):
             raise ValueError("dmabuf_unsupported_errno must be ENOTTY or EINVAL")
-        super().__init__(_Connection(hypervisor_path, domid))
+        super().__init__(_HypervisorLink(hypervisor_path, domid))
         self._hypervisor_path = hypervisor_path
         self._xenstore_path = xenstore_path
         self._domid = domid
@@ -537,7 +515,7 @@ class SimDomain(_DmaBufHelper, ClosesOnExit):
     """
 
     def __init__(self, hypervisor_path: str, domid: int) -> None:
-        super().__init__(_Connection(hypervisor_path, domid))
+        super().__init__(_HypervisorLink(hypervisor_path, domid))
         self._hypervisor_path = hypervisor_path
         self._domid = domid
         self._ram_fd: int | None = None
@@ -622,6 +600,6 @@ if TYPE_CHECKING:  # mypy proves the simulation implements the interfaces
         evtchn: SimEventChannels,
         gntdev: SimGrantDevice,
         mapping: SimGrantMapping,
-        dmabuf: SimDmaBufMapping,
-    ) -> tuple[Platform, DmaBufs, EventChannels, GrantDevice, GrantMapping, DmaBufMapping]:
+        dmabuf: SimDmabufMapping,
+    ) -> tuple[Platform, DmaBufs, EventChannels, GrantDevice, GrantMapping, DmabufMapping]:
         return platform, domain, evtchn, gntdev, mapping, dmabuf

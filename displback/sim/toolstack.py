@@ -49,12 +49,12 @@ from typing import TypeVar
 
 import trio
 
-from displback.sim.xenstore_tree import Perm, Session, domain_path
+from displback.sim.xenstore_tree import Session, domain_path
 from displback.sim.xenstored import XenStored
-from displback.xenstore.wire import XenStoreError
+from displback.xenstore.wire import Perm, XenStoreError
 
 __all__ = [
-    "Connector",
+    "VdisplConnector",
     "ToolstackError",
     "Toolstack",
     "VdisplConfig",
@@ -99,7 +99,7 @@ def libxl_path(domid: int, devid: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Connector:
+class VdisplConnector:
     unique_id: str
     width: int
     height: int
@@ -109,7 +109,7 @@ class Connector:
 class VdisplConfig:
     """A parsed ``vdispl`` entry; ``backend`` is a domain name or decimal id."""
 
-    connectors: tuple[Connector, ...]
+    connectors: tuple[VdisplConnector, ...]
     backend: str = "Domain-0"
     be_alloc: bool = False
 
@@ -122,7 +122,7 @@ def parse_vdispl(spec: str) -> VdisplConfig:
     """Parse ``backend=Domain-0,be-alloc=0,connectors=id0:1024x768;id1:800x600``."""
     backend = "Domain-0"
     be_alloc = False
-    connectors: tuple[Connector, ...] | None = None
+    connectors: tuple[VdisplConnector, ...] | None = None
     seen: set[str] = set()
     for item in spec.split(","):
         key, sep, value = item.strip().partition("=")
@@ -148,8 +148,8 @@ def parse_vdispl(spec: str) -> VdisplConfig:
     return VdisplConfig(connectors, backend, be_alloc)
 
 
-def _parse_connectors(text: str) -> tuple[Connector, ...]:
-    result: list[Connector] = []
+def _parse_connectors(text: str) -> tuple[VdisplConnector, ...]:
+    result: list[VdisplConnector] = []
     for entry in text.split(";"):
         unique_id, sep, resolution = entry.partition(":")
         if not sep:
@@ -164,7 +164,7 @@ def _parse_connectors(text: str) -> tuple[Connector, ...]:
             raise VdisplSpecError(f"vdispl: resolution {resolution!r} out of range")
         if any(c.unique_id == unique_id for c in result):
             raise VdisplSpecError(f"vdispl: connector id {unique_id!r} used twice")
-        result.append(Connector(unique_id, width, height))
+        result.append(VdisplConnector(unique_id, width, height))
     return tuple(result)
 
 
@@ -270,9 +270,9 @@ class Toolstack:
             raise ToolstackError(f"bad guest domain id {domid}")
         home = domain_path(domid)
         libxl = f"/libxl/{domid}"
-        noperm = (Perm("n", 0),)
-        roperm = (Perm("n", 0), Perm("r", domid))
-        rwperm = (Perm("n", domid),)
+        noperm = (Perm(0, "n"),)
+        roperm = (Perm(0, "n"), Perm(domid, "r"))
+        rwperm = (Perm(domid, "n"),)
 
         def body(tx: int) -> None:
             xs = self._xs
@@ -363,9 +363,9 @@ class Toolstack:
         fe = frontend_path(domid, devid)
         be = backend_path(backend_domid, domid, devid)
         lx = libxl_path(domid, devid)
-        frontend_perms = (Perm("n", domid), Perm("r", backend_domid))
-        ro_frontend_perms = (Perm("n", backend_domid), Perm("r", domid))
-        backend_perms = (Perm("n", backend_domid), Perm("r", domid))
+        frontend_perms = (Perm(domid, "n"), Perm(backend_domid, "r"))
+        ro_frontend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
+        backend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
         bents = {"frontend-id": str(domid), "online": "1", "state": "1"}
         fents = {"backend-id": str(backend_domid), "state": "1"}
         ro_fents = {"be-alloc": "1" if config.be_alloc else "0"}

@@ -45,13 +45,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from displback.xenstore.wire import MAX_PAYLOAD, MAX_REL_PATH, XenStoreError, check_path
+from displback.xenstore.wire import MAX_PAYLOAD, MAX_REL_PATH, Perm, XenStoreError, check_path
 
 __all__ = [
     "INTRODUCE_DOMAIN",
     "RELEASE_DOMAIN",
     "Node",
-    "Perm",
     "Session",
     "WatchEvent",
     "XenStoreTree",
@@ -70,7 +69,6 @@ MAX_WATCHES = 128
 
 _READ, _WRITE, _OWNER = 1, 2, 4
 _ACCESS_BITS = {"n": 0, "r": _READ, "w": _WRITE, "b": _READ | _WRITE}
-_PERM_RE = re.compile(r"([nrwb])([0-9]{1,5})")
 _DOMAIN_PREFIX_RE = re.compile(r"/local/domain/[0-9]{1,5}/")
 
 
@@ -79,30 +77,12 @@ def domain_path(domid: int) -> str:
     return f"/local/domain/{domid}"
 
 
-@dataclass(frozen=True, slots=True)
-class Perm:
-    """One permission entry: ``access`` is ``n``, ``r``, ``w`` or ``b``; ``domid`` whom it names."""
-
-    access: str
-    domid: int
-
-    @classmethod
-    def parse(cls, text: str | bytes) -> Perm:
-        """Parse ``r5``-style text; anything else is ``EINVAL``."""
-        if isinstance(text, bytes):
-            text = text.decode("ascii", "replace")
-        match = _PERM_RE.fullmatch(text)
-        if match is None or int(match.group(2)) > 0xFFFF:
-            raise XenStoreError("EINVAL", f"bad permission {text!r}")
-        return cls(match.group(1), int(match.group(2)))
-
-    def __str__(self) -> str:
-        return f"{self.access}{self.domid}"
-
-
 def parse_perms(entries: Iterable[str | bytes]) -> tuple[Perm, ...]:
     """Parse a permission list (owner entry first); an empty list is ``EINVAL``."""
-    perms = tuple(Perm.parse(e) for e in entries)
+    try:
+        perms = tuple(Perm.parse(e) for e in entries)
+    except ValueError as exc:
+        raise XenStoreError("EINVAL", f"bad permission: {exc}") from None
     if not perms:
         raise XenStoreError("EINVAL", "empty permission list")
     return perms
@@ -357,7 +337,7 @@ class Session:
             parent_perms = parent.perms
             perms = parent.perms
             if not self.privileged:
-                perms = (Perm(perms[0].access, self.domid), *perms[1:])
+                perms = (Perm(self.domid, perms[0].access), *perms[1:])
             acc.put(parent_path, dataclasses.replace(
                 parent, children=(*parent.children, _basename(new_path))))
             node = Node(value if index == len(missing) - 1 else b"", perms)
@@ -531,7 +511,7 @@ class XenStoreTree:
     """The store shared by all sessions; see the module docstring for the rules."""
 
     def __init__(self) -> None:
-        root_perms = (Perm("n", 0),)
+        root_perms = (Perm(0, "n"),)
         self._generation = 0
         self._tx_counter = 0
         self._tx_started = 0

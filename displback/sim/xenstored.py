@@ -192,7 +192,7 @@ def handle_request(session: Session, request: Packet) -> list[Packet]:
 
 
 @dataclass
-class _Connection:
+class _ClientConnection:
     session: Session
     outbox: trio.MemorySendChannel[Packet]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -207,7 +207,7 @@ class XenStored:
     def __init__(self, *, queue_limit: int = QUEUE_LIMIT) -> None:
         self.tree = XenStoreTree()
         self.queue_limit = queue_limit
-        self.connections: list[_Connection] = []
+        self.connections: list[_ClientConnection] = []
         #: Requests answered on sockets, per domain the socket acts as: how much work a
         #: client (the daemon is domain 0's) asked of the store.
         self.requests_served: collections.Counter[int] = collections.Counter()
@@ -254,7 +254,7 @@ class XenStored:
 
     async def _serve_connection(self, stream: trio.SocketStream, domid: int) -> None:
         send, receive = trio.open_memory_channel[Packet](self.queue_limit)
-        conn: _Connection | None = None
+        conn: _ClientConnection | None = None
 
         def on_event(event: WatchEvent) -> None:
             assert conn is not None
@@ -266,7 +266,7 @@ class XenStored:
                 conn.dropped = "watch events overflowed the output queue"
                 conn.scope.cancel()
 
-        conn = _Connection(self.tree.session(domid, on_event), send)
+        conn = _ClientConnection(self.tree.session(domid, on_event), send)
         self.connections.append(conn)
         try:
             with conn.scope:
@@ -284,7 +284,7 @@ class XenStored:
             if conn.dropped:
                 log.warning("xenstored: dropped domain %d connection: %s", domid, conn.dropped)
 
-    async def _read_loop(self, conn: _Connection, stream: trio.SocketStream) -> None:
+    async def _read_loop(self, conn: _ClientConnection, stream: trio.SocketStream) -> None:
         reader = PacketReader()
         while True:
             try:
@@ -306,7 +306,7 @@ class XenStored:
 
     async def _write_loop(
         self,
-        conn: _Connection,
+        conn: _ClientConnection,
         receive: trio.MemoryReceiveChannel[Packet],
         stream: trio.SocketStream,
     ) -> None:

@@ -13,11 +13,11 @@ XenStore is not here: the platform only says where the XenStore client should co
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+from displback.mapping import DmabufMapping, MemoryMapping
 
 __all__ = [
-    "DmaBufMapping",
     "DmaBufs",
     "EventChannels",
     "GrantDevice",
@@ -96,26 +96,9 @@ class EventChannels(Protocol):
         ...
 
 
-class GrantMapping(Protocol):
-    """Grants mapped by ``MAP_GRANT_REF`` + ``mmap``: one contiguous span of ``count * 4096``."""
-
-    @property
-    def buffer(self) -> memoryview:
-        """The mapped memory, format ``B``; read-only when mapped without ``writable``."""
-        ...
-
-    def close(self) -> None:
-        """``munmap`` + ``UNMAP_GRANT_REF``; ``BufferError`` while views of it are still held."""
-        ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+class GrantMapping(MemoryMapping, Protocol):
+    """Grants mapped by ``MAP_GRANT_REF`` + ``mmap``: one contiguous span of ``count * 4096``,
+    read-only when mapped without ``writable``; closing is ``munmap`` + ``UNMAP_GRANT_REF``."""
 
 
 @runtime_checkable
@@ -182,33 +165,11 @@ class GrantDevice(Protocol):
         ...
 
 
-class DmaBufMapping(Protocol):
-    """A dma-buf imported for CPU access (like a KMS driver's PRIME import + mmap)."""
-
-    @property
-    def buffer(self) -> memoryview:
-        """The dma-buf's memory, format ``B``, writable."""
-        ...
-
-    def close(self) -> None:
-        """Unmap and drop the import's reference to the dma-buf."""
-        ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
 @runtime_checkable
 class DmaBufs(Protocol):
     """The display side of dma-bufs: reach a buffer's memory, or allocate a Dom0 buffer."""
 
-    def open_dmabuf(self, fd: int) -> DmaBufMapping:
+    def open_dmabuf(self, fd: int) -> DmabufMapping:
         """Import the dma-buf ``fd`` (a private reference keeps it alive until closed).
 
         ``EBADF`` for a closed fd, ``EINVAL`` for an fd that is not a dma-buf.

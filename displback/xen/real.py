@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
+from displback.mapping import ClosesOnExit, MappedMemory, MappedRegion
 from displback.protocol.constants import PAGE_SIZE, pages_for
 from displback.xen import ioctls
 from displback.xen.interfaces import (
@@ -46,11 +47,10 @@ from displback.xen.interfaces import (
     GNTDEV_DMA_FLAG_WC,
     GNTDEV_MAX_GRANTS,
 )
-from displback.xen.mapping import ClosesOnExit, MappedMemory
 
 if TYPE_CHECKING:
+    from displback.mapping import DmabufMapping
     from displback.xen.interfaces import (
-        DmaBufMapping,
         EventChannels,
         GrantDevice,
         GrantMapping,
@@ -65,7 +65,7 @@ __all__ = [
     "DEFAULT_XENSTORED_SOCKET",
     "DmaBufSupport",
     "IoctlFn",
-    "RealDmaBufMapping",
+    "RealDmabufMapping",
     "RealEventChannels",
     "RealGrantDevice",
     "RealGrantMapping",
@@ -252,30 +252,20 @@ class RealEventChannels:
 # --- grant mappings and dma-bufs -----------------------------------------------------------
 
 
-class RealGrantMapping(ClosesOnExit):
-    """Grants mapped from a :class:`RealGrantDevice` (implements ``GrantMapping``)."""
+class RealGrantMapping(MappedRegion):
+    """Grants mapped from a :class:`RealGrantDevice` (implements ``GrantMapping``): ``count *
+    4096`` bytes, read-only unless mapped writable; closing also does ``UNMAP_GRANT_REF``."""
 
     def __init__(
         self, device: RealGrantDevice, memory: MappedMemory, index: int, count: int
     ) -> None:
+        super().__init__(memory)
         self._device = device
-        self._memory = memory
         self.index = index
         self.count = count
 
-    @property
-    def buffer(self) -> memoryview:
-        """The mapped grants (``count * 4096`` bytes), read-only unless mapped writable."""
-        return self._memory.buffer
-
-    @property
-    def closed(self) -> bool:
-        return self._memory.closed
-
-    def close(self) -> None:
-        """``munmap`` then ``UNMAP_GRANT_REF``; ``BufferError`` while views are held."""
-        if self._memory.close():
-            self._device._unmap(self.index, self.count)
+    def _unmapped(self) -> None:
+        self._device._unmap(self.index, self.count)
 
 
 @dataclass(frozen=True)
@@ -501,37 +491,22 @@ class RealGrantDevice:
             os.close(fd)
 
 
-class RealDmaBufMapping(ClosesOnExit):
-    """A dma-buf mapped for CPU access (implements ``DmaBufMapping``).
+class RealDmabufMapping(MappedRegion):
+    """A dma-buf mapped for CPU access (implements ``DmabufMapping``).
 
     The mapping itself holds a reference to the dma-buf (the kernel's vma keeps the file),
     so the caller may close its fd at once.
     """
 
-    def __init__(self, memory: MappedMemory) -> None:
-        self._memory = memory
 
-    @property
-    def buffer(self) -> memoryview:
-        return self._memory.buffer
-
-    @property
-    def closed(self) -> bool:
-        return self._memory.closed
-
-    def close(self) -> None:
-        """Unmap (``BufferError`` while views of :attr:`buffer` are held)."""
-        self._memory.close()
-
-
-def open_dmabuf(fd: int) -> RealDmaBufMapping:
+def open_dmabuf(fd: int) -> RealDmabufMapping:
     """Map the whole dma-buf ``fd`` read-write (its size is what ``lseek(SEEK_END)`` says)."""
     size = os.lseek(fd, 0, os.SEEK_END)
     os.lseek(fd, 0, os.SEEK_SET)
     if size <= 0:
         raise OSError(errno.EINVAL, "not a dma-buf (no size)")
     mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return RealDmaBufMapping(MappedMemory(mm, True))
+    return RealDmabufMapping(MappedMemory(mm, True))
 
 
 class RealPlatform(ClosesOnExit):
@@ -603,7 +578,7 @@ class RealPlatform(ClosesOnExit):
         support = self.dmabuf_support
         return RealGrantDevice.open(self._gntdev_path, ioctl=self._ioctl, support=support)
 
-    def open_dmabuf(self, fd: int) -> RealDmaBufMapping:
+    def open_dmabuf(self, fd: int) -> RealDmabufMapping:
         """Map the dma-buf ``fd`` for the CPU (a dup of it is held until closed)."""
         return open_dmabuf(fd)
 
@@ -663,6 +638,6 @@ if TYPE_CHECKING:  # mypy proves the real platform implements the interfaces
         evtchn: RealEventChannels,
         gntdev: RealGrantDevice,
         mapping: RealGrantMapping,
-        dmabuf: RealDmaBufMapping,
-    ) -> tuple[Platform, EventChannels, GrantDevice, GrantMapping, DmaBufMapping]:
+        dmabuf: RealDmabufMapping,
+    ) -> tuple[Platform, EventChannels, GrantDevice, GrantMapping, DmabufMapping]:
         return platform, evtchn, gntdev, mapping, dmabuf

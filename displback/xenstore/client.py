@@ -31,17 +31,18 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Literal, TypedDict, TypeVar, Unpack, cast
+from typing import TypedDict, TypeVar, Unpack
 
 import trio
 
 from displback.xenstore.transport import Transport, open_transport
 from displback.xenstore.wire import (
+    MAX_DOMID,
     MAX_PAYLOAD,
     MsgType,
     Packet,
     PacketReader,
+    Perm,
     WireError,
     XenStoreError,
     check_path,
@@ -68,12 +69,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Opener = Callable[[str], Awaitable[Transport]]
-Access = Literal["r", "w", "b", "n"]
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_WATCH_BUFFER = 256
 DEFAULT_TX_ATTEMPTS = 8
-MAX_DOMID = 0xFFFF
 
 
 class ClientOptions(TypedDict, total=False):
@@ -104,38 +103,6 @@ class TransactionLost(XenStoreError, XenStoreConnectionError):
 
     def __init__(self, detail: str) -> None:
         XenStoreError.__init__(self, "EAGAIN", detail)
-
-
-@dataclass(frozen=True, slots=True)
-class Perm:
-    """One permission entry: ``access`` (``r``/``w``/``b``/``n``) for domain ``domid``.
-
-    In a list, the first entry names the owner and the access everyone else gets.
-    """
-
-    domid: int
-    access: Access
-
-    def __post_init__(self) -> None:
-        if self.access not in ("r", "w", "b", "n"):
-            raise ValueError(f"permission access {self.access!r} is not one of r, w, b, n")
-        if isinstance(self.domid, bool) or not 0 <= self.domid <= MAX_DOMID:
-            raise ValueError(f"permission domid {self.domid!r} is not in 0..{MAX_DOMID}")
-
-    @classmethod
-    def parse(cls, text: str | bytes) -> Perm:
-        """Parse ``"b0"``, ``"r5"``…; ``ValueError`` saying what is wrong otherwise."""
-        if isinstance(text, bytes):
-            text = text.decode("ascii", "replace")
-        access, digits = text[:1], text[1:]
-        if not digits.isascii() or not digits.isdigit() or len(digits) > 5:
-            raise ValueError(f"permission {text!r} does not end in a decimal domid")
-        if access not in ("r", "w", "b", "n"):
-            raise ValueError(f"permission {text!r} does not start with r, w, b or n")
-        return cls(int(digits), cast(Access, access))
-
-    def __str__(self) -> str:
-        return f"{self.access}{self.domid}"
 
 
 class WatchStream:
@@ -218,7 +185,7 @@ class WatchStream:
                 return path
 
 
-class _Connection:
+class _LiveConnection:
     """One live transport and what belongs to it."""
 
     def __init__(self, transport: Transport, generation: int) -> None:
@@ -231,10 +198,10 @@ class _Connection:
         self.started = trio.current_time()
 
 
-class _Pending:
+class _PendingReply:
     __slots__ = ("conn", "done", "error", "op", "path", "reply", "tx_id")
 
-    def __init__(self, conn: _Connection, op: MsgType, path: str, tx_id: int) -> None:
+    def __init__(self, conn: _LiveConnection, op: MsgType, path: str, tx_id: int) -> None:
         self.conn = conn
         self.op = op
         self.path = path
@@ -355,7 +322,7 @@ class _Operations(abc.ABC):
 class Transaction(_Operations):
     """Node operations bound to one transaction; made by :meth:`XenStoreClient.transaction`."""
 
-    def __init__(self, client: XenStoreClient, tx_id: int, conn: _Connection) -> None:
+    def __init__(self, client: XenStoreClient, tx_id: int, conn: _LiveConnection) -> None:
         self._client = client
         self.tx_id = tx_id
         self._conn = conn
@@ -402,10 +369,10 @@ class XenStoreClient(_Operations):
         self.backoff_max = backoff_max
         self.watch_buffer = watch_buffer
         self._opener = opener
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _PendingReply] = {}
         self._watches: dict[str, WatchStream] = {}
-        self._live: _Connection | None = None
-        self._conn: _Connection | None = None
+        self._live: _LiveConnection | None = None
+        self._conn: _LiveConnection | None = None
         self._ready = trio.Event()
         self._broken: XenStoreConnectionError | None = None
         self._closed = False
@@ -470,7 +437,7 @@ class XenStoreClient(_Operations):
         delay = self.backoff_initial
         while True:
             self.generation += 1
-            conn = _Connection(transport, self.generation)
+            conn = _LiveConnection(transport, self.generation)
             self._conn = conn
             try:
                 with conn.scope:
@@ -500,11 +467,11 @@ class XenStoreClient(_Operations):
                 except XenStoreConnectionError as exc:
                     log.info("xenstore: reconnect failed (%s), retrying in %.2fs", exc, delay)
 
-    def _set_live(self, conn: _Connection) -> None:
+    def _set_live(self, conn: _LiveConnection) -> None:
         self._live = conn
         self._ready.set()
 
-    def _lose(self, conn: _Connection, reason: str, *, quiet: bool = False) -> None:
+    def _lose(self, conn: _LiveConnection, reason: str, *, quiet: bool = False) -> None:
         """Forget ``conn``: fail everything waiting on it and let the manager reconnect."""
         if conn.lost:
             return
@@ -534,14 +501,14 @@ class XenStoreClient(_Operations):
             self._ready.set()
 
     @staticmethod
-    def _finish(pending: _Pending, error: BaseException) -> None:
+    def _finish(pending: _PendingReply, error: BaseException) -> None:
         if not pending.done.is_set():
             pending.error = error
             pending.done.set()
 
     # ------------------------------------------------------------------ reading
 
-    async def _read_loop(self, conn: _Connection) -> None:
+    async def _read_loop(self, conn: _LiveConnection) -> None:
         try:
             while True:
                 data = await conn.transport.receive()
@@ -583,7 +550,7 @@ class XenStoreClient(_Operations):
             if self._next_req_id not in self._pending:
                 return self._next_req_id
 
-    async def _wait_live(self) -> _Connection:
+    async def _wait_live(self) -> _LiveConnection:
         while True:
             if self._closed:
                 raise XenStoreClosedError("the XenStore client was closed")
@@ -606,7 +573,7 @@ class XenStoreClient(_Operations):
         timeout: float | None,
         *,
         tx: Transaction | None = None,
-        conn: _Connection | None = None,
+        conn: _LiveConnection | None = None,
     ) -> Packet:
         reply, _ = await self._exchange(op, payload, path, timeout, tx=tx, conn=conn)
         return reply
@@ -619,14 +586,14 @@ class XenStoreClient(_Operations):
         timeout: float | None,
         *,
         tx: Transaction | None = None,
-        conn: _Connection | None = None,
-    ) -> tuple[Packet, _Connection]:
+        conn: _LiveConnection | None = None,
+    ) -> tuple[Packet, _LiveConnection]:
         """Send one request and wait for its reply: the reply and the connection it came on."""
         what = f"{op.name} {path}".rstrip()
         if len(payload) > MAX_PAYLOAD:
             raise XenStoreError("E2BIG", f"{what}: payload of {len(payload)} bytes > {MAX_PAYLOAD}")
         limit = self.timeout if timeout is None else timeout
-        pending: _Pending | None = None
+        pending: _PendingReply | None = None
         req_id = 0
         with trio.move_on_after(limit):
             try:
@@ -639,7 +606,7 @@ class XenStoreClient(_Operations):
                         raise TransactionLost(f"connection lost before {what}")
                     raise XenStoreConnectionError(f"connection lost before {what}")
                 req_id = self._allocate_req_id()
-                pending = _Pending(conn, op, path, tx.tx_id if tx is not None else 0)
+                pending = _PendingReply(conn, op, path, tx.tx_id if tx is not None else 0)
                 self._pending[req_id] = pending
                 await self._send(conn, Packet(op, req_id, pending.tx_id, payload))
                 await pending.done.wait()
@@ -659,7 +626,7 @@ class XenStoreClient(_Operations):
             raise XenStoreError("EIO", f"{what}: reply of type {reply.type}")
         return reply, pending.conn
 
-    async def _send(self, conn: _Connection, packet: Packet) -> None:
+    async def _send(self, conn: _LiveConnection, packet: Packet) -> None:
         data = packet.pack()
         async with conn.send_lock:
             if conn.lost:
@@ -714,7 +681,7 @@ class XenStoreClient(_Operations):
             if self._live is not None and not refused:
                 await self._unwatch(self._live, path, token)
 
-    async def _unwatch(self, conn: _Connection, path: str, token: str) -> None:
+    async def _unwatch(self, conn: _LiveConnection, path: str, token: str) -> None:
         with trio.CancelScope(shield=True):
             try:
                 await self._request(
@@ -723,7 +690,7 @@ class XenStoreClient(_Operations):
             except (XenStoreError, XenStoreConnectionError, XenStoreTimeoutError) as exc:
                 log.debug("xenstore: UNWATCH %s failed: %s", path, exc)
 
-    async def _restore(self, conn: _Connection) -> None:
+    async def _restore(self, conn: _LiveConnection) -> None:
         """After a reconnect: re-register every watch, then go live and wake the streams."""
         for token, stream in list(self._watches.items()):
             if self._watches.get(token) is not stream:

@@ -13,6 +13,7 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, cast
 
 __all__ = [
     "ERROR_NAMES",
@@ -23,6 +24,9 @@ __all__ = [
     "MsgType",
     "Packet",
     "PacketReader",
+    "Access",
+    "MAX_DOMID",
+    "Perm",
     "WireError",
     "XenStoreError",
     "check_path",
@@ -34,6 +38,10 @@ HEADER = struct.Struct("<IIII")
 MAX_PAYLOAD = 4096
 MAX_ABS_PATH = 3072
 MAX_REL_PATH = 2048
+#: A domid as XenStore carries it (permissions, INTRODUCE): 16 bits.
+MAX_DOMID = 0xFFFF
+
+Access = Literal["r", "w", "b", "n"]
 
 
 class MsgType(enum.IntEnum):
@@ -230,3 +238,35 @@ def check_path(path: str | bytes, *, watch: bool = False) -> str:
     if len(path) > limit:
         raise XenStoreError("EINVAL", f"path of {len(path)} bytes exceeds {limit}")
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Perm:
+    """One permission entry: ``access`` (``r``/``w``/``b``/``n``) for domain ``domid``.
+
+    In a list, the first entry names the owner and the access everyone else gets.
+    """
+
+    domid: int
+    access: Access
+
+    def __post_init__(self) -> None:
+        if self.access not in ("r", "w", "b", "n"):
+            raise ValueError(f"permission access {self.access!r} is not one of r, w, b, n")
+        if isinstance(self.domid, bool) or not 0 <= self.domid <= MAX_DOMID:
+            raise ValueError(f"permission domid {self.domid!r} is not in 0..{MAX_DOMID}")
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Perm:
+        """Parse ``"b0"``, ``"r5"``…; ``ValueError`` saying what is wrong otherwise."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        access, digits = text[:1], text[1:]
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 5:
+            raise ValueError(f"permission {text!r} does not end in a decimal domid")
+        if access not in ("r", "w", "b", "n"):
+            raise ValueError(f"permission {text!r} does not start with r, w, b or n")
+        return cls(int(digits), cast(Access, access))
+
+    def __str__(self) -> str:
+        return f"{self.access}{self.domid}"

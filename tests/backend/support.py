@@ -13,7 +13,7 @@ import trio
 
 from displback.backend.buffers import BufferStore
 from displback.protocol.constants import PixelFormat
-from displback.sim.guest import DumbBuffer, FlipResult, Framebuffer, SimGuest
+from displback.sim.guest import FlipOutcome, GuestBuffer, GuestFb, SimGuest
 from displback.sim.guest_pattern import decode_pattern, draw_pattern
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
@@ -62,7 +62,7 @@ async def flips_continue(guest: SimGuest, connector: int = 0, more: int = 3) -> 
     await wait_until(lambda: stats.flips_ok >= target)
 
 
-def paint(buf: DumbBuffer, fb: Framebuffer, *, connector: int, frame: int,
+def paint(buf: GuestBuffer, fb: GuestFb, *, connector: int, frame: int,
           pitch: int | None = None, offset: int | None = None) -> None:
     """Draw the pattern of (connector, frame) into ``fb`` the way the guest lays it out."""
     fmt = PixelFormat(fb.fourcc)
@@ -78,11 +78,11 @@ def paint(buf: DumbBuffer, fb: Framebuffer, *, connector: int, frame: int,
     )
 
 
-async def flip_frame(guest: SimGuest, connector: int, buf: DumbBuffer, fb: Framebuffer,
+async def flip_frame(guest: SimGuest, connector: int, buf: GuestBuffer, fb: GuestFb,
                      frame: int) -> None:
     """Paint ``frame`` and flip to it; the flip must complete with its event."""
     paint(buf, fb, connector=connector, frame=frame)
-    assert await guest.page_flip(connector, fb) == FlipResult.DONE
+    assert await guest.page_flip(connector, fb) == FlipOutcome.DONE
 
 
 def store_of(machine: SimMachine, domid: int, devid: int = 0) -> BufferStore:
@@ -95,7 +95,7 @@ def store_of(machine: SimMachine, domid: int, devid: int = 0) -> BufferStore:
 
 async def new_guest_buffers(
     guest: SimGuest, width: int, height: int, fmt: PixelFormat = XRGB, count: int = 2
-) -> tuple[list[DumbBuffer], list[Framebuffer]]:
+) -> tuple[list[GuestBuffer], list[GuestFb]]:
     """``count`` dumb buffers of the given size with one framebuffer each."""
     bufs = [await guest.create_dumb(width, height, fmt.bpp) for _ in range(count)]
     fbs = [await guest.add_fb(b, width, height, fmt) for b in bufs]
@@ -105,7 +105,7 @@ async def new_guest_buffers(
 async def show(
     guest: SimGuest, connector: int, width: int, height: int, fmt: PixelFormat = XRGB, *,
     frame: int = 1, count: int = 2,
-) -> tuple[list[DumbBuffer], list[Framebuffer]]:
+) -> tuple[list[GuestBuffer], list[GuestFb]]:
     """``count`` buffers with a framebuffer each; ``frame`` painted into the first, which
     SET_CONFIG then shows on ``connector``."""
     bufs, fbs = await new_guest_buffers(guest, width, height, fmt, count)
@@ -126,8 +126,8 @@ async def show_frames(machine: SimMachine, guest: SimGuest, first: int, count: i
     await release(guest, 0, bufs, fbs)
 
 
-async def release(guest: SimGuest, connector: int, bufs: list[DumbBuffer],
-                  fbs: list[Framebuffer]) -> None:
+async def release(guest: SimGuest, connector: int, bufs: list[GuestBuffer],
+                  fbs: list[GuestFb]) -> None:
     """Disable the connector, detach and destroy, as a well-behaved guest does."""
     await guest.set_config(connector, None)
     for fb in fbs:

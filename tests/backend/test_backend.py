@@ -10,7 +10,7 @@ import trio
 
 from displback.protocol.constants import PixelFormat
 from displback.protocol.xenbus import XenbusState
-from displback.sim.guest import FlipResult, GuestRequestError
+from displback.sim.guest import FlipOutcome, GuestRequestError
 from displback.sim.guest_pattern import decode_pattern, draw_pattern
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
@@ -43,7 +43,7 @@ async def test_guest_connects_flips_and_its_frames_reach_the_output(
                     buf = bufs[frame % 2]
                     draw_pattern(buf.buffer, width=640, height=480, pitch=buf.pitch,
                                  fmt=XRGB, connector=0, frame=frame)
-                    assert await guest.page_flip(0, fbs[frame % 2]) == FlipResult.DONE
+                    assert await guest.page_flip(0, fbs[frame % 2]) == FlipOutcome.DONE
                     assert shown(w.output("A")) == (0, frame)
                 stats = guest.connector_stats(0)
                 assert stats.flips_ok == 4 and stats.frame_done_timeouts == 0
@@ -73,7 +73,7 @@ async def test_unknown_cookies_get_enoent_and_the_guest_keeps_working(
                 assert exc.value.errno == 2
                 fb = await guest.add_fb(buf, 64, 64, XRGB)
                 await guest.set_config(0, fb)
-                assert await guest.page_flip(0, fb) == FlipResult.DONE
+                assert await guest.page_flip(0, fb) == FlipOutcome.DONE
                 await guest.set_config(0, None)
                 await guest.rm_fb(fb)
                 await guest.destroy_dumb(buf)

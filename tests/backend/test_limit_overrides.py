@@ -12,23 +12,23 @@ import trio
 from displback.backend.device import BackendSettings
 from displback.backend.quotas import LimitOverrides, Limits
 from displback.protocol.constants import ENOMEM
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
-from displback.sim.xenstore_tree import Perm
+from displback.xenstore.wire import Perm
 from tests.backend.support import connected_guest
 
 SPEC = "connectors=c0:320x240"
 
 
-async def _small(guest: SimGuest) -> DumbBuffer:
+async def _small(guest: SimGuest) -> GuestBuffer:
     return await guest.create_dumb(64, 64, 32)
 
 
-async def _fill(guest: SimGuest, count: int) -> list[DumbBuffer]:
+async def _fill(guest: SimGuest, count: int) -> list[GuestBuffer]:
     return [await _small(guest) for _ in range(count)]
 
 
-async def _empty(guest: SimGuest, bufs: list[DumbBuffer]) -> None:
+async def _empty(guest: SimGuest, bufs: list[GuestBuffer]) -> None:
     for buf in bufs:
         await guest.destroy_dumb(buf)
 
@@ -82,7 +82,7 @@ async def test_a_domain_name_the_guest_could_have_written_is_not_believed(
         async with connected_guest(hypervisor, tmp_path, SPEC, settings=settings) as (w, _):
             w.toolstack.create_domain(2, "guest2")
             # As if the guest owned its name node (libxl never does this).
-            w.xs.xenstored.session(0).set_perms("/local/domain/2/name", [Perm("n", 2)])
+            w.xs.xenstored.session(0).set_perms("/local/domain/2/name", [Perm(2, "n")])
             await w.xs.add_domain_socket(2)
             await w.add_guest(2, SPEC)
             async with w.guest(2) as two:

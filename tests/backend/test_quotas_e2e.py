@@ -12,7 +12,7 @@ from displback.backend.device import BackendSettings
 from displback.backend.quotas import Limits
 from displback.protocol.constants import EINVAL, ENOMEM
 from displback.protocol.pagedir import dir_pages_for
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import XRGB, connected_guest, flip_frame, release, show, store_of
 
@@ -32,7 +32,7 @@ def _limits(**overrides: float) -> Limits:
     return Limits(**values)  # type: ignore[arg-type]
 
 
-async def _pages(guest: SimGuest, npages: int) -> DumbBuffer:
+async def _pages(guest: SimGuest, npages: int) -> GuestBuffer:
     """A dumb buffer of exactly ``npages`` pages (width 1024 px of 32 bpp = one page a row)."""
     return await guest.create_dumb(1024, npages, 32)
 

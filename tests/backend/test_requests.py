@@ -13,7 +13,7 @@ import trio
 from displback.backend.buffers import BufferKind
 from displback.protocol.constants import EEXIST, EINVAL, ENOENT, PAGE_SIZE, Op, PixelFormat
 from displback.protocol.pagedir import dir_pages_for
-from displback.sim.guest import DumbBuffer, GuestRequestError, RequestHook
+from displback.sim.guest import GuestBuffer, GuestRequestError, RequestHook
 from displback.sim.guest_pattern import pattern_rgb
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import (
@@ -285,10 +285,10 @@ async def test_request_errors_leave_the_guest_working(
             assert guest.pending_end_access == 0
 
 
-def _reborn(buf: DumbBuffer) -> DumbBuffer:
+def _reborn(buf: GuestBuffer) -> GuestBuffer:
     """A guest-side handle of a destroyed buffer that the guest would still send requests for
     (its cookie is unknown to the backend now)."""
-    twin = DumbBuffer(buf.cookie, width=buf.width, height=buf.height, bpp=buf.bpp,
+    twin = GuestBuffer(buf.cookie, width=buf.width, height=buf.height, bpp=buf.bpp,
                       size=buf.size, data_ofs=0, be_alloc=False, generation=buf.generation)
     return twin
 

@@ -17,7 +17,7 @@ from displback.display.virtual import VirtualOutput
 from displback.protocol.constants import EVT_PAGE_SLOTS
 from displback.protocol.evtpage import EventProducer
 from displback.protocol.messages import PgFlipReq
-from displback.sim.guest import FlipResult, SimGuest
+from displback.sim.guest import FlipOutcome, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
 from tests.backend.support import (
@@ -46,7 +46,7 @@ async def test_flip_on_a_disabled_connector_gets_its_event_but_leaves_the_output
             await guest.set_config(0, None)
             assert not output.enabled
             paint(bufs[1], fbs[1], connector=0, frame=2)
-            assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE
+            assert await guest.page_flip(0, fbs[1]) == FlipOutcome.DONE
             assert not output.enabled
             # Enabled again, the connector shows what SET_CONFIG names and flips on.
             await guest.set_config(0, fbs[1])
@@ -78,7 +78,7 @@ async def test_a_frame_the_output_fails_unforeseeably_is_dropped_and_its_flip_st
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             bufs, fbs = await show(guest, 0, 320, 240)  # flip 1
             paint(bufs[1], fbs[1], connector=0, frame=2)
-            assert await guest.page_flip(0, fbs[1]) == FlipResult.DONE  # flip 2 fails
+            assert await guest.page_flip(0, fbs[1]) == FlipOutcome.DONE  # flip 2 fails
             assert shown(w.output("A"), 320, 240) == (0, 1)
             await flip_frame(guest, 0, bufs[0], fbs[0], 3)
             assert shown(w.output("A"), 320, 240) == (0, 3)
@@ -106,7 +106,7 @@ async def test_an_unforeseen_failure_in_a_connection_task_resets_the_device_inst
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             bufs, fbs = await show(guest, 0, 320, 240)
             assert await guest.page_flip(0, fbs[1]) in (
-                FlipResult.RELEASED, FlipResult.FRAME_DONE_TIMEOUT
+                FlipOutcome.RELEASED, FlipOutcome.FRAME_DONE_TIMEOUT
             )
             await wait_until(lambda: guest.stats.disconnects == 1)
             await guest.wait_connected()  # after the back-off

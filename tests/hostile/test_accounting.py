@@ -18,14 +18,14 @@ from displback.backend.device import BackendSettings
 from displback.backend.quotas import RESOURCES, Limits
 from displback.backend.retained import fd_name
 from displback.display.virtual import OutputConfig
-from displback.fdstore import FdStore, inherited_fds
 from displback.protocol.constants import ENOMEM
 from displback.protocol.messages import DbufDestroyReq
-from displback.sdnotify import Notifier
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread, query_counters
 from displback.sim.machine import SimMachine, sim_machine
 from displback.sim.platform import SimPlatform
+from displback.systemd.fdstore import FdStore, inherited_fds
+from displback.systemd.sdnotify import Notifier
 from tests.backend.support import (
     XRGB,
     connected_guest,
@@ -229,7 +229,7 @@ def _dom0(hv: HypervisorThread, counter: str) -> int:
     return int(query_counters(hv.socket_path)["domains"]["0"][counter])
 
 
-async def _destroy_keeping_the_mapping(guest: SimGuest, buf: DumbBuffer) -> None:
+async def _destroy_keeping_the_mapping(guest: SimGuest, buf: GuestBuffer) -> None:
     """DBUF_DESTROY without unmapping first (Linux unmaps; a hostile guest need not)."""
     await guest.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
 

@@ -13,7 +13,7 @@ import pytest
 
 from displback.protocol.constants import Op
 from displback.protocol.messages import DbufCreateReq
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import flip_frame, release, show, shown
 from tests.hostile.support import Arena, run_attack, set_field
@@ -45,7 +45,7 @@ def _forge(g: SimGuest, page: int, offset: int, value: int | str) -> None:
     """Before the next DBUF_CREATE, overwrite one u32 of its directory page ``page``
     (``"self"``: that page's own gref, ``"first"``: page 0's)."""
 
-    def scribble(buf: DumbBuffer) -> None:
+    def scribble(buf: GuestBuffer) -> None:
         number = {"self": buf.dir_grefs[page], "first": buf.dir_grefs[0]}.get(str(value))
         g.scribble_directory(buf, page, offset, struct.pack(
             "<I", int(value) if number is None else number))

@@ -29,7 +29,7 @@ from displback.backend.device import BackendSettings, GuestDevice
 from displback.display import virtual as virtual_module
 from displback.display.pixels import copy_frame
 from displback.display.virtual import OutputConfig
-from displback.sim.guest import DumbBuffer, Framebuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestFb, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread, query_counters
 from displback.sim.machine import SimMachine, sim_machine
 from tests.backend.support import (
@@ -121,7 +121,7 @@ async def attacked_machine(
 
 async def _big_frame(
     guest: SimGuest, connector: int, frame: int
-) -> tuple[list[DumbBuffer], list[Framebuffer]]:
+) -> tuple[list[GuestBuffer], list[GuestFb]]:
     """Two big buffers with a framebuffer each, ``frame`` painted into the first (buffer
     requests travel on connector 0's ring: make them before a SET_CONFIG blocks it)."""
     bufs, fbs = await new_guest_buffers(guest, *BIG)

@@ -16,15 +16,15 @@ from displback.backend.connector import MAX_QUEUED_EVENTS
 from displback.backend.device import BackendSettings
 from displback.backend.quotas import Limits
 from displback.protocol.constants import Op
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
 from tests.hostile.support import Arena, rounds, run_attack
 
 
-async def _create_until_refused(g: SimGuest, width: int, height: int) -> list[DumbBuffer]:
+async def _create_until_refused(g: SimGuest, width: int, height: int) -> list[GuestBuffer]:
     """DBUF_CREATE until the backend refuses; the refusal must be ``-ENOMEM``."""
-    bufs: list[DumbBuffer] = []
+    bufs: list[GuestBuffer] = []
     while True:
         try:
             bufs.append(await g.create_dumb(width, height, 32))

@@ -45,7 +45,7 @@ from displback.protocol.layout import (
     STATE,
     connector_dir,
 )
-from displback.sim.guest import DumbBuffer, Framebuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestFb, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread, wait_for_no_leaks
 from displback.sim.platform import client_resources
 from displback.xenstore.wire import XenStoreError
@@ -249,8 +249,8 @@ class AttackerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.world: World | None = None
-        self.bufs: list[DumbBuffer] = []
-        self.fbs: list[Framebuffer] = []
+        self.bufs: list[GuestBuffer] = []
+        self.fbs: list[GuestFb] = []
         self.lifecycles = 0
 
     @initialize()
@@ -268,7 +268,7 @@ class AttackerMachine(RuleBasedStateMachine):
         assert self.w.guest is not None
         return self.w.guest
 
-    def _live_bufs(self) -> list[DumbBuffer]:
+    def _live_bufs(self) -> list[GuestBuffer]:
         self.bufs = [b for b in self.bufs if not b.freed]
         return self.bufs
 
@@ -369,7 +369,7 @@ class AttackerMachine(RuleBasedStateMachine):
     def forge_next_directory(self, offset: int, value: int) -> None:
         """The next DBUF_CREATE's first directory page gets one forged u32."""
 
-        def forge(buf: DumbBuffer) -> None:
+        def forge(buf: GuestBuffer) -> None:
             self.g.on_directory = None
             self.g.scribble_directory(buf, 0, offset, struct.pack("<I", value))
 

@@ -16,17 +16,17 @@ from displback.protocol.constants import PAGE_SIZE, Op
 from displback.protocol.layout import REQ_RING_REF, connector_dir
 from displback.protocol.messages import DbufCreateReq, DbufDestroyReq, GetEdidReq
 from displback.protocol.pagedir import build_directory
-from displback.sim.guest import DumbBuffer, GuestRequestError, SimGuest
+from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import FIRST_GREF, HypervisorThread, wait_for_no_leaks
 from displback.sim.platform import client_resources
 from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
 from tests.hostile.support import HONEST, Arena, run_attack, set_field
 
 
-def _rewrite_refs(g: SimGuest, refs_of: Callable[[DumbBuffer], list[int]]) -> None:
+def _rewrite_refs(g: SimGuest, refs_of: Callable[[GuestBuffer], list[int]]) -> None:
     """Before the next DBUF_CREATE, rewrite its whole directory to list ``refs_of(buf)``."""
 
-    def rewrite(buf: DumbBuffer) -> None:
+    def rewrite(buf: GuestBuffer) -> None:
         dom = g._require_domain()
         with dom.map_pages(buf.dir_pfns) as directory:
             for i, page in enumerate(build_directory(refs_of(buf), buf.dir_grefs)):
@@ -126,7 +126,7 @@ async def test_another_guests_gref_numbers_resolve_in_the_attackers_own_table(
     async def attack(a: Arena, g: SimGuest) -> None:
         theirs = sorted({gref for b in a.honest._buffers.values() for gref in b.grefs})
 
-        def stolen(buf: DumbBuffer) -> list[int]:
+        def stolen(buf: GuestBuffer) -> list[int]:
             # After the attacker granted this buffer: numbers above all of its own grants.
             refs = [gref for gref in theirs if gref > max(buf.grefs + buf.dir_grefs)]
             assert len(refs) >= buf.npages
@@ -158,7 +158,7 @@ async def test_refs_revoked_before_the_request_are_refused(
     async def attack(a: Arena, g: SimGuest) -> None:
         dom = g._require_domain()
 
-        def revoke(buf: DumbBuffer) -> None:
+        def revoke(buf: GuestBuffer) -> None:
             old = buf.grefs[::2]
             buf.grefs[::2] = dom.grant_pages(buf.pfns[::2], 0)
             dom.end_access_pages(old)
@@ -197,7 +197,7 @@ async def test_a_ref_repeated_within_a_buffer_is_refused(
     """A directory naming one granted page twice (aliasing: two pixels rows would share
     memory) is refused, however far apart the two entries are."""
 
-    def repeated(buf: DumbBuffer) -> list[int]:
+    def repeated(buf: GuestBuffer) -> list[int]:
         if where == "everywhere":
             return [buf.grefs[0]] * buf.npages
         return buf.grefs[:-1] + [buf.grefs[0]]
@@ -251,8 +251,8 @@ def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
         hv.stop()
 
 
-async def _create_until_refused(g: SimGuest) -> tuple[list[DumbBuffer], int]:
-    bufs: list[DumbBuffer] = []
+async def _create_until_refused(g: SimGuest) -> tuple[list[GuestBuffer], int]:
+    bufs: list[GuestBuffer] = []
     while True:
         try:
             bufs.append(await g.create_dumb(320, 240, 32))  # 75 pages

@@ -34,7 +34,6 @@ from displback.sim import xenstored as xenstored_module
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
-from displback.sim.xenstore_tree import Perm as SimPerm
 from displback.sim.xenstore_tree import Session
 from displback.xenstore.client import Perm, Transaction, XenStoreClient, open_xenstore
 from displback.xenstore.wire import MsgType, Packet
@@ -164,7 +163,7 @@ async def test_a_unique_id_the_guest_replaces_is_refused(
                 await xs.rm(f"{C0}/{RESOLUTION}")
             dom0 = machine.xs.xenstored.session(0)  # the toolstack restores its node
             dom0.write(f"{C0}/{RESOLUTION}", resolution.encode())
-            dom0.set_perms(f"{C0}/{RESOLUTION}", (SimPerm("n", 0), SimPerm("r", ATTACKER)))
+            dom0.set_perms(f"{C0}/{RESOLUTION}", (Perm(0, "n"), Perm(ATTACKER, "r")))
             dom0.close()
             async with as_domain(machine, ATTACKER) as xs:
                 await xs.write(f"{C0}/{UNIQUE_ID}", "h0")
@@ -255,7 +254,7 @@ async def test_a_toolstack_node_others_may_write_is_refused(
         async with beside_an_honest_guest(hypervisor, tmp_path) as machine:
             await machine.add_guest(ATTACKER, ATTACKER_SPEC)
             dom0 = machine.xs.xenstored.session(0)
-            dom0.set_perms(f"{C0}/{RESOLUTION}", (SimPerm("n", 0), SimPerm("b", ATTACKER)))
+            dom0.set_perms(f"{C0}/{RESOLUTION}", (Perm(0, "n"), Perm(ATTACKER, "b")))
             dom0.close()
             await expect_refused(machine, logs, f"0/{RESOLUTION}")
 

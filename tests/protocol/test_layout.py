@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from displback.edid import EdidError, build_edid
+from displback.protocol.edid import EdidError, build_edid
 from displback.protocol.errors import ProtocolError
 from displback.protocol.layout import (
     BE_ALLOC,

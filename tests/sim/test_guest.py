@@ -39,7 +39,7 @@ from displback.protocol.messages import (
 from displback.protocol.pagedir import DirectoryFiller, DirectoryReader
 from displback.protocol.ring import BackRing
 from displback.protocol.xenbus import XenbusState, parse_state
-from displback.sim.guest import FlipResult, GuestRequestError, SimGuest
+from displback.sim.guest import FlipOutcome, GuestRequestError, SimGuest
 from displback.sim.guest_pattern import decode_pattern, draw_pattern, pattern_rgb
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
 from displback.sim.platform import SimGrantMapping, SimPlatform
@@ -385,7 +385,7 @@ async def test_guest_sends_linux_shaped_requests_and_flip_completes(
         draw_pattern(buf.buffer, width=63, height=48, pitch=189, fmt=PixelFormat.RGB888,
                      connector=0, frame=7)
         await guest.set_config(0, fb)
-        assert await guest.page_flip(0, fb) is FlipResult.DONE
+        assert await guest.page_flip(0, fb) is FlipOutcome.DONE
         await guest.set_config(0, None)
         await guest.rm_fb(fb)
         await guest.destroy_dumb(buf)
@@ -481,9 +481,9 @@ async def test_missing_flip_event_is_a_frame_done_timeout(
         fb = await guest.add_fb(buf, 16, 16)
         await guest.set_config(0, fb)
         w.backend.send_flip_events = False
-        assert await guest.page_flip(0, fb) is FlipResult.FRAME_DONE_TIMEOUT
+        assert await guest.page_flip(0, fb) is FlipOutcome.FRAME_DONE_TIMEOUT
         w.backend.send_flip_events = True
-        assert await guest.page_flip(0, fb) is FlipResult.DONE
+        assert await guest.page_flip(0, fb) is FlipOutcome.DONE
         stats = guest.connector_stats(0)
         assert (stats.frame_done_timeouts, stats.flips_ok) == (1, 1)
         await guest.destroy_dumb(buf)

@@ -8,16 +8,16 @@ import pytest
 import trio
 
 from displback.sim.toolstack import (
-    Connector,
     Toolstack,
     ToolstackError,
     VdisplConfig,
+    VdisplConnector,
     VdisplSpecError,
     parse_vdispl,
 )
-from displback.sim.xenstore_tree import RELEASE_DOMAIN, Perm, WatchEvent
+from displback.sim.xenstore_tree import RELEASE_DOMAIN, WatchEvent
 from displback.sim.xenstored import XenStored
-from displback.xenstore.wire import XenStoreError
+from displback.xenstore.wire import Perm, XenStoreError
 
 FE = "/local/domain/5/device/vdispl/0"
 BE = "/local/domain/0/backend/vdispl/5/0"
@@ -27,8 +27,8 @@ SPEC = "backend=Domain-0,be-alloc=1,connectors=id0:1024x768;id1:800x600"
 
 def test_parse_vdispl_reads_xl_syntax() -> None:
     assert parse_vdispl(SPEC) == VdisplConfig(
-        (Connector("id0", 1024, 768), Connector("id1", 800, 600)), "Domain-0", True)
-    assert parse_vdispl("connectors=a:1x1") == VdisplConfig((Connector("a", 1, 1),))
+        (VdisplConnector("id0", 1024, 768), VdisplConnector("id1", 800, 600)), "Domain-0", True)
+    assert parse_vdispl("connectors=a:1x1") == VdisplConfig((VdisplConnector("a", 1, 1),))
 
 
 @pytest.mark.parametrize("spec", [
@@ -92,9 +92,9 @@ async def test_add_vdispl_writes_libxl_layout_and_waits_for_initwait(
         "/local/domain/5/name": "guest", "/local/domain/5/domid": "5",
     }
     assert {p: dom0.read(p).decode() for p in expected} == expected
-    assert dom0.get_perms(FE) == (Perm("n", 5), Perm("r", 0))
-    assert dom0.get_perms(BE) == (Perm("n", 0), Perm("r", 5))
-    assert dom0.get_perms(f"{FE}/0/resolution") == (Perm("n", 0), Perm("r", 5))
+    assert dom0.get_perms(FE) == (Perm(5, "n"), Perm(0, "r"))
+    assert dom0.get_perms(BE) == (Perm(0, "n"), Perm(5, "r"))
+    assert dom0.get_perms(f"{FE}/0/resolution") == (Perm(0, "n"), Perm(5, "r"))
     guest = xsd.session(5)
     guest.write(f"{FE}/state", b"3")
     guest.write(f"{FE}/0/req-ring-ref", b"8")
@@ -257,7 +257,7 @@ async def test_a_guest_cannot_recreate_a_device_directory_it_removed(
     guest.rm(f"{FE}/0")  # its connector directory, read-only nodes and all
     assert not xsd.session(0).exists(f"{FE}/0/resolution")
     guest.write(f"{FE}/0/resolution", b"4096x2160")  # its own node now
-    assert xsd.session(0).get_perms(f"{FE}/0/resolution")[0] == Perm("n", 5)
+    assert xsd.session(0).get_perms(f"{FE}/0/resolution")[0] == Perm(5, "n")
     guest.rm(FE)
     for attempt in (lambda: guest.write(f"{FE}/state", b"1"),
                     lambda: guest.mkdir(FE),
@@ -273,7 +273,7 @@ async def test_with_xend_suspend_evtchn_compat_the_guest_owns_device(xsd: XenSto
     ts = Toolstack(xsd, init_timeout=2, destroy_timeout=2)
     ts.create_domain(5, "guest", xend_suspend_evtchn_compat=True)
     dom0, guest = xsd.session(0), xsd.session(5)
-    assert dom0.get_perms("/local/domain/5/device") == (Perm("n", 5),)
+    assert dom0.get_perms("/local/domain/5/device") == (Perm(5, "n"),)
     assert not dom0.exists("/local/domain/5/device/suspend")
     guest.write(f"{FE}/be-alloc", b"1")
-    assert dom0.get_perms(f"{FE}/be-alloc") == (Perm("n", 5),)
+    assert dom0.get_perms(f"{FE}/be-alloc") == (Perm(5, "n"),)

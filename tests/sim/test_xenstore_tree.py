@@ -6,13 +6,12 @@ import pytest
 
 from displback.sim.xenstore_tree import (
     RELEASE_DOMAIN,
-    Perm,
     Session,
     WatchEvent,
     XenStoreTree,
     parse_perms,
 )
-from displback.xenstore.wire import XenStoreError
+from displback.xenstore.wire import Perm, XenStoreError
 
 FE = "/local/domain/5/device/vdispl/0"
 BE = "/local/domain/0/backend/vdispl/5/0"
@@ -170,7 +169,7 @@ def test_parse_perms_rejects_bad_entries() -> None:
         with pytest.raises(XenStoreError) as exc:
             parse_perms(bad)
         assert errname(exc) == "EINVAL"
-    assert parse_perms(["n5", "r0"]) == (Perm("n", 5), Perm("r", 0))
+    assert parse_perms(["n5", "r0"]) == (Perm(5, "n"), Perm(0, "r"))
 
 
 def test_guest_may_write_its_frontend_directory(dom0: Session, guest: Session) -> None:
@@ -183,7 +182,7 @@ def test_guest_may_write_its_frontend_directory(dom0: Session, guest: Session) -
 def test_guest_created_nodes_are_owned_by_the_guest(dom0: Session, guest: Session) -> None:
     libxl_layout(dom0)
     guest.write(f"{FE}/0/evt-ring-ref", b"9")
-    assert dom0.get_perms(f"{FE}/0/evt-ring-ref") == (Perm("n", 5), Perm("r", 0))
+    assert dom0.get_perms(f"{FE}/0/evt-ring-ref") == (Perm(5, "n"), Perm(0, "r"))
 
 
 def test_guest_cannot_forge_resolution_or_be_alloc(dom0: Session, guest: Session) -> None:

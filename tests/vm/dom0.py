@@ -149,7 +149,7 @@ exec /bin/sh -i
         )
         self.sh(
             f"cd {self.repo} && PYTHONDONTWRITEBYTECODE=1 setsid .venv/bin/python -m "
-            f"displback.run {argv} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/daemon.pid; cd /"
+            f"displback.app.run {argv} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/daemon.pid; cd /"
         )
         self.daemon_pid = int((self.share / "daemon.pid").read_text().strip())
         if wait:
@@ -191,7 +191,7 @@ exec /bin/sh -i
         return status
 
     def status(self) -> list[dict[str, Any]]:
-        """The devices in the daemon's ``status.json`` (displback.status), each with its
+        """The devices in the daemon's ``status.json`` (displback.app.status), each with its
         guest's ``domid``."""
         path = self.share / "snap" / "status.json"
         try:

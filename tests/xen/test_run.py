@@ -1,7 +1,7 @@
 """``displback run``: options, start-up refusals, and serving guests until a signal.
 
 Serving is exercised on the simulated machine (its platform stands in for the real one, as
-:func:`displback.run.serve` accepts any platform); the signal is a real SIGTERM to this process.
+:func:`displback.app.run.serve` accepts any platform); the signal is a real SIGTERM to this process.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from displback.app.run import RunConfig, StartupError, add_run_parser, config_from_args, serve
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.display.virtual import OutputConfig
 from displback.protocol import layout
 from displback.protocol.xenbus import XenbusState, parse_state
-from displback.run import RunConfig, StartupError, add_run_parser, config_from_args, serve
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.platform import SimPlatform, client_resources
 from displback.sim.toolstack import Toolstack

@@ -4,7 +4,7 @@ import os
 import socket
 from pathlib import Path
 
-from displback.sdnotify import Notifier
+from displback.systemd.sdnotify import Notifier
 
 
 def test_ready_status_watchdog_and_stopping_are_sent_as_systemd_reads_them(

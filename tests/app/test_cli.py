@@ -3,7 +3,7 @@
 import pytest
 
 from displback import __version__
-from displback.cli import main
+from displback.app.cli import main
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,6 @@
 """The daemon's TOML configuration file: the settings of ``displback run``, and ``[limits]``.
 
-Keys are the field names of :class:`~displback.run.RunConfig` (``display``, ``card``,
+Keys are the field names of :class:`~displback.app.run.RunConfig` (``display``, ``card``,
 ``connectors``, ``zero_copy``, ``wait_free_ms``, …) plus an ``[assign]`` table mapping a
 guest connector (``"<domid>/<devid>/<index>"`` or its ``unique-id``) to an output name, and a
 ``[limits]`` table of per-guest quotas (:class:`~displback.backend.quotas.LimitOverrides`)
@@ -9,15 +9,14 @@ given explicitly wins over the file.
 
 :func:`read_config` checks every key on its own — unknown keys (with the closest known one),
 types, ranges, choices — and collects *every* problem with its dotted key and its line
-(:mod:`displback.tomllines`), keeping the valid keys; checks across keys (an ``[assign]``
+(:mod:`displback.app.tomllines`), keeping the valid keys; checks across keys (an ``[assign]``
 naming an output that does not exist, …) need the whole effective configuration and are
-:func:`displback.run.config_problems`. See ``config/displback.toml`` for an annotated example.
+:func:`displback.app.run.config_problems`. See ``config/displback.toml`` for an annotated example.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import re
 import tomllib
@@ -26,12 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from displback.app.logs import LOG_FORMATS, LOG_LEVELS
+from displback.app.tomllines import KeyPath, dotted, key_lines
+from displback.app.validators import (
+    MAX_DOMID,
+    choice,
+    copy_workers,
+    did_you_mean,
+    domid,
+    non_empty_string,
+    positive,
+    socket_path,
+    wait_free_ms,
+)
 from displback.backend.quotas import LIMIT_NAMES, LimitOverrides, limit_problem
 from displback.display.virtual import OutputConfig
-from displback.edid import check_resolution
-from displback.logs import LOG_FORMATS, LOG_LEVELS
-from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
-from displback.tomllines import KeyPath, dotted, key_lines
+from displback.protocol.edid import check_resolution
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -50,10 +59,6 @@ __all__ = [
 
 #: Where ``displback check-config`` looks without a FILE (and the unit's ``--config``).
 DEFAULT_CONFIG = Path("/etc/displback/displback.toml")
-#: Domain ids a guest can have (DOMID_FIRST_RESERVED is 0x7FF0).
-MAX_DOMID = 0x7FEF
-#: Most copy worker threads (more than cores only share memory bandwidth worse).
-MAX_COPY_WORKERS = 256
 
 _NAME = r"[A-Za-z0-9_.:-]+"
 _OUTPUT_SPEC = re.compile(rf"^({_NAME})=(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
@@ -64,7 +69,7 @@ def parse_output_spec(text: str) -> OutputConfig:
     """``NAME=WxH`` or ``NAME=WxH@HZ`` → an output (``ValueError`` saying what is wrong).
 
     The resolution must be one a guest connector can be told in an EDID (the one limit,
-    :func:`displback.edid.check_resolution`)."""
+    :func:`displback.protocol.edid.check_resolution`)."""
     match = _OUTPUT_SPEC.match(text)
     if match is None:
         raise ValueError(f"expected NAME=WIDTHxHEIGHT[@HZ], not {text!r}")
@@ -92,43 +97,16 @@ def parse_connector_spec(text: str) -> tuple[str, OutputConfig | None]:
 Check = Callable[[Any], Iterator[tuple[KeyPath, str]]]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _value(validate: Callable[[Any], object]) -> Check:
+    """A validator of :mod:`displback.app.validators` as the check of one value."""
 
-
-def _string(value: Any) -> Iterator[tuple[KeyPath, str]]:
-    if not isinstance(value, str) or not value:
-        yield (), f"must be a non-empty string, not {value!r}"
-
-
-def _socket_path(value: Any) -> Iterator[tuple[KeyPath, str]]:
-    if not isinstance(value, str):
-        yield (), f'must be a path ("" for no status socket), not {value!r}'
-    elif len(value.encode()) > 107:
-        yield (), f"must be at most 107 bytes long (a UNIX socket path), not {value!r}"
-
-
-def _choice(*allowed: str) -> Check:
     def check(value: Any) -> Iterator[tuple[KeyPath, str]]:
-        if value not in allowed:
-            names = [repr(a) for a in allowed]
-            options = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-            yield (), f"must be {options}, not {value!r}{_did_you_mean(value, allowed)}"
+        try:
+            validate(value)
+        except ValueError as exc:
+            yield (), str(exc)
 
     return check
-
-
-def _int_range(low: int, high: int, why: str = "") -> Check:
-    def check(value: Any) -> Iterator[tuple[KeyPath, str]]:
-        if not _is_int(value) or not low <= value <= high:
-            yield (), f"must be an integer from {low} to {high}{why}, not {value!r}"
-
-    return check
-
-
-def _positive(value: Any) -> Iterator[tuple[KeyPath, str]]:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        yield (), f"must be a positive number, not {value!r}"
 
 
 def _list_of(parse: Callable[[str], object]) -> Check:
@@ -174,7 +152,7 @@ def _limit_table(value: Any, *, guests: bool) -> Iterator[tuple[KeyPath, str]]:
         if name == "guest" and guests:
             yield from _guests(item)
         elif name not in known:
-            yield (name,), f"unknown limit{_did_you_mean(name, known)}"
+            yield (name,), f"unknown limit{did_you_mean(name, known)}"
         else:
             problem = limit_problem(name, item)
             if problem is not None:
@@ -206,35 +184,24 @@ def _limits(value: Any) -> Iterator[tuple[KeyPath, str]]:
     yield from _limit_table(value, guests=True)
 
 
-def _did_you_mean(value: Any, known: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 #: Every key of the file and its check.
 KEYS: Mapping[str, Check] = {
-    "xenstore": _string,
-    "domid": _int_range(0, MAX_DOMID),
-    "display": _choice("virtual", "kms"),
+    "xenstore": _value(non_empty_string),
+    "domid": _value(domid),
+    "display": _value(choice("virtual", "kms")),
     "virtual_outputs": _list_of(parse_output_spec),
-    "snapshot_dir": _string,
-    "snapshot_interval_s": _positive,
-    "card": _string,
+    "snapshot_dir": _value(non_empty_string),
+    "snapshot_interval_s": _value(positive),
+    "card": _value(non_empty_string),
     "connectors": _list_of(parse_connector_spec),
     "assign": _assign,
-    "zero_copy": _choice("auto", "require", "off"),
-    "wait_free_ms": _int_range(
-        1,
-        LINUX_RESPONSE_TIMEOUT_MS - 1,
-        f" (below the guest's {LINUX_RESPONSE_TIMEOUT_MS} ms request timeout)",
-    ),
-    "copy_workers": _int_range(1, MAX_COPY_WORKERS),
-    "log_level": _choice(*LOG_LEVELS),
-    "log_format": _choice(*LOG_FORMATS),
+    "zero_copy": _value(choice("auto", "require", "off")),
+    "wait_free_ms": _value(wait_free_ms),
+    "copy_workers": _value(copy_workers),
+    "log_level": _value(choice(*LOG_LEVELS)),
+    "log_format": _value(choice(*LOG_FORMATS)),
     "limits": _limits,
-    "status_socket": _socket_path,
+    "status_socket": _value(socket_path),
 }
 
 
@@ -337,7 +304,7 @@ def read_config(path: str | Path) -> ConfigFile:
         check = KEYS.get(key)
         if check is None:
             config.problems.append(
-                config.problem((key,), f"unknown key{_did_you_mean(key, list(KEYS))}")
+                config.problem((key,), f"unknown key{did_you_mean(key, list(KEYS))}")
             )
             continue
         found = [config.problem((key, *sub), message) for sub, message in check(value)]

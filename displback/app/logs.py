@@ -3,9 +3,10 @@
 Modules log through ``structlog.get_logger(...)`` and bind what identifies their object
 (``domid``, ``devid``, ``connector``); this module decides where it goes and how it looks.
 The stdlib ``logging`` records of libraries (and of our XenStore client) go the same way.
-Under systemd the default is the journal (:mod:`displback.journal`), where bound keys become
-fields (``DOMID=3``); elsewhere human-readable lines. :class:`LogThrottle` is how a warning a
-guest can cause over and over is kept to one line per interval that counts the others.
+Under systemd the default is the journal (:mod:`displback.systemd.journal`), where bound keys become
+fields (``DOMID=3``); elsewhere human-readable lines.
+May touch: :mod:`displback.systemd.journal`; nothing of the daemon (the backend logs through
+structlog and never imports this).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import structlog
 
-from displback.journal import (
+from displback.systemd.journal import (
     JOURNAL_SOCKET,
     JournalHandler,
     JournalLoggerFactory,
@@ -32,7 +32,6 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "LogFormat",
-    "LogThrottle",
     "configure_logging",
     "default_log_format",
 ]
@@ -49,26 +48,6 @@ def default_log_format(
     if under_systemd(environ) and os.path.exists(journal_socket):
         return "journal"
     return "console"
-
-
-class LogThrottle:
-    """Lets one line through per ``interval`` seconds and counts the ones it held back."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._next = -float("inf")
-        self._suppressed = 0
-
-    def allow(self) -> int | None:
-        """None: do not log now. Else log, saying how many were not logged since the last."""
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
-            return None
-        suppressed, self._suppressed = self._suppressed, 0
-        self._next = now + self.interval
-        return suppressed
 
 
 def configure_logging(

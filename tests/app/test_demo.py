@@ -7,7 +7,7 @@ import numpy as np
 import trio
 from PIL import Image
 
-from displback.demo import DEMO_GUESTS, run_demo
+from displback.app.demo import DEMO_GUESTS, run_demo
 from displback.sim.guest_pattern import decode_pattern
 
 

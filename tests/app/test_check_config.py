@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from displback.app.cli import build_parser, main
+from displback.app.config import DEFAULT_CONFIG, KEYS, read_config
+from displback.app.run import RunConfig
 from displback.backend.quotas import LIMIT_NAMES
-from displback.cli import build_parser, main
-from displback.config import DEFAULT_CONFIG, KEYS, read_config
-from displback.run import RunConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIVE = REPO / "tests" / "fixtures" / "five-mistakes.toml"
 EXAMPLE = REPO / "config" / "displback.toml"
 OPERATIONS = REPO / "docs" / "operations.md"

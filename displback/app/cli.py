@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from displback import __version__
-from displback.checkconfig import add_check_config_parser
+from displback.app.checkconfig import add_check_config_parser
+from displback.app.logs import LOG_LEVELS, configure_logging
+from displback.app.run import add_run_parser
+from displback.app.status_socket import add_status_parser
+from displback.app.validators import option, positive
 from displback.kms.info import add_kms_info_parser
-from displback.logs import LOG_LEVELS, configure_logging
-from displback.run import add_run_parser
-from displback.status_socket import add_status_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated Xen machine, the backend and two guests drawing test "
         "patterns; show a live status, write PNG snapshots of every output, check for leaks.",
     )
-    demo.add_argument("--seconds", type=_positive_float, default=10.0, help="how long (10)")
-    demo.add_argument("--fps", type=_positive_float, default=30.0, help="guest frame rate (30)")
+    number = option(positive, float)
+    demo.add_argument("--seconds", type=number, default=10.0, help="how long (10)")
+    demo.add_argument("--fps", type=number, default=30.0, help="guest frame rate (30)")
     demo.add_argument(
         "--snapshots", type=Path, default=None, help="directory for the PNGs (a new temp dir)"
     )
@@ -45,20 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
 def _demo(args: argparse.Namespace) -> int:
     import trio
 
-    from displback.demo import run_demo
+    from displback.app.demo import run_demo
 
     configure_logging(args.log_level)
     return trio.run(

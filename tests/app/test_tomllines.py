@@ -1,6 +1,6 @@
 """Line numbers of TOML keys, found by a structural scan (tomllib has none)."""
 
-from displback.tomllines import dotted, key_lines
+from displback.app.tomllines import dotted, key_lines
 
 TEXT = '''\
 # [limits] in a comment is no table; max_buffers = 1 is no key

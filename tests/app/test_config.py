@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from displback.cli import build_parser
-from displback.config import ConfigError, apply_config, load_config
-from displback.run import RunConfig, StartupError, check_config
+from displback.app.cli import build_parser
+from displback.app.config import ConfigError, apply_config, load_config
+from displback.app.run import RunConfig, StartupError, check_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -74,7 +74,8 @@ def test_file_values_fill_what_the_command_line_left_at_its_default(tmp_path: Pa
 def test_an_output_resolution_no_guest_could_be_given_is_refused_at_start(
     tmp_path: Path, spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The same limit as for the toolstack's resolution nodes (displback.edid.check_resolution).
+    # The same limit as for the toolstack's resolution nodes
+    # (displback.protocol.edid.check_resolution).
     path = write(tmp_path, f"display = 'virtual'\nvirtual_outputs = ['{spec}']\n")
     parser = build_parser()
     with pytest.raises(ConfigError, match=r":2: virtual_outputs\[0\]: .*cannot be described"):

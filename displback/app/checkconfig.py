@@ -1,7 +1,7 @@
 """``displback check-config [FILE]``: check a configuration without touching Xen or a display.
 
 It runs the very check ``displback run --config FILE`` runs at start
-(:func:`displback.run.effective_config`) and prints every problem, one a line, as
+(:func:`displback.app.run.effective_config`) and prints every problem, one a line, as
 ``FILE:LINE: KEY: what is wrong`` (exit 1), or ``FILE: OK`` (exit 0). With ``--show`` it
 prints instead the effective settings — the file's, with every default filled in — as TOML
 that the check accepts again.
@@ -17,10 +17,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from displback.app.config import DEFAULT_CONFIG, ConfigError
+from displback.app.run import RunConfig, add_run_parser, effective_config
 from displback.backend.quotas import LIMIT_NAMES, LimitOverrides
-from displback.config import DEFAULT_CONFIG, ConfigError
 from displback.display.virtual import OutputConfig
-from displback.run import RunConfig, add_run_parser, effective_config
 
 __all__ = ["add_check_config_parser", "check_config_command", "show_config"]
 

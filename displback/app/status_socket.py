@@ -2,7 +2,7 @@
 
 The daemon listens on a UNIX stream socket (:data:`DEFAULT_SOCKET`; its directory is made
 0700, the socket 0600: root only). A client sends one request line — ``status`` — and gets
-one JSON document (:func:`displback.status.to_json`), then end of file. Anything else gets
+one JSON document (:func:`displback.app.status.to_json`), then end of file. Anything else gets
 ``{"error": ...}``.
 
 The socket must never stall the daemon: each connection is its own task with
@@ -23,7 +23,6 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -87,7 +86,7 @@ async def serve_status(
 
     ``task_status.started()`` once the socket listens. The socket is removed at the end.
     """
-    log = log if log is not None else structlog.get_logger("displback.status")
+    log = log if log is not None else structlog.get_logger("displback.app.status")
     _prepare(path)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     inode: int | None = None
@@ -234,7 +233,7 @@ def add_status_parser(
 
 def status_command(args: argparse.Namespace) -> int:
     """Handler of ``displback status``: 0 with the status printed, 1 if unavailable."""
-    from displback.status import render_table
+    from displback.app.status import render_table
 
     try:
         doc = fetch_status(args.socket)
@@ -246,13 +245,3 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         print(render_table(doc))
     return 0
-
-
-def socket_path(value: str) -> str:
-    """A socket path that fits ``sun_path`` (107 bytes); "" (none) as it is."""
-    if not value:
-        return ""
-    path = Path(value)
-    if len(os.fsencode(path)) > 107:
-        raise argparse.ArgumentTypeError(f"socket path longer than 107 bytes: {value!r}")
-    return str(path)

@@ -8,7 +8,7 @@ named ``--virtual-output NAME=WxH``) or ``kms`` (DRM/KMS connectors of a card, n
 ``status.json`` of the devices, every ``--snapshot-interval`` seconds.
 
 Options are gathered in :class:`RunConfig`, whose field names are the TOML keys of
-``--config FILE`` (:mod:`displback.config`). Before anything is opened the whole effective
+``--config FILE`` (:mod:`displback.app.config`). Before anything is opened the whole effective
 configuration is checked (:func:`effective_config`: the file's keys, then
 :func:`config_problems` across keys) and every mistake is reported at once, with its line
 in the file; ``displback check-config`` runs the same check alone.
@@ -39,14 +39,8 @@ from typing import Any, Literal
 import structlog
 import trio
 
-from displback.backend.buffers import ZeroCopyPolicy
-from displback.backend.daemon import Backend
-from displback.backend.device import BackendSettings
-from displback.backend.outputs import OutputMap
-from displback.backend.quotas import LimitOverrides
-from displback.config import (
+from displback.app.config import (
     LOG_FORMATS,
-    MAX_COPY_WORKERS,
     ConfigError,
     Problem,
     apply_config,
@@ -55,15 +49,27 @@ from displback.config import (
     parse_output_spec,
     read_config,
 )
+from displback.app.logs import LOG_LEVELS, LogFormat, configure_logging, default_log_format
+from displback.app.status import StatusModel, to_json
+from displback.app.status_socket import DEFAULT_SOCKET, serve_status
+from displback.app.tomllines import KeyPath
+from displback.app.validators import (
+    copy_workers,
+    domid,
+    option,
+    positive,
+    socket_path,
+    wait_free_ms,
+)
+from displback.backend.buffers import ZeroCopyPolicy
+from displback.backend.daemon import Backend
+from displback.backend.device import BackendSettings
+from displback.backend.outputs import OutputMap
+from displback.backend.quotas import LimitOverrides
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
-from displback.fdstore import FdStore, inherited_fds
-from displback.logs import LOG_LEVELS, LogFormat, configure_logging, default_log_format
-from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
-from displback.sdnotify import Notifier
-from displback.status import StatusModel, to_json
-from displback.status_socket import DEFAULT_SOCKET, serve_status, socket_path
-from displback.tomllines import KeyPath
+from displback.systemd.fdstore import FdStore, inherited_fds
+from displback.systemd.sdnotify import Notifier
 from displback.xen.interfaces import Platform
 from displback.xen.real import (
     DmaBufSupport,
@@ -121,43 +127,6 @@ def _parse_assign(text: str) -> tuple[str, str]:
     return key, output
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _wait_free_ms(text: str) -> int:
-    value = _non_negative_int(text)
-    if not 0 < value < LINUX_RESPONSE_TIMEOUT_MS:
-        raise argparse.ArgumentTypeError(
-            f"must be from 1 to {LINUX_RESPONSE_TIMEOUT_MS - 1} (below the guest's "
-            f"{LINUX_RESPONSE_TIMEOUT_MS} ms request timeout): {text!r}"
-        )
-    return value
-
-
-def _copy_workers(text: str) -> int:
-    value = _non_negative_int(text)
-    if not 1 <= value <= MAX_COPY_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_COPY_WORKERS}: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
 def add_run_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
@@ -175,7 +144,7 @@ def add_run_parser(
         "else /dev/xen/xenbus)",
     )
     run.add_argument(
-        "--domid", type=_non_negative_int, default=None, help="this domain's id (from XenStore)"
+        "--domid", type=option(domid, int), default=None, help="this domain's id (from XenStore)"
     )
     run.add_argument(
         "--display",
@@ -196,7 +165,7 @@ def add_run_parser(
     run.add_argument(
         "--snapshot-interval",
         dest="snapshot_interval_s",
-        type=_positive_float,
+        type=option(positive, float),
         default=1.0,
         help="seconds between snapshots (1)",
     )
@@ -225,13 +194,13 @@ def add_run_parser(
     )
     run.add_argument(
         "--wait-free-ms",
-        type=_wait_free_ms,
+        type=option(wait_free_ms, int),
         default=2000,
         help="how long a buffer destroy waits for the display to let go (2000)",
     )
     run.add_argument(
         "--copy-workers",
-        type=_copy_workers,
+        type=option(copy_workers, int),
         default=None,
         help="worker threads copying frames in copy mode (default: the CPUs it may use)",
     )
@@ -245,7 +214,7 @@ def add_run_parser(
     run.add_argument(
         "--status-socket",
         metavar="PATH",
-        type=socket_path,
+        type=option(socket_path),
         default=DEFAULT_SOCKET,
         help=f"where `displback status` asks ({DEFAULT_SOCKET}; '' for none)",
     )
@@ -411,7 +380,7 @@ async def serve(
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until cancelled or signalled; ``task_status.started(backend)``."""
-    log = structlog.get_logger("displback.run")
+    log = structlog.get_logger("displback.app.run")
     check_config(config)
     xenstore = config.xenstore or default_xenstore_path()
     own = platform is None
@@ -513,7 +482,7 @@ async def _write_snapshots(display: Display, model: StatusModel, directory: Path
         try:
             images[name] = output.snapshot()
         except Exception as exc:  # a zero-copy KMS frame may not be mappable
-            structlog.get_logger("displback.run").debug("no snapshot", output=name, error=str(exc))
+            structlog.get_logger(__name__).debug("no snapshot", output=name, error=str(exc))
     status = json.dumps(to_json(model.report()), indent=1, default=str)
 
     def write() -> None:
@@ -541,13 +510,13 @@ def run_command(args: argparse.Namespace) -> int:
         config = effective_config(args)
     except ConfigError as exc:
         configure_logging("error")
-        log = structlog.get_logger("displback.run")
+        log = structlog.get_logger("displback.app.run")
         for problem in exc.problems:
             log.error("configuration", problem=problem.format(exc.path))
         log.error("cannot start", reason=f"{len(exc.problems)} configuration problem(s)")
         return 1
     configure_logging(config.log_level, fmt=config.log_format or default_log_format())
-    log = structlog.get_logger("displback.run")
+    log = structlog.get_logger("displback.app.run")
     try:
         trio.run(serve, config)
     except StartupError as exc:
@@ -560,7 +529,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m displback.run``: the same as ``displback run`` (until cli.py wires it)."""
+    """``python -m displback.app.run``: the same as ``displback run`` (until cli.py wires it)."""
     parser = argparse.ArgumentParser(prog="displback")
     add_run_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["run", *(argv if argv is not None else [])])

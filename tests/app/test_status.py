@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 import trio
 
-from displback import status_socket
+from displback.app import status_socket
+from displback.app.cli import main
+from displback.app.status import StatusModel, render_table, to_json
+from displback.app.status_socket import StatusUnavailable, fetch_status, serve_status
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.device import BackendSettings
-from displback.cli import main
 from displback.kms.display import KmsDisplay, KmsOutputConfig
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine
-from displback.status import StatusModel, render_table, to_json
-from displback.status_socket import StatusUnavailable, fetch_status, serve_status
 from tests.backend.support import connected_guest, flip_frame, release, show, wait_until
 from tests.kms.fake import FakeCard, bochs_card, vkms_card
 
@@ -322,7 +322,7 @@ async def test_a_bad_request_gets_an_error_document(
 
 
 async def test_the_demo_and_status_json_show_the_same_model(tmp_path: Path) -> None:
-    from displback.demo import run_demo
+    from displback.app.demo import run_demo
 
     out = io.StringIO()
     with trio.fail_after(60):
@@ -349,7 +349,7 @@ def test_the_table_of_an_idle_daemon_says_there_is_no_guest() -> None:
 def test_run_serves_status_on_the_default_socket_unless_told_otherwise() -> None:
     import argparse
 
-    from displback.run import add_run_parser, config_from_args
+    from displback.app.run import add_run_parser, config_from_args
 
     parser = argparse.ArgumentParser()
     add_run_parser(parser.add_subparsers(dest="command"))
@@ -391,8 +391,8 @@ async def test_run_serves_its_status_and_runs_on_without_a_usable_socket(
 ) -> None:
     from structlog.testing import capture_logs
 
+    from displback.app.run import RunConfig, serve
     from displback.display.virtual import OutputConfig
-    from displback.run import RunConfig, serve
     from displback.sim.platform import SimPlatform
     from displback.sim.toolstack import Toolstack
     from displback.sim.xenstored import running_xenstored

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import MutableMapping
 
-from displback.sdnotify import Notifier
+from displback.systemd.sdnotify import Notifier
 
 __all__ = ["SD_LISTEN_FDS_START", "FdStore", "inherited_fds", "valid_name"]
 

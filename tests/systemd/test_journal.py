@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from displback.journal import encode_fields, field_name
-from displback.logs import LogThrottle, configure_logging, default_log_format
+from displback.app.logs import configure_logging, default_log_format
+from displback.backend.throttle import LogThrottle
+from displback.systemd.journal import encode_fields, field_name
 
 
 def parse(payload: bytes) -> dict[str, str]:

@@ -3,7 +3,7 @@
 The service manager passes a datagram socket in ``$NOTIFY_SOCKET``; we send ``READY=1`` once
 every vdispl device is watched, ``STATUS=…`` lines an admin sees in ``systemctl status``,
 ``WATCHDOG=1`` from the event loop itself (a stuck loop stops the pings and systemd restarts
-us), ``STOPPING=1`` on shutdown, and fds for the fd store (:mod:`displback.fdstore`).
+us), ``STOPPING=1`` on shutdown, and fds for the fd store (:mod:`displback.systemd.fdstore`).
 Outside systemd every call is a no-op.
 """
 

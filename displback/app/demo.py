@@ -19,12 +19,12 @@ from typing import Any, TextIO
 
 import trio
 
+from displback.app.status import StatusModel, render_table, to_json
 from displback.backend.device import BackendSettings
 from displback.display.virtual import OutputConfig
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread, wait_for_no_leaks
 from displback.sim.machine import SimMachine, sim_machine
-from displback.status import StatusModel, render_table, to_json
 
 __all__ = ["DemoGuest", "DEMO_GUESTS", "run_demo"]
 

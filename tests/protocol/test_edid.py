@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from displback.edid import EdidError, build_edid, cvt_rb_timing
+from displback.protocol.edid import EdidError, build_edid, cvt_rb_timing
 
 EDID_DECODE = shutil.which("edid-decode")
 

@@ -1,7 +1,7 @@
 """The status model: what the running daemon is doing, per guest, device and connector.
 
 One model for every place that shows it: ``displback status`` (the daemon serves it over a
-socket, :mod:`displback.status_socket`), the live table of ``displback demo`` and the
+socket, :mod:`displback.app.status_socket`), the live table of ``displback demo`` and the
 ``status.json`` of ``--snapshot-dir``. :class:`StatusModel` reads the daemon's objects — the
 devices' status, connector and buffer-store counters, the per-domain accounts, deferred
 releases, kept be-alloc memory, and the display's outputs — into plain dataclasses that
