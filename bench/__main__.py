@@ -18,11 +18,11 @@ from typing import Any
 
 import trio
 
-from bench import buffers, flips
-from bench.report import Metric, Report, Target, busy_percent, cpu_jiffies
+from bench import buffers, flips, memory
+from bench.report import Goal, Metric, Report, Target, busy_percent, cpu_jiffies
 from displback.app.logs import configure_logging
 
-PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity", "fairness")
+PARTS = ("roundtrip", "cpu", "dbuf", "copy", "capacity", "fairness", "memory")
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,13 @@ class Plan:
     memcpy_bytes: int
     copy_sizes: tuple[tuple[int, int], ...]
     copy_repeats: int
-    capacity_guests: int
+    capacity_connectors: int
+    capacity_stride: int
     capacity_window: float
     capacity_settle: float
     fairness_window: float
     fairness_hostile: int
+    memory_guests: int
     scaling_window: float
     scaling_rounds: int
 
@@ -49,14 +51,17 @@ class Plan:
 FULL = Plan(
     rt_flips=2000, cpu_sizes=((1920, 1080), (2560, 1600)), cpu_seconds=4.0, cpu_warmup=1.0,
     dbuf_runs=7, memcpy_bytes=64 << 20, copy_sizes=((1920, 1080), (2560, 1600)),
-    copy_repeats=20, capacity_guests=8, capacity_window=3.0, capacity_settle=1.5,
-    fairness_window=4.0, fairness_hostile=4, scaling_window=1.5, scaling_rounds=3,
+    copy_repeats=20, capacity_connectors=64, capacity_stride=8, capacity_window=3.0,
+    capacity_settle=1.5,
+    fairness_window=4.0, fairness_hostile=4, memory_guests=16, scaling_window=1.5,
+    scaling_rounds=3,
 )
 QUICK = Plan(
     rt_flips=500, cpu_sizes=((1920, 1080),), cpu_seconds=1.0, cpu_warmup=0.5,
     dbuf_runs=3, memcpy_bytes=16 << 20, copy_sizes=((1920, 1080),), copy_repeats=5,
-    capacity_guests=2, capacity_window=1.0, capacity_settle=0.5,
-    fairness_window=1.5, fairness_hostile=2, scaling_window=0.5, scaling_rounds=1,
+    capacity_connectors=8, capacity_stride=4, capacity_window=1.0, capacity_settle=0.5,
+    fairness_window=1.5, fairness_hostile=2, memory_guests=2, scaling_window=0.5,
+    scaling_rounds=1,
 )
 
 
@@ -171,21 +176,36 @@ async def _copy(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
 
 
 async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
-    result = await flips.capacity(
-        tmp / "cap", max_guests=plan.capacity_guests, window=plan.capacity_window,
-        settle=plan.capacity_settle,
-    )
-    report.details["capacity"] = result
-    cap = result["max_connectors_tried"]
-    largest = result["largest_passing_connectors"]
-    note = (f"cap {cap}" + (" reached" if largest == cap else "")
-            + f"; machine {result['machine_busy_percent_before']:.0f} % busy before")
     from bench.report import machine_info
 
     cores = machine_info()["cpus_usable"]
-    report.add(Metric("capacity_connectors",
-                      f"60 fps 1024x768 connectors sustained on {cores} cores "
-                      f"(2 per guest, cap {cap})", largest, "", note=note))
+    results = {}
+    for copy in (False, True):
+        mode = "copy" if copy else "zero-copy"
+        _say(f"  capacity: {mode}, up to {plan.capacity_connectors} connectors")
+        result = await flips.capacity(
+            tmp / mode, copy=copy, max_connectors=plan.capacity_connectors,
+            stride=plan.capacity_stride, window=plan.capacity_window,
+            settle=plan.capacity_settle,
+        )
+        results[mode] = result
+        cap = result["max_connectors_tried"]
+        largest = result["largest_passing_connectors"]
+        last = next((s for s in reversed(result["steps"])
+                     if s["connectors"] == largest), None)
+        share = ("" if last is None else
+                 f"; at {largest}: backend {last['backend_percent_of_core']:.0f} %, guests "
+                 f"{last['guests_percent_of_core']:.0f} % of a core")
+        note = (f"cap {cap}" + (" reached" if result["cap_reached"] else "")
+                + f", {len(result['steps'])} steps in {result['seconds']:.0f} s; machine "
+                f"{result['machine_busy_percent_before']:.0f} % busy before{share}")
+        key = "copy" if copy else "zc"
+        report.add(Metric(f"capacity_{key}_connectors",
+                          f"60 fps 1024x768 connectors sustained on {cores} cores, {mode} "
+                          f"(2 per guest, cap {cap})", largest, "", note=note))
+        report.add_goal(Goal(5, f"60 fps 1024x768 connectors, no late flip, {mode} (cap {cap})",
+                             largest, "", Target(">=", 32), note=note))
+    report.details["capacity"] = results
 
 
 async def _fairness(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
@@ -215,8 +235,12 @@ async def _fairness(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                           beside["latency"]["p99_ms"], "ms"))
         report.add(Metric(f"{key}_fps_ratio", "  flip rate beside / alone", result["fps_ratio"],
                           "", Target(">=", 0.9)))
+        report.add_goal(Goal(7, f"honest flip rate beside {hostile} flipping / alone "
+                                f"(copy, {'60 Hz' if hz == 60.0 else 'unpaced'})",
+                             result["fps_ratio"], "", Target(">=", 0.9)))
         report.add(Metric(f"{key}_p99_ratio", "  p99 latency beside / alone",
                           result["p99_ratio"], ""))
+        _copy_share(report, key, result)
     for key, copy in (("churncopy", True), ("churnzc", False)):
         mode = "copy" if copy else "zero-copy"
         _say(f"  fairness: hostile guest churning its largest buffers ({mode})")
@@ -230,9 +254,62 @@ async def _fairness(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
             f"honest guest ({mode}, 60 Hz) beside one creating, showing, detaching and "
             f"destroying {result['hostile_connectors']}×{xw}x{xh} buffers: flip rate / alone",
             result["fps_ratio"], "", Target(">=", 0.9)))
+        report.add_goal(Goal(7, f"honest flip rate beside {result['hostile_connectors']}×"
+                                f"{xw}x{xh} churning / alone ({mode}, 60 Hz)",
+                             result["fps_ratio"], "", Target(">=", 0.9)))
         report.add(Metric(f"{key}_p99_ratio", "  p99 latency beside / alone",
                           result["p99_ratio"], ""))
     report.details["fairness"] = results
+
+
+def _copy_share(report: Report, key: str, result: dict[str, Any]) -> None:
+    """The copy workers' per-guest share: how long the honest guest's copies waited for a
+    thread beside the hostile guest, and the most copies one guest ran at once."""
+    workers = result["copy_workers"]
+    honest = workers["wait_by_domid"].get("1")
+    if honest is None:
+        return
+    hostile = workers["copy_by_domid"].get("2", {})
+    report.add(Metric(
+        f"{key}_honest_copy_wait_p99_ms", "  honest copy's wait for a worker thread p99",
+        honest["p99_ms"], "ms",
+        note=f"most copies at once for one guest {workers['most_running_per_guest']} (of "
+             f"{workers['threads']} threads); a hostile copy takes "
+             f"{hostile.get('p50_ms', float('nan')):.1f} ms p50"))
+
+
+async def _memory(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
+    result = await memory.footprint_in_child(tmp, guests=plan.memory_guests)
+    traced = await memory.footprint_in_child(tmp, guests=plan.memory_guests, trace=True)
+    for key in ("heap_guests_1_connector_bytes", "heap_guests_n_connectors_bytes",
+                "heap_per_guest_bytes", "heap_per_connector_bytes"):
+        result[key] = traced[key]
+    report.details["memory"] = {"rss": result, "traced": traced}
+    mib, kib = 1 << 20, 1 << 10
+    report.add(Metric("rss_no_guest_mib", "daemon RSS without shared memory, no guest "
+                      "(+ simulated xenstored and toolstack)", result["rss_no_guest_bytes"] / mib,
+                      "MiB"))
+    report.add(Metric("rss_per_guest_kib", "  per connected guest, excluding its connectors",
+                      result["per_guest_bytes"] / kib, "KiB",
+                      note=f"{result['rss_first_guest_bytes'] / kib:.0f} KiB more for the first "
+                           f"guest (code paths and caches loaded once)"))
+    report.add(Metric("rss_per_connector_kib", "  per connector, excluding pixel buffers",
+                      result["per_connector_bytes"] / kib, "KiB"))
+    report.add(Metric("heap_per_guest_kib", "  Python heap per connected guest (tracemalloc)",
+                      result["heap_per_guest_bytes"] / kib, "KiB"))
+    report.add(Metric("heap_per_connector_kib", "  Python heap per connector (tracemalloc)",
+                      result["heap_per_connector_bytes"] / kib, "KiB"))
+    report.add_goal(Goal(6, "daemon RSS with no guest", result["rss_no_guest_bytes"] / mib,
+                         "MiB"))
+    report.add_goal(Goal(6, "per connected guest, its connectors excluded (RSS; heap)",
+                         result["per_guest_bytes"] / kib, "KiB",
+                         note=f"Python heap (tracemalloc) "
+                              f"{result['heap_per_guest_bytes'] / kib:.0f} KiB per guest"))
+    report.add_goal(Goal(6, "per connector, pixel buffers excluded (RSS; heap)",
+                         result["per_connector_bytes"] / kib, "KiB",
+                         note=f"Python heap (tracemalloc) "
+                              f"{result['heap_per_connector_bytes'] / kib:.0f} KiB per "
+                              f"connector; growth over a soak: make soak"))
 
 
 RUNNERS: dict[str, Callable[[Report, Plan, Path, Any], Awaitable[None]]] = {
@@ -242,6 +319,7 @@ RUNNERS: dict[str, Callable[[Report, Plan, Path, Any], Awaitable[None]]] = {
     "copy": _copy,
     "capacity": _capacity,
     "fairness": _fairness,
+    "memory": _memory,
 }
 
 
@@ -292,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if profile is not None:
         print(flips.profile_text(profile), file=sys.stderr)
     print(report.table())
+    print()
+    print(report.goal_table())
     print()
     print(f"{report.summary()}; {report.seconds:.0f} s; results in {args.json}")
     if report.busy_before > 10:

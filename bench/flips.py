@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from bench.guestproc import FlipLog
 from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
 from bench.report import busy_percent, cpu_jiffies, percentile
+from displback.backend.copies import CopyWorkers
 from displback.display.virtual import OutputConfig
 
+T = TypeVar("T")
+
 __all__ = [
-    "capacity", "cpu_per_flip", "fairness", "flip_round_trip", "profile_text",
-    "trio_wakeup_cost",
+    "TimedCopyWorkers", "capacity", "cpu_per_flip", "fairness", "flip_round_trip",
+    "largest_passing", "profile_text", "trio_wakeup_cost",
 ]
 
 
@@ -195,17 +200,27 @@ async def trio_wakeup_cost(*, seconds: float = 2.0, rate: float = 60.0) -> dict[
 
 
 async def capacity(
-    tmp: Path, *, max_guests: int = 8, connectors_per_guest: int = 2,
-    size: tuple[int, int] = (1024, 768), window: float = 3.0, settle: float = 1.5,
-    min_fps: float = 59.5, attempts: int = 2,
+    tmp: Path, *, copy: bool = False, max_connectors: int = 64, connectors_per_guest: int = 2,
+    size: tuple[int, int] = (1024, 768), stride: int = 8, window: float = 3.0,
+    settle: float = 1.5, min_fps: float = 59.5, attempts: int = 2, guests_per_process: int = 4,
+    profile: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
-    """Add guest processes (``connectors_per_guest`` connectors of ``size``, zero-copy,
-    flipping pre-drawn buffers at 60 fps) one at a time until a step fails or
-    ``max_guests`` run. A step passes when, over one ``window`` of seconds, every connector
-    achieved ``min_fps``, no output missed a vblank and no guest saw a frame-done timeout
-    (or any failed flip); a step gets up to ``attempts`` windows, so one disturbance from
-    outside (the machine is shared) does not decide it. How busy the machine was before the
-    first guest started is measured too."""
+    """The largest number of ``size`` connectors held at 60 fps, found by stepping up and
+    then bisecting.
+
+    Guest processes (``connectors_per_guest`` connectors each, pre-drawn buffers flipped as
+    each flip's event arrives; zero-copy, or ``copy`` when Dom0 cannot export) are added
+    ``stride`` connectors at a time while every step passes, up to ``max_connectors``; after
+    the first failing step the count is bisected between the last passing and the failing
+    one, stopping or adding guests. A step passes when, over one ``window`` of seconds, every
+    connector achieved ``min_fps``, no output missed a vblank and no guest saw a frame-done
+    timeout, a failed flip or a response timeout; a step gets up to ``attempts`` windows, so
+    one disturbance from outside (the machine is shared) does not decide it. Each step also
+    records the CPU of the backend, the guest processes and the hypervisor process.
+    ``profile``, if given, runs during the windows of the largest count tried.
+    """
+    max_guests = max_connectors // connectors_per_guest
+    guest_stride = max(1, stride // connectors_per_guest)
     names = {
         (domid, i): f"g{domid}c{i}"
         for domid in range(1, max_guests + 1) for i in range(connectors_per_guest)
@@ -213,51 +228,108 @@ async def capacity(
     outputs = [OutputConfig(name, *size) for name in names.values()]
     assignments = {f"{domid}/0/{i}": name for (domid, i), name in names.items()}
     steps: list[dict[str, Any]] = []
-    largest = 0
     busy0 = cpu_jiffies()
     await trio.sleep(min(1.0, window))
     before = busy_percent(busy0, cpu_jiffies())
-    async with bench_machine(tmp, outputs, assignments=assignments) as machine:
-        for domid in range(1, max_guests + 1):
-            guest = await machine.start_guest(domid, connector_spec([size] * connectors_per_guest))
-            await guest.start_flipping()
+    started = time.perf_counter()
+    spec = connector_spec([size] * connectors_per_guest)
+    async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
+
+        async def measure(guests: int) -> bool:
+            running = sorted(machine.guests)
+            for domid in running[guests:][::-1]:
+                await machine.stop_guest(domid)
+            new = list(range(len(running) + 1, guests + 1))
+            for guest in await machine.start_guests(new, spec, per_process=guests_per_process):
+                await guest.start_flipping()
             await trio.sleep(settle)
-            active = [name for (d, _i), name in names.items() if d <= domid]
+            active = [name for (d, _i), name in names.items() if d <= guests]
+            use_profile = profile if guests == max_guests else None
             tries = []
             for _ in range(attempts):
-                tries.append(await _measure_step(machine, active, window, min_fps))
+                tries.append(await _measure_step(machine, active, window, min_fps, use_profile))
                 if tries[-1]["passed"]:
                     break
-            step = {**tries[-1], "windows": len(tries), "earlier_windows": tries[:-1]}
-            steps.append(step)
-            if not step["passed"]:
-                break
-            largest = step["connectors"]
+            steps.append({**tries[-1], "windows": len(tries), "earlier_windows": tries[:-1]})
+            passed: bool = tries[-1]["passed"]
+            return passed
+
+        low = await largest_passing(measure, max_guests, guest_stride)
     return {
+        "mode": "copy" if copy else "zero-copy",
         "size": list(size),
         "connectors_per_guest": connectors_per_guest,
+        "guests_per_process": guests_per_process,
         "max_connectors_tried": max_guests * connectors_per_guest,
+        "stride_connectors": guest_stride * connectors_per_guest,
         "fps_required": min_fps,
         "window_s": window,
         "attempts_per_step": attempts,
         "machine_busy_percent_before": before,
-        "largest_passing_connectors": largest,
+        "largest_passing_connectors": low * connectors_per_guest,
+        "cap_reached": low == max_guests,
+        "seconds": time.perf_counter() - started,
         "steps": steps,
     }
 
 
+async def largest_passing(
+    measure: Callable[[int], Awaitable[bool]], most: int, stride: int
+) -> int:
+    """The largest ``n`` in 0..``most`` for which ``measure(n)`` passes, assuming that
+    passing is monotonic: ``n`` = stride, 2·stride, … while they pass (``most`` last), then
+    bisection between the last passing and the first failing ``n``."""
+    low, high = 0, most + 1  # low passes (nothing to hold), high fails
+    n = min(stride, most)
+    while n < high:
+        if not await measure(n):
+            high = n
+            break
+        low = n
+        n = min(n + stride, most) if n < most else high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if await measure(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _process_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (``/proc/PID/stat``)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def _measure_step(
-    machine: Any, active: list[str], window: float, min_fps: float
+    machine: Any, active: list[str], window: float, min_fps: float,
+    profile: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
     outputs = [machine.output(name) for name in active]
     guests = list(machine.guests.values())
+    guest_pids = sorted({g.pid for g in guests})
     before_stats = [await g.stats() for g in guests]
     flips0 = [o.stats.flips_completed for o in outputs]
     missed0 = [o.stats.missed_vblanks for o in outputs]
     busy0 = cpu_jiffies()
+    guests0, hv0 = _process_cpu_s(guest_pids), _process_cpu_s([machine.hv.pid])
     start = _Usage.now()
+    if profile is not None:
+        profile.enable()
     await trio.sleep(window)
+    if profile is not None:
+        profile.disable()
     used = _Usage.now().since(start)
+    guests_cpu = _process_cpu_s(guest_pids) - guests0
+    hv_cpu = _process_cpu_s([machine.hv.pid]) - hv0
     busy = busy_percent(busy0, cpu_jiffies())
     fps = [
         (o.stats.flips_completed - f0) / used["wall_s"]
@@ -279,9 +351,51 @@ async def _measure_step(
         "missed_vblanks": missed,
         "failed_flips": failures,
         "backend_percent_of_core": 100 * used["cpu_s"] / used["wall_s"],
+        "guests_percent_of_core": 100 * guests_cpu / used["wall_s"],
+        "hypervisor_percent_of_core": 100 * hv_cpu / used["wall_s"],
         "machine_busy_percent": busy,
+        "loadavg": os.getloadavg()[0],
         "passed": passed,
     }
+
+
+class TimedCopyWorkers(CopyWorkers):
+    """The daemon's copy workers, also timing how long each copy waited for its thread (per
+    guest domain) and the most copies that ran at once for one guest: the per-guest fair
+    share made visible."""
+
+    def __init__(self, total: int | None = None) -> None:
+        super().__init__(total)
+        self.waits: dict[int, list[float]] = {}
+        self.copy_times: dict[int, list[float]] = {}
+
+    def clear(self) -> None:
+        self.waits.clear()
+        self.copy_times.clear()
+
+    async def run(self, domid: int, copy: Callable[[], T]) -> T:
+        asked = time.perf_counter()
+
+        def timed() -> T:
+            began = time.perf_counter()
+            self.waits.setdefault(domid, []).append(began - asked)
+            try:
+                return copy()
+            finally:
+                self.copy_times.setdefault(domid, []).append(time.perf_counter() - began)
+
+        return await super().run(domid, timed)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "threads": self.total,
+            "per_guest": self.per_guest,
+            "most_running": self.stats.most_running,
+            "most_running_per_guest": self.stats.most_running_per_guest,
+            "wait_by_domid": {str(d): {"copies": len(w), **_ms(w)} for d, w in self.waits.items()},
+            "copy_by_domid": {str(d): {"copies": len(c), **_ms(c)}
+                              for d, c in self.copy_times.items()},
+        }
 
 
 def profile_text(profile: cProfile.Profile, limit: int = 25) -> str:
@@ -322,8 +436,13 @@ async def fairness(
         f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
     }
     async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
+        # The daemon's copy workers, timed; its devices (none yet) take them when found.
+        workers = TimedCopyWorkers(machine.sim.backend.copies.total)
+        machine.sim.backend.copies = workers
         honest = await machine.start_guest(1, connector_spec([honest_size]))
         alone = await _honest_window(machine, honest, window, warmup)
+        copies_alone = workers.summary()
+        workers.clear()
         hostile = await machine.start_guest(2, connector_spec([hostile_size] * hostile_connectors))
         hostile_outputs = [machine.output(f"hostile{i}") for i in range(hostile_connectors)]
         if hostile_mode == "churn":
@@ -335,6 +454,7 @@ async def fairness(
         beside = await _honest_window(machine, honest, window, 0.0)
         hostile_fps = (sum(o.stats.flips_completed for o in hostile_outputs) - hostile0) / (
             beside["window_s"])
+        copies = workers.summary()
         await hostile.stop()
     return {
         "honest_size": list(honest_size),
@@ -347,6 +467,8 @@ async def fairness(
         "alone": alone,
         "beside_hostile": beside,
         "hostile_frames_per_s": hostile_fps,
+        "copy_workers_alone": copies_alone,
+        "copy_workers": copies,
         "fps_ratio": beside["fps"] / alone["fps"],
         "p99_ratio": beside["latency"]["p99_ms"] / alone["latency"]["p99_ms"],
     }

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -44,7 +46,7 @@ from displback.protocol.constants import PixelFormat
 from displback.sim.guest import FlipOutcome, GuestBuffer, GuestFb, SimGuest
 from displback.sim.guest_pattern import draw_pattern
 
-__all__ = ["FlipLog", "GuestProcess", "guest_main"]
+__all__ = ["FlipLog", "GuestHost", "GuestProcess", "guest_main"]
 
 XRGB = PixelFormat.XRGB8888
 
@@ -134,20 +136,29 @@ def _stats(guest: SimGuest, screens: list[_Screen]) -> list[dict[str, int]]:
     return out
 
 
-async def _serve(hv_path: str, xs_path: str, domid: int, conn: Connection) -> None:
+Reply = Callable[[tuple[str, Any]], None]
+
+
+async def _serve(
+    hv_path: str, xs_path: str, domid: int, inbox: trio.MemoryReceiveChannel[tuple[Any, ...]],
+    reply: Reply, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One guest domain: connect, prepare its screens (then it is started), then obey its
+    commands."""
     async with SimGuest.open(
         hypervisor_path=hv_path, xenstore_path=xs_path, domid=domid,
         response_timeout=3.0, frame_done_timeout=3.1, end_access_retry=0.05,
     ) as guest:
         await guest.wait_connected(timeout=30)
         screens = [await _prepare(guest, i) for i in range(len(guest.resolutions))]
-        conn.send(("ready", [tuple(r) for r in guest.resolutions]))
+        reply(("ready", [tuple(r) for r in guest.resolutions]))
+        task_status.started()
         logs: list[FlipLog] = []
         stop = trio.Event()
         flipping: trio.Nursery | None = None
         async with trio.open_nursery() as nursery:
             while True:
-                command = await trio.to_thread.run_sync(conn.recv, abandon_on_cancel=True)
+                command = await inbox.receive()
                 kind = command[0]
                 if kind == "flip":
                     _, count, record = command
@@ -157,38 +168,38 @@ async def _serve(hv_path: str, xs_path: str, domid: int, conn: Connection) -> No
                         async with trio.open_nursery() as inner:
                             for screen, log in zip(screens, logs, strict=True):
                                 inner.start_soon(_flip, guest, screen, log, count, record, stop)
-                        conn.send(("flipped", logs))
+                        reply(("flipped", logs))
                     else:
                         flipping = await nursery.start(_flip_all, guest, screens, logs, record,
                                                        stop)
-                        conn.send(("flipping", None))
+                        reply(("flipping", None))
                 elif kind == "churn":
                     _, width, height = command
                     logs = [FlipLog(s.index) for s in screens]
                     stop = trio.Event()
                     flipping = await nursery.start(
                         _churn_all, guest, screens, logs, (width, height), stop)
-                    conn.send(("churning", None))
+                    reply(("churning", None))
                 elif kind == "stats":
-                    conn.send(("stats", _stats(guest, screens)))
+                    reply(("stats", _stats(guest, screens)))
                 elif kind == "stop":
                     stop.set()
                     if flipping is not None:
                         await _wait_done(flipping)
                         flipping = None
-                    conn.send(("stopped", logs))
+                    reply(("stopped", logs))
                 elif kind == "quit":
                     stop.set()
                     if flipping is not None:
                         await _wait_done(flipping)
                     break
                 else:
-                    conn.send(("error", f"unknown command {kind!r}"))
+                    reply(("error", f"unknown command {kind!r}"))
             nursery.cancel_scope.cancel()
         final = _stats(guest, screens)
         for screen in screens:
             await _release(guest, screen)
-    conn.send(("bye", {"state": int(guest.state), "stats": final}))
+    reply(("bye", {"state": int(guest.state), "stats": final}))
 
 
 async def _flip_all(
@@ -216,10 +227,47 @@ async def _wait_done(nursery: trio.Nursery) -> None:
         await trio.sleep(0.005)
 
 
-def guest_main(hv_path: str, xs_path: str, domid: int, conn: Connection) -> None:
-    """The child process: run the guest; report an exception instead of dying silently."""
+async def _host(hv_path: str, conn: Connection) -> None:
+    """Guests of one process, side by side on one trio loop: ``(domid, "add", xs_path)``
+    starts one (replying ``ready`` when it shows its frames), ``(domid, *command)`` goes to
+    it, ``(0, "exit")`` ends the process once
+    every guest has quit."""
+    inboxes: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
+
+    async def guest(domid: int, xs_path: str,
+                    inbox: trio.MemoryReceiveChannel[tuple[Any, ...]], *,
+                    task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await _serve(hv_path, xs_path, domid, inbox, conn.send, task_status=task_status)
+        finally:
+            del inboxes[domid]
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            domid, kind, *args = await trio.to_thread.run_sync(conn.recv,
+                                                               abandon_on_cancel=True)
+            if kind == "exit":
+                break
+            if kind == "add":
+                send, receive = trio.open_memory_channel[tuple[Any, ...]](1)
+                inboxes[domid] = send
+                # One at a time: the ready replies come in the order of the adds.
+                await nursery.start(guest, domid, args[0], receive)
+            elif domid in inboxes:
+                await inboxes[domid].send((kind, *args))
+            else:
+                conn.send(("error", f"no guest {domid} in this process"))
+
+
+def guest_main(hv_path: str, conn: Connection) -> None:
+    """The child process: run its guests; report an exception instead of dying silently."""
     try:
-        trio.run(_serve, hv_path, xs_path, domid, conn)
+        with contextlib.suppress(PermissionError, AttributeError):  # not Linux: as it is
+            # SCHED_BATCH: a guest woken by the backend's notification does not preempt the
+            # backend in the middle of its loop (on Xen a guest runs on its own vCPUs); its
+            # share of the CPU is unchanged.
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        trio.run(_host, hv_path, conn)
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
@@ -230,78 +278,140 @@ class GuestError(RuntimeError):
     """The guest process failed or did not answer."""
 
 
-class GuestProcess:
-    """The parent's handle of one benchmark guest process (call from trio)."""
+class GuestHost:
+    """One child process holding guests of several domains on one trio loop.
 
-    def __init__(self, hv_path: str, xs_path: str, domid: int, *, timeout: float = 60.0):
+    Guests in one process share its wake-ups: events the backend sends to several of them
+    at one vblank are read in one loop pass, so a benchmark with many guests spends less of
+    the machine's CPU on the guests and more of what it measures is the backend's. The
+    parent sends one command at a time (:attr:`lock`) and reads its one reply.
+    """
+
+    def __init__(self, hv_path: str, *, timeout: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.domid = domid
         self.timeout = timeout
+        self.lock = trio.Lock()
+        self.domids: set[int] = set()
         self._conn, theirs = ctx.Pipe()
         self._proc: BaseProcess = ctx.Process(
-            target=guest_main, args=(hv_path, xs_path, domid, theirs), daemon=True,
-            name=f"bench-guest-{domid}",
+            target=guest_main, args=(hv_path, theirs), daemon=True, name="bench-guests",
         )
         self._proc.start()
         theirs.close()
+
+    @property
+    def pid(self) -> int:
+        pid = self._proc.pid
+        assert pid is not None  # started in __init__
+        return pid
+
+    async def command(
+        self, domid: int, command: tuple[Any, ...], expected: str, timeout: float | None = None,
+    ) -> Any:
+        """Send ``command`` to guest ``domid`` and return the payload of its reply."""
+        async with self.lock:
+            self._conn.send((domid, *command))
+            limit = self.timeout if timeout is None else timeout
+            ready = await trio.to_thread.run_sync(self._conn.poll, limit,
+                                                  abandon_on_cancel=True)
+            if not ready:
+                raise GuestError(f"guest {domid} did not answer within {limit} s")
+            try:
+                kind, payload = self._conn.recv()
+            except EOFError:
+                raise GuestError(f"guest {domid}: its process ended") from None
+        if kind == "error":
+            raise GuestError(f"guest {domid}: {payload}")
+        if kind != expected:
+            raise GuestError(f"guest {domid}: expected {expected!r}, got {kind!r}")
+        return payload
+
+    def add(self, xs_path: str, domid: int) -> GuestProcess:
+        """Start guest ``domid`` in this process (await its :meth:`GuestProcess.ready`)."""
+        self._conn.send((domid, "add", xs_path))
+        self.domids.add(domid)
+        return GuestProcess(self, domid)
+
+    def release(self, domid: int) -> None:
+        """Guest ``domid`` quit (or failed); the process ends with its last guest."""
+        self.domids.discard(domid)
+        if self.domids:
+            return
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send((0, "exit"))
+            self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._conn.close()
+
+
+class GuestProcess:
+    """The parent's handle of one benchmark guest (call from trio); its process may hold
+    other guests too (:class:`GuestHost`)."""
+
+    def __init__(self, host: GuestHost, domid: int) -> None:
+        self.host = host
+        self.domid = domid
         self.resolutions: list[tuple[int, int]] = []
 
-    async def _receive(self, expected: str, timeout: float | None = None) -> Any:
-        limit = self.timeout if timeout is None else timeout
-        ready = await trio.to_thread.run_sync(self._conn.poll, limit, abandon_on_cancel=True)
-        if not ready:
-            raise GuestError(f"guest {self.domid} did not answer within {limit} s")
-        try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            raise GuestError(f"guest {self.domid} process ended") from None
-        if kind == "error":
-            raise GuestError(f"guest {self.domid}: {payload}")
-        if kind != expected:
-            raise GuestError(f"guest {self.domid}: expected {expected!r}, got {kind!r}")
-        return payload
+    @classmethod
+    def alone(cls, hv_path: str, xs_path: str, domid: int) -> GuestProcess:
+        """A guest in a process of its own."""
+        return GuestHost(hv_path).add(xs_path, domid)
+
+    @property
+    def pid(self) -> int:
+        return self.host.pid
+
+    async def _call(self, command: tuple[Any, ...], expected: str) -> Any:
+        return await self.host.command(self.domid, command, expected)
 
     async def ready(self) -> list[tuple[int, int]]:
         """Wait until the guest is connected and shows its first frames."""
-        self.resolutions = [(int(w), int(h)) for w, h in await self._receive("ready")]
+        async with self.host.lock:
+            limit = self.host.timeout
+            ok = await trio.to_thread.run_sync(self.host._conn.poll, limit,
+                                               abandon_on_cancel=True)
+            if not ok:
+                raise GuestError(f"guest {self.domid} did not answer within {limit} s")
+            try:
+                kind, payload = self.host._conn.recv()
+            except EOFError:
+                raise GuestError(f"guest {self.domid}: its process ended") from None
+        if kind != "ready":
+            raise GuestError(f"guest {self.domid}: expected 'ready', got {kind!r}: {payload}")
+        self.resolutions = [(int(w), int(h)) for w, h in payload]
         return self.resolutions
 
     async def flip(self, count: int, *, record: bool = False) -> list[FlipLog]:
         """Flip every connector ``count`` times; the logs."""
-        self._conn.send(("flip", count, record))
-        logs: list[FlipLog] = await self._receive("flipped")
+        logs: list[FlipLog] = await self._call(("flip", count, record), "flipped")
         return logs
 
     async def start_flipping(self, *, record: bool = False) -> None:
-        self._conn.send(("flip", None, record))
-        await self._receive("flipping")
+        await self._call(("flip", None, record), "flipping")
 
     async def start_churning(self, width: int, height: int) -> None:
         """Create, attach, flip, detach and destroy ``width``×``height`` buffers on every
         connector until :meth:`stop` (whose logs count the rounds as ``flips``)."""
-        self._conn.send(("churn", width, height))
-        await self._receive("churning")
+        await self._call(("churn", width, height), "churning")
 
     async def stats(self) -> list[dict[str, int]]:
-        self._conn.send(("stats",))
-        stats: list[dict[str, int]] = await self._receive("stats")
+        stats: list[dict[str, int]] = await self._call(("stats",), "stats")
         return stats
 
     async def stop(self) -> list[FlipLog]:
-        self._conn.send(("stop",))
-        logs: list[FlipLog] = await self._receive("stopped")
+        logs: list[FlipLog] = await self._call(("stop",), "stopped")
         return logs
 
     async def quit(self) -> dict[str, Any]:
-        """Release everything and unload; the final counters. The process then exits."""
-        self._conn.send(("quit",))
-        bye: dict[str, Any] = await self._receive("bye")
-        await trio.to_thread.run_sync(self._proc.join, 10)
+        """Release everything and unload; the final counters."""
+        bye: dict[str, Any] = await self._call(("quit",), "bye")
         return bye
 
     def kill(self) -> None:
-        """End the process if it still runs (after a failure) and close the pipe."""
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join(5)
-        self._conn.close()
+        """Forget this guest; end the process if it was the last one in it (after a failure
+        too)."""
+        self.host.release(self.domid)

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from bench.guestproc import GuestProcess
+from bench.guestproc import GuestHost, GuestProcess
 from displback.backend.device import BackendSettings
 from displback.display.interface import FlipResult, Framebuffer
 from displback.display.virtual import OutputConfig
@@ -87,10 +87,30 @@ class BenchMachine:
         """Create domain ``domid`` with vdispl ``spec``, start its guest process and wait
         until it shows its first frames on every connector."""
         await self.sim.add_guest(domid, spec)
-        guest = GuestProcess(self.hv.socket_path, self.sim.xs.domain_sockets[domid], domid)
+        guest = GuestProcess.alone(self.hv.socket_path, self.sim.xs.domain_sockets[domid], domid)
         self.guests[domid] = guest
         await guest.ready()
         return guest
+
+    async def start_guests(
+        self, domids: Sequence[int], spec: str, *, per_process: int = 1
+    ) -> list[GuestProcess]:
+        """:meth:`start_guest` for several domains, ``per_process`` guests in each process
+        (:class:`~bench.guestproc.GuestHost`), the processes starting side by side."""
+        for domid in domids:
+            await self.sim.add_guest(domid, spec)
+        started = []
+        host = None
+        for i, domid in enumerate(domids):
+            if i % per_process == 0:
+                host = GuestHost(self.hv.socket_path)
+            assert host is not None
+            guest = host.add(self.sim.xs.domain_sockets[domid], domid)
+            self.guests[domid] = guest
+            started.append(guest)
+        for guest in started:
+            await guest.ready()
+        return started
 
     async def stop_guest(self, domid: int) -> dict[str, Any]:
         """Unload the guest's driver, end its process and detach its vdispl device."""

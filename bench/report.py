@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "Metric", "Report", "Target", "busy_percent", "cpu_jiffies", "machine_info", "percentile",
+    "GOALS", "Goal", "Metric", "Report", "Target", "busy_percent", "cpu_jiffies",
+    "machine_info", "percentile",
 ]
 
 
@@ -69,22 +70,64 @@ class Metric:
         return "PASS" if self.target.met_by(self.value) else "MISS"
 
     def value_text(self) -> str:
-        v = self.value
-        if v != v:
-            return "n/a"
-        if v == int(v) and abs(v) < 1e9:
-            text = f"{int(v)}"
-        elif abs(v) >= 100:
-            text = f"{v:.0f}"
-        elif abs(v) >= 10:
-            text = f"{v:.1f}"
-        else:
-            text = f"{v:.3g}"
-        return f"{text} {self.unit}".rstrip()
+        return _value_text(self.value, self.unit)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
+            "label": self.label,
+            "value": None if self.value != self.value else self.value,
+            "unit": self.unit,
+            "target": None if self.target is None else asdict(self.target),
+            "status": self.status or None,
+            "note": self.note,
+        }
+
+
+# Issue 12's goals, by number (goal 0, the peer in the nested VM, is `make bench-vm`'s).
+GOALS: dict[int, str] = {
+    1: "one wake-up per flip",
+    2: "flip overhead close to the floor",
+    3: "DBUF_CREATE close to bare mapping",
+    4: "copies on all cores",
+    5: "capacity",
+    6: "memory",
+    7: "fairness",
+}
+
+
+@dataclass
+class Goal:
+    """One row of the goal table: what one run measured for goal ``number`` of issue 12.
+
+    A goal may have several rows (e.g. zero-copy and copy mode). ``value`` is the ratio or
+    figure the goal is stated in; ``target`` decides PASS/MISS (``None``: a figure the goal
+    asks to print, not to judge). Add one with :meth:`Report.add_goal` from the part that
+    measured it, e.g. ``report.add_goal(Goal(1, "CPU per zero-copy flip / one trio
+    wake-up", ratio, "×", Target("<=", 1.2), note="459 µs / 301 µs"))``.
+    """
+
+    number: int
+    label: str
+    value: float
+    unit: str = ""
+    target: Target | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.number not in GOALS:
+            raise ValueError(f"issue 12 has no goal {self.number}")
+
+    @property
+    def status(self) -> str:
+        if self.target is None:
+            return ""
+        return "PASS" if self.target.met_by(self.value) else "MISS"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "goal": GOALS[self.number],
             "label": self.label,
             "value": None if self.value != self.value else self.value,
             "unit": self.unit,
@@ -101,6 +144,7 @@ class Report:
     mode: str
     machine_before: dict[str, Any] = field(default_factory=lambda: machine_info())
     metrics: list[Metric] = field(default_factory=list)
+    goals: list[Goal] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -110,21 +154,37 @@ class Report:
         self.metrics.append(metric)
         return metric
 
+    def add_goal(self, goal: Goal) -> Goal:
+        self.goals.append(goal)
+        return goal
+
     def table(self) -> str:
-        header = ("metric", "value", "target", "result")
         rows = [
-            (m.label, m.value_text(), m.target.text(m.unit) if m.target else "-", m.status)
+            (m.label, _value_text(m.value, m.unit), m.target.text(m.unit) if m.target else "-",
+             m.status)
             for m in self.metrics
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        for row in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        lines = _columns(("metric", "value", "target", "result"), rows)
         notes = [f"  {m.label.strip(' =')}: {m.note}" for m in self.metrics if m.note]
         if notes:
             lines += ["", "notes:", *notes]
+        return "\n".join(lines)
+
+    def goal_table(self) -> str:
+        """Every goal of issue 12 in order, its rows from this run ("not measured" if none)."""
+        rows = []
+        for number, title in GOALS.items():
+            mine = [g for g in self.goals if g.number == number]
+            if not mine:
+                rows.append((f"{number}", title, "not measured", "-", ""))
+            for i, g in enumerate(mine):
+                rows.append((f"{number}" if i == 0 else "", f"{title}: {g.label}" if i == 0
+                             else f"  {g.label}", _value_text(g.value, g.unit),
+                             g.target.text(g.unit) if g.target else "-", g.status))
+        lines = _columns(("goal", "issue 12", "value", "target", "result"), rows)
+        notes = [f"  {g.number} {g.label}: {g.note}" for g in self.goals if g.note]
+        if notes:
+            lines += ["", "goal notes:", *notes]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -133,6 +193,12 @@ class Report:
         text = f"{len(judged) - len(missed)}/{len(judged)} targets met"
         if missed:
             text += "; missed: " + ", ".join(missed)
+        goals = [g for g in self.goals if g.target is not None]
+        if goals:
+            missed_goals = [f"{g.number} ({g.label})" for g in goals if g.status == "MISS"]
+            text += f"; issue 12 goal rows: {len(goals) - len(missed_goals)}/{len(goals)} PASS"
+            if missed_goals:
+                text += "; missed: " + ", ".join(missed_goals)
         if self.errors:
             text += f"; {len(self.errors)} part(s) failed to run"
         return text
@@ -145,12 +211,40 @@ class Report:
             "loadavg_after": os.getloadavg(),
             "machine_busy_percent_before": self.busy_before,
             "metrics": [m.as_json() for m in self.metrics],
+            "goals": [g.as_json() for g in self.goals] + [
+                {"number": n, "goal": t, "status": "not measured"}
+                for n, t in GOALS.items() if not any(g.number == n for g in self.goals)
+            ],
             "details": self.details,
             "errors": self.errors,
         }
 
     def write_json(self, path: Path) -> None:
         path.write_text(json.dumps(self.as_json(), indent=2, default=_jsonable) + "\n")
+
+
+def _value_text(v: float, unit: str) -> str:
+    if v != v:
+        return "n/a"
+    if v == int(v) and abs(v) < 1e9:
+        text = f"{int(v)}"
+    elif abs(v) >= 100:
+        text = f"{v:.0f}"
+    elif abs(v) >= 10:
+        text = f"{v:.1f}"
+    else:
+        text = f"{v:.3g}"
+    return f"{text} {unit}".rstrip()
+
+
+def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return lines
 
 
 def _jsonable(value: object) -> object:

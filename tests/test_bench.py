@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import buffers, flips
-from bench.report import Metric, Report, Target, percentile
+from bench import buffers, flips, memory
+from bench.report import GOALS, Goal, Metric, Report, Target, percentile
 
 TINY = (64, 48)
 
@@ -77,12 +77,88 @@ async def test_copy_scaling_copies_with_one_thread_and_with_several_in_turn(
     assert result["ratio"] == pytest.approx(percentile(result["ratios"], 50))
 
 
-async def test_capacity_measures_one_step_per_guest_added(tmp_path: Path) -> None:
-    result = await flips.capacity(tmp_path, max_guests=1, size=TINY, window=0.3, settle=0.2)
-    (step,) = result["steps"]
-    assert (step["guests"], step["connectors"]) == (1, 2)
-    assert result["largest_passing_connectors"] in (0, 2)
-    assert step["failed_flips"] == 0
+@pytest.mark.parametrize("copy", [False, True], ids=["zero-copy", "copy"])
+async def test_capacity_steps_up_and_accounts_the_backend_and_the_guests_apart(
+    tmp_path: Path, copy: bool
+) -> None:
+    result = await flips.capacity(tmp_path, copy=copy, max_connectors=4, stride=2, size=TINY,
+                                  window=0.3, settle=0.2, guests_per_process=2)
+    first = result["steps"][0]
+    assert (first["guests"], first["connectors"]) == (1, 2)
+    assert result["mode"] == ("copy" if copy else "zero-copy")
+    # Whether a step passed depends on the machine's load; what follows from it does not.
+    passing = [step["connectors"] for step in result["steps"] if step["passed"]]
+    assert result["largest_passing_connectors"] == max(passing, default=0)
+    assert result["cap_reached"] == (result["largest_passing_connectors"] == 4)
+    for step in result["steps"]:
+        assert step["failed_flips"] == 0
+        assert step["backend_percent_of_core"] > 0 and step["guests_percent_of_core"] >= 0
+
+
+@pytest.mark.parametrize(("limit", "tries"), [
+    (0, [4, 2, 1]), (3, [4, 2, 3]), (4, [4, 8, 6, 5]), (5, [4, 8, 6, 5]), (10, [4, 8, 10]),
+    (9, [4, 8, 10, 9]),
+])
+async def test_largest_passing_steps_up_then_bisects(limit: int, tries: list[int]) -> None:
+    measured: list[int] = []
+
+    async def passes(n: int) -> bool:
+        measured.append(n)
+        return n <= limit
+
+    assert await flips.largest_passing(passes, 10, 4) == limit
+    assert measured == tries
+
+
+async def test_guests_share_a_process_when_asked(tmp_path: Path) -> None:
+    from bench.machine import bench_machine, connector_spec
+    from displback.display.virtual import OutputConfig
+
+    outputs = [OutputConfig(f"o{d}", *TINY) for d in (1, 2, 3)]
+    assignments = {f"{d}/0/0": f"o{d}" for d in (1, 2, 3)}
+    async with bench_machine(tmp_path, outputs, assignments=assignments) as machine:
+        guests = await machine.start_guests([1, 2, 3], connector_spec([TINY]), per_process=2)
+        assert guests[0].pid == guests[1].pid != guests[2].pid
+        for guest in guests:
+            await guest.flip(3)
+        await machine.stop_guest(1)  # its process goes on for guest 2
+        assert [log.flips for log in await guests[1].flip(2)] == [2]
+
+
+async def test_memory_footprint_separates_no_guest_per_guest_and_per_connector(
+    tmp_path: Path,
+) -> None:
+    result = await memory.footprint(tmp_path, guests=1, connectors=2, size=TINY, settle=0.1,
+                                    trace=True)
+    assert result["rss_no_guest_bytes"] > 0
+    assert result["rss_no_guest_bytes"] == pytest.approx(memory.rss_without_shmem(), rel=0.9)
+    assert result["per_connector_bytes"] == (
+        result["rss_guests_n_connectors_bytes"] - result["rss_guests_1_connector_bytes"])
+    assert result["per_guest_bytes"] == (
+        result["rss_guests_1_connector_bytes"] - result["per_connector_bytes"])
+    # Every guest and connector holds Python objects: the traced heap grew with each.
+    assert result["heap_per_connector_bytes"] > 0
+    assert result["heap_guests_1_connector_bytes"] > result["heap_per_connector_bytes"]
+
+
+async def test_memory_footprint_in_a_child_leaves_this_process_out(tmp_path: Path) -> None:
+    result = await memory.footprint_in_child(tmp_path, guests=1)
+    assert result["guests"] == 1 and result["traced"] is False
+    assert result["rss_no_guest_bytes"] > 0
+
+
+def test_soak_samples_the_daemons_memory_while_guests_flip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keep pytest's logging.
+    monkeypatch.setattr("displback.app.logs.configure_logging", lambda level: None)
+    path = tmp_path / "soak.json"
+    memory.main(["--soak", "1", "--interval", "0.25", "--guests", "2", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert len(result["samples"]) >= 4 and result["flips"] > 0 and result["failed_flips"] == 0
+    assert result["mode"] == "copy" and result["tolerance_mib"] == memory.GROWTH_TOLERANCE_MIB
+    assert result["passed"] == (result["growth_mib"] <= memory.GROWTH_TOLERANCE_MIB)
+    assert "growth after warm-up" in capsys.readouterr().out
 
 
 async def test_fairness_measures_the_honest_guest_alone_and_beside_the_hostile_one(
@@ -95,6 +171,11 @@ async def test_fairness_measures_the_honest_guest_alone_and_beside_the_hostile_o
     assert alone["not_done"] == beside["not_done"] == 0
     assert result["hostile_frames_per_s"] > 0
     assert result["fps_ratio"] == pytest.approx(beside["fps"] / alone["fps"])
+    # The copy workers' fair share, made visible: both guests' copies were timed, and no
+    # guest ever ran two at once.
+    workers = result["copy_workers"]
+    assert set(workers["wait_by_domid"]) == {"1", "2"}
+    assert workers["most_running_per_guest"] == 1
 
 
 @pytest.mark.parametrize("copy", [True, False])
@@ -133,6 +214,28 @@ def test_report_judges_targets_and_writes_json(tmp_path: Path) -> None:
     assert data["metrics"][2]["value"] is None
 
 
+def test_goal_table_lists_every_issue_12_goal_with_its_rows_and_verdicts(tmp_path: Path) -> None:
+    report = Report("test")
+    report.add_goal(Goal(5, "connectors, zero-copy", 40, "", Target(">=", 32)))
+    report.add_goal(Goal(5, "connectors, copy", 20, "", Target(">=", 32)))
+    report.add_goal(Goal(6, "RSS with no guest", 50.5, "MiB"))
+    table = report.goal_table()
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[2:2 + len(GOALS) + 1]] == [
+        "1", "2", "3", "4", "5", "connectors,", "6", "7"]
+    assert "not measured" in lines[2] and "PASS" in lines[6] and "MISS" in lines[7]
+    assert "50.5 MiB" in lines[8] and "PASS" not in lines[8] and "MISS" not in lines[8]
+    assert "goal rows: 1/2 PASS; missed: 5 (connectors, copy)" in report.summary()
+    path = tmp_path / "r.json"
+    report.write_json(path)
+    goals = json.loads(path.read_text())["goals"]
+    assert [(g["number"], g["status"]) for g in goals] == [
+        (5, "PASS"), (5, "MISS"), (6, None), (1, "not measured"), (2, "not measured"),
+        (3, "not measured"), (4, "not measured"), (7, "not measured")]
+    with pytest.raises(ValueError):
+        Goal(8, "no such goal", 1.0)
+
+
 def test_main_runs_a_part_and_writes_the_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,5 +244,6 @@ def test_main_runs_a_part_and_writes_the_json(
     assert bench_main.main(["--quick", "--only", "copy", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "copy-mode bandwidth 1920x1080" in out and "targets met" in out
+    assert "5     capacity" in out and "not measured" in out  # the goal table, unmeasured
     keys = {m["key"] for m in json.loads(path.read_text())["metrics"]}
     assert {"memcpy_numpy_gbps", "copy_1920x1080_percent"} <= keys

@@ -4,17 +4,21 @@ The simulation, the tests and headless hosts show guest connectors on a
 :class:`VirtualDisplay`; it implements :mod:`displback.display.interface` exactly as a KMS
 display will, so the backend cannot tell them apart. Vblank ``n`` of an output happens at
 ``start + n / refresh_hz`` on trio's clock (tests use ``trio.testing.MockClock`` and run at
-full speed); each :class:`VirtualOutput` runs one vblank task in the display's nursery:
+full speed). The outputs of one refresh rate share one vblank clock (:class:`_VblankClock`),
+one task in the display's nursery, as a KMS driver delivers every CRTC's vblank events
+through one fd: one timer wake-up per vblank lands the due flips of all of them (a task per
+output cost a quarter of the backend's CPU with 32 outputs flipping at 60 fps).
 
-* a flip asked for during vblank period ``n`` is due at vblank ``n + 1``; the task sleeps
+* a flip asked for during vblank period ``n`` is due at vblank ``n + 1``; the clock sleeps
   until then, puts the frame on screen and wakes the caller with a
-  :class:`~displback.display.interface.FlipResult`. If the task only runs later (the process
+  :class:`~displback.display.interface.FlipResult`. If the clock only runs later (the process
   stalled), the flip lands at the latest vblank and the skipped ones count as missed;
 * scanout only *references* the framebuffer's memory — nothing is copied per vblank, in
   zero-copy or copy mode — and :meth:`VirtualOutput.snapshot` reads it when asked;
-* with no flip pending the task waits without a timer (after one more vblank, so a caller
-  flipping every frame costs one wake-up of the task per frame): an idle output costs no CPU.
-  Vblank and frame counters are derived from the clock, not counted by ticks.
+* with no flip pending on any of its outputs the clock waits without a timer (after one more
+  vblank, so callers flipping every frame cost one wake-up of the clock per frame): idle
+  outputs cost no CPU. Vblank and frame counters are derived from the clock, not counted by
+  ticks.
 
 Zero-copy imports go through an injected ``dmabuf_importer(fd)`` (the platform layer maps the
 dma-buf; tests pass a memfd-backed fake) returning a :class:`~displback.mapping.DmabufMapping`.
@@ -255,10 +259,11 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._scanout: _Frame | None = None
         self._pending: _PendingFlip | None = None
         self._live: set[VirtualFramebuffer] = set()
-        self._wake = trio.Event()
-        # Vblank n happens at start + n * period on trio's clock; set when the task starts.
+        self._clock = display._clock_for(config.refresh_hz)
+        self._clock.outputs.append(self)
+        # Vblank n happens at start + n * period on trio's clock; set when the clock starts.
         self._start = 0.0
-        self._period = 1.0 / config.refresh_hz
+        self._period = self._clock.period
         self._last_seq = 0  # the latest vblank a flip landed at
         self._on_seq = 0  # the vblank scanout (last) turned on at
         self._flips_completed = 0
@@ -398,7 +403,8 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         vfb = self._flippable(fb)
         pending = _PendingFlip(vfb, vfb._frame(), self._seq_now() + 1, trio.Event())
         self._pending = pending
-        self._wake.set()
+        self._clock.pending[self] = None
+        self._clock.wake.set()
         # Cancelled here, the flip still lands at the next vblank, like a queued KMS flip.
         return await self._landed(pending)
 
@@ -443,40 +449,21 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._frames_before += self._frames_since_on(self._seq_now())
         self._scanout = None
 
-    async def _run_vblanks(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Land each pending flip at its vblank; sleep without a timer while none is pending.
-
-        After a landing the task stays on the timer for one more vblank: a caller flipping
-        every frame has queued its next flip by then, so the task wakes once per frame.
-        """
-        self._start = trio.current_time()
-        task_status.started()
-        idle_vblanks = 0
-        while True:
-            pending = self._pending
-            if pending is None:
-                if idle_vblanks:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    idle_vblanks = 0
-                else:
-                    await trio.sleep_until(self._deadline(self._seq_now() + 1))
-                    idle_vblanks += 1
-                continue
-            idle_vblanks = 0
-            deadline = self._deadline(pending.due)
-            if trio.current_time() < deadline:
-                await trio.sleep_until(deadline)
-                if self._pending is not pending:  # the display was closed meanwhile
-                    continue
-            seq = max(pending.due, self._seq_now())
-            self._missed_vblanks += seq - pending.due
-            self._land(pending, seq)
+    def _land_if_due(self) -> None:
+        """Land the pending flip if its vblank has come (called by the clock)."""
+        pending = self._pending
+        if pending is None:
+            self._clock.pending.pop(self, None)
+            return
+        seq = self._seq_now()
+        if seq < pending.due:
+            return
+        self._missed_vblanks += seq - pending.due
+        self._land(pending, seq)
 
     def _land(self, pending: _PendingFlip, seq: int) -> None:
         self._pending = None
+        self._clock.pending.pop(self, None)
         self._last_seq = seq
         if self._scanout is None:
             self._on_seq = seq
@@ -489,6 +476,54 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         """Stop scanout, wake a pending flip with DisplayClosed, release every framebuffer."""
         for fb in self._close_bookkeeping():
             fb._drop()
+        self._clock.pending.pop(self, None)
+
+
+class _VblankClock:
+    """The vblank timer of every output of one refresh rate (see the module docstring)."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.start = 0.0
+        self.outputs: list[VirtualOutput] = []
+        self.pending: dict[VirtualOutput, None] = {}  # outputs with a flip pending, in order
+        self.wake = trio.Event()
+
+    def _deadline(self, seq: int) -> float:
+        return self.start + seq * self.period
+
+    def _seq_now(self) -> int:
+        return math.floor((trio.current_time() - self.start) / self.period + 1e-6)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Land each pending flip at its vblank; sleep without a timer while none is pending.
+
+        After a landing the clock stays on the timer for one more vblank: callers flipping
+        every frame have queued their next flips by then, so it wakes once per frame.
+        """
+        self.start = trio.current_time()
+        for output in self.outputs:
+            output._start = self.start
+        task_status.started()
+        idle_vblanks = 0
+        while True:
+            if not self.pending:
+                if idle_vblanks:
+                    self.wake = trio.Event()
+                    await self.wake.wait()
+                    idle_vblanks = 0
+                else:
+                    await trio.sleep_until(self._deadline(self._seq_now() + 1))
+                    idle_vblanks += 1
+                continue
+            idle_vblanks = 0
+            due = min(o._pending.due if o._pending else 0 for o in self.pending)
+            deadline = self._deadline(due)
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue  # flips may have come or gone meanwhile
+            for output in list(self.pending):
+                output._land_if_due()
 
 
 class VirtualDisplay(DisplayBase[VirtualOutput]):
@@ -519,6 +554,7 @@ class VirtualDisplay(DisplayBase[VirtualOutput]):
         self.pitch_align = pitch_align
         self.offset_align = offset_align
         self.dumb_pitch_align = dumb_pitch_align
+        self._clocks: dict[float, _VblankClock] = {}
         self._outputs = {config.name: VirtualOutput(self, config) for config in outputs}
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -531,9 +567,17 @@ class VirtualDisplay(DisplayBase[VirtualOutput]):
         """Open a display whose outputs tick until the ``async with`` block ends."""
         display = cls(outputs, **options)
         async with display._running() as nursery:
-            for output in display._outputs.values():
-                await nursery.start(output._run_vblanks)
+            for clock in display._clocks.values():
+                await nursery.start(clock.run)
             yield display
+
+    def _clock_for(self, refresh_hz: float) -> _VblankClock:
+        """The vblank clock of the outputs at ``refresh_hz`` (made for the first one)."""
+        period = 1.0 / refresh_hz
+        clock = self._clocks.get(period)
+        if clock is None:
+            clock = self._clocks[period] = _VblankClock(period)
+        return clock
 
 
 if TYPE_CHECKING:

@@ -953,6 +953,11 @@ class HypervisorProcess:
                     raise RuntimeError("simulated hypervisor did not start") from None
                 time.sleep(0.02)
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (the benchmark reads its CPU time)."""
+        return self._proc.pid
+
     def counters(self) -> dict[str, Any]:
         """:meth:`Machine.counters` of the child."""
         return query_counters(self.socket_path)

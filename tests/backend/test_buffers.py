@@ -528,6 +528,41 @@ async def test_teardown_releases_everything_and_defers_what_is_still_imported(
             free_buffer(env.guest, buf)
 
 
+async def test_teardown_never_waits_for_importers_each_held_buffer_is_deferred_at_once(
+    hypervisor: HypervisorThread,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DBUF_DESTROY waits up to wait_free_ms for an importer; a teardown does not (a guest
+    going away with N buffers held elsewhere would otherwise stall its device N × that long):
+    every release check at teardown is a look (0 ms), and what is still held is deferred."""
+    async with open_env(hypervisor, wait_free_ms=3000) as env:
+        waits: list[int] = []
+        wait_released = env.grants.dmabuf_wait_released
+
+        def recorded(fd: int, timeout_ms: int) -> bool:
+            waits.append(timeout_ms)
+            return wait_released(fd, timeout_ms)
+
+        monkeypatch.setattr(env.grants, "dmabuf_wait_released", recorded)
+        bufs = [guest_buffer(env.guest, 1) for _ in range(3)]
+        stubborn = []
+        for cookie, buf in enumerate(bufs, 1):
+            await env.create(cookie, buf, 16, 8)
+            fd = env.store.buffer_info(cookie).dmabuf_fd
+            assert fd is not None
+            stubborn.append(env.platform.open_dmabuf(fd))
+        await env.store.aclose()
+        assert waits == [0, 0, 0]
+        assert env.deferred.pending(GUEST) == 3 and env.store.quota.deferred == 3
+        for held in stubborn:
+            held.close()
+        with trio.fail_after(10):
+            await env.deferred.wait_drained()
+        assert env.store.quota.idle
+        for buf in bufs:
+            free_buffer(env.guest, buf)
+
+
 # --------------------------------------------------------------------------------------------
 # Copy
 

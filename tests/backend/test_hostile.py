@@ -8,6 +8,7 @@ import errno
 import random
 from pathlib import Path
 
+import pytest
 import trio
 
 from displback.protocol.layout import REQ_RING_REF, connector_dir
@@ -18,6 +19,7 @@ from displback.sim.guest import (
 )
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
+from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
 from tests.backend.support import (
     SPEC,
     connected_guest,
@@ -32,9 +34,51 @@ async def test_stray_notifications_change_nothing(
     with trio.fail_after(20):
         async with connected_guest(hypervisor, tmp_path) as (w, guest):
             for _ in range(200):
-                guest.notify(0, "evt")
-                guest.notify(0, "req")
-            await trio.sleep(0.05)
+                guest.hostile.notify(0, "evt")
+                guest.hostile.notify(0, "req")
+            # The requests that follow queue behind the 400 notifications on the same ring
+            # and event channels: no wait is needed to let the daemon see them first.
+            await show_frames(w, guest, 1, count=2)
+            assert guest.stats.disconnects == 0 and guest.stats.fatal_errors == 0
+
+
+async def test_a_port_that_belongs_to_no_ring_is_unmasked_after_each_notification(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port on the daemon's event-channel device that no connector owns (bound there by
+    someone else, or reported after an overflow) is unmasked again each time it fires, so it
+    can never leave the device stuck readable nor be lost for good."""
+    opened: list[SimEventChannels] = []
+    unmasked: list[int] = []
+    open_event_channels = SimPlatform.open_event_channels
+
+    def recording(platform: SimPlatform) -> SimEventChannels:
+        evtchn = open_event_channels(platform)
+        unmask = evtchn.unmask
+
+        def recorded(ports: list[int]) -> None:
+            unmask(ports)
+            unmasked.extend(ports)
+
+        monkeypatch.setattr(evtchn, "unmask", recorded)
+        opened.append(evtchn)
+        return evtchn
+
+    monkeypatch.setattr(SimPlatform, "open_event_channels", recording)
+    with trio.fail_after(10):
+        async with connected_guest(hypervisor, tmp_path) as (w, guest):
+            daemon_evtchn = opened[-1]
+            with SimDomain(hypervisor.socket_path, 1) as other:
+                stranger = other.open_event_channels()
+                try:
+                    remote = stranger.bind_unbound_port(0)
+                    port = daemon_evtchn.bind_interdomain(1, remote)  # fires once at bind
+                    for fired in range(1, 4):
+                        await wait_until(lambda n=fired: unmasked.count(port) == n)
+                        stranger.notify(remote)
+                    await wait_until(lambda: unmasked.count(port) == 4)
+                finally:
+                    stranger.close()
             await show_frames(w, guest, 1, count=2)
             assert guest.stats.disconnects == 0
 
@@ -79,15 +123,15 @@ async def test_the_daemon_survives_everything_at_once(
                     for _ in range(100):
                         packet = rng.randbytes(64)
                         try:
-                            await guest.raw_request(0, packet)
+                            await guest.hostile.raw_request(0, packet)
                         except GuestRequestError as exc:
                             assert exc.errno != errno.ETIMEDOUT
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(garbage, g1)
                     nursery.start_soon(garbage, g2)
-                    g3.scribble_ring(0, "req_prod", 77)
-                    g3.notify(0)
+                    g3.hostile.scribble_ring(0, "req_prod", 77)
+                    g3.hostile.notify(0)
                 await wait_until(lambda: g3.stats.disconnects == 1)
                 g3.crash()
                 await w.toolstack.destroy_domain(3)

@@ -167,8 +167,8 @@ async def test_a_protocol_violation_closes_only_that_device_which_reconnects_lat
                     await good.wait_connected()  # output B
                     good.start_drawing(fps=200)
                     await flips_continue(good)
-                    bad.scribble_ring(0, "req_prod", 1000)
-                    bad.notify(0)
+                    bad.hostile.scribble_ring(0, "req_prod", 1000)
+                    bad.hostile.notify(0)
                     await wait_until(lambda: bad.stats.disconnects == 1)
                     assert _status(w, 1).violations == 1
                     before = good.connector_stats(0).flips_ok

@@ -2,8 +2,14 @@
 
 import pytest
 
-from displback.backend.quotas import Limits, Quota, QuotaExceeded, TokenBucket
-from displback.protocol.constants import EINVAL, ENOMEM, pages_for
+from displback.backend.quotas import Limits, Quota, QuotaExceeded, TokenBucket, limit_problem
+from displback.protocol.constants import (
+    EINVAL,
+    ENOMEM,
+    LINUX_MAX_CONNECTORS,
+    PAGE_SIZE,
+    pages_for,
+)
 
 
 def test_defaults_allow_triple_buffering_on_every_connector_plus_the_largest_fb() -> None:
@@ -79,3 +85,88 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.take() and not bucket.take()
     now[0] += 100.0
     assert sum(bucket.take() for _ in range(10)) == 3
+
+
+@pytest.mark.parametrize("connectors", [3, 4, 8])
+def test_each_connected_connector_brings_eight_buffers_and_their_display_slots(
+    connectors: int,
+) -> None:
+    """A domain's allowance grows with its connected connectors: 8 buffers each (at least
+    16), each framebuffer shown on every connector with 2 display slots (an import, or two
+    copy buffers). Two devices of the domain add up; a disconnected one gives its share
+    back."""
+    quota = Quota(domid=1)
+    quota.add_device(0, [(640, 480)] * (connectors - 1))
+    quota.add_device(1, [(320, 240)])
+    allowed = 8 * connectors
+    for _ in range(allowed):
+        quota.charge(1)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.charge(1)
+    assert exc.value.limit == "max_buffers"
+    # Every framebuffer on every connector, twice: fits; one more does not.
+    slots = 2 * 2 * allowed * connectors
+    quota.take("display_fbs", slots)
+    with pytest.raises(QuotaExceeded) as exc:
+        quota.take("display_fbs")
+    assert exc.value.limit == "max_display_fbs"
+    quota.give("display_fbs", slots)
+    quota.remove_device(0)
+    assert quota.limits.max_buffers == 16  # one connector left: the floor
+    with pytest.raises(QuotaExceeded):
+        quota.charge(1)  # what is held stays charged
+
+
+def test_limits_given_as_zero_are_derived_as_documented() -> None:
+    """_derived's rules: 2 framebuffers per buffer, 2 display slots per framebuffer and
+    connector (every connector Linux may have), copies twice the pages, 8 deferred, backend
+    allocations twice the live ones."""
+    lim = Limits(max_buffers=5, max_pages_per_buffer=10, max_total_pages=100,
+                 max_dir_pages=1, requests_per_second=100, request_burst=1)
+    assert (lim.max_framebuffers, lim.max_display_fbs, lim.max_copy_bytes) == (
+        10, 2 * 2 * 5 * LINUX_MAX_CONNECTORS, 2 * 100 * PAGE_SIZE)
+    assert (lim.max_deferred, lim.max_be_alloc_pages, lim.max_be_alloc_buffers) == (8, 200, 10)
+    given = Limits(5, 10, 100, 1, 100, 1, max_framebuffers=3, max_deferred=1)
+    assert (given.max_framebuffers, given.max_deferred) == (3, 1)  # as given, not derived
+    assert given.max_be_alloc_buffers == 10
+
+
+@pytest.mark.parametrize(
+    "name", ["max_buffers", "max_pages_per_buffer", "max_total_pages", "request_burst",
+             "max_dir_pages"],
+)
+def test_every_base_limit_must_be_at_least_one(name: str) -> None:
+    fields = {"max_buffers": 1, "max_pages_per_buffer": 1, "max_total_pages": 1,
+              "max_dir_pages": 1, "requests_per_second": 20.0, "request_burst": 1}
+    Limits(**fields)  # type: ignore[arg-type]  # the smallest valid limits
+    with pytest.raises(ValueError, match=name):
+        Limits(**{**fields, name: 0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_deferred must not be negative"):
+        Limits(**fields, max_deferred=-1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="requests_per_second"):
+        Limits(**{**fields, "requests_per_second": float("nan")})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("max_buffers", 1, None),
+        ("requests_per_second", 20, None),
+        ("requests_per_second", 20.5, None),
+        ("max_bufers", 1, "is not a limit"),
+        ("max_buffers", True, "must be an integer, not True"),
+        ("requests_per_second", "fast", "must be a number, not 'fast'"),
+        ("max_buffers", 0, "must be an integer ≥ 1, not 0"),
+        ("max_buffers", 2.5, "must be an integer ≥ 1, not 2.5"),
+        ("requests_per_second", 19.9, "must be a finite number ≥ 20"),
+        ("requests_per_second", float("inf"), "must be a finite number ≥ 20"),
+    ],
+)
+def test_an_admins_limit_is_checked_with_a_clear_problem(
+    name: str, value: object, problem: str | None
+) -> None:
+    found = limit_problem(name, value)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(problem)

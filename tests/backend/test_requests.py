@@ -224,7 +224,7 @@ async def test_unknown_operation_gets_einval_echoing_id_and_operation(
             packet = bytes([0, 0, operation]) + bytes(range(61))
             for _ in range(3):  # a response the guest did not match would time out
                 with pytest.raises(GuestRequestError) as exc:
-                    await guest.raw_request(0, packet)
+                    await guest.hostile.raw_request(0, packet)
                 assert exc.value.errno == EINVAL
             stats = guest.connector_stats(0)
             assert stats.response_timeouts == 0 and stats.responses_ignored == 0
@@ -265,11 +265,11 @@ async def test_request_errors_leave_the_guest_working(
             # products overflow 32 bits.
             await fails(EINVAL, guest.add_fb(buf, 321, 240, XRGB))
             await fails(EINVAL, guest.add_fb(buf, 320, 241, XRGB))
-            guest.set_request_hook(Op.DBUF_CREATE, _patch("<III", 16, 0x8000_0000, 2, 32))
+            guest.hostile.set_request_hook(Op.DBUF_CREATE, _patch("<III", 16, 0x8000_0000, 2, 32))
             await fails(EINVAL, guest.create_dumb(64, 64, 32))
-            guest.set_request_hook(Op.DBUF_CREATE, _patch("<III", 16, 1, 0xFFFF_FFFF, 32))
+            guest.hostile.set_request_hook(Op.DBUF_CREATE, _patch("<III", 16, 1, 0xFFFF_FFFF, 32))
             await fails(EINVAL, guest.create_dumb(64, 64, 32))
-            guest.set_request_hook(Op.DBUF_CREATE, None)
+            guest.hostile.set_request_hook(Op.DBUF_CREATE, None)
             prime = await guest.import_prime(4096)
             await fails(EINVAL, guest.add_fb(prime, 0x4000_0001, 4, XRGB))
             await fails(EINVAL, guest.add_fb(prime, 32, 33, XRGB))

@@ -246,6 +246,36 @@ async def test_outputs_tick_at_their_own_refresh_rates(
         assert a.stats.frames_shown == 0 and b.stats.frames_shown == 30
 
 
+async def test_outputs_of_one_refresh_rate_share_one_vblank_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    configs = [OutputConfig(f"o{i}", 8, 4) for i in range(16)]
+    configs.append(OutputConfig("slow", 8, 4, refresh_hz=30))
+    async with VirtualDisplay.open(configs) as d:
+        # One timer task per rate, as one DRM fd carries every CRTC's vblanks: 32 outputs
+        # flipping at 60 fps cost one wake-up per vblank, not 32.
+        assert d._nursery is not None and len(d._nursery.child_tasks) == 2
+        t0 = trio.current_time()
+        results: dict[str, Any] = {}
+
+        async def flip(name: str, delay: float) -> None:
+            await trio.sleep(delay)
+            out = d.outputs[name]
+            results[name] = await out.flip(out.create_dumb(width=8, height=4, fourcc=XRGB))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):  # o15 asks only after the first vblank: it waits for vblank 2
+                nursery.start_soon(flip, f"o{i}", 1.5 * PERIOD if i == 15 else 0.0)
+            nursery.start_soon(flip, "slow", 0.0)
+        assert {results[f"o{i}"].sequence for i in range(15)} == {1}
+        assert [results[f"o{i}"].timestamp for i in range(15)] == [pytest.approx(t0 + PERIOD)] * 15
+        assert results["o15"].sequence == 2
+        assert results["o15"].timestamp == pytest.approx(t0 + 2 * PERIOD)
+        assert results["slow"].sequence == 1
+        assert results["slow"].timestamp == pytest.approx(t0 + 1 / 30)
+        assert all(d.outputs[c.name].stats.missed_vblanks == 0 for c in configs)
+
+
 def test_output_configs_are_validated() -> None:
     for bad in [("", 4, 4, 60.0), ("x", 0, 4, 60.0), ("x", 4, 99999, 60.0), ("x", 4, 4, 0.0)]:
         with pytest.raises(ValueError):

@@ -231,7 +231,7 @@ def _dom0(hv: HypervisorThread, counter: str) -> int:
 
 async def _destroy_keeping_the_mapping(guest: SimGuest, buf: GuestBuffer) -> None:
     """DBUF_DESTROY without unmapping first (Linux unmaps; a hostile guest need not)."""
-    await guest.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
+    await guest.hostile.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
 
 
 async def test_be_alloc_memory_destroyed_while_mapped_stays_charged_and_is_reused(

@@ -31,8 +31,8 @@ async def _refused_then_served(a: Arena, g: SimGuest, shape: tuple[int, int, int
     with pytest.raises(GuestRequestError) as exc:
         await g.create_dumb(*shape)
     assert exc.value.errno == expect
-    g.on_directory = None
-    g.set_request_hook(Op.DBUF_CREATE, None)
+    g.hostile.on_directory = None
+    g.hostile.set_request_hook(Op.DBUF_CREATE, None)
     assert g.pending_end_access == 0  # the backend kept nothing mapped
     [store] = a.stores(g.domid)
     assert store.stats.buffers == 0 and store.quota.pages == 0
@@ -47,10 +47,10 @@ def _forge(g: SimGuest, page: int, offset: int, value: int | str) -> None:
 
     def scribble(buf: GuestBuffer) -> None:
         number = {"self": buf.dir_grefs[page], "first": buf.dir_grefs[0]}.get(str(value))
-        g.scribble_directory(buf, page, offset, struct.pack(
+        g.hostile.scribble_directory(buf, page, offset, struct.pack(
             "<I", int(value) if number is None else number))
 
-    g.on_directory = scribble
+    g.hostile.on_directory = scribble
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,9 @@ async def test_a_buffer_size_beyond_its_directory_is_refused(
     size = BIG[0] * BIG[1] * BIG[2] // 8
 
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "buffer_sz", size + extra))
+        g.hostile.set_request_hook(
+            Op.DBUF_CREATE, set_field(DbufCreateReq, "buffer_sz", size + extra)
+        )
         await _refused_then_served(a, g, BIG, expect)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -107,8 +109,8 @@ async def test_a_directory_rewritten_after_create_changes_nothing(
     async def attack(a: Arena, g: SimGuest) -> None:
         bufs, fbs = await show(g, 0, 320, 240, frame=3)
         for buf in bufs:
-            g.scribble_directory(buf, 0, 0, struct.pack("<I", buf.dir_grefs[0]))
-            g.scribble_directory(buf, 0, 4, struct.pack("<I", 0xFFFF_FFF0) * 75)
+            g.hostile.scribble_directory(buf, 0, 0, struct.pack("<I", buf.dir_grefs[0]))
+            g.hostile.scribble_directory(buf, 0, 4, struct.pack("<I", 0xFFFF_FFF0) * 75)
         for frame in (4, 5, 6):
             await flip_frame(g, 0, bufs[frame % 2], fbs[frame % 2], frame)
             assert shown(a.machine.output("B"), 320, 240) == (0, frame)

@@ -236,8 +236,8 @@ async def test_a_teardown_waits_for_a_copy_in_flight(
                 assert gate.on_loop == 0, "a copy ran on the event loop's thread"
                 # A broken ring on connector 0: the device's connection is torn down while
                 # connector 1's copy still reads the guest's pages.
-                attacker.scribble_ring(0, "req_prod", 1000)
-                attacker.notify(0)
+                attacker.hostile.scribble_ring(0, "req_prod", 1000)
+                attacker.hostile.notify(0)
                 await wait_until(lambda: device.status.violations == 1)
                 await _honest_flips(machine, honest, 3)  # the loop goes on meanwhile
                 assert device.connection is connection, "torn down under a running copy"
@@ -304,7 +304,7 @@ async def _flood(guest: SimGuest, channel: str, seconds: float) -> tuple[int, fl
     start = trio.current_time()
     sent = 0
     while trio.current_time() - start < seconds:
-        guest.notify(0, channel)
+        guest.hostile.notify(0, channel)
         sent += 1
         await trio.sleep(0)
     return sent, trio.current_time() - start

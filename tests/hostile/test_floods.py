@@ -130,7 +130,7 @@ async def test_a_request_flood_is_slowed_to_the_token_rate(
         start = trio.current_time()
         while more():
             with pytest.raises(GuestRequestError):
-                await g.raw_request(0, bytes([0, 0, 0x7F]) + bytes(61))
+                await g.hostile.raw_request(0, bytes([0, 0, 0x7F]) + bytes(61))
             sent += 1
         elapsed = trio.current_time() - start
         assert stats.throttled > 0
@@ -188,7 +188,7 @@ async def test_a_flip_flood_without_waiting_for_events_is_coalesced(
         paint(bufs[1], fbs[1], connector=0, frame=2)
         connector = a.status().connectors[0]
         for n in range(500):
-            await g.raw_request(0, struct.pack("<HBx4xQ", 0, Op.PG_FLIP,
+            await g.hostile.raw_request(0, struct.pack("<HBx4xQ", 0, Op.PG_FLIP,
                                                fbs[n % 2].cookie).ljust(64, b"\0"))
             assert len(connector._pending_events) <= MAX_QUEUED_EVENTS
         stats = connector.stats

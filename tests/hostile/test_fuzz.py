@@ -339,7 +339,7 @@ class AttackerMachine(RuleBasedStateMachine):
           ring=st.sampled_from([0, 1]))
     def raw_request(self, op: int, body: bytes, ring: int) -> None:
         packet = bytes([0, 0, int(op)]) + body
-        self._step(lambda: _tolerant(self.g.raw_request(ring, packet)))
+        self._step(lambda: _tolerant(self.g.hostile.raw_request(ring, packet)))
 
     # -- shared memory -------------------------------------------------------------------
 
@@ -348,9 +348,9 @@ class AttackerMachine(RuleBasedStateMachine):
     def scribble_ring(self, field: str, value: int, connector: int, kick: bool) -> None:
         async def go() -> None:
             with contextlib.suppress(GuestRequestError):
-                self.g.scribble_ring(connector, field, value)
+                self.g.hostile.scribble_ring(connector, field, value)
                 if kick:
-                    self.g.notify(connector)
+                    self.g.hostile.notify(connector)
             await trio.sleep(0.02)
 
         self._step(go)
@@ -360,7 +360,7 @@ class AttackerMachine(RuleBasedStateMachine):
     def scribble_event_page(self, field: str, value: int, connector: int) -> None:
         async def go() -> None:
             with contextlib.suppress(GuestRequestError):
-                self.g.scribble_event_page(connector, field, value)
+                self.g.hostile.scribble_event_page(connector, field, value)
             await trio.sleep(0.02)
 
         self._step(go)
@@ -370,13 +370,13 @@ class AttackerMachine(RuleBasedStateMachine):
         """The next DBUF_CREATE's first directory page gets one forged u32."""
 
         def forge(buf: GuestBuffer) -> None:
-            self.g.on_directory = None
-            self.g.scribble_directory(buf, 0, offset, struct.pack("<I", value))
+            self.g.hostile.on_directory = None
+            self.g.hostile.scribble_directory(buf, 0, offset, struct.pack("<I", value))
 
         async def go() -> None:
-            self.g.on_directory = forge
+            self.g.hostile.on_directory = forge
             buf = await _tolerant(self.g.create_dumb(64, 64, 32))
-            self.g.on_directory = None
+            self.g.hostile.on_directory = None
             if buf is not None:
                 self.bufs.append(buf)
 
@@ -388,7 +388,7 @@ class AttackerMachine(RuleBasedStateMachine):
         async def go() -> None:
             with contextlib.suppress(GuestRequestError):
                 for _ in range(count):
-                    self.g.notify(connector, channel)
+                    self.g.hostile.notify(connector, channel)
             await trio.sleep(0.01)
 
         self._step(go)

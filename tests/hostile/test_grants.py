@@ -27,12 +27,12 @@ def _rewrite_refs(g: SimGuest, refs_of: Callable[[GuestBuffer], list[int]]) -> N
     """Before the next DBUF_CREATE, rewrite its whole directory to list ``refs_of(buf)``."""
 
     def rewrite(buf: GuestBuffer) -> None:
-        dom = g._require_domain()
+        dom = g.hostile.domain
         with dom.map_pages(buf.dir_pfns) as directory:
             for i, page in enumerate(build_directory(refs_of(buf), buf.dir_grefs)):
                 directory.buffer[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
 
-    g.on_directory = rewrite
+    g.hostile.on_directory = rewrite
 
 
 async def _refused(a: Arena, g: SimGuest, expect: int | None = errno.EINVAL,
@@ -44,9 +44,9 @@ async def _refused(a: Arena, g: SimGuest, expect: int | None = errno.EINVAL,
     if expect is not None:
         assert exc.value.errno == expect
     assert exc.value.errno != errno.ETIMEDOUT
-    g.on_directory = None
-    g.set_request_hook(Op.DBUF_CREATE, None)
-    g.set_request_hook(Op.GET_EDID, None)
+    g.hostile.on_directory = None
+    g.hostile.set_request_hook(Op.DBUF_CREATE, None)
+    g.hostile.set_request_hook(Op.GET_EDID, None)
     assert g.pending_end_access == 0
     [store] = a.stores(g.domid)
     assert store.stats.buffers == 0 and store.quota.pages == 0
@@ -60,9 +60,9 @@ async def test_a_directory_ref_no_one_granted_is_refused(
     hypervisor: HypervisorThread, tmp_path: Path, gref: int
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", gref))
+        g.hostile.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", gref))
         await _refused(a, g)
-        g.set_request_hook(Op.GET_EDID, set_field(GetEdidReq, "gref_directory", gref))
+        g.hostile.set_request_hook(Op.GET_EDID, set_field(GetEdidReq, "gref_directory", gref))
         with pytest.raises(GuestRequestError) as exc:
             await g.get_edid(0)
         assert exc.value.errno == errno.EINVAL
@@ -73,7 +73,7 @@ async def test_a_directory_ref_no_one_granted_is_refused(
 async def _refused_with_pages_granted(a: Arena, g: SimGuest, *, to_domid: int,
                                       readonly: bool) -> None:
     """The next DBUF_CREATE names other pages of the guest, granted as given: refused."""
-    dom = g._require_domain()
+    dom = g.hostile.domain
     pfns = dom.alloc_pages(75)
     extra = dom.grant_pages(pfns, to_domid, readonly=readonly)
     _rewrite_refs(g, lambda buf: extra)
@@ -89,7 +89,7 @@ async def test_the_ring_page_as_a_directory_is_refused(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         ring = int(await g.xenstore.read(f"{connector_dir(g.domid, 0, 0)}/{REQ_RING_REF}"))
-        g.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", ring))
+        g.hostile.set_request_hook(Op.DBUF_CREATE, set_field(DbufCreateReq, "gref_directory", ring))
         await _refused(a, g, expect=None)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -124,7 +124,7 @@ async def test_another_guests_gref_numbers_resolve_in_the_attackers_own_table(
     guest's memory is never mapped for the attacker."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
-        theirs = sorted({gref for b in a.honest._buffers.values() for gref in b.grefs})
+        theirs = sorted({gref for b in a.honest.buffers.live for gref in b.grefs})
 
         def stolen(buf: GuestBuffer) -> list[int]:
             # After the attacker granted this buffer: numbers above all of its own grants.
@@ -156,14 +156,14 @@ async def test_refs_revoked_before_the_request_are_refused(
     after writing the directory: the directory names grants that no longer exist."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
-        dom = g._require_domain()
+        dom = g.hostile.domain
 
         def revoke(buf: GuestBuffer) -> None:
             old = buf.grefs[::2]
             buf.grefs[::2] = dom.grant_pages(buf.pfns[::2], 0)
             dom.end_access_pages(old)
 
-        g.on_directory = revoke
+        g.hostile.on_directory = revoke
         await _refused(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -177,7 +177,7 @@ async def test_refs_revoked_while_mapped_cannot_pull_pages_from_under_dom0(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         bufs, fbs = await show(g, 0, 320, 240, frame=3)
-        dom = g._require_domain()
+        dom = g.hostile.domain
         for buf in bufs:
             with pytest.raises(OSError) as exc:
                 dom.end_access_pages(buf.grefs)
@@ -220,7 +220,7 @@ async def test_refs_of_another_buffer_share_pages_and_both_release(
         first = await g.create_dumb(320, 240, 32)
         _rewrite_refs(g, lambda buf: list(first.grefs))
         second = await g.create_dumb(320, 240, 32)
-        g.on_directory = None
+        g.hostile.on_directory = None
         fb_first = await g.add_fb(first, 320, 240)
         fb_second = await g.add_fb(second, 320, 240)
         paint(first, fb_first, connector=0, frame=11)
@@ -315,6 +315,6 @@ async def test_be_alloc_reuse_by_a_guest_keeping_its_mappings_costs_no_grant_ent
     async def attack(a: Arena, g: SimGuest) -> None:
         for _ in range(12):
             buf = await g.create_dumb(320, 240, 32)
-            await g.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
+            await g.hostile.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
 
     await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")

@@ -21,7 +21,7 @@ from tests.hostile.support import Arena, reset_and_back, rounds, run_attack
 
 def _index(g: SimGuest, name: str) -> int:
     """An index of connector 0's request ring page as it is now."""
-    req, _evt = g._channels(0)
+    req, _evt = g.hostile.channels(0)
     offset = {"req_prod": RING_REQ_PROD_OFS, "rsp_prod": RING_RSP_PROD_OFS}[name]
     value: int = struct.unpack_from("<I", req.mapping.buffer, offset)[0]
     return value
@@ -35,8 +35,8 @@ async def test_req_prod_far_ahead_resets_only_the_attacker(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.scribble_ring(0, "req_prod", _req_prod(g) + 1000)
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", _req_prod(g) + 1000)
+        g.hostile.notify(0)
         await reset_and_back(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -46,8 +46,8 @@ async def test_req_prod_one_past_the_ring_resets_only_the_attacker(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.scribble_ring(0, "req_prod", _req_prod(g) + 33)  # 33 requests in 32 slots
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", _req_prod(g) + 33)  # 33 requests in 32 slots
+        g.hostile.notify(0)
         await reset_and_back(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -58,8 +58,8 @@ async def test_req_prod_behind_the_consumer_resets_only_the_attacker(
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
         await g.get_edid(0)  # req_cons moves on to 1
-        g.scribble_ring(0, "req_prod", _req_prod(g) - 1)
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", _req_prod(g) - 1)
+        g.hostile.notify(0)
         await reset_and_back(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -69,8 +69,8 @@ async def test_req_prod_wrapped_past_two_to_the_32_resets_only_the_attacker(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
-        g.scribble_ring(0, "req_prod", _req_prod(g) + 0x8000_0000)  # half the u32 space
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", _req_prod(g) + 0x8000_0000)  # half the u32 space
+        g.hostile.notify(0)
         await reset_and_back(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -86,15 +86,15 @@ async def test_a_full_ring_of_garbage_slots_gets_32_error_answers(
         rng = random.Random(32)
         start = _req_prod(g)
         for i in range(32):
-            g.write_ring_slot(0, start + i, bytes([0, 0, rng.choice([0, 0x7F, 0xFF])])
+            g.hostile.write_ring_slot(0, start + i, bytes([0, 0, rng.choice([0, 0x7F, 0xFF])])
                               + rng.randbytes(61))
-        g.scribble_ring(0, "req_prod", start + 32)
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", start + 32)
+        g.hostile.notify(0)
         stats = a.status().connectors[0].stats
         await wait_until(lambda: stats.errors >= 32)
         assert a.status().violations == 0  # garbage requests are errors, not violations
-        g.scribble_ring(0, "req_prod", start + 1)  # what its own next request publishes
-        g.notify(0)
+        g.hostile.scribble_ring(0, "req_prod", start + 1)  # what its own next request publishes
+        g.hostile.notify(0)
         await reset_and_back(a, g)
 
     await run_attack(hypervisor, tmp_path, attack)
@@ -117,7 +117,7 @@ async def test_garbage_requests_get_answers_and_never_close_the_device(
             if n % 5 == 0:
                 struct.pack_into("<Q", packet, 8, rng.choice(cookies))
             try:
-                await g.raw_request(0, bytes(packet))
+                await g.hostile.raw_request(0, bytes(packet))
             except GuestRequestError as exc:
                 assert exc.errno != errno.ETIMEDOUT
         stats = g.connector_stats(0)
@@ -134,7 +134,7 @@ async def test_a_forged_rsp_prod_is_overwritten_not_believed(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         await g.get_edid(0)
-        g.scribble_ring(0, "rsp_prod", 0xDEAD_BEEF)
+        g.hostile.scribble_ring(0, "rsp_prod", 0xDEAD_BEEF)
         assert await g.get_edid(0)  # answered in the right slot, rsp_prod restored
         assert g.stats.disconnects == 0 and a.status().violations == 0
 
@@ -152,8 +152,8 @@ async def test_rsp_event_games_cost_only_the_attackers_notifications(
         more = rounds(0.5)
         answered = 0
         while more():
-            g.scribble_ring(0, "rsp_event", value)
-            g.scribble_ring(0, "req_event", value)
+            g.hostile.scribble_ring(0, "rsp_event", value)
+            g.hostile.scribble_ring(0, "req_event", value)
             try:
                 await g.get_edid(0)
                 answered += 1
@@ -161,8 +161,8 @@ async def test_rsp_event_games_cost_only_the_attackers_notifications(
                 assert exc.errno == errno.ETIMEDOUT  # unnotified, never refused
         assert a.status().violations == 0
         assert a.status().connectors[0].stats.requests >= answered
-        g.scribble_ring(0, "rsp_event", _index(g, "rsp_prod") + 1)  # listening again
-        g.scribble_ring(0, "req_event", _index(g, "req_prod") + 1)
+        g.hostile.scribble_ring(0, "rsp_event", _index(g, "rsp_prod") + 1)  # listening again
+        g.hostile.scribble_ring(0, "req_event", _index(g, "req_prod") + 1)
         await show_frames(a.machine, g, 7, count=2, output="B")  # notified again
 
     await run_attack(hypervisor, tmp_path, attack, response_timeout=0.2)
@@ -177,8 +177,8 @@ async def test_flapping_req_prod_resets_only_the_attacker(
         rng = random.Random(5)
         start = _req_prod(g)
         while g.stats.disconnects == 0:
-            g.scribble_ring(0, "req_prod", start + rng.choice([0, 1, 40, -3, 1 << 31]))
-            g.notify(0)
+            g.hostile.scribble_ring(0, "req_prod", start + rng.choice([0, 1, 40, -3, 1 << 31]))
+            g.hostile.notify(0)
             await trio.sleep(0.001)
         await reset_and_back(a, g)
 
@@ -190,7 +190,7 @@ async def test_in_cons_beyond_in_prod_resets_only_the_attacker(
 ) -> None:
     async def attack(a: Arena, g: SimGuest) -> None:
         _bufs, fbs = await show(g, 0, 320, 240)
-        g.scribble_event_page(0, "in_cons", 1000)  # consumed events never produced
+        g.hostile.scribble_event_page(0, "in_cons", 1000)  # consumed events never produced
         await g.page_flip(0, fbs[1])  # its event finds the page impossible
         await reset_and_back(a, g)
 
@@ -204,7 +204,7 @@ async def test_a_forged_in_prod_is_overwritten_not_believed(
 
     async def attack(a: Arena, g: SimGuest) -> None:
         bufs, fbs = await show(g, 0, 320, 240)
-        g.scribble_event_page(0, "in_prod", 0x1234_5678)
+        g.hostile.scribble_event_page(0, "in_prod", 0x1234_5678)
         for frame in range(2, 5):
             # The guest's consumer may skip over the forged range once; the backend goes on.
             await g.page_flip(0, fbs[frame % 2])
@@ -226,8 +226,8 @@ async def test_an_event_page_never_read_drops_events_at_a_bound(
         stats = a.status().connectors[0].stats
         n = 0
         while stats.events_dropped == 0:
-            g.scribble_event_page(0, "in_cons", 0)
-            await g.raw_request(0, _flip(fbs[n % 2].cookie))
+            g.hostile.scribble_event_page(0, "in_cons", 0)
+            await g.hostile.raw_request(0, _flip(fbs[n % 2].cookie))
             n += 1
             assert n < 2000
         assert a.status().violations == 0

@@ -20,6 +20,7 @@ from displback.display.interface import (
     InvalidFramebuffer,
     UnsupportedFormat,
 )
+from displback.kms import uapi
 from displback.kms.display import KmsDisplay, KmsOutputConfig
 from displback.kms.modes import choose_mode
 from displback.protocol.constants import PixelFormat
@@ -103,6 +104,40 @@ def test_mode_with_a_refresh_rate_picks_the_closest() -> None:
     seventy = dataclasses.replace(sixty, clock=75000, vrefresh=70, name="1024x768@70")
     assert choose_mode([sixty, seventy], 1024, 768) == seventy  # default: the fastest
     assert choose_mode([sixty, seventy], 1024, 768, 60.0) == sixty
+
+
+def test_mode_choice_avoids_interlaced_modes_when_a_progressive_one_fits() -> None:
+    progressive = dmt_mode(1920, 1080)
+    # Same timings interlaced: twice the field rate, so it would win on rate alone.
+    interlaced = dataclasses.replace(
+        progressive, flags=uapi.DRM_MODE_FLAG_INTERLACE, name="1920x1080i"
+    )
+    assert interlaced.refresh_hz > progressive.refresh_hz
+    for modes in ([interlaced, progressive], [progressive, interlaced]):
+        assert choose_mode(modes, 1920, 1080) == progressive
+        assert choose_mode(modes, 1920, 1080, interlaced.refresh_hz) == progressive
+    assert choose_mode([interlaced], 1920, 1080) == interlaced  # the only one of that size
+    # The fallback to the preferred modes avoids them too.
+    preferred_i = dataclasses.replace(interlaced, type=uapi.DRM_MODE_TYPE_PREFERRED)
+    preferred_p = dataclasses.replace(progressive, type=uapi.DRM_MODE_TYPE_PREFERRED)
+    assert choose_mode([preferred_i, preferred_p], 800, 600) == preferred_p
+
+
+def test_the_preferred_mode_wins_a_tie_of_size_and_rate() -> None:
+    plain = dmt_mode(1024, 768)
+    preferred = dmt_mode(1024, 768, preferred=True)
+    for modes in ([plain, preferred], [preferred, plain]):
+        chosen = choose_mode(modes, 1024, 768)
+        assert chosen is not None and chosen.preferred
+    # Equally far from the asked rate on both sides (rates from vrefresh: exact): still the
+    # preferred one, whichever side it is on.
+    slower = dataclasses.replace(plain, clock=0, vrefresh=59, name="slower")
+    faster = dataclasses.replace(plain, clock=0, vrefresh=61, name="faster")
+    mark = {"type": uapi.DRM_MODE_TYPE_PREFERRED}
+    for modes in ([slower, dataclasses.replace(faster, **mark)],
+                  [dataclasses.replace(slower, **mark), faster]):
+        chosen = choose_mode(modes, 1024, 768, 60.0)
+        assert chosen is not None and chosen.preferred
 
 
 # ---- opening and closing --------------------------------------------------------------

@@ -196,15 +196,18 @@ def test_consumer_skips_an_unexpected_id_and_never_resynchronises() -> None:
     set_counters(page, 0, 3)
     assert consumer.take() == []
     assert consumer.expected_id == 3
+    assert consumer.skipped == 3  # every one counted
 
 
 def test_consumer_drops_an_unknown_event_type_and_advances_its_counter() -> None:
     page, _, consumer = pair()
     write_raw_event(page, 0, 0, event_type=0x7F)
     write_raw_event(page, 1, 1)
-    set_counters(page, 0, 2)
-    assert [e.id for e in consumer.take()] == [1]
-    assert consumer.skipped == 1
+    write_raw_event(page, 2, 2, event_type=0x01)
+    write_raw_event(page, 3, 3)
+    set_counters(page, 0, 4)
+    assert [e.id for e in consumer.take()] == [1, 3]
+    assert consumer.skipped == 2  # every one counted
 
 
 def test_consumer_rejects_in_prod_more_than_63_ahead() -> None:

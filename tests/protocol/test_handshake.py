@@ -165,8 +165,9 @@ def test_a_stale_closing_of_ours_at_discovery_is_a_stale_device_not_a_removal() 
     assert dev.machine.phase is Phase.INIT_WAIT
 
 
-def test_guest_resets_of_young_connections_back_off_after_the_first() -> None:
-    dev = Device()
+@pytest.mark.parametrize("start", [0.0, 1000.0])
+def test_guest_resets_of_young_connections_back_off_after_the_first(start: float) -> None:
+    dev = Device(now=start)  # a connection's age is now minus its start, whatever the clock
     dev.connected()
     # The first reset in a row is reoffered at once (Linux polls 1 s for InitWait)...
     only_teardown(dev.fe(S.INITIALISING))
@@ -175,9 +176,9 @@ def test_guest_resets_of_young_connections_back_off_after_the_first() -> None:
     assert dev.feed(ConnectSucceeded()) == [W4]
     # ... the second waits the back-off.
     only_teardown(dev.fe(S.INITIALISING))
-    assert dev.feed(TeardownDone()) == [W6, WakeAt(RetryPolicy().delay(2))]
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(start + RetryPolicy().delay(2))]
     assert dev.machine.phase is Phase.CLOSED
-    dev.now = RetryPolicy().delay(2)
+    dev.now = start + RetryPolicy().delay(2)
     assert dev.feed(Tick()) == [W2]
 
 
@@ -207,6 +208,43 @@ def test_resets_while_connecting_count_towards_the_back_off() -> None:
             assert done == [W6, WakeAt(dev.now + RetryPolicy().delay(n))]
             dev.now += RetryPolicy().delay(n)
             assert dev.feed(Tick()) == [W2]
+
+
+def test_failed_connects_after_a_reset_while_connecting_count_towards_the_back_off() -> None:
+    """The guest resets while we connect and the connect then fails (its rings went away
+    under us): each such round counts like any failure, so a guest doing it in a loop gets
+    ever longer back-offs after the first, not a free reoffer every time."""
+    dev = Device()
+    dev.fe(S.INITIALISING)
+    for n in range(1, 5):
+        assert dev.fe(S.INITIALISED) == [Connect()]
+        assert dev.fe(S.INITIALISING) == []
+        only_teardown(dev.feed(ConnectFailed("rings gone")))
+        done = dev.feed(TeardownDone())
+        if n == 1:
+            assert done == [W6, W2]
+        else:
+            assert done == [W6, WakeAt(dev.now + RetryPolicy().delay(n))]
+            dev.now += RetryPolicy().delay(n)
+            assert dev.feed(Tick()) == [W2]
+
+
+def test_a_failed_connect_after_a_reset_while_connecting_is_not_a_free_reoffer() -> None:
+    """One failed connect, then a reset during the next connect whose result is a failure:
+    the second failure in a row waits the back-off (two counted, not one)."""
+    dev = Device()
+    dev.fe(S.INITIALISING)
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    only_teardown(dev.feed(ConnectFailed("bad ring-ref")))
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(RetryPolicy().delay(1))]
+    dev.now = RetryPolicy().delay(1)
+    assert dev.fe(S.INITIALISING) == [W2]
+    assert dev.fe(S.INITIALISED) == [Connect()]
+    assert dev.fe(S.CLOSED) == []
+    only_teardown(dev.feed(ConnectFailed("rings gone")))
+    assert dev.feed(TeardownDone()) == [W6, WakeAt(dev.now + RetryPolicy().delay(2))]
+    dev.now += RetryPolicy().delay(2)
+    assert dev.feed(Tick()) == [W2]
 
 
 def test_frontend_restart_while_connected_tears_down_and_ends_in_init_wait() -> None:
@@ -254,7 +292,9 @@ def test_libxl_state_closing_alone_means_removal() -> None:
     dev = Device()
     dev.connected()
     dev.backend = S.CLOSING
-    only_teardown(dev.fe(S.CONNECTED))
+    assert "toolstack removes" in only_teardown(dev.fe(S.CONNECTED)).reason
+    assert dev.feed(TeardownDone()) == [W6]
+    assert dev.machine.phase is Phase.REMOVED
 
 
 def test_online_zero_alone_means_removal() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -451,3 +452,42 @@ def test_transports_refuse_grants_or_ports_shared_between_connectors() -> None:
     with pytest.raises(ProtocolError) as exc:
         parse_transports(read, 2)
     assert exc.value.what == "1/evt-event-channel"
+
+
+def _transport(**changes: bytes | None) -> dict[str, bytes | None]:
+    nodes: dict[str, bytes | None] = {
+        "0/req-ring-ref": b"8", "0/req-event-channel": b"5",
+        "0/evt-ring-ref": b"9", "0/evt-event-channel": b"6",
+    }
+    nodes.update({f"0/{k.replace('_', '-')}": v for k, v in changes.items()})
+    return nodes
+
+
+@pytest.mark.parametrize(
+    ("parse", "what", "value"),
+    [
+        (lambda: parse_u32(None, what="x"), "x", None),
+        (lambda: parse_domid(b"32752"), "frontend-id", 32752),
+        (lambda: parse_bool(b"yes"), BE_ALLOC, b"yes"),
+        (lambda: parse_resolution(b"1024"), "resolution", b"1024"),
+        (lambda: parse_resolution(b"1024x+7"), "resolution", b"1024x+7"),
+        (lambda: parse_resolution(b"0x768"), "resolution", b"0x768"),
+        (lambda: parse_unique_id(b"a b"), "unique-id", b"a b"),
+        (lambda: parse_connector_transport(_transport(req_ring_ref=b"0"), 0),
+         "0/req-ring-ref", 0),
+        (lambda: parse_connector_transport(_transport(evt_ring_ref=b"8"), 0),
+         "0/evt-ring-ref", 8),
+        (lambda: parse_connector_transport(_transport(evt_event_channel=b"5"), 0),
+         "0/evt-event-channel", 5),
+    ],
+    ids=["missing", "reserved-domid", "bool", "no-x", "sign", "zero-width", "unique-id",
+         "zero-ref", "same-page", "same-port"],
+)
+def test_a_refused_node_is_named_with_what_was_read(
+    parse: Any, what: str, value: object
+) -> None:
+    """The log line of a refused XenStore node says which node and what it held."""
+    with pytest.raises(ProtocolError) as info:
+        parse()
+    assert (info.value.what, info.value.value) == (what, value)
+    assert what in str(info.value)

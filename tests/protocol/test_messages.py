@@ -408,26 +408,34 @@ def test_dbuf_create_imported_buffer_without_geometry_is_valid() -> None:
 
 
 @pytest.mark.parametrize(
-    ("changes", "what"),
+    ("changes", "what", "value"),
     [
-        ({"dbuf_cookie": 0}, "dbuf_cookie"),
-        ({"gref_directory": 0}, "gref_directory"),
-        ({"buffer_sz": 0}, "buffer_sz"),
-        ({"data_ofs": 8_294_400}, "data_ofs"),
-        ({"flags": 2}, "flags"),
-        ({"flags": 0x8000_0001}, "flags"),
-        ({"bpp": 0}, "geometry"),
-        ({"height": 0}, "geometry"),
-        ({"width": 0, "height": 0}, "geometry"),
-        ({"buffer_sz": 8_294_400 - 4096}, "buffer_sz"),
-        ({"data_ofs": 4096}, "buffer_sz"),
+        ({"dbuf_cookie": 0}, "dbuf_cookie", 0),
+        ({"gref_directory": 0}, "gref_directory", 0),
+        ({"buffer_sz": 0}, "buffer_sz", 0),
+        ({"data_ofs": 8_294_400}, "data_ofs", 8_294_400),
+        ({"flags": 2}, "flags", 2),
+        ({"flags": 0x8000_0001}, "flags", 0x8000_0001),
+        ({"bpp": 0}, "geometry", (1920, 1080, 0)),
+        ({"height": 0}, "geometry", (1920, 0, 32)),
+        ({"width": 0}, "geometry", (0, 1080, 32)),
+        ({"width": 0, "height": 0}, "geometry", (0, 0, 32)),
+        ({"buffer_sz": 8_294_400 - 4096}, "buffer_sz", 8_294_400 - 4096),
+        ({"data_ofs": 4096}, "buffer_sz", 8_294_400),
     ],
 )
-def test_dbuf_create_invalid_requests_are_einval(changes: dict[str, int], what: str) -> None:
+def test_dbuf_create_invalid_requests_are_einval_naming_the_field_and_value(
+    changes: dict[str, int], what: str, value: object
+) -> None:
     with pytest.raises(ProtocolError) as info:
         ref_dbuf_create(**changes).validate()
     assert info.value.errno == EINVAL
-    assert info.value.what == what
+    assert (info.value.what, info.value.value) == (what, value)
+
+
+def test_dbuf_create_of_a_one_pixel_wide_buffer_is_valid() -> None:
+    ref_dbuf_create(width=1, height=1, bpp=8, buffer_sz=1).validate()
+    ref_dbuf_create(width=1, height=4096, bpp=32, buffer_sz=16384).validate()
 
 
 @given(
@@ -507,7 +515,10 @@ def test_set_config_half_filled_is_einval(fields: dict[str, int]) -> None:
 
 
 def test_set_config_enable_is_valid() -> None:
-    SetConfigReq(id=1, fb_cookie=7, x=0, y=0, width=1024, height=768, bpp=32).validate()
+    req = SetConfigReq(id=1, fb_cookie=7, x=0, y=0, width=1024, height=768, bpp=32)
+    req.validate()  # raises on anything invalid
+    assert not req.is_disable
+    assert SetConfigReq.disable(2).is_disable
 
 
 def test_get_edid_needs_a_full_size_buffer_and_a_directory() -> None:

@@ -358,3 +358,18 @@ def test_a_backend_allocated_directory_may_reuse_numbers_of_its_own_pages() -> N
     foreign = DirectoryReader(12, 2, same_grant_table=False)
     foreign.feed(pages[0])
     assert foreign.refs == (12, 13)
+
+
+def test_repeated_buffer_gref_two_pages_apart_is_rejected() -> None:
+    """Every page's refs are checked against all earlier pages, not only the previous one."""
+    refs, dirs, pages = directory(8100)
+    pages[dirs[4]] = set_u32(pages[dirs[4]], 4 + 4 * 7, refs[3])
+    expect_einval(DirectoryReader(dirs[0], 8100), pages, "gref")
+
+
+def test_the_largest_u32_is_a_valid_grant_ref() -> None:
+    top = 0xFFFFFFFF
+    refs = [top - 1, top]
+    pages = dict(zip([top - 2], build_directory(refs, [top - 2]), strict=True))
+    assert read_all(DirectoryReader(top - 2, 2), pages) == tuple(refs)
+    assert read_all(DirectoryReader(top, 1), {top: build_directory([5], [top])[0]}) == (5,)

@@ -415,6 +415,59 @@ def test_any_req_prod_gives_valid_copies_or_overflow_error(
         assert back.final_check() is (back.unanswered < RING_SIZE)
 
 
+def test_final_check_sleeps_while_every_slot_awaits_its_response() -> None:
+    """RING_HAS_UNCONSUMED_REQUESTS is capped by the free response slots: with all 32
+    requests unanswered a req_prod claiming more is nothing to read yet, so the backend
+    arms req_event and sleeps; one response later the claim is looked at (and refused)."""
+    start = U32 - 5  # across the u32 wrap
+    page, back = back_with_history(start, RING_SIZE, 0)
+    assert back.unanswered == RING_SIZE
+    set_u32(page, 0, start + RING_SIZE + 3)  # three more than the ring can hold
+    assert back.final_check() is False
+    assert header(page)[1] == (start + RING_SIZE + 1) & INDEX_MASK  # req_event armed
+    back.put_response(packet(2, 0))
+    back.push_responses()
+    assert back.final_check() is True
+    with pytest.raises(ProtocolError, match="producer overflow"):
+        back.take_requests()
+
+
+def test_final_check_counts_at_most_the_free_response_slots() -> None:
+    page, back = back_with_history(0, RING_SIZE - 1, 0)  # one slot free
+    set_u32(page, 0, RING_SIZE - 1 + 1)  # an honest guest fills it
+    assert back.final_check() is True
+    assert back.take_requests() == [bytes(page[slot_offset(31) : slot_offset(31) + 64])]
+    assert back.final_check() is False  # 32 unanswered: nothing more to read
+
+
+def test_the_backend_counts_requests_taken_and_responses_pushed_over_rounds() -> None:
+    page, front, back = connected(U32 - 3)
+    assert (back.requests_taken, back.responses_pushed) == (0, 0)
+    for round_ in range(1, 4):
+        for i in range(5):
+            front.put_request(packet(1, i))
+        front.push_requests()
+        assert len(back.take_requests()) == 5
+        for i in range(5):
+            back.put_response(packet(2, i))
+        back.push_responses()
+        assert (back.requests_taken, back.responses_pushed) == (5 * round_, 5 * round_)
+        assert len(front.take_responses()) == 5
+
+
+def test_a_refused_req_prod_is_named_with_its_value() -> None:
+    page, back = back_with_history(0, 0, 0)
+    set_u32(page, 0, RING_SIZE + 7)
+    with pytest.raises(ProtocolError) as err:
+        back.take_requests()
+    assert (err.value.what, err.value.value) == ("req_prod", RING_SIZE + 7)
+    page, back = back_with_history(100, 10, 4)
+    set_u32(page, 0, 105)
+    with pytest.raises(ProtocolError) as err:
+        back.take_requests()
+    assert (err.value.what, err.value.value) == ("req_prod", 105)
+
+
 def test_producer_overflow_is_refused() -> None:
     page, back = back_with_history(0, 0, 0)
     set_u32(page, 0, RING_SIZE + 1)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from displback.sim.hypervisor import EVTCHN_MAX_PORTS, HypervisorThread
 from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
@@ -217,7 +218,7 @@ async def test_fileno_works_with_trio_wait_readable(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the waiter is parked in wait_readable
         assert got == []
         frontend.notify(fe_port)
     assert got == [be_port]

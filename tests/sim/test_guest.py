@@ -673,7 +673,7 @@ async def test_request_hook_rewrites_bytes_on_the_wire(
         def forge(raw: bytes) -> bytes:
             return raw[:8] + (0xDEAD).to_bytes(8, "little") + raw[16:]
 
-        guest.set_request_hook(Op.FB_DETACH, forge)
+        guest.hostile.set_request_hook(Op.FB_DETACH, forge)
         buf = await guest.create_dumb(8, 8, 32)
         fb = await guest.add_fb(buf, 8, 8)
         await guest.rm_fb(fb)
@@ -689,10 +689,10 @@ async def test_scribbled_ring_index_is_seen_by_the_backend_as_overflow(
         await guest.wait_connected()
         ring = w.backend.rings[0]
         w.backend._scope.cancel()  # type: ignore[union-attr]
-        guest.scribble_ring(0, "req_prod", 1000)
+        guest.hostile.scribble_ring(0, "req_prod", 1000)
         with pytest.raises(ProtocolError, match="overflow"):
             ring.take_requests()
-        guest.scribble_event_page(0, "in_cons", 500)
+        guest.hostile.scribble_event_page(0, "in_cons", 500)
         with pytest.raises(ProtocolError):
             w.backend.producers[0].put_pg_flip(1)
 
@@ -703,7 +703,7 @@ async def test_scribbled_directory_is_refused_by_a_careful_reader(
     async with world(tmp_path, hypervisor) as w, w.guest() as guest:
         await guest.wait_connected()
         buf = await guest.create_dumb(8, 8, 32)
-        guest.scribble_directory(buf, 0, 0, (77).to_bytes(4, "little"))
+        guest.hostile.scribble_directory(buf, 0, 0, (77).to_bytes(4, "little"))
         with pytest.raises(ProtocolError):
             w.backend._read_directory(buf.dir_grefs[0], buf.npages)
         await guest.destroy_dumb(buf)

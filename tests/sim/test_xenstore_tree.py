@@ -119,8 +119,9 @@ def test_rm_removes_the_whole_subtree(dom0: Session) -> None:
 
 
 def test_rm_of_missing_child_of_existing_node_is_ok_as_in_xenstored(dom0: Session) -> None:
-    dom0.write("/a", b"")
+    dom0.write("/a", b"v")
     dom0.rm("/a/missing")
+    assert dom0.read("/a") == b"v" and dom0.directory("/a") == []
 
 
 def test_rm_with_missing_parent_is_enoent(dom0: Session) -> None:
