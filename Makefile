@@ -18,11 +18,7 @@ INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_
 	WHEELHOUSE PIP_ARGS
 INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
-<<<<<<< HEAD
-.PHONY: test test-vm test-vm-pvh demo bench soak fuzz lint apt-deps vm-deps clean install uninstall \
-=======
-.PHONY: test test-vm test-vm-pvh demo bench fuzz mutate lint apt-deps vm-deps clean install uninstall \
->>>>>>> main
+.PHONY: test test-vm test-vm-pvh demo bench soak fuzz mutate lint apt-deps vm-deps clean install uninstall \
 	install-deps wheelhouse deb
 
 $(STAMP): pyproject.toml
