@@ -19,7 +19,7 @@ from typing import Any
 
 from displback.app.config import DEFAULT_CONFIG, ConfigError
 from displback.app.run import RunConfig, add_run_parser, effective_config
-from displback.backend.quotas import LIMIT_NAMES, LimitOverrides
+from displback.backend.quotas import DOM0_GRANT_KEY, LIMIT_NAMES, LimitOverrides
 from displback.display.virtual import OutputConfig
 
 __all__ = ["add_check_config_parser", "check_config_command", "show_config"]
@@ -107,6 +107,7 @@ def show_config(config: RunConfig) -> str:
 def _limits(limits: LimitOverrides) -> list[str]:
     out = ["[limits]"]
     out += [_pair(k, v) for k, v in limits.common.items()]
+    out += [_pair(DOM0_GRANT_KEY, limits.dom0_grant_entries) + "  # all guests together"]
     derived = [name for name in LIMIT_NAMES if name not in limits.common]
     if derived:
         text = "derived from each guest's connectors: " + ", ".join(derived)

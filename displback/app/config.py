@@ -33,12 +33,19 @@ from displback.app.validators import (
     copy_workers,
     did_you_mean,
     domid,
+    is_int,
     non_empty_string,
     positive,
     socket_path,
     wait_free_ms,
 )
-from displback.backend.quotas import LIMIT_NAMES, LimitOverrides, limit_problem
+from displback.backend.quotas import (
+    DEFAULT_DOM0_GRANT_ENTRIES,
+    DOM0_GRANT_KEY,
+    LIMIT_NAMES,
+    LimitOverrides,
+    limit_problem,
+)
 from displback.display.virtual import OutputConfig
 from displback.protocol.edid import check_resolution
 
@@ -147,10 +154,15 @@ def _limit_table(value: Any, *, guests: bool) -> Iterator[tuple[KeyPath, str]]:
     if not isinstance(value, dict):
         yield (), f"must be a table of limits, not {value!r}"
         return
-    known = (*LIMIT_NAMES, "guest") if guests else LIMIT_NAMES
+    known = (*LIMIT_NAMES, "guest", DOM0_GRANT_KEY) if guests else LIMIT_NAMES
     for name, item in value.items():
         if name == "guest" and guests:
             yield from _guests(item)
+        elif name == DOM0_GRANT_KEY and guests:
+            if not is_int(item) or item < 1:
+                yield (name,), f"must be an integer ≥ 1 (Dom0 grant entries), not {item!r}"
+        elif name == DOM0_GRANT_KEY:
+            yield (name,), "is one limit for all guests together: set it in [limits]"
         elif name not in known:
             yield (name,), f"unknown limit{did_you_mean(name, known)}"
         else:
@@ -327,9 +339,10 @@ def _converted(key: str, value: Any) -> Any:
     if key == "limits":
         guests = value.get("guest", {})
         return LimitOverrides(
-            common={k: v for k, v in value.items() if k != "guest"},
+            common={k: v for k, v in value.items() if k not in ("guest", DOM0_GRANT_KEY)},
             by_domid={int(k): dict(v) for k, v in guests.items() if k.isdigit()},
             by_name={k: dict(v) for k, v in guests.items() if not k.isdigit()},
+            dom0_grant_entries=value.get(DOM0_GRANT_KEY, DEFAULT_DOM0_GRANT_ENTRIES),
         )
     if key == "snapshot_interval_s":
         return float(value)

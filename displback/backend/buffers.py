@@ -51,9 +51,10 @@ buffer (an output keeps showing a private copy of a frame on screen). Then per k
   ``DMABUF_EXP_WAIT_RELEASED`` is keyed by it (see :mod:`displback.backend.deferred`). Then
   wait up to ``wait_free_ms`` in a worker thread: released → close the number and answer;
   timeout → answer anyway and hand the number to :class:`DeferredReleases`.
-* ``BACKEND``: revoke the grants (``DMABUF_IMP_RELEASE``) and hand our fd to the daemon's
+* ``BACKEND``: hand our fd, still granted, to the daemon's
   :class:`~displback.backend.retained.RetainedMemory`: the guest may still map the pages (a
-  hostile one need not unmap), so they stay the guest's, charged, until its domain dies.
+  hostile one need not unmap), so they stay the guest's, granted and charged, until its
+  domain dies; a later be-alloc buffer of the guest reuses them with the same refs.
 
 Accounting
 ----------
@@ -89,7 +90,7 @@ from displback.backend.guestmem import (
     read_directory,
 )
 from displback.backend.quotas import Quota, QuotaExceeded
-from displback.backend.retained import RetainedMemory
+from displback.backend.retained import KeptMemory, RetainedMemory
 from displback.backend.throttle import LogThrottle
 from displback.display.interface import (
     DisplayError,
@@ -233,6 +234,9 @@ class _DisplayBuffer:
     # that refused to import it (for the status).
     copy_reasons: list[str] = field(default_factory=list)
     dmabuf_pages: int = 0  # BACKEND: pages of our dma-buf (a reused one may be larger)
+    # BACKEND: the refs of all dmabuf_pages pages and the gntdev whose import they are.
+    grant_refs: tuple[int, ...] = ()
+    grant_device: GrantDevice | None = None
     # Copies reading ``cpu`` in a worker thread; ``cpu`` is closed only when none is left.
     copies: int = 0
     copies_done: trio.Event | None = None
@@ -754,10 +758,11 @@ class BufferStore:
 
     def _create_backend(self, req: DbufCreateReq) -> _DisplayBuffer:
         """A Dom0 buffer granted to the guest: kept memory of this guest reused if one is
-        large enough (zeroed), else new memory charged to the guest (see retained.py)."""
+        large enough (zeroed; still granted: the same refs again), else new memory charged
+        to the guest and granted from its domain's gntdev (see retained.py)."""
         npages = req.npages
-        fd, size = self._reuse(npages)
-        if fd is None:
+        kept = self._reuse(npages)
+        if kept is None:
             what = f"{npages} pages of Dom0 memory for buffer 0x{req.dbuf_cookie:x}"
             self._take("be_alloc_buffers", 1, what)
             try:
@@ -771,54 +776,76 @@ class BufferStore:
                 self.quota.give("be_alloc_buffers")
                 self.quota.give("be_alloc_pages", npages)
                 raise RequestError(ENOMEM, f"cannot allocate {npages} pages: {exc}") from exc
+            refs: tuple[int, ...] | None = None
+            device: GrantDevice | None = None
             granted = False
         else:
+            fd, size, refs, device = kept.fd, kept.npages, kept.refs, kept.device
             granted = True  # the guest may still map it from before
         try:
-            try:
-                refs = self.grants.dmabuf_import_to_refs(fd, size, self.domid)
-                granted = True
-            except OSError as exc:
-                code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
-                raise RequestError(code, f"cannot grant our buffer to the guest: {exc}") from exc
-            try:
-                # A larger reused buffer: all of it is granted, the guest is told its first
-                # npages (the rest is memory it may still map anyway).
-                fill_directory(self.grants, self.domid, req.gref_directory, refs[:npages])
-            except BaseException:
-                self._import_release(fd)
-                raise
+            if refs is None:
+                try:
+                    refs, device = self._grant(fd, size)
+                    granted = True
+                except OSError as exc:
+                    code = EOPNOTSUPP if exc.errno == _errno.ENOTTY else errno_for_os_error(exc)
+                    raise RequestError(
+                        code, f"cannot grant our buffer to the guest: {exc}"
+                    ) from exc
+            # A larger reused buffer: all of it is granted, the guest is told its first
+            # npages (the rest is memory it may still map anyway). If the directory cannot
+            # be filled the grants stay: the guest could guess their numbers.
+            fill_directory(self.grants, self.domid, req.gref_directory, refs[:npages])
         except BaseException:
-            self._let_go(fd, size, granted=granted)
+            self._let_go(fd, size, granted=granted, refs=refs, device=device)
             raise
         buffer = self._new_buffer(req, BufferKind.BACKEND, tuple(refs[:npages]))
         buffer.fd = fd
         buffer.dmabuf_pages = size
+        buffer.grant_refs = refs
+        buffer.grant_device = device
         return buffer
 
-    def _reuse(self, npages: int) -> tuple[int | None, int]:
+    def _grant(self, fd: int, npages: int) -> tuple[tuple[int, ...], GrantDevice]:
+        """Grant our dma-buf to the guest: from its domain's gntdev (the import outlives
+        this connection), or from the device's when memory is not kept (tests)."""
+        if self.retained is not None:
+            return self.retained.grant(self.domid, fd, npages)
+        return tuple(self.grants.dmabuf_import_to_refs(fd, npages, self.domid)), self.grants
+
+    def _reuse(self, npages: int) -> KeptMemory | None:
         """A kept dma-buf of this guest with at least ``npages`` pages, zeroed, or None."""
         if self.retained is None:
-            return None, 0
+            return None
         kept = self.retained.take(self.domid, npages)
         if kept is None:
-            return None, 0
+            return None
         try:
             with self.dmabufs.open_dmabuf(kept.fd) as mapping:
                 # Another process of the guest may have had it: it must look new.
                 mapping.buffer[: kept.npages * PAGE_SIZE] = bytes(kept.npages * PAGE_SIZE)
         except (OSError, ValueError) as exc:
             self.log.warning(f"dom{self.domid}: cannot reuse kept memory: {exc}")
-            self.retained.keep(self.domid, kept.fd, kept.npages)
-            return None, 0
-        return kept.fd, kept.npages
+            self.retained.keep(self.domid, kept.fd, kept.npages, kept.refs, kept.device)
+            return None
+        return kept
 
-    def _let_go(self, fd: int, npages: int, *, granted: bool) -> None:
-        """Dom0 is done with be-alloc memory ``fd``: kept for the guest if it was ever
-        granted (it may still map it; still charged), else freed and given back."""
+    def _let_go(
+        self,
+        fd: int,
+        npages: int,
+        *,
+        granted: bool,
+        refs: tuple[int, ...] | None = None,
+        device: GrantDevice | None = None,
+    ) -> None:
+        """Dom0 is done with be-alloc memory ``fd``: kept for the guest with its grants if it
+        was ever granted (it may still map it; still charged), else freed and given back."""
         if granted and self.retained is not None:
-            self.retained.keep(self.domid, fd, npages)
+            self.retained.keep(self.domid, fd, npages, refs, device)
             return
+        if granted and device is not None:  # no kept memory (tests): revoke, then free
+            self._import_release(device, fd)
         os.close(fd)
         self.quota.give("be_alloc_buffers")
         self.quota.give("be_alloc_pages", npages)
@@ -887,10 +914,15 @@ class BufferStore:
             self.quota.give("pages", buffer.npages)  # zero-copy: once the wait is over
         if buffer.kind is BufferKind.BACKEND:
             assert fd is not None
-            self._import_release(fd)
-            # gntdev revokes the grants without holding the pages: the guest may still map
-            # them (a teardown, or a guest that did not unmap before DBUF_DESTROY).
-            self._let_go(fd, buffer.dmabuf_pages, granted=True)
+            # The guest may still map the pages (a teardown, or a guest that did not unmap
+            # before DBUF_DESTROY): they stay granted to it, kept for its domain.
+            self._let_go(
+                fd,
+                buffer.dmabuf_pages,
+                granted=True,
+                refs=buffer.grant_refs,
+                device=buffer.grant_device,
+            )
         elif buffer.kind is BufferKind.ZERO_COPY:
             assert fd is not None
             await self._wait_free(buffer, fd, wait_ms)
@@ -931,9 +963,9 @@ class BufferStore:
                     on_done=done,
                 )
 
-    def _import_release(self, fd: int) -> None:
+    def _import_release(self, device: GrantDevice, fd: int) -> None:
         try:
-            self.grants.dmabuf_import_release(fd)
+            device.dmabuf_import_release(fd)
         except OSError as exc:
             self.log.warning(f"dom{self.domid}: revoking the grants of fd {fd}: {exc}")
 

@@ -12,7 +12,15 @@ The daemon owns what outlives a device: one account per guest domain
 (:mod:`displback.backend.retained`), which it frees when ``@releaseDomain`` fires and the
 domain's ``/local/domain/<domid>`` is gone (looked at again every
 :data:`DOMAIN_RECHECK_S`, in case a toolstack removes the directory after the watch fired). Kept
-memory handed down by a previous run through systemd's fd store is taken back at start.
+memory handed down by a previous run through systemd's fd store is taken back at start, and
+kept only for the domain it was granted to: a domain is known by its domid and its UUID
+(``/local/domain/<domid>/vm``, believed only with the toolstack's permissions), read before
+the domain's first device is served, and for every domain with kept memory at start (before
+any device is) and on every look for gone domains. Memory kept for another UUID of a domid
+is freed.
+
+Every guest's account charges its be-alloc pages (Dom0 grant entries) to one daemon-wide
+:class:`~displback.backend.quotas.GrantBudget` as well (``[limits] dom0_grant_entries``).
 
 An account's limits are what :class:`~displback.backend.quotas.LimitOverrides` fixes for its
 domain: by domid at once, by name before the domain's first device is served. The name is
@@ -34,8 +42,8 @@ from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
 from displback.backend.outputs import OutputProvider
-from displback.backend.quotas import Quota
-from displback.backend.retained import RetainedMemory
+from displback.backend.quotas import GrantBudget, Quota
+from displback.backend.retained import KeptMemory, RetainedMemory, parse_uuid
 from displback.protocol import layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
@@ -82,8 +90,12 @@ class Backend:
         self.accounts: dict[int, Quota] = {}
         #: Domains whose account has the limits fixed for their name (looked up once).
         self._named: set[int] = set()
-        #: Backend-allocated memory guests may still map, kept until their domain dies.
-        self.retained = RetainedMemory(fdstore=fdstore, log=self.log)
+        #: Dom0 grant entries all guests' be-alloc memory holds, against one limit.
+        self.grant_budget = GrantBudget(self.settings.limit_overrides.dom0_grant_entries)
+        #: Backend-allocated memory granted to guests, kept until their domain dies.
+        self.retained = RetainedMemory(
+            open_grants=lambda: self.platform.open_grant_device(), fdstore=fdstore, log=self.log
+        )
         #: Where every guest's copies run: ``settings.copy_workers`` threads, fair by guest.
         self.copies = CopyWorkers(self.settings.copy_workers)
         for kept in self.retained.adopt(inherited or []):
@@ -104,6 +116,8 @@ class Backend:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(deferred.run)
+                    # Adopted memory is matched to its domains before any device is served.
+                    await self.reap_domains(xs)
                     await nursery.start(self._watch_domains, xs)
                     async with xs.watch(self.root) as events:
                         self.log.info("watching", path=self.root)
@@ -189,7 +203,12 @@ class Backend:
         account = self.accounts.get(domid)
         if account is None:
             overrides = self.settings.limit_overrides.for_guest(domid)
-            account = Quota(self.settings.limits, domid=domid, overrides=overrides)
+            account = Quota(
+                self.settings.limits,
+                domid=domid,
+                overrides=overrides,
+                grant_budget=self.grant_budget,
+            )
             self.accounts[domid] = account
         return account
 
@@ -200,6 +219,9 @@ class Backend:
             return account
         overrides = self.settings.limit_overrides
         name = await self._domain_name(xs, domid) if overrides.by_name else None
+        present, uuid = await self._domain_identity(xs, domid)
+        if present and uuid is not None:
+            self._charge_back(domid, self.retained.identify(domid, uuid))
         account = self.account(domid)  # the account may have been forgotten meanwhile
         if domid not in self._named:
             self._named.add(domid)
@@ -225,6 +247,50 @@ class Backend:
             self.log.warning("cannot read domain name", domid=domid, error=str(exc))
             return None
 
+    async def _domain_identity(self, xs: XenStoreClient, domid: int) -> tuple[bool, str | None]:
+        """Whether ``/local/domain/<domid>`` exists, and the domain's UUID from its ``vm``
+        node (None: absent, unreadable, malformed or not the toolstack's). A directory we may
+        not read (``EACCES``: a driver domain) counts as present: memory is never freed on a
+        doubt, and never reused for another domain either (see retained.py)."""
+        home = f"/local/domain/{domid}"
+        try:
+            if not await xs.exists(home):
+                return False, None
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
+            return True, None
+        except XenStoreConnectionError as exc:  # looked at again on the next event
+            self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
+            return True, None
+        path = f"{home}/vm"
+        try:
+            value = await xs.read(path)
+            perms = await xs.get_perms(path)
+        except XenStoreError as exc:
+            if exc.name not in ("ENOENT", "EACCES"):
+                self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
+            return True, None
+        except XenStoreConnectionError as exc:
+            self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
+            return True, None
+        reason = TrustRule(self.platform.domid, domid).reason(perms)
+        if reason is not None:
+            self.log.warning("domain uuid not trusted", domid=domid, reason=reason)
+            return True, None
+        uuid = parse_uuid(value.decode(errors="replace"))
+        if uuid is None:
+            self.log.warning("domain vm node malformed", domid=domid, value=value[:80])
+        return True, uuid
+
+    def _charge_back(self, domid: int, freed: list[KeptMemory]) -> None:
+        """Give back the charge of kept memory of ``domid`` that was just freed."""
+        if not freed:
+            return
+        account = self.account(domid)
+        account.give("be_alloc_buffers", len(freed))
+        account.give("be_alloc_pages", sum(k.npages for k in freed))
+
     async def _watch_domains(
         self, xs: XenStoreClient, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -241,29 +307,17 @@ class Backend:
                 await self.reap_domains(xs)
 
     async def reap_domains(self, xs: XenStoreClient) -> list[int]:
-        """Free what is kept for domains whose ``/local/domain/<domid>`` is gone; return them.
-
-        A directory we may not read (``EACCES``: a driver domain) counts as present: memory
-        is never freed on a doubt.
-        """
+        """Free what is kept for domains whose ``/local/domain/<domid>`` is gone, and what is
+        kept for an earlier domain of a domid now used by another (another UUID); return the
+        domains that are gone."""
         gone = []
         for domid in self.retained.domains():
-            try:
-                present = await xs.exists(f"/local/domain/{domid}")
-            except XenStoreError as exc:
-                if exc.name != "EACCES":
-                    self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
-                present = True
-            except XenStoreConnectionError as exc:  # looked at again on the next event
-                self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
-                present = True
+            present, uuid = await self._domain_identity(xs, domid)
             if present:
+                self._charge_back(domid, self.retained.identify(domid, uuid))
+                self._forget_account(domid)
                 continue
-            kept = self.retained.entries(domid)
-            pages = self.retained.release_domain(domid)
-            account = self.account(domid)
-            account.give("be_alloc_buffers", len(kept))
-            account.give("be_alloc_pages", pages)
+            self._charge_back(domid, self.retained.release_domain(domid))
             self._forget_account(domid)
             gone.append(domid)
         return gone

@@ -21,6 +21,11 @@ resource                  charged for
 ``be_alloc_buffers``      the dma-bufs (fds) holding that memory
 ========================  ===================================================================
 
+``be_alloc_pages`` are also Dom0 grant entries (one per page granted to the guest), and
+Dom0 has one grant table for every guest and every other Dom0 user: all guests' accounts
+together are bounded by one daemon-wide :class:`GrantBudget` (``[limits]
+dom0_grant_entries``, default :data:`DEFAULT_DOM0_GRANT_ENTRIES`).
+
 A request that would pass a limit is answered with an error (``-ENOMEM`` for resources,
 ``-EINVAL`` for shapes no quota could allow) and the guest keeps working. Defaults
 (:meth:`Limits.for_connectors`) derive from the connectors of the domain's connected devices
@@ -55,7 +60,11 @@ from displback.protocol.constants import (
 from displback.protocol.pagedir import dir_pages_for
 
 __all__ = [
+    "DEFAULT_DOM0_GRANT_ENTRIES",
+    "DOM0_GRANT_ENTRIES",
+    "DOM0_GRANT_KEY",
     "LIMIT_NAMES",
+    "GrantBudget",
     "RESOURCES",
     "LimitOverrides",
     "Limits",
@@ -78,6 +87,18 @@ RESOURCES: Final = {
     "be_alloc_pages": "max_be_alloc_pages",
     "be_alloc_buffers": "max_be_alloc_buffers",
 }
+
+
+#: Entries of Dom0's grant table with Xen 4.17's defaults (``gnttab_max_frames`` 64 frames
+#: of 4096 / 8 version-1 entries).
+DOM0_GRANT_ENTRIES: Final = 64 * PAGE_SIZE // 8
+#: Dom0 grant entries all guests' be-alloc memory may hold together: half of Xen's default
+#: table (64 MiB of granted memory), so that the display never takes what Dom0's other grant
+#: users need (its own PV frontends, gntalloc/vchan users, other backends with backend-
+#: allocated buffers) while two 1080p be-alloc guests, triple-buffering, use under half of it.
+DEFAULT_DOM0_GRANT_ENTRIES: Final = DOM0_GRANT_ENTRIES // 2
+#: The ``[limits]`` key of the daemon-wide budget (not a per-guest limit).
+DOM0_GRANT_KEY: Final = "dom0_grant_entries"
 
 
 class QuotaExceeded(Exception):
@@ -228,6 +249,27 @@ def limit_problem(name: str, value: object) -> str | None:
     return None
 
 
+class GrantBudget:
+    """Dom0 grant entries held for all guests together (one per be-alloc page granted,
+    live or kept), against one daemon-wide ``limit``; every guest's :class:`Quota` charges
+    it with its ``be_alloc_pages``."""
+
+    def __init__(self, limit: int = DEFAULT_DOM0_GRANT_ENTRIES) -> None:
+        if limit < 1:
+            raise ValueError("dom0_grant_entries must be at least 1")
+        self.limit = limit
+        self.held = 0
+
+    def check(self, amount: int) -> None:
+        """Raise :class:`QuotaExceeded` (``ENOMEM``) unless ``amount`` more entries fit."""
+        if self.held + amount > self.limit:
+            raise QuotaExceeded(
+                DOM0_GRANT_KEY,
+                f"Dom0 grant entries held for all guests: {self.held}; {amount} more would "
+                f"pass the daemon-wide limit {self.limit} ([limits] {DOM0_GRANT_KEY})",
+            )
+
+
 @dataclass(frozen=True)
 class LimitOverrides:
     """Limits an admin fixed: for every guest (``common``), and per guest domain by domid or
@@ -238,6 +280,8 @@ class LimitOverrides:
     common: Mapping[str, float] = field(default_factory=dict)
     by_domid: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
     by_name: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: The daemon-wide :class:`GrantBudget` limit (``[limits] dom0_grant_entries``).
+    dom0_grant_entries: int = DEFAULT_DOM0_GRANT_ENTRIES
 
     def for_guest(self, domid: int, name: str | None = None) -> dict[str, float]:
         """The limits fixed for guest domain ``domid`` called ``name`` (None: unknown)."""
@@ -253,7 +297,8 @@ class Quota:
 
     ``limits`` fixed (tests) or None: derived from the connectors of the domain's connected
     devices (:meth:`add_device`), the Linux maximum while none is. ``overrides`` (an admin's,
-    by limit name; :meth:`configure`) are used as given either way.
+    by limit name; :meth:`configure`) are used as given either way. ``grant_budget``: the
+    daemon-wide bound of all guests' ``be_alloc_pages`` (None: none).
     """
 
     def __init__(
@@ -262,8 +307,10 @@ class Quota:
         *,
         domid: int | None = None,
         overrides: Mapping[str, float] | None = None,
+        grant_budget: GrantBudget | None = None,
     ) -> None:
         self.domid = domid
+        self.grant_budget = grant_budget
         self._fixed = limits
         self._overrides: dict[str, float] = dict(overrides or {})
         self._devices: dict[int, tuple[tuple[int, int], ...]] = {}
@@ -344,24 +391,31 @@ class Quota:
                 f"guest holds {held} {resource.replace('_', ' ')}; {amount} more would pass "
                 f"its limit {limit}",
             )
+        if resource == "be_alloc_pages" and self.grant_budget is not None:
+            self.grant_budget.check(amount)
 
     def take(self, resource: str, amount: int = 1) -> None:
         """Charge ``amount`` of ``resource`` if it fits, else raise :class:`QuotaExceeded`."""
         self.check(resource, amount)
-        setattr(self, resource, getattr(self, resource) + amount)
+        self._add(resource, amount)
 
     def force(self, resource: str, amount: int = 1) -> None:
         """Charge what cannot be refused (it may pass the limit; the next take fails)."""
         if resource not in RESOURCES or amount < 0:
             raise ValueError(f"cannot charge {amount} {resource}")
-        setattr(self, resource, getattr(self, resource) + amount)
+        self._add(resource, amount)
 
     def give(self, resource: str, amount: int = 1) -> None:
         """Give back ``amount`` of ``resource``."""
         held = getattr(self, resource)
         if amount < 0 or held < amount or resource not in RESOURCES:
             raise RuntimeError(f"quota released {amount} {resource}, only {held} charged")
-        setattr(self, resource, held - amount)
+        self._add(resource, -amount)
+
+    def _add(self, resource: str, amount: int) -> None:
+        setattr(self, resource, getattr(self, resource) + amount)
+        if resource == "be_alloc_pages" and self.grant_budget is not None:
+            self.grant_budget.held += amount
 
     # -- buffers -------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ when a process exits.
 - **RAM**: each domain has one memfd; pages are allocated by page frame number (pfn =
   offset / 4096) and zeroed on allocation. Clients receive the memfd with ``SCM_RIGHTS`` and
   map pages themselves (:mod:`displback.sim.memmap`), so memory is really shared.
-- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly); with a
-  size given (:data:`GRANT_ENTRIES` is Xen's default; unbounded by default for now, see
-  :class:`Machine`), granting beyond is ``ENOSPC`` (grefs below :data:`FIRST_GREF` are
-  reserved as Linux reserves them). Each page a domain maps (gntdev map or
+- **Grants**: a domain's grant table maps gref → (pfn, granted-to domid, readonly); it holds
+  :data:`GRANT_ENTRIES` entries (Xen's default; another size may be given, None for
+  unbounded), granting beyond is ``ENOSPC`` (grefs below :data:`FIRST_GREF` are reserved as
+  Linux reserves them). Each page a domain maps (gntdev map or
   dma-buf export) takes one of its :data:`MAPTRACK_ENTRIES`; beyond, the map fails. Mapping
   checks the gref exists, is not being revoked, is granted to the mapper, and is writable if
   mapped writable; otherwise ``EINVAL`` as gntdev reports a failed map. A grant copy
@@ -267,11 +267,12 @@ class Machine:
     context only. ``spawn`` starts the release watcher of a new dma-buf."""
 
     def __init__(
-        self, *, grant_entries: int | None = None, maptrack_entries: int = MAPTRACK_ENTRIES
+        self,
+        *,
+        grant_entries: int | None = GRANT_ENTRIES,
+        maptrack_entries: int = MAPTRACK_ENTRIES,
     ) -> None:
-        # grant_entries None: unbounded. Xen's size (GRANT_ENTRIES) is not yet the default:
-        # with it, reused be-alloc memory takes fresh Dom0 grant entries while the guest
-        # still maps the old ones (tests/hostile/test_grants.py, docs/simulation.md).
+        # grant_entries None: unbounded (for tests that want no such limit).
         if (grant_entries is not None and grant_entries <= FIRST_GREF) or maptrack_entries < 1:
             raise ValueError("grant table or maptrack too small")
         self.grant_entries = grant_entries
@@ -861,7 +862,7 @@ class HypervisorThread:
         self,
         socket_path: str,
         *,
-        grant_entries: int | None = None,
+        grant_entries: int | None = GRANT_ENTRIES,
         maptrack_entries: int = MAPTRACK_ENTRIES,
     ) -> None:
         self.socket_path = socket_path

@@ -7,8 +7,9 @@ store it would meet under ``xl create`` / ``xl vdispl-attach`` / ``xl vdispl-det
 store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting for nodes with
 :meth:`~displback.sim.xenstored.XenStored.wait_for`.
 
-* ``create_domain``: ``/local/domain/F`` (owner dom0, guest may read) with ``name``, ``domid``,
-  ``cpu``, ``memory``, ``control`` (read-only to the guest, except its ``shutdown``,
+* ``create_domain``: ``/vm/<uuid>`` (owner dom0, guest may read) with ``uuid`` and ``name``;
+  ``/local/domain/F`` (owner dom0, guest may read) with ``vm`` (``/vm/<uuid>``), ``name``,
+  ``domid``, ``cpu``, ``memory``, ``control`` (read-only to the guest, except its ``shutdown``,
   ``feature-*`` and ``sysrq`` nodes), ``device`` (read-only to the guest: libxl 4.17's default;
   guest-owned only with ``xend_suspend_evtchn_compat``) with the guest's
   ``device/suspend/event-channel``, guest-owned ``data``, ``drivers``, ``feature``, ``attr``,
@@ -34,15 +35,17 @@ store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting 
 * ``destroy_domain`` (``xl destroy``, also what ``xl shutdown`` and ``xl reboot`` end in once
   the guest is down: libxl__destroy_domid with LIBXL__FORCE_ON): every device removed forced,
   all at once, each waiting up to 10 s; then ``libxl__devices_destroy failed`` if any timed
-  out; then ``/local/domain/F`` and ``/libxl/F`` are removed and ``@releaseDomain`` fires
-  (xenstored, once the hypervisor has destroyed the domain). The domain is only paused while
-  its devices are removed: a simulated guest keeps running unless the test crashed it.
+  out; then ``/vm/<uuid>``, ``/local/domain/F`` and ``/libxl/F`` are removed and
+  ``@releaseDomain`` fires (xenstored, once the hypervisor has destroyed the domain). The
+  domain is only paused while its devices are removed: a simulated guest keeps running unless
+  the test crashed it.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import re
+import uuid as uuid_module
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -256,8 +259,13 @@ class Toolstack:
     # -- domains -----------------------------------------------------------------------
 
     def create_domain(
-        self, domid: int, name: str, *, xend_suspend_evtchn_compat: bool = False
-    ) -> None:
+        self,
+        domid: int,
+        name: str,
+        *,
+        xend_suspend_evtchn_compat: bool = False,
+        uuid: str | None = None,
+    ) -> str:
         """The XenStore part of libxl__domain_make (and libxl__build_post's ``domid``) for
         guest ``domid``; fires ``@introduceDomain``.
 
@@ -265,9 +273,13 @@ class Toolstack:
         ``noperm`` = n0); nodes written without them inherit their parent's. In particular
         ``device`` is read-only for the guest — so it cannot re-create a device directory it
         removed — unless ``xend_suspend_evtchn_compat`` (an xl.cfg option, off by default)
-        hands ``device`` to the guest as libxl does then. (``/vm/<uuid>`` is not simulated.)"""
+        hands ``device`` to the guest as libxl does then. ``/vm/<uuid>`` (roperm) holds
+        ``uuid`` and ``name``, and ``/local/domain/F/vm`` names it; ``uuid`` (a new random
+        one if not given) is returned."""
         if not 0 < domid < 0x7FF0:
             raise ToolstackError(f"bad guest domain id {domid}")
+        uuid = str(uuid_module.UUID(uuid)) if uuid is not None else str(uuid_module.uuid4())
+        vm = f"/vm/{uuid}"
         home = domain_path(domid)
         libxl = f"/libxl/{domid}"
         noperm = (Perm(0, "n"),)
@@ -283,10 +295,14 @@ class Toolstack:
 
             self._rm(home, tx)
             mknod(home, roperm)
+            self._rm(vm, tx)
+            mknod(vm, roperm)
             self._rm(libxl, tx)
             mknod(libxl, noperm)
             mknod(f"{libxl}/device", noperm)
-            xs.write(f"{home}/name", name.encode(), tx)
+            xs.write(f"{home}/vm", vm.encode(), tx)
+            xs.write(f"{home}/name", name.encode(), tx)  # libxl__domain_rename: both names
+            xs.write(f"{vm}/name", name.encode(), tx)
             mknod(f"{home}/cpu", roperm)
             mknod(f"{home}/memory", roperm)
             if xend_suspend_evtchn_compat:
@@ -304,9 +320,11 @@ class Toolstack:
             xs.write(f"{home}/control/platform-feature-xs_reset_watches", b"1", tx)
             xs.write(f"{libxl}/type", b"pvh", tx)
             xs.write(f"{home}/domid", str(domid).encode(), tx)  # libxl__build_post
+            xs.write(f"{vm}/uuid", uuid.encode(), tx)
 
         self._transact(body)
         self.xenstored.introduce_domain(domid)
+        return uuid
 
     async def destroy_domain(self, domid: int) -> bool:
         """``xl destroy``: remove every vdispl device forced and at once (each waits up to
@@ -327,6 +345,9 @@ class Toolstack:
         def body(tx: int) -> None:
             for entry in self._list("/local/domain", tx):
                 self._rm(f"/local/domain/{entry}/backend/vdispl/{domid}", tx)
+            vm = self._read(f"{domain_path(domid)}/vm", tx)
+            if vm is not None and vm.startswith(b"/vm/"):  # devices_destroy_cb
+                self._rm(vm.decode(), tx)
             self._rm(domain_path(domid), tx)
             self._rm(f"/libxl/{domid}", tx)
 

@@ -13,7 +13,7 @@ import pytest
 from displback.app.cli import build_parser, main
 from displback.app.config import DEFAULT_CONFIG, KEYS, read_config
 from displback.app.run import RunConfig
-from displback.backend.quotas import LIMIT_NAMES
+from displback.backend.quotas import DOM0_GRANT_KEY, LIMIT_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 FIVE = REPO / "tests" / "fixtures" / "five-mistakes.toml"
@@ -104,8 +104,14 @@ def test_a_syntax_error_is_one_problem_with_its_line(
                 (9, "limits.guest.vm.max_pages_per_buffer"),
             ],
         ),
+        # The daemon-wide grant budget: an integer ≥ 1, in [limits] only.
+        (
+            "display = 'kms'\nconnectors = ['HDMI-A-1']\n[limits]\ndom0_grant_entries = 0\n"
+            "[limits.guest.vm]\ndom0_grant_entries = 100\n",
+            [(4, "limits.dom0_grant_entries"), (6, "limits.guest.vm.dom0_grant_entries")],
+        ),
     ],
-    ids=["no-cascade", "multi-line-list", "limits"],
+    ids=["no-cascade", "multi-line-list", "limits", "dom0-grant-entries"],
 )
 def test_each_mistake_is_named_once_at_its_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[tuple[int, str]]
@@ -139,6 +145,7 @@ def test_show_prints_the_effective_settings_as_toml_the_check_accepts(
         tmp_path,
         "display = 'virtual'\nvirtual_outputs = ['A=640x480', 'B=800x600@30']\n"
         "[assign]\n'1/0/0' = 'B'\n[limits]\nmax_buffers = 20\n"
+        "dom0_grant_entries = 9000\n"
         "[limits.guest.7]\nrequests_per_second = 100\n[limits.guest.'my vm']\nmax_deferred = 2\n",
     )
     code, shown = check(path, capsys, "--show")
@@ -151,23 +158,25 @@ def test_show_prints_the_effective_settings_as_toml_the_check_accepts(
     settings = read_config(again).settings
     assert settings["limits"].by_name == {"my vm": {"max_deferred": 2}}
     assert settings["limits"].by_domid == {7: {"requests_per_second": 100}}
+    assert settings["limits"].dom0_grant_entries == 9000
+    assert settings["limits"].common == {"max_buffers": 20}
 
 
 def _uncommented(text: str) -> str:
     """The example with every commented-out setting and table header switched on."""
-    return re.sub(r"^#(\[|[a-z_]+ = )", r"\1", text, flags=re.M)
+    return re.sub(r"^#(\[|[a-z0-9_]+ = )", r"\1", text, flags=re.M)
 
 
 def test_the_example_documents_every_key_and_accepts_each(tmp_path: Path) -> None:
     config = read_config(write(tmp_path, _uncommented(EXAMPLE.read_text())))
     assert config.problems == []
     assert set(config.data) == set(KEYS)
-    assert set(config.data["limits"]) == {*LIMIT_NAMES, "guest"}
+    assert set(config.data["limits"]) == {*LIMIT_NAMES, "guest", DOM0_GRANT_KEY}
 
 
 def test_the_operations_guide_documents_every_key() -> None:
     section = OPERATIONS.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    for key in (*KEYS, *LIMIT_NAMES):
+    for key in (*KEYS, *LIMIT_NAMES, DOM0_GRANT_KEY):
         assert f"`{key}`" in section, key
 
 

@@ -2,7 +2,14 @@
 
 import pytest
 
-from displback.backend.quotas import Limits, Quota, QuotaExceeded, TokenBucket, limit_problem
+from displback.backend.quotas import (
+    GrantBudget,
+    Limits,
+    Quota,
+    QuotaExceeded,
+    TokenBucket,
+    limit_problem,
+)
 from displback.protocol.constants import (
     EINVAL,
     ENOMEM,
@@ -170,3 +177,23 @@ def test_an_admins_limit_is_checked_with_a_clear_problem(
         assert found is None
     else:
         assert found is not None and found.startswith(problem)
+
+
+def test_every_guests_be_alloc_pages_share_one_daemon_wide_grant_budget() -> None:
+    budget = GrantBudget(100)
+    one = Quota(Limits(16, 200, 200, 1, 2000.0, 400), domid=1, grant_budget=budget)
+    two = Quota(Limits(16, 200, 200, 1, 2000.0, 400), domid=2, grant_budget=budget)
+    one.take("be_alloc_pages", 60)
+    two.take("be_alloc_pages", 40)
+    assert budget.held == 100
+    with pytest.raises(QuotaExceeded) as exc:
+        two.take("be_alloc_pages", 1)  # within guest 2's own limit, over the budget
+    assert exc.value.limit == "dom0_grant_entries" and exc.value.errno == ENOMEM
+    assert "daemon-wide limit 100" in str(exc.value) and two.be_alloc_pages == 40
+    one.force("be_alloc_pages", 5)  # adopted at a restart: never refused
+    assert budget.held == 105
+    one.give("be_alloc_pages", 65)
+    two.take("be_alloc_pages", 1)
+    assert budget.held == 41
+    with pytest.raises(ValueError):
+        GrantBudget(0)

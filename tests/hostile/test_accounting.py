@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.device import BackendSettings
-from displback.backend.quotas import RESOURCES, Limits
+from displback.backend.quotas import RESOURCES, LimitOverrides, Limits
 from displback.backend.retained import fd_name
 from displback.display.virtual import OutputConfig
 from displback.protocol.constants import ENOMEM
@@ -301,7 +301,9 @@ async def test_kept_be_alloc_memory_is_freed_when_the_domain_is_destroyed(
             assert _dom0(hypervisor, "dmabufs") == 2
             await w.toolstack.destroy_domain(ATTACKER)
             await wait_until(lambda: _dom0(hypervisor, "dmabufs") == 0)
-            assert _dom0(hypervisor, "pages") == base and ATTACKER not in w.backend.accounts
+            assert _dom0(hypervisor, "pages") == base
+            # Forgotten once the device is gone too (its task may end after the reap).
+            await wait_until(lambda: ATTACKER not in w.backend.accounts)
 
 
 class FakeSystemd:
@@ -371,6 +373,9 @@ async def test_kept_memory_survives_a_daemon_restart_through_systemds_fd_store(
                         await _destroy_keeping_the_mapping(g, buf)
                     stored = systemd.receive()
                     assert len(stored) == 2 and all("FDSTORE=1" in m for m in stored)
+                    # Named with the domain's UUID, not only its domid.
+                    uuid = _uuid_of(w, ATTACKER)
+                    assert all(f".d{ATTACKER}.u{uuid}." in name for name in systemd.store)
                     assert sorted(int(n.split(".p")[1].split(".")[0]) for n in systemd.store) \
                         == [64, 128]
                     # The daemon restarts; systemd hands the stored fds to the new one.
@@ -383,10 +388,20 @@ async def test_kept_memory_survives_a_daemon_restart_through_systemds_fd_store(
                     assert account.be_alloc_pages == 192 and account.be_alloc_buffers == 2
                     await wait_until(lambda: g.stats.handshakes == 2)
                     await g.wait_connected()
+                    # The old run's grants died with its gntdev (revoked lazily): the first
+                    # reuse grants the adopted memory once more, at most its kept pages ...
+                    before = _dom0(hypervisor, "grants")
                     again = await g.create_dumb(1024, 100, 32)  # reuses the 128-page one
                     assert _dom0(hypervisor, "dmabufs") == 2
+                    assert _dom0(hypervisor, "grants") - before == 128
                     assert any("FDSTOREREMOVE=1" in m for m in systemd.receive())
-                    await g.destroy_dumb(again)
+                    await _destroy_keeping_the_mapping(g, again)
+                    # ... and from then on it is kept with its grants: no more entries.
+                    granted = _dom0(hypervisor, "grants")
+                    for _ in range(3):
+                        again = await g.create_dumb(1024, 100, 32)
+                        await _destroy_keeping_the_mapping(g, again)
+                    assert _dom0(hypervisor, "grants") == granted
                 await w.toolstack.destroy_domain(ATTACKER)
                 await wait_until(lambda: not w.backend.retained.domains())
                 systemd.receive()  # the daemon removes them from the store: systemd closes
@@ -422,6 +437,95 @@ async def test_stored_memory_of_a_domain_gone_meanwhile_is_freed_at_start(
     finally:
         platform.close()
         systemd.close()
+
+
+def _uuid_of(machine: SimMachine, domid: int) -> str:
+    """The domain's UUID as the toolstack wrote it (``/vm/<uuid>``), 32 hex digits."""
+    vm = machine.xs.xenstored.session(0).read(f"/local/domain/{domid}/vm").decode()
+    return vm.removeprefix("/vm/").replace("-", "")
+
+
+async def test_stored_memory_of_an_earlier_domain_with_the_same_domid_is_freed_not_reused(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """While the daemon was down, domain 1 died and a new domain got domid 1: what the old
+    run kept for the old domain 1 is freed at start, before any device is served, and never
+    granted to the new one (before, the fd-store name knew only the domid)."""
+    systemd = FakeSystemd(tmp_path / "notify")
+    fdstore = FdStore(Notifier(systemd.path))
+    try:
+        with trio.fail_after(30):
+            async with sim_machine(
+                hypervisor, tmp_path, backend_options={"fdstore": fdstore}
+            ) as w:
+                await w.add_guest(ATTACKER, BE_ALLOC)
+                uuid = _uuid_of(w, ATTACKER)
+                earlier = w.platform.alloc_dmabuf(75 * 4096)
+                with w.platform.open_dmabuf(earlier) as mapping:
+                    mapping.buffer[:6] = b"secret"
+                inherited = [(fd_name(ATTACKER, 75, "0" * 32), earlier)]
+                await w.restart_backend(fdstore=fdstore, inherited=inherited)
+                assert not w.backend.retained.domains()
+                assert w.backend.retained.uuid(ATTACKER) == uuid
+                assert ATTACKER not in w.backend.accounts
+                assert w.backend.grant_budget.held == 0
+                with pytest.raises(OSError):
+                    os.fstat(earlier)
+                assert [m for m in systemd.receive() if "FDSTOREREMOVE=1" in m]
+                async with w.guest(ATTACKER) as g:
+                    await g.wait_connected()
+                    buf = await g.create_dumb(320, 240, 32)  # new memory, zeroed
+                    assert not bytes(buf.buffer[:4096]).strip(b"\0")
+                    await g.destroy_dumb(buf)
+                    systemd.receive()
+                    assert [n for n in systemd.store if f".u{uuid}." in n]
+                await w.toolstack.destroy_domain(ATTACKER)
+                await wait_until(lambda: not w.backend.retained.domains())
+                systemd.receive()
+                assert not systemd.store
+    finally:
+        systemd.close()
+
+
+async def test_be_alloc_guests_together_are_bounded_by_the_daemon_wide_grant_budget(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Each guest's quota bounds it alone; N guests together could still fill Dom0's one
+    grant table. Once guest 1 holds the daemon-wide budget (300 entries here), guest 2's
+    be-alloc buffer is refused (-ENOMEM, a log line naming the limit) with nothing granted;
+    guest 1 goes on; when guest 1's domain dies, its entries come back and guest 2 is served."""
+    settings = BackendSettings(limit_overrides=LimitOverrides(dom0_grant_entries=300))
+    with trio.fail_after(60):
+        async with sim_machine(hypervisor, tmp_path, settings=settings) as w:
+            budget = w.backend.grant_budget
+            await w.add_guest(ATTACKER, BE_ALLOC)
+            await w.add_guest(HONEST, BE_ALLOC)
+            async with w.guest(HONEST) as two:  # connected first: output A
+                await two.wait_connected()
+                async with w.guest(ATTACKER) as one:  # output B
+                    await one.wait_connected()
+                    held = [await one.create_dumb(320, 240, 32) for _ in range(4)]  # 4 x 75
+                    assert budget.held == 300 == _dom0(hypervisor, "grants")
+                    with capture_logs() as logs, pytest.raises(GuestRequestError) as exc:
+                        await two.create_dumb(320, 240, 32)
+                    assert exc.value.errno == ENOMEM
+                    assert any("daemon-wide limit 300" in str(e["event"])
+                               and "dom0_grant_entries" in str(e["event"]) for e in logs)
+                    assert two.pending_end_access == 0
+                    assert w.backend.accounts[HONEST].be_alloc_pages == 0
+                    assert _dom0(hypervisor, "grants") == 300
+                    # Guest 1 is not affected: its kept memory serves it again.
+                    for buf in held[:2]:
+                        await one.destroy_dumb(buf)
+                    await show_frames(w, one, 1, output="B")
+                    for buf in held[2:]:
+                        await one.destroy_dumb(buf)
+                    assert budget.held == 300
+                await w.toolstack.destroy_domain(ATTACKER)
+                await wait_until(lambda: budget.held == 0)
+                assert _dom0(hypervisor, "grants") == 0
+                await show_frames(w, two, 1, output="A")
+                assert budget.held == w.backend.accounts[HONEST].be_alloc_pages == 150
 
 
 def test_inherited_fds_are_ours_only_when_the_pid_matches() -> None:

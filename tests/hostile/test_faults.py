@@ -76,7 +76,6 @@ REQUEST_FAULTS = [
     ("grants.dmabuf_wait_released", errno.EIO, GUEST, AUTO),
     ("platform.alloc_dmabuf", errno.ENOMEM, BE_ALLOC, AUTO),
     ("grants.dmabuf_import_to_refs", errno.ENOSPC, BE_ALLOC, AUTO),
-    ("grants.dmabuf_import_release", errno.EIO, BE_ALLOC, AUTO),
     ("platform.open_dmabuf", errno.EMFILE, BE_ALLOC, OFF),
     ("evtchn.notify", errno.EIO, GUEST, AUTO),
     ("evtchn.read_pending", errno.EAGAIN, GUEST, AUTO),
@@ -108,6 +107,25 @@ async def test_a_failure_while_serving_costs_one_request_or_one_reset(
     await run_attack(hypervisor, tmp_path, attack, spec=spec,
                      settings=BackendSettings(zero_copy=zero_copy),
                      before=lambda a: inject(a.machine, faults))
+
+
+async def test_revoking_kept_grants_failing_when_the_domain_dies_still_releases_them(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """be-alloc memory keeps its grants until its domain dies; then each is revoked
+    (``DMABUF_IMP_RELEASE``). Failing (EIO), that is logged, and closing the domain's gntdev
+    releases the imports anyway: no Dom0 grant, page or fd is left (checked as the attacker
+    goes)."""
+    faults = Faults()
+    call = "grants.dmabuf_import_release"
+
+    async def attack(a: Arena, g: SimGuest) -> None:
+        await show_frames(a.machine, g, 30, count=3, output="B")
+        faults.fail(call, errno.EIO, times=8)
+
+    await run_attack(hypervisor, tmp_path, attack, spec=BE_ALLOC,
+                     before=lambda a: inject(a.machine, faults))
+    assert faults.raised[call] >= 1
 
 
 async def test_xenstored_dropping_the_daemons_idle_connection_costs_nothing(

@@ -17,7 +17,12 @@ from displback.protocol.layout import REQ_RING_REF, connector_dir
 from displback.protocol.messages import DbufCreateReq, DbufDestroyReq, GetEdidReq
 from displback.protocol.pagedir import build_directory
 from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
-from displback.sim.hypervisor import FIRST_GREF, HypervisorThread, wait_for_no_leaks
+from displback.sim.hypervisor import (
+    FIRST_GREF,
+    MAPTRACK_ENTRIES,
+    HypervisorThread,
+    wait_for_no_leaks,
+)
 from displback.sim.platform import client_resources
 from tests.backend.support import flip_frame, paint, release, show, shown, wait_until
 from tests.hostile.support import HONEST, Arena, run_attack, set_field
@@ -236,19 +241,32 @@ async def test_refs_of_another_buffer_share_pages_and_both_release(
     await run_attack(hypervisor, tmp_path, attack)
 
 
-@pytest.fixture
-def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
-    """A hypervisor whose grant tables hold 600 entries and whose maptracks 600 mappings
-    (Xen's defaults: 32768 and 262144), with the ``hypervisor`` fixture's leak checks."""
+def _small_hypervisor(tmp_path: Path, maptrack_entries: int) -> Iterator[HypervisorThread]:
+    """A hypervisor whose grant tables hold 600 entries, with the ``hypervisor`` fixture's
+    leak checks."""
     before = client_resources()
     hv = HypervisorThread(str(tmp_path / "xen.sock"), grant_entries=FIRST_GREF + 600,
-                          maptrack_entries=600)
+                          maptrack_entries=maptrack_entries)
     try:
         yield hv
         assert wait_for_no_leaks(hv) == {}, "hypervisor resources leaked"
         assert client_resources() == before, "client-side resources leaked"
     finally:
         hv.stop()
+
+
+@pytest.fixture
+def small_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
+    """Grant tables of 600 entries and maptracks of 600 mappings (Xen's defaults: 32768 and
+    262144)."""
+    yield from _small_hypervisor(tmp_path, 600)
+
+
+@pytest.fixture
+def small_grant_tables(tmp_path: Path) -> Iterator[HypervisorThread]:
+    """Grant tables of 600 entries, maptracks of Xen's default size (a guest that keeps its
+    mappings fills its own maptrack, not Dom0's grant table)."""
+    yield from _small_hypervisor(tmp_path, MAPTRACK_ENTRIES)
 
 
 async def _create_until_refused(g: SimGuest) -> tuple[list[GuestBuffer], int]:
@@ -300,21 +318,25 @@ async def test_dom0s_grant_table_exhausted_by_be_alloc_refuses_new_buffers_only(
     await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: reused be-alloc memory is granted afresh (DMABUF_IMP_TO_REFS) while the guest "
-    "still maps the previous grants, which gntdev only revokes lazily: every reuse costs "
-    "Dom0 grant entries, uncharged (with Xen's 32768: 4 reuses of a 32 MiB buffer). "
-    "Reported; the simulation's grant table stays unbounded by default until it is fixed"))
 async def test_be_alloc_reuse_by_a_guest_keeping_its_mappings_costs_no_grant_entries(
-    small_tables: HypervisorThread, tmp_path: Path
+    small_grant_tables: HypervisorThread, tmp_path: Path
 ) -> None:
     """Twelve create/destroy rounds of one 75-page be-alloc buffer, destroyed without
-    unmapping (Linux unmaps first; a hostile guest need not): the kept memory is reused,
-    so Dom0's 600-entry grant table must not run out."""
+    unmapping (Linux unmaps first; a hostile guest need not): the kept memory is reused with
+    its grants (the same refs every time), so Dom0's 600-entry grant table must not run out:
+    Dom0 holds the buffer's 75 entries, all charged to the guest. Before, every reuse granted
+    the memory afresh while the old grants stayed in use (gntdev revokes lazily)."""
 
     async def attack(a: Arena, g: SimGuest) -> None:
+        refs = set()
         for _ in range(12):
             buf = await g.create_dumb(320, 240, 32)
+            refs.add(tuple(buf.backend_refs))
             await g.hostile.raw_request(0, DbufDestroyReq(id=0, dbuf_cookie=buf.cookie).pack())
+        assert len(refs) == 1
+        counters = await trio.to_thread.run_sync(a.machine.hv.counters)
+        account = a.machine.backend.accounts[g.domid]
+        assert counters["domains"][0]["grants"] == account.be_alloc_pages == 75
 
-    await run_attack(small_tables, tmp_path, attack, spec="be-alloc=1,connectors=c0:320x240")
+    await run_attack(small_grant_tables, tmp_path, attack,
+                     spec="be-alloc=1,connectors=c0:320x240")
