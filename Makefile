@@ -8,6 +8,8 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 	dwarves libdrm-dev linux-libc-dev xz-utils kmod
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
 	edid-decode cpio python3-venv systemd
+# `make displ-be` (bench/displ_be.py): the reference C++ backend, built into ~/.cache/displback.
+DISPL_BE_APT_PACKAGES := git cmake g++ make pkg-config libxen-dev libdrm-dev libudev-dev
 # `make install` (docs/operations.md): Debian's interpreter and its venv module.
 INSTALL_APT_PACKAGES := python3 python3-venv libatomic1
 # Wheels of displback's dependencies and build backend: `make install WHEELHOUSE=...` installs
@@ -18,8 +20,8 @@ INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_
 	WHEELHOUSE PIP_ARGS
 INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
-.PHONY: test test-vm test-vm-pvh demo bench soak fuzz mutate lint apt-deps vm-deps clean install uninstall \
-	install-deps wheelhouse deb
+.PHONY: test test-vm test-vm-pvh demo bench soak fuzz mutate lint apt-deps vm-deps clean install \
+	uninstall install-deps wheelhouse deb bench-vm displ-be
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,17 @@ demo: $(STAMP)
 # Speed and memory goals: one run prints a table and writes bench-results.json.
 bench: $(STAMP)
 	$(PY) -m bench --json bench-results.json
+
+# displback against the reference backend displ_be in the nested Xen VM (issue 12 goal 0;
+# docs/benchmarks.md): one boot, the same guest flipping on each backend; table + JSON.
+# DISPL_BE=<prefix of a displ_be build> adds displ_be (`make displ-be` builds one and prints it).
+bench-vm: apt-deps vm-deps $(STAMP)
+	$(PY) -m tests.vm.kernel
+	$(PY) -m bench.vm --json bench-vm-results.json $(if $(DISPL_BE),--displ-be '$(DISPL_BE)')
+
+displ-be: $(STAMP)
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(DISPL_BE_APT_PACKAGES)"
+	@$(PY) -m bench.displ_be
 
 # Issue 12 goal 6, not part of make test: 16 guests flip 2 connectors each (copy mode) for
 # SOAK_SECONDS while the daemon's RSS is sampled; growth after the warm-up is judged

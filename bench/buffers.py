@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from bench.machine import hypervisor_process
 from bench.report import percentile
 from displback.backend.buffers import BufferKind, BufferStore
 from displback.backend.copies import CopyWorkers, available_cores
@@ -38,7 +39,6 @@ from displback.protocol.constants import (
 )
 from displback.protocol.messages import DbufCreateReq, DbufDestroyReq, FbAttachReq
 from displback.protocol.pagedir import build_directory, dir_pages_for
-from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
 from displback.sim.platform import SimDomain, SimPlatform
 
 __all__ = [
@@ -124,10 +124,8 @@ class StoreBench:
 @asynccontextmanager
 async def store_bench(tmp: Path, *, copy: bool) -> AsyncIterator[StoreBench]:
     """A store that exports guest buffers (zero-copy) or, with ``copy``, maps and copies."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    hv = HypervisorProcess(str(tmp / "xen.sock"))
     log = _QuietLog()
-    try:
+    async with hypervisor_process(tmp) as hv:
         with (
             contextlib.ExitStack() as cleanup,
             SimPlatform(hv.socket_path, "unused", dmabuf_export_supported=not copy) as platform,
@@ -159,11 +157,6 @@ async def store_bench(tmp: Path, *, copy: bool) -> AsyncIterator[StoreBench]:
             finally:
                 with trio.CancelScope(shield=True):
                     await deferred.aclose()
-        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
-        if leaks:
-            raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
-    finally:
-        await trio.to_thread.run_sync(hv.stop)
 
 
 def _summary(samples: list[float]) -> dict[str, Any]:
@@ -444,11 +437,9 @@ async def copy_scaling(
     a disturbance by other work hits both; the ratio is the median of the rounds' ratios."""
     many = workers if workers is not None else available_cores()
     width, height = size
-    tmp.mkdir(parents=True, exist_ok=True)
-    hv = HypervisorProcess(str(tmp / "xen.sock"))
     log = _QuietLog()
     runs: dict[int, list[dict[str, float]]] = {1: [], many: []}
-    try:
+    async with hypervisor_process(tmp) as hv:
         with contextlib.ExitStack() as stack:
             platform = stack.enter_context(
                 SimPlatform(hv.socket_path, "unused", dmabuf_export_supported=False))
@@ -481,11 +472,6 @@ async def copy_scaling(
             finally:
                 with trio.CancelScope(shield=True):
                     await deferred.aclose()
-        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
-        if leaks:
-            raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
-    finally:
-        await trio.to_thread.run_sync(hv.stop)
     ratios = [b["fps"] / a["fps"] for a, b in zip(runs[1], runs[many], strict=True)]
     return {
         "size": [width, height],

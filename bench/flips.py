@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import multiprocessing
 import os
 import pstats
 import resource
@@ -27,12 +28,15 @@ from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
 from bench.report import busy_percent, cpu_jiffies, percentile
 from displback.backend.copies import CopyWorkers
 from displback.display.virtual import OutputConfig
+from displback.protocol.constants import PAGE_SIZE
+from displback.sim.hypervisor import GRANT_ENTRIES, HypervisorProcess
+from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
 
 T = TypeVar("T")
 
 __all__ = [
-    "TimedCopyWorkers", "capacity", "cpu_per_flip", "fairness", "flip_round_trip",
-    "largest_passing", "profile_text", "trio_wakeup_cost",
+    "TimedCopyWorkers", "capacity", "cpu_per_flip", "echo_round_trip", "fairness",
+    "flip_round_trip", "largest_passing", "profile_text", "trio_wakeup_cost",
 ]
 
 
@@ -101,6 +105,100 @@ def _split_round_trips(
         "display_wait": _ms(display),
         "vblank_task_lateness": _ms(late),
     }
+
+
+async def echo_round_trip(tmp: Path, *, rounds: int = 1000, warmup: int = 50) -> dict[str, Any]:
+    """The floor under the flip overhead: one notification answered with one notification.
+
+    A process of its own plays the guest with trio, as the flip guests do: it binds an
+    event channel to Dom0, then ``rounds`` times notifies and waits until the answer fires.
+    This process answers as the backend's reader does — woken on the event-channel fd, it
+    reads the pending port, notifies back and unmasks — on the same simulated hypervisor.
+    The guest's send → answer times are the "echo"; a flip's overhead (request leg + event
+    leg) is the same two notifications and wake-ups plus the backend's work.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_echo_guest_main, args=(hv.socket_path, 1, rounds + warmup, theirs),
+                       daemon=True, name="bench-echo-guest")
+    try:
+        with SimPlatform(hv.socket_path, str(tmp / "no-xenstore")) as platform:
+            evtchn = platform.open_event_channels()
+            try:
+                proc.start()
+                theirs.close()
+                remote = await trio.to_thread.run_sync(_receive, ours, "port")
+                port = evtchn.bind_interdomain(1, remote)
+                evtchn.read_pending()  # a new binding starts pending once
+                evtchn.unmask([port])
+                ours.send(("go", None))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_answer_notifications, evtchn, port)
+                    times = await trio.to_thread.run_sync(_receive, ours, "times")
+                    nursery.cancel_scope.cancel()
+            finally:
+                evtchn.close()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        await trio.to_thread.run_sync(hv.stop)
+    echo = [done - sent for sent, done in times[warmup:]]
+    return {"rounds": len(echo), "echo": _ms(echo)}
+
+
+def _receive(conn: Any, expected: str) -> Any:
+    if not conn.poll(60):
+        raise RuntimeError(f"the echo guest sent no {expected!r} within 60 s")
+    kind, payload = conn.recv()
+    if kind != expected:
+        raise RuntimeError(f"the echo guest: expected {expected!r}, got {kind!r}: {payload}")
+    return payload
+
+
+async def _answer_notifications(evtchn: SimEventChannels, port: int) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(evtchn.fileno())
+        fired = evtchn.read_pending()
+        if port in fired:
+            evtchn.notify(port)
+        evtchn.unmask(fired)
+
+
+def _echo_guest_main(hv_path: str, domid: int, rounds: int, conn: Any) -> None:
+    try:
+        times = trio.run(_echo_guest, hv_path, domid, rounds, conn)
+        conn.send(("times", times))
+    except BaseException as exc:
+        conn.send(("error", repr(exc)))
+        raise
+
+
+async def _echo_guest(
+    hv_path: str, domid: int, rounds: int, conn: Any
+) -> list[tuple[float, float]]:
+    with SimDomain(hv_path, domid) as domain:
+        evtchn = domain.open_event_channels()
+        try:
+            port = evtchn.bind_unbound_port(0)
+            conn.send(("port", port))
+            await trio.to_thread.run_sync(_receive, conn, "go")
+            evtchn.unmask(evtchn.read_pending())  # anything the binding left pending
+            times = []
+            for _ in range(rounds):
+                sent = time.perf_counter()
+                evtchn.notify(port)
+                fired: list[int] = []
+                while port not in fired:
+                    await trio.lowlevel.wait_readable(evtchn.fileno())
+                    fired = evtchn.read_pending()
+                    evtchn.unmask(fired)
+                times.append((sent, time.perf_counter()))
+            return times
+        finally:
+            evtchn.close()
 
 
 @dataclass
@@ -435,7 +533,13 @@ async def fairness(
     assignments = {"1/0/0": "honest"} | {
         f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
     }
-    async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
+    # Four maximum-size connectors with a few buffers each need more grant entries than Xen's
+    # default table (32768): as an admin would raise the guest's xl.cfg max_grant_frames.
+    pages = -(-hostile_size[0] * hostile_size[1] * 4 // PAGE_SIZE)
+    grant_entries = max(GRANT_ENTRIES, 4 * hostile_connectors * (pages + 16) + 1024)
+    async with bench_machine(
+        tmp, outputs, assignments=assignments, copy=copy, grant_entries=grant_entries
+    ) as machine:
         # The daemon's copy workers, timed; its devices (none yet) take them when found.
         workers = TimedCopyWorkers(machine.sim.backend.copies.total)
         machine.sim.backend.copies = workers

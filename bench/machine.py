@@ -6,9 +6,10 @@ the backend and virtual display in this process, guests in their own processes.
 measuring process are the backend daemon, the virtual display and xenstored (plus the idle
 toolstack). On the way out it checks that the hypervisor holds nothing any more.
 
-:class:`FlipProbe` times the backend's calls of ``Output.flip`` from outside: it wraps the
-``flip`` of one output object (an instance attribute; the display's code is untouched) and
-keeps, per flip, when the backend asked, when the flip returned and the vblank it landed at.
+:class:`FlipProbe` times the backend's flips from outside: it wraps ``flip`` and ``start_flip``
+of one output object (instance attributes; the display's code is untouched) and keeps, per
+flip, when the backend asked, when the flip returned (or called back) and the vblank it landed
+at.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import trio
 
 from bench.guestproc import GuestHost, GuestProcess
 from displback.backend.device import BackendSettings
-from displback.display.interface import FlipResult, Framebuffer
+from displback.display.interface import FlipResult, Framebuffer, LandedCallback
 from displback.display.virtual import OutputConfig
-from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
+from displback.sim.hypervisor import GRANT_ENTRIES, HypervisorProcess, wait_for_no_leaks
 from displback.sim.machine import SimMachine, sim_machine
 
 __all__ = ["BenchMachine", "FlipProbe", "FlipRecord", "bench_machine"]
@@ -63,13 +64,29 @@ class FlipProbe:
             return result
 
         setattr(output, "flip", flip)  # noqa: B010 - an instance attribute, on purpose
+        start_flip: Callable[[Framebuffer, LandedCallback], bool] = output.start_flip
+
+        def start(fb: Framebuffer, on_landed: LandedCallback) -> bool:
+            called = time.perf_counter()
+
+            def landed(result: FlipResult | None) -> None:
+                returned = time.perf_counter()
+                if result is not None:
+                    offset = trio.current_time() - time.perf_counter()
+                    self.records.append(FlipRecord(called, returned, result.timestamp - offset))
+                on_landed(result)
+
+            return start_flip(fb, landed)
+
+        setattr(output, "start_flip", start)  # noqa: B010
 
     def clear(self) -> None:
         self.records.clear()
 
     def remove(self) -> None:
-        if "flip" in vars(self.output):
-            delattr(self.output, "flip")
+        for name in ("flip", "start_flip"):
+            if name in vars(self.output):
+                delattr(self.output, name)
 
 
 @dataclass
@@ -130,36 +147,54 @@ def connector_spec(resolutions: Sequence[tuple[int, int]], *, prefix: str = "c")
 
 
 @asynccontextmanager
+async def hypervisor_process(
+    tmp: Path, *, check_leaks: bool = True, grant_entries: int = GRANT_ENTRIES
+) -> AsyncIterator[HypervisorProcess]:
+    """A simulated hypervisor in a child process, socket in ``tmp``, stopped on the way out.
+
+    With ``check_leaks``, raises RuntimeError on a clean exit if it still holds anything.
+    ``grant_entries`` is every domain's grant table size (xl.cfg ``max_grant_frames`` × 512).
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    hv = HypervisorProcess(str(tmp / "xen.sock"), grant_entries=grant_entries)
+    leaks: dict[str, Any] = {}
+    try:
+        yield hv
+        if check_leaks:
+            leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
+    finally:
+        await trio.to_thread.run_sync(hv.stop)
+    if leaks:
+        raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+
+
+@asynccontextmanager
 async def bench_machine(
     tmp: Path,
     outputs: Sequence[OutputConfig],
     *,
     assignments: dict[str, str] | None = None,
     copy: bool = False,
+    grant_entries: int = GRANT_ENTRIES,
 ) -> AsyncIterator[BenchMachine]:
     """A simulated machine with these outputs; ``copy`` makes Dom0 unable to export dma-bufs
     (the backend then maps guest buffers and copies every frame into dumb buffers).
+    ``grant_entries``: each domain's grant table, Xen's default unless a guest needs more.
 
     Raises RuntimeError on the way out if the hypervisor still holds anything.
     """
-    tmp.mkdir(parents=True, exist_ok=True)
-    hv = HypervisorProcess(str(tmp / "xen.sock"))
-    leaks: dict[str, Any] = {}
-    try:
-        platform_options = {"dmabuf_export_supported": False} if copy else None
-        async with sim_machine(
+    platform_options = {"dmabuf_export_supported": False} if copy else None
+    async with (
+        hypervisor_process(tmp, grant_entries=grant_entries) as hv,
+        sim_machine(
             hv, tmp, outputs, settings=BackendSettings(), assignments=assignments,
             platform_options=platform_options,
-        ) as sim:
-            machine = BenchMachine(sim, hv)
-            try:
-                yield machine
-            finally:
-                with trio.CancelScope(shield=True):
-                    for domid in list(machine.guests):
-                        await machine.stop_guest(domid)
-        leaks = await trio.to_thread.run_sync(wait_for_no_leaks, hv)
-    finally:
-        await trio.to_thread.run_sync(hv.stop)
-    if leaks:
-        raise RuntimeError(f"the simulated hypervisor still holds resources: {leaks}")
+        ) as sim,
+    ):
+        machine = BenchMachine(sim, hv)
+        try:
+            yield machine
+        finally:
+            with trio.CancelScope(shield=True):
+                for domid in list(machine.guests):
+                    await machine.stop_guest(domid)

@@ -27,6 +27,13 @@ async def test_round_trip_pairs_every_guest_flip_with_the_backends_display_flip(
     assert 0 < over["p50_ms"] <= rt["max_ms"]
 
 
+async def test_echo_round_trip_times_every_round(tmp_path: Path) -> None:
+    result = await flips.echo_round_trip(tmp_path, rounds=30, warmup=3)
+    assert result["rounds"] == 30
+    echo = result["echo"]
+    assert 0 < echo["p50_ms"] <= echo["p99_ms"] <= echo["max_ms"]
+
+
 @pytest.mark.parametrize("copy", [False, True], ids=["zero-copy", "copy"])
 async def test_cpu_per_flip_measures_flips_of_the_intended_buffer_kind(
     tmp_path: Path, copy: bool
@@ -245,5 +252,10 @@ def test_main_runs_a_part_and_writes_the_json(
     out = capsys.readouterr().out
     assert "copy-mode bandwidth 1920x1080" in out and "targets met" in out
     assert "5     capacity" in out and "not measured" in out  # the goal table, unmeasured
-    keys = {m["key"] for m in json.loads(path.read_text())["metrics"]}
+    results = json.loads(path.read_text())
+    keys = {m["key"] for m in results["metrics"]}
     assert {"memcpy_numpy_gbps", "copy_1920x1080_percent"} <= keys
+    # The copy part measures goal 4: its row is in the goal table, judged.
+    goal4 = [g for g in results["goals"] if g["number"] == 4]
+    assert len(goal4) == 1 and goal4[0]["status"] in {"PASS", "MISS"}
+    assert goal4[0]["value"] > 0

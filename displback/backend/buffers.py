@@ -340,21 +340,32 @@ class GuestFramebuffer:
         ``EINVAL`` for a framebuffer the output cannot show at all, ``EIO`` for other
         display failures.
         """
+        direct = self.present_now(output)
+        if direct is not None:
+            return direct
+        return await self._copy_to(output, self._outputs[output])
+
+    def present_now(self, output: Output) -> Framebuffer | None:
+        """:meth:`present_on` without waiting: the zero-copy framebuffer (imported now if
+        need be), or None when this frame must be copied (then await :meth:`present_on`).
+        Raises as :meth:`present_on` does."""
         if self._released:
             raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         store = self._store
         if all(output is not known for known in store.outputs):
             raise ValueError(f"{output!r} is not an output of this device")
-        state = self._outputs.setdefault(output, _OnOutput())
+        state = self._outputs.get(output)
+        if state is None:
+            state = self._outputs[output] = _OnOutput()
         store._release_retired(output)
+        if state.imported is not None:
+            return state.imported
         buffer = self._buffer
         direct = buffer.kind is not BufferKind.COPY and store.policy is not ZeroCopyPolicy.OFF
         if direct and not state.copying:
-            if state.imported is None:
-                state.imported = self._import(output, state)
-            if state.imported is not None:
-                return state.imported
-        return await self._copy_to(output, state)
+            state.imported = self._import(output, state)
+            return state.imported
+        return None
 
     def _import(self, output: Output, state: _OnOutput) -> Framebuffer | None:
         buffer = self._buffer
@@ -467,6 +478,11 @@ class GuestFramebuffer:
             ) from exc
         except DisplayError as exc:
             raise RequestError(EIO, f"output {output.name}: {exc}") from exc
+        except OSError as exc:  # the display's allocator failed (ENOMEM, EMFILE, ...)
+            raise RequestError(
+                errno_for_os_error(exc),
+                f"output {output.name} cannot allocate a copy buffer: {exc}",
+            ) from exc
         finally:
             # Charge what the display really allocated (its pitch may be aligned).
             if dumb is None:

@@ -15,10 +15,18 @@ Two tasks per connector, in the connection's nursery:
   the output has taken the new configuration (one vblank), buffer requests when done.
   A wake-up that finds no request costs the guest a token (``SPURIOUS_WAKEUPS_PER_SECOND``);
   without one the port stays masked until one is due, so notification floods are bounded.
-* **scanout** — the only task that touches the output, so flips and (dis)ables are serialised
-  as KMS wants. Queued flips are coalesced: when several wait, only the newest is shown, but
-  every accepted PG_FLIP still gets exactly one event when the frame that replaced it lands —
-  the guest numbers its events and waits 3.1 s for each.
+* **scanout** — the output's slow path: SET_CONFIG (disable, or a flip awaited until the output
+  has taken the configuration) and frames that must be copied first (copy mode, in a worker
+  thread) or that the output cannot start without waiting (KMS's first legacy modeset).
+
+Which flip is shown when, and which events are owed, is decided by a
+:class:`~displback.protocol.flipqueue.FlipQueue` (sans-I/O; queueing, coalescing, the event
+page's back-pressure and the drop bound live there). The connector only drives it: a PG_FLIP is
+accepted into it, and when the output is free the next frame is started **in the same
+wake-up** — a zero-copy frame by the ring task that took the request, the next queued one by
+the output's own landing callback (:meth:`~displback.display.interface.Output.start_flip`),
+which also writes the landed frame's events and notifies the guest. A flip therefore costs
+the wake-up for its request and the display's own wake-up at the vblank, no task hop between.
 
 Events that do not fit the event page (the guest has not consumed 63 of them) stay queued and
 are retried every few milliseconds: the guest never tells us when it consumed.
@@ -31,7 +39,7 @@ close the whole device; that decision belongs to the device, which we tell throu
 
 from __future__ import annotations
 
-import collections
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,11 +51,18 @@ import trio
 from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.backend.throttle import LogThrottle
-from displback.display.interface import DisplayError, Output
+from displback.display.interface import DisplayError, FlipResult, Output
 from displback.protocol.constants import EINVAL, EIO, ENODEV, EOPNOTSUPP
 from displback.protocol.edid import build_edid
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
+from displback.protocol.flipqueue import (
+    MAX_QUEUED_EVENTS,
+    ConfigCommand,
+    FlipCounters,
+    FlipQueue,
+    Frame,
+)
 from displback.protocol.layout import ConnectorConfig
 from displback.protocol.messages import (
     DbufCreateReq,
@@ -64,14 +79,9 @@ from displback.protocol.messages import (
 from displback.protocol.ring import BackRing
 from displback.xen.interfaces import EventChannels
 
-__all__ = ["Connector", "ConnectorStats", "Buffers"]
+__all__ = ["MAX_QUEUED_EVENTS", "Buffers", "Connector", "ConnectorStats"]
 
 _EVENT_RETRY_S = 0.005
-#: Events waiting for room on the event page beyond which new ones are dropped. A Linux guest
-#: consumes every event in its interrupt handler and has at most one flip outstanding per
-#: connector; only a guest that stopped reading its event page gets here, and without a bound
-#: its flips (up to the request rate, forever) would grow the daemon's memory without limit.
-MAX_QUEUED_EVENTS = 256
 #: Wake-ups of the ring task that find no new request (the guest notified with nothing in the
 #: ring) allowed per second and in a burst, per connector. Linux notifies only after pushing
 #: a request, so a spurious wake-up is the rare notification that raced our final check (at
@@ -104,24 +114,20 @@ class Buffers(Protocol):
 
 
 @dataclass
-class ConnectorStats:
-    """Counters of one connector since it connected."""
+class ConnectorStats(FlipCounters):
+    """Counters of one connector since it connected (the flip queue's among them).
+
+    ``events_late``: flip events delivered later than the guest waits for them (it timed out;
+    see ``FRAME_DONE_TIMEOUT_S``). With ``events_dropped`` these are its frame-done timeouts.
+    """
 
     requests: int = 0
     errors: int = 0
-    flips_accepted: int = 0
     frames_shown: int = 0
-    flips_coalesced: int = 0
-    events_sent: int = 0
-    events_delayed: int = 0
-    events_dropped: int = 0
     throttled: int = 0
     wakeups: int = 0
     spurious_wakeups: int = 0
     wakeups_throttled: int = 0
-    #: Flip events delivered later than the guest waits for them (it timed out; see
-    #: ``FRAME_DONE_TIMEOUT_S``). With ``events_dropped`` these are its frame-done timeouts.
-    events_late: int = 0
 
 
 @dataclass
@@ -172,11 +178,23 @@ class Connector:
         self._throttle_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
         self._drop_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
         self._ring_kick = trio.Event()
+        self._flips: FlipQueue[Any, _Config] = FlipQueue(
+            events,
+            max_queued_events=MAX_QUEUED_EVENTS,
+            late_after=FRAME_DONE_TIMEOUT_S,
+            counters=self.stats,
+        )
+        # The command the scanout task is to carry out (the flip queue's, in flight).
+        self._slow: Frame[Any] | ConfigCommand[_Config] | None = None
         self._scanout_kick = trio.Event()
-        # Flips are (cookie, framebuffer, trio time accepted); events (cookie, time accepted).
-        self._commands: collections.deque[_Config | tuple[int, Any, float]] = collections.deque()
-        self._pending_events: collections.deque[tuple[int, float]] = collections.deque()
         self._events_stuck = trio.Event()
+        # Set when run() ends: a flip landing after that has nobody to tell (the event page
+        # and channels are gone).
+        self._stopped = False
+        # A failure of ours outside any request (say, writing an event): the scanout task
+        # raises it in the connector's nursery, which resets the device, instead of the flip
+        # queue wedging with a command in flight forever.
+        self._failure: Exception | None = None
         # Width, height of what SET_CONFIG last showed; None while the connector is disabled.
         self.mode_fb: tuple[int, int] | None = None
 
@@ -188,10 +206,13 @@ class Connector:
 
     async def run(self) -> None:
         """Serve until cancelled; a violation is reported through ``on_violation``."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_ring)
-            nursery.start_soon(self._scanout)
-            nursery.start_soon(self._retry_events)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_ring)
+                nursery.start_soon(self._scanout)
+                nursery.start_soon(self._retry_events)
+        finally:
+            self._stopped = True
 
     # --- ring -------------------------------------------------------------------------------
 
@@ -252,6 +273,8 @@ class Connector:
                 self._ring.put_response(response.pack())
                 if self._ring.push_responses():
                     self._evtchn.notify(self.req_port)
+                # A PG_FLIP is answered first, then its frame started in this same wake-up.
+                self._pump()
             if not self._ring.final_check():
                 return taken
 
@@ -327,45 +350,87 @@ class Connector:
             raise RequestError(ENODEV, "no output for this connector")
         fb = None if req.is_disable else self._buffers.framebuffer(req.fb_cookie)
         command = _Config(fb)
-        self._commands.append(command)
-        self._scanout_kick.set()
+        self._flips.accept_config(command)
+        self._pump()
         await command.done.wait()
         if command.error is not None:
             raise command.error
 
     def _queue_flip(self, req: PgFlipReq) -> None:
         fb = self._buffers.framebuffer(req.fb_cookie)  # ENOENT for an unknown cookie
-        self.stats.flips_accepted += 1
-        self._commands.append((req.fb_cookie, fb, trio.current_time()))
-        self._scanout_kick.set()
+        # Started by _drain_ring's _pump once the answer is published.
+        self._flips.accept_flip(req.fb_cookie, fb, trio.current_time())
 
     # --- scanout ----------------------------------------------------------------------------
 
+    def _pump(self) -> None:
+        """Start what the flip queue has next, here if that needs no waiting, else hand it to
+        the scanout task; called wherever the output may have become free."""
+        try:
+            while self._slow is None and (command := self._flips.next_command()) is not None:
+                if isinstance(command, Frame) and self._start_frame(command):
+                    continue
+                self._slow = command
+                self._scanout_kick.set()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._scanout_kick.set()
+
+    def _start_frame(self, frame: Frame[Any]) -> bool:
+        """Show ``frame`` without waiting: started (it completes in :meth:`_landed`) or already
+        done (nothing to show; dropped). False: it needs the scanout task."""
+        fb = frame.fb
+        if not self._showable(fb):
+            self._frame_done(frame)
+            return True
+        assert self.output is not None
+        try:
+            display_fb = fb.present_now(self.output)
+            if display_fb is None:
+                return False  # a copy first
+            return bool(self.output.start_flip(display_fb, functools.partial(self._landed, frame)))
+        except Exception as exc:
+            self._frame_dropped(exc)
+        self._frame_done(frame)
+        return True
+
+    def _landed(self, frame: Frame[Any], result: FlipResult | None) -> None:
+        """The output's callback, in its own wake-up: the frame is on screen (None: the display
+        closed first); its events go out now and the next frame starts."""
+        if self._stopped:
+            return
+        try:
+            if result is None:
+                self._log.warning("frame dropped", connector=self.index, reason="display closed")
+            else:
+                self.stats.frames_shown += 1
+            self._frame_done(frame)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._pump()
+
     async def _scanout(self) -> None:
         while True:
-            if not self._commands:
-                await self._scanout_kick.wait()
-                self._scanout_kick = trio.Event()
+            await self._scanout_kick.wait()
+            self._scanout_kick = trio.Event()
+            if self._failure is not None:
+                raise self._failure
+            command = self._slow
+            if command is None:
                 continue
-            head = self._commands.popleft()
-            if isinstance(head, _Config):
-                await self._apply_config(head)
-                continue
-            flips = [(head[0], head[2])]
-            newest = head[1]
-            # Coalesce: every flip queued behind this one (up to the next SET_CONFIG) is
-            # shown instead; each still gets its event when the newest lands.
-            while self._commands and not isinstance(self._commands[0], _Config):
-                cookie, newest, accepted = self._commands.popleft()  # type: ignore[misc]
-                flips.append((cookie, accepted))
-                self.stats.flips_coalesced += 1
-            await self._show(newest)
-            for flip in flips:
-                if len(self._pending_events) < MAX_QUEUED_EVENTS:
-                    self._pending_events.append(flip)
-                else:
-                    self._drop_event()
-            self._send_events()
+            if isinstance(command, ConfigCommand):
+                await self._apply_config(command.config)
+                self._flips.config_done(command)
+            elif not await self._show(command):
+                self._frame_done(command)
+            # else started: it completes in _landed
+            self._slow = None
+            self._pump()
 
     async def _apply_config(self, command: _Config) -> None:
         assert self.output is not None
@@ -389,71 +454,93 @@ class Connector:
         finally:
             command.done.set()
 
-    async def _show(self, fb: Any) -> None:
-        """Put ``fb`` on screen if it still exists; a flip always completes for the guest.
+    def _showable(self, fb: Any) -> bool:
+        """Whether a frame of ``fb`` goes on screen; a flip always completes for the guest.
 
         Nothing is shown while the connector is disabled: Linux sends PG_FLIP for every plane
         update with a framebuffer before and after, also on a CRTC it switched off (SET_CONFIG
         disable, e.g. DPMS off); lighting the output then would override the guest's choice.
         """
-        if self.output is None or fb.released or self.mode_fb is None:
-            await trio.lowlevel.checkpoint()
-            return
+        return self.output is not None and not fb.released and self.mode_fb is not None
+
+    async def _show(self, frame: Frame[Any]) -> bool:
+        """Show ``frame`` the slow way (copy it first, or wait for the flip); True if it was
+        started with a landing callback, False if it is done (shown or dropped)."""
+        fb = frame.fb
+        if not self._showable(fb):
+            return False
+        assert self.output is not None
         try:
-            await self.output.flip(await fb.present_on(self.output))
+            display_fb = await fb.present_on(self.output)
+            if self.output.start_flip(display_fb, functools.partial(self._landed, frame)):
+                return True
+            await self.output.flip(display_fb)
             self.stats.frames_shown += 1
-        except (DisplayError, RequestError) as exc:
-            # The guest was already told its flip was accepted; a frame the output cannot
-            # show is dropped (logged), its event is still delivered.
+        except Exception as exc:
+            self._frame_dropped(exc)
+        return False
+
+    def _frame_dropped(self, exc: Exception) -> None:
+        # The guest was already told its flip was accepted; a frame the output cannot show
+        # is dropped (logged), its event is still delivered.
+        if isinstance(exc, DisplayError | RequestError):
             self._log.warning("frame dropped", connector=self.index, reason=str(exc))
-        except Exception:
-            # Same for a failure nobody foresaw: the scanout task (and the device) go on.
+        else:
+            # Same for a failure nobody foresaw: the scanout (and the device) go on.
             self._log.exception("frame dropped after an unexpected failure", connector=self.index)
 
     # --- events -----------------------------------------------------------------------------
 
     @property
+    def flips(self) -> FlipQueue[Any, _Config]:
+        """This connector's flip queue (its state; the connector alone feeds it)."""
+        return self._flips
+
+    @property
     def queued_events(self) -> int:
         """Events waiting for room on the event page (at most ``MAX_QUEUED_EVENTS``)."""
-        return len(self._pending_events)
+        return self._flips.queued_events
 
-    def _drop_event(self) -> None:
-        self.stats.events_dropped += 1
+    def _frame_done(self, frame: Frame[Any]) -> None:
+        """``frame`` landed or was dropped: write its flips' events, notify the guest."""
+        try:
+            sent, dropped = self._flips.frame_done(frame, trio.current_time())
+        except ProtocolError as exc:
+            self._on_violation(f"connector {self.index} event page: {exc}")
+            return
+        if dropped:
+            self._log_dropped()
+        self._events_published(sent)
+
+    def _publish(self) -> None:
+        try:
+            sent = self._flips.publish(trio.current_time())
+        except ProtocolError as exc:
+            self._on_violation(f"connector {self.index} event page: {exc}")
+            return
+        self._events_published(sent)
+
+    def _events_published(self, sent: int) -> None:
+        if sent:
+            self._evtchn.notify(self.evt_port)
+        if self._flips.queued_events:
+            self._events_stuck.set()
+
+    def _log_dropped(self) -> None:
         suppressed = self._drop_log.allow()
         if suppressed is not None:
             self._log.warning(
                 "guest does not read its event page: flip events dropped",
                 connector=self.index,
-                queued=len(self._pending_events),
+                queued=self._flips.queued_events,
                 dropped=self.stats.events_dropped,
                 suppressed=suppressed,
             )
 
-    def _send_events(self) -> None:
-        sent = 0
-        now = trio.current_time()
-        try:
-            while self._pending_events:
-                cookie, accepted = self._pending_events[0]
-                if not self._events.put_pg_flip(cookie):
-                    self.stats.events_delayed += 1
-                    self._events_stuck.set()
-                    break
-                self._pending_events.popleft()
-                sent += 1
-                if now - accepted > FRAME_DONE_TIMEOUT_S:
-                    self.stats.events_late += 1
-        except ProtocolError as exc:
-            self._on_violation(f"connector {self.index} event page: {exc}")
-            self._pending_events.clear()
-        if sent:
-            self.stats.events_sent += sent
-            self._evtchn.notify(self.evt_port)
-
     async def _retry_events(self) -> None:
         while True:
             await self._events_stuck.wait()
-            while self._pending_events:
+            while self._flips.queued_events:
                 await trio.sleep(_EVENT_RETRY_S)
-                self._send_events()
+                self._publish()
             self._events_stuck = trio.Event()

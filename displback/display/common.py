@@ -10,6 +10,7 @@ the size and format checks both apply to what the backend asks for.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import types
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -25,6 +26,7 @@ from displback.display.interface import (
     FlipResult,
     Framebuffer,
     InvalidFramebuffer,
+    LandedCallback,
     Mode,
 )
 from displback.display.pixels import RgbImage
@@ -40,6 +42,7 @@ __all__ = [
     "check_dumb_size",
     "check_output_names",
     "on_black",
+    "report_landed",
     "size_fits",
 ]
 
@@ -160,11 +163,29 @@ class DumbBufferMixin:
         return self._size
 
 
+log = logging.getLogger(__name__)
+
+
 class PendingFlip(Protocol):
-    """A queued flip as an output keeps it: set ``result`` (None: closed), then ``done``."""
+    """A queued flip as an output keeps it: set ``result`` (None: closed), then
+    :func:`report_landed`."""
 
     done: trio.Event
     result: FlipResult | None
+    on_landed: LandedCallback | None
+
+
+def report_landed(pending: PendingFlip) -> None:
+    """Wake ``pending``'s waiter and run its ``start_flip`` callback here, in the output's own
+    wake-up; a callback that raises is logged, never raised into the output's task."""
+    pending.done.set()
+    callback = pending.on_landed
+    if callback is not None:
+        pending.on_landed = None
+        try:
+            callback(pending.result)
+        except Exception:
+            log.exception("a flip's landing callback failed")
 
 
 class _Closable(Protocol):
@@ -248,7 +269,7 @@ class OutputBase(abc.ABC, Generic[FbT]):
         """Wake a pending flip (DisplayClosed), stop scanout; the live framebuffers to drop."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.done.set()
+            report_landed(pending)
         self._scanout_off()
         live = list(self._live)
         self._live.clear()

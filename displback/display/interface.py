@@ -19,7 +19,10 @@ Framebuffers reach an output in one of two ways:
 Scanout rules:
 
 * :meth:`Output.flip` completes at the first vblank after it was called, when the frame is on
-  screen; one call, one completion. A flip on a disabled output turns scanout on. The caller
+  screen; one call, one completion. :meth:`Output.start_flip` is the same flip without a
+  waiting task: the output calls back, from its own wake-up at the vblank (the virtual
+  display's timer, KMS's page-flip event), so the caller's reaction (the guest's event) costs
+  no further wake-up. A flip on a disabled output turns scanout on. The caller
   serialises flips per output: a flip or :meth:`Output.disable` while a flip is pending raises
   :class:`FlipPending` (KMS answers ``EBUSY``). A flip whose caller is cancelled still lands at
   the next vblank (a queued page flip cannot be taken back); it is counted but not reported.
@@ -51,6 +54,7 @@ __all__ = [
     "Framebuffer",
     "ImportRefused",
     "InvalidFramebuffer",
+    "LandedCallback",
     "Mode",
     "Output",
     "OutputStats",
@@ -209,6 +213,17 @@ class Output(Protocol):
         """Show ``fb`` from the next vblank on; return when it is on screen."""
         ...
 
+    def start_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> bool:
+        """Start a flip to ``fb`` and return at once; False, with nothing started, when this
+        flip cannot start without waiting (use :meth:`flip`).
+
+        ``on_landed(result)`` is called exactly once, from the output's own task when the
+        frame is on screen (None: the display closed first). It must not raise (what it
+        raises is logged) and may start the next flip. Errors are those of :meth:`flip`,
+        raised here.
+        """
+        ...
+
     async def disable(self) -> None:
         """Turn scanout off (SET_CONFIG with zeros); nothing is reported to the guest."""
         ...
@@ -239,6 +254,9 @@ class Output(Protocol):
         """Write :meth:`snapshot` as a PNG file (blocking file I/O)."""
         ...
 
+
+#: Called by :meth:`Output.start_flip`'s output when the flip landed (None: display closed).
+LandedCallback = Callable[[FlipResult | None], None]
 
 #: Runs a copy (a callable) somewhere, e.g. ``lambda copy: workers.run(domid, copy)``.
 CopyRunner = Callable[[Callable[[], None]], Awaitable[None]]

@@ -51,6 +51,7 @@ from displback.display.common import (
     check_dumb_size,
     check_output_names,
     on_black,
+    report_landed,
     size_fits,
 )
 from displback.display.interface import (
@@ -58,6 +59,7 @@ from displback.display.interface import (
     FlipResult,
     Framebuffer,
     ImportRefused,
+    LandedCallback,
     Mode,
     OutputStats,
     UnsupportedFormat,
@@ -133,6 +135,7 @@ class _PendingFlip:
     due: int
     done: trio.Event
     result: FlipResult | None = None
+    on_landed: LandedCallback | None = None
 
 
 class VirtualFramebuffer(FramebufferBase["VirtualOutput"]):
@@ -400,13 +403,23 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
     # -- scanout -------------------------------------------------------------------------
 
     async def flip(self, fb: Framebuffer) -> FlipResult:
-        vfb = self._flippable(fb)
-        pending = _PendingFlip(vfb, vfb._frame(), self._seq_now() + 1, trio.Event())
-        self._pending = pending
-        self._clock.pending[self] = None
-        self._clock.wake.set()
+        pending = self._queue_flip(fb, None)
         # Cancelled here, the flip still lands at the next vblank, like a queued KMS flip.
         return await self._landed(pending)
+
+    def start_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> bool:
+        self._queue_flip(fb, on_landed)
+        return True
+
+    def _queue_flip(self, fb: Framebuffer, on_landed: LandedCallback | None) -> _PendingFlip:
+        vfb = self._flippable(fb)
+        due = self._seq_now() + 1
+        pending = _PendingFlip(vfb, vfb._frame(), due, trio.Event(), on_landed=on_landed)
+        self._pending = pending
+        self._clock.pending[self] = None
+        # A no-op while the clock is on its timer (it finds the flip when it wakes).
+        self._clock.wake.set()
+        return pending
 
     async def disable(self) -> None:
         await self._check_disable()
@@ -470,7 +483,7 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._scanout = pending.frame
         self._flips_completed += 1
         pending.result = FlipResult(pending.fb, seq, self._deadline(seq))
-        pending.done.set()
+        report_landed(pending)
 
     def _close(self) -> None:
         """Stop scanout, wake a pending flip with DisplayClosed, release every framebuffer."""

@@ -513,6 +513,21 @@ class DrmDevice:
             counts = got
         raise DrmError("MODE_GETRESOURCES", errno.EAGAIN, "object counts kept changing")
 
+    def connector_status(self, connector_id: int) -> ConnectorStatus:
+        """A connector's status alone: one GETCONNECTOR that copies nothing else and never
+        probes (it asks for one mode: only a request for zero makes the kernel re-detect).
+        What the hot-plug check needs once a second, without :meth:`connector`'s modes and
+        properties."""
+        modes = (uapi.drm_mode_modeinfo * 1)()
+        c = uapi.drm_mode_get_connector()
+        c.connector_id = connector_id
+        c.count_modes, c.modes_ptr = 1, _addr(modes)
+        self._ioctl("MODE_GETCONNECTOR", c, f"connector {connector_id}")
+        try:
+            return ConnectorStatus(c.connection)
+        except ValueError:
+            return ConnectorStatus.UNKNOWN
+
     def connector(self, connector_id: int, *, probe: bool = False) -> DrmConnector:
         """A connector's state; ``probe=True`` makes the kernel re-detect it (slow: EDID)."""
         n_modes, n_props, n_encs = (0 if probe else 1), 0, 0

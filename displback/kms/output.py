@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from displback.display.common import MAX_SIZE, OutputBase, check_dumb_size, on_black, size_fits
+from displback.display.common import (
+    MAX_SIZE,
+    OutputBase,
+    check_dumb_size,
+    on_black,
+    report_landed,
+    size_fits,
+)
 from displback.display.interface import (
     CopyRunner,
     DisplayError,
@@ -31,6 +38,7 @@ from displback.display.interface import (
     FlipResult,
     Framebuffer,
     ImportRefused,
+    LandedCallback,
     Mode,
     OutputStats,
     UnsupportedFormat,
@@ -46,6 +54,7 @@ from displback.kms.framebuffers import (
 )
 from displback.kms.letterbox import Canvas, CanvasPool, Placement, compose
 from displback.kms.modes import FALLBACK_MODE, choose_mode
+from displback.kms.uapi import ConnectorStatus
 from displback.protocol.constants import PixelFormat
 
 if TYPE_CHECKING:
@@ -101,6 +110,7 @@ class _FlipInFlight:
     done: trio.Event
     timer_due: float | None = None  # trio time, for flips of an unplugged output
     result: FlipResult | None = None
+    on_landed: LandedCallback | None = None  # start_flip's callback
 
 
 class KmsOutput(OutputBase[KmsFramebuffer]):
@@ -362,28 +372,60 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     async def flip(self, fb: Framebuffer) -> FlipResult:
         kfb = self._flippable(fb)
+        pending = self._new_flip(kfb, None)
+        if self._flip_blocks():
+            # A commit that blocks until it is done (legacy SETCRTC), so in a thread.
+            self._pending = pending
+            try:
+                await trio.to_thread.run_sync(self._show_now, pending.shown)
+            except DrmError as exc:
+                raise self._flip_failed(pending, exc) from exc
+            self._land(pending, self._last_seq + 1, _monotonic())
+        else:
+            self._submit(pending)
+        # Cancelled here, the flip still lands (the event or the timer lands it).
+        return await self._landed(pending)
+
+    def start_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> bool:
+        kfb = self._flippable(fb)
+        if self._flip_blocks():
+            return False
+        self._submit(self._new_flip(kfb, on_landed))
+        return True
+
+    def _new_flip(self, kfb: KmsFramebuffer, on_landed: LandedCallback | None) -> _FlipInFlight:
         shown = self._prepare(kfb)
-        pending = _FlipInFlight(kfb, shown, next(self._display.tokens), _monotonic(), trio.Event())
+        token = next(self._display.tokens)
+        return _FlipInFlight(kfb, shown, token, _monotonic(), trio.Event(), on_landed=on_landed)
+
+    def _flip_blocks(self) -> bool:
+        """Whether the next flip is a commit that blocks (run in a thread, not queued)."""
+        return (
+            self._connected and self._modeinfo is not None and self._committer.flip_blocks()
+        )
+
+    def _submit(self, pending: _FlipInFlight) -> None:
+        """Queue ``pending`` with the committer (or on the timer while unplugged), no waiting."""
         self._pending = pending
-        committer = self._committer
         try:
             if not self._connected or self._modeinfo is None:
                 pending.timer_due = trio.current_time() + self._period()
-            elif committer.flip_blocks():
-                await trio.to_thread.run_sync(self._show_now, shown)
-                self._land(pending, self._last_seq + 1, _monotonic())
             else:
-                committer.flip(shown.scan_fb_id, shown.placement, self._modeinfo, pending.token)
+                shown = pending.shown
+                self._committer.flip(
+                    shown.scan_fb_id, shown.placement, self._modeinfo, pending.token
+                )
         except DrmError as exc:
-            if self._pending is pending:
-                self._pending = None
-            if exc.errno == errno.EBUSY:
-                raise FlipPending(f"output {self.name}: {exc}") from exc
-            raise DisplayError(f"output {self.name}: flip failed: {exc}") from exc
+            raise self._flip_failed(pending, exc) from exc
         self._display.awaiting[pending.token] = self
         self._wake.set()
-        # Cancelled here, the flip still lands (the event or the timer lands it).
-        return await self._landed(pending)
+
+    def _flip_failed(self, pending: _FlipInFlight, exc: DrmError) -> DisplayError:
+        if self._pending is pending:
+            self._pending = None
+        if exc.errno == errno.EBUSY:
+            return FlipPending(f"output {self.name}: {exc}")
+        return DisplayError(f"output {self.name}: flip failed: {exc}")
 
     async def disable(self) -> None:
         await self._check_disable()
@@ -499,7 +541,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._shown = pending.shown
         self._flips_completed += 1
         pending.result = FlipResult(pending.fb, seq, timestamp)
-        pending.done.set()
+        report_landed(pending)
 
     def on_flip_event(self, event: DrmEvent) -> None:
         """The display read the flip event of ``event.user_data``: land that flip."""
@@ -537,10 +579,10 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         on screen, if any, is set again (letterboxed anew if the mode changed).
         """
         dev = self._display.device
-        conn = dev.connector(self._connector.id)
-        if conn.connected == self._connected:
+        connected = dev.connector_status(self._connector.id) is ConnectorStatus.CONNECTED
+        if connected == self._connected:
             return
-        if not conn.connected:
+        if not connected:
             log.info("%s: unplugged; frames are dropped until it comes back", self)
             self._connected = False
             if self._committer.on:

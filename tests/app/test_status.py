@@ -364,7 +364,6 @@ async def test_a_flip_event_later_than_the_guest_waits_counts_as_a_frame_done_ti
 ) -> None:
     # A 2 Hz output lands a flip up to 0.5 s after it was accepted: past a (shortened)
     # frame-done timeout of 0.2 s, the guest would have given up on its event.
-    from displback.backend import connector as connector_module
     from displback.display.virtual import OutputConfig
 
     path = tmp_path / "status.sock"
@@ -378,7 +377,8 @@ async def test_a_flip_event_later_than_the_guest_waits_counts_as_a_frame_done_ti
             await _flips(guest, bufs, fbs, 2)
             [c] = (await _fetch(path))["guests"][0]["devices"][0]["connectors"]
             assert c["frame_done_timeouts"] == c["events_late"] == 0
-            monkeypatch.setattr(connector_module, "FRAME_DONE_TIMEOUT_S", 0.2)
+            [connector] = machine.backend.statuses()[0].connectors
+            monkeypatch.setattr(connector.flips, "late_after", 0.2)
             await _flips(guest, bufs, fbs, 2)
             [c] = (await _fetch(path))["guests"][0]["devices"][0]["connectors"]
             assert c["events_late"] >= 1 and c["frame_done_timeouts"] == c["events_late"]

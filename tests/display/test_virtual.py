@@ -147,6 +147,59 @@ async def test_every_flip_completes_exactly_once(autojump_clock: trio.testing.Mo
         assert stats.missed_vblanks == 0
 
 
+async def test_start_flip_calls_back_once_from_the_vblank_and_may_start_the_next_flip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with display() as out:
+        t0 = trio.current_time()
+        fbs = [out.create_dumb(width=8, height=4, fourcc=XRGB) for _ in range(2)]
+        landed: list[Any] = []
+        done = trio.Event()
+
+        def on_landed(result: Any) -> None:
+            landed.append((result, trio.current_time()))
+            if len(landed) < 3:  # the callback starts the next flip, as the backend does
+                assert out.start_flip(fbs[len(landed) % 2], on_landed)
+            else:
+                done.set()
+
+        assert out.start_flip(fbs[0], on_landed)
+        assert out.flip_pending and landed == []  # returned at once
+        with pytest.raises(FlipPending):
+            out.start_flip(fbs[1], on_landed)
+        await done.wait()
+        assert [r.sequence for r, _t in landed] == [1, 2, 3]
+        assert [r.fb for r, _t in landed] == [fbs[0], fbs[1], fbs[0]]
+        assert [t for _r, t in landed] == pytest.approx([t0 + n * PERIOD for n in (1, 2, 3)])
+        assert out.stats.flips_completed == 3 and out.current_fb is fbs[0]
+
+
+async def test_a_failing_landing_callback_is_logged_and_the_output_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with display() as out:
+        fb = out.create_dumb(width=8, height=4, fourcc=XRGB)
+        called = trio.Event()
+
+        def broken(_result: Any) -> None:
+            called.set()
+            raise RuntimeError("a bug in the caller")
+
+        assert out.start_flip(fb, broken)
+        await called.wait()
+        result = await out.flip(fb)  # the vblank task survived the first flip's callback
+        assert result.sequence == 2
+        assert "landing callback failed" in caplog.text
+
+
+async def test_closing_the_display_calls_a_pending_start_flip_back_with_none() -> None:
+    landed: list[Any] = []
+    async with display() as out:
+        fb = out.create_dumb(width=8, height=4, fourcc=XRGB)
+        assert out.start_flip(fb, landed.append)
+    assert landed == [None]
+
+
 async def test_flip_or_disable_while_a_flip_is_pending_is_refused_like_ebusy(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -159,6 +159,10 @@ class _FaultyOutput(_Wrapper):
         self._display_error("flip")
         return await self._inner.flip(fb)
 
+    def start_flip(self, fb: Any, on_landed: Any) -> bool:
+        self._display_error("flip")  # the same page flip, without a waiting task
+        return bool(self._inner.start_flip(fb, on_landed))
+
     async def disable(self) -> None:
         self._display_error("disable")
         await self._inner.disable()

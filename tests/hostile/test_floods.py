@@ -190,7 +190,7 @@ async def test_a_flip_flood_without_waiting_for_events_is_coalesced(
         for n in range(500):
             await g.hostile.raw_request(0, struct.pack("<HBx4xQ", 0, Op.PG_FLIP,
                                                fbs[n % 2].cookie).ljust(64, b"\0"))
-            assert len(connector._pending_events) <= MAX_QUEUED_EVENTS
+            assert connector.queued_events <= MAX_QUEUED_EVENTS
         stats = connector.stats
         assert stats.flips_accepted >= 500
         # Every accepted flip gets its event (or is dropped at the bound) before the next.

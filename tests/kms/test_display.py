@@ -256,6 +256,46 @@ async def test_legacy_first_flip_sets_the_crtc_then_page_flips(bochs: FakeCard) 
         assert a.pitch % 64 == 0
 
 
+async def test_start_flip_calls_back_from_the_flip_event_reader(vkms: FakeCard) -> None:
+    vkms.auto_vblank = False
+    async with open_display(vkms) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        landed: list[Any] = []
+        arrived = trio.Event()
+
+        def on_landed(result: Any) -> None:
+            landed.append(result)
+            arrived.set()
+
+        assert out.start_flip(fb, on_landed)
+        assert out.flip_pending and landed == []
+        assert vkms.vblank() == 1
+        with trio.fail_after(5):
+            await arrived.wait()
+        (result,) = landed
+        assert result.fb is fb and result.sequence == 1001 and out.current_fb is fb
+
+
+async def test_start_flip_declines_a_legacy_modeset_and_takes_the_page_flips(
+    bochs: FakeCard,
+) -> None:
+    async with open_display(bochs) as display:
+        out = display.outputs["Virtual-1"]
+        a = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        b = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        calls = len(bochs.calls)
+        assert out.start_flip(a, lambda _r: None) is False  # SETCRTC blocks: use flip()
+        assert not out.flip_pending and len(bochs.calls) == calls
+        await out.flip(a)
+        arrived = trio.Event()
+        assert out.start_flip(b, lambda _r: arrived.set())
+        assert bochs.calls[-1] == "MODE_PAGE_FLIP"
+        with trio.fail_after(5):
+            await arrived.wait()
+        assert bochs.crtc.fb_id == b.fb_id
+
+
 async def test_kernel_ebusy_becomes_flip_pending(vkms: FakeCard) -> None:
     async with open_display(vkms) as display:
         out = display.outputs["Virtual-1"]
@@ -596,6 +636,22 @@ async def test_release_of_a_framebuffer_of_another_output_is_refused(vkms: FakeC
 
 
 # ---- hot-plug -------------------------------------------------------------------------
+
+
+async def test_hotplug_check_of_an_unchanged_connector_is_one_status_read(
+    vkms: FakeCard, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Measured in the nested VM (bench-vm): the once-a-second check read every mode and
+    property of the connector (two GETCONNECTORs and a dozen objects built, 48 ms of the
+    event loop under TCG) to look at its status. One GETCONNECTOR, no mode copied, will do."""
+    async with open_display(vkms, hotplug_poll_s=0.5) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        await out.flip(fb)
+        vkms.calls.clear()
+        await trio.sleep(2.25)  # 4 checks
+        assert vkms.calls == ["MODE_GETCONNECTOR"] * 4
+        assert out.connected
 
 
 async def test_unplugged_output_drops_frames_but_flips_complete(

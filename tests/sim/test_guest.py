@@ -19,6 +19,7 @@ from displback.display.pixels import RgbImage, to_rgb
 from displback.protocol.constants import PAGE_SIZE, Op, PixelFormat, pages_for
 from displback.protocol.errors import ProtocolError
 from displback.protocol.evtpage import EventProducer
+from displback.protocol.flipqueue import FlipQueue, Frame
 from displback.protocol.layout import (
     backend_dir,
     frontend_dir,
@@ -67,7 +68,8 @@ def answer_all(_connector: int, _req: Request) -> int | None:
 class MiniBackend:
     """Just enough of a backend to drive the guest: InitWait, map + bind on frontend 3,
     Connected, answer every request by ``policy`` (errno; 0 = OK; None = never), one
-    EVT_PG_FLIP per accepted PG_FLIP, be-alloc buffers, EDID, teardown on frontend 5/6."""
+    EVT_PG_FLIP per accepted PG_FLIP (through displback's own flip queue, each frame "shown"
+    at once), be-alloc buffers, EDID, teardown on frontend 5/6."""
 
     def __init__(self, platform: SimPlatform, xs: XenStoreClient, domid: int, devid: int = 0):
         self.platform = platform
@@ -90,6 +92,7 @@ class MiniBackend:
         self.mappings: list[SimGrantMapping] = []
         self.rings: list[BackRing] = []
         self.producers: list[EventProducer] = []
+        self.flip_queues: list[FlipQueue[int, None]] = []
         self.req_ports: dict[int, int] = {}  # local port -> connector
         self.evt_ports: list[int] = []
         self.buffers: dict[int, tuple[DbufCreateReq, SimGrantMapping | None, int | None]] = {}
@@ -149,7 +152,9 @@ class MiniBackend:
             evt_map = self.gntdev.map_grants(self.domid, [t.evt_ring_ref])
             self.mappings += [ring_map, evt_map]
             self.rings.append(BackRing(ring_map.buffer))
-            self.producers.append(EventProducer(evt_map.buffer))
+            producer = EventProducer(evt_map.buffer)
+            self.producers.append(producer)
+            self.flip_queues.append(FlipQueue(producer))
             self.req_ports[self.evtchn.bind_interdomain(self.domid, t.req_evtchn)] = index
             self.evt_ports.append(self.evtchn.bind_interdomain(self.domid, t.evt_evtchn))
         self.connections += 1
@@ -166,7 +171,7 @@ class MiniBackend:
             ring.release()
         for producer in self.producers:
             producer.release()
-        self.rings, self.producers = [], []
+        self.rings, self.producers, self.flip_queues = [], [], []
         for port in [*self.req_ports, *self.evt_ports]:
             self.evtchn.unbind(port)
         self.req_ports, self.evt_ports = {}, []
@@ -223,7 +228,11 @@ class MiniBackend:
         if ring.push_responses():
             self.evtchn.notify(next(p for p, c in self.req_ports.items() if c == connector))
         if status == 0 and isinstance(req, PgFlipReq) and self.send_flip_events:
-            assert self.producers[connector].put_pg_flip(req.fb_cookie)
+            flips = self.flip_queues[connector]
+            flips.accept_flip(req.fb_cookie, req.fb_cookie, trio.current_time())
+            frame = flips.next_command()
+            assert isinstance(frame, Frame)  # shown at once: none is ever in flight here
+            assert flips.frame_done(frame, trio.current_time()).sent == 1
             self.evtchn.notify(self.evt_ports[connector])
 
     def answer_late(self) -> None:

@@ -217,13 +217,17 @@ exec /bin/sh -i
         maxmem: int = 256,
         guest_type: str = "pv",
         vdispl: bool = True,
+        warmup: int | None = None,
     ) -> Path:
-        """``/mnt/<name>.cfg``; ``vdispl=False``: the same guest without a display (baselines)."""
+        """``/mnt/<name>.cfg``; ``vdispl=False``: the same guest without a display (baselines);
+        ``warmup``: drmtest's benchmark mode (flips only, timed after ``warmup`` flips)."""
         extra = (
             f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
             f"drmtest.flips={flips} drmtest.hold={hold} "
             f"drmtest.connectors={draw} drmtest.then={then}"
         )
+        if warmup is not None:
+            extra += f" drmtest.warmup={warmup}"
         text = f"""name = "{name}"
 type = "{guest_type}"
 kernel = "{SHARE}/bzImage"

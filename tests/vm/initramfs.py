@@ -12,8 +12,9 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
 * DomU: ``/init`` runs ``drmtest`` on xen-drm-front's card (driver ``xendrm-du``) with the
   arguments found on the kernel command line
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
-  ``halt``/``reboot``/``stay``), and has ``/sbin/poweroff`` and ``/sbin/reboot`` for the
-  kernel to run on ``xl shutdown``/``xl reboot``.
+  ``halt``/``reboot``/``stay``; ``drmtest.warmup=W``: benchmark mode, see drmtest.c), and
+  has ``/sbin/poweroff`` and ``/sbin/reboot`` for the kernel to run on ``xl shutdown``/``xl
+  reboot``.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ for arg in $(cat /proc/cmdline); do
         drmtest.hold=*) hold=${arg#*=} ;;
         drmtest.connectors=*) conns=$(echo ${arg#*=} | tr , ' ') ;;
         drmtest.then=*) then=${arg#*=} ;;
+        drmtest.warmup=*) export DRMTEST_WARMUP=${arg#*=} ;;
     esac
 done
 echo "DOMU INIT flips=$flips hold=$hold connectors=$conns then=$then"

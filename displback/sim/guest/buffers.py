@@ -48,7 +48,7 @@ _COOKIE_BASE: Final = 0xFFFF_8880_0000_0000
 _COOKIE_STEP: Final = 0x100
 
 
-class Buffers:
+class BufferTable:
     """The guest's display buffers and framebuffers (GEM objects and ``ADDFB2``), and the grant
     ends Linux defers while the backend still maps a page."""
 

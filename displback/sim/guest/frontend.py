@@ -89,7 +89,7 @@ from displback.protocol.layout import (
     parse_domid,
 )
 from displback.protocol.xenbus import XenbusState, parse_state
-from displback.sim.guest.buffers import Buffers
+from displback.sim.guest.buffers import BufferTable
 from displback.sim.guest.channels import Channels, Link
 from displback.sim.guest.drawing import Drawing
 from displback.sim.guest.hostile import HostileHooks
@@ -183,7 +183,7 @@ class SimGuest:
         self._gntdev: SimGrantDevice | None = None
         # The driver's parts, as xen-drm-front's files divide it; each works on this state.
         self.channels = Channels(self)
-        self.buffers = Buffers(self)
+        self.buffers = BufferTable(self)
         self.pipes = Pipes(self)
         self.drawing = Drawing(self)
         self.hostile = HostileHooks(self)

@@ -10,6 +10,11 @@
  * DRIVER is the DRM driver's name (xen-drm-front is "xendrm-du"); the first
  * /dev/dri/cardN of that driver is used (waiting up to 30 s for it to appear).
  *
+ * Benchmark mode (bench/vm.py), when the environment has DRMTEST_WARMUP=W: both buffers are
+ * drawn once (frames 0 and 1) and the loop only flips, as fast as the flip events come back;
+ * after W flips it prints "DRMTEST BENCH START c", after the last
+ * "DRMTEST BENCH c flips=N ns=T failed=F": N flips timed over T ns (CLOCK_MONOTONIC).
+ *
  * Pattern of frame f on connector c at (x, y), as XRGB8888 bytes B,G,R,X in memory:
  *   R = (x + f) & 255, G = y & 255, B = ((x ^ y) + 64 * c) & 255.
  * Written for displback's tests; uses only the kernel's uapi DRM ioctls (no libdrm).
@@ -109,6 +114,13 @@ static void make_buffer(struct buffer *b, uint32_t w, uint32_t h)
         fail("mmap");
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static int wait_flip(int timeout_ms)
 {
     struct pollfd pfd = {.fd = card, .events = POLLIN};
@@ -134,6 +146,8 @@ int main(int argc, char **argv)
         return 2;
     }
     int flips = atoi(argv[2]), hold = atoi(argv[3]);
+    const char *warmup_env = getenv("DRMTEST_WARMUP");
+    int bench = warmup_env != NULL, warmup = bench ? atoi(warmup_env) : 0;
     for (int i = 0; i < 300 && card < 0; i++) {
         card = open_driver(argv[1]);
         if (card < 0)
@@ -182,6 +196,8 @@ int main(int argc, char **argv)
         make_buffer(&bufs[0], w, h);
         make_buffer(&bufs[1], w, h);
         draw(&bufs[0], w, h, 0, index);
+        if (bench)
+            draw(&bufs[1], w, h, 1, index);
         struct drm_mode_crtc crtc = {
             .crtc_id = crtcs[index], .fb_id = bufs[0].fb_id, .set_connectors_ptr =
             (uintptr_t)&conns[index], .count_connectors = 1, .mode = mode, .mode_valid = 1,
@@ -189,16 +205,24 @@ int main(int argc, char **argv)
         if (xioctl(DRM_IOCTL_MODE_SETCRTC, &crtc))
             fail("SETCRTC");
         printf("DRMTEST SETCRTC %u ok\n", index);
-        int ok = 0;
+        int ok = 0, timed_failed = 0;
         uint32_t frame = 0;
+        uint64_t timed_from = now_ns();
         for (int f = 1; f <= flips; f++) {
             struct buffer *b = &bufs[f % 2];
-            draw(b, w, h, (uint32_t)f, index);
+            if (bench && f == warmup + 1) {
+                printf("DRMTEST BENCH START %u\n", index);
+                timed_from = now_ns();
+                timed_failed = 0;
+            }
+            if (!bench)
+                draw(b, w, h, (uint32_t)f, index);
             struct drm_mode_crtc_page_flip flip = {
                 .crtc_id = crtcs[index], .fb_id = b->fb_id, .flags = DRM_MODE_PAGE_FLIP_EVENT,
             };
             if (xioctl(DRM_IOCTL_MODE_PAGE_FLIP, &flip)) {
                 printf("DRMTEST FLIP %d failed errno=%d\n", f, errno);
+                timed_failed++;
                 continue;
             }
             if (wait_flip(3000) == 0) {
@@ -206,8 +230,13 @@ int main(int argc, char **argv)
                 frame = (uint32_t)f;
             } else {
                 printf("DRMTEST FLIP %d no event\n", f);
+                timed_failed++;
             }
         }
+        if (bench)
+            printf("DRMTEST BENCH %u flips=%d ns=%llu failed=%d\n", index,
+                   flips > warmup ? flips - warmup : 0,
+                   (unsigned long long)(now_ns() - timed_from), timed_failed);
         printf("DRMTEST FLIPS %u ok=%d of %d frame=%u\n", index, ok, flips, frame);
     }
     printf("DRMTEST DONE\n");

@@ -1,0 +1,411 @@
+"""``make bench-vm``: displback against the reference C++ backend in the nested Xen VM.
+
+Issue 12 goal 0. One boot of the VM harness of ``tests/vm`` (Xen 4.17 under QEMU TCG, a PV
+Dom0 running the host's root, PV guests running Linux 6.1's xen-drm-front). On that boot,
+one backend after the other serves the same guest: drmtest (tests/vm/guest/drmtest.c) in its
+benchmark mode, one 1024×768 connector whose unique-id is ``Virtual-1``, both buffers drawn
+once, then flipping as fast as the flip events come back (``--flips``, of which the first
+``--warmup`` are not timed):
+
+* **displback, KMS** on QEMU's bochs-display (``--display kms --connector Virtual-1=…``);
+* **displback, virtual** display (``--virtual-output Virtual-1=…@1000``: no snapshots, and a
+  1000 Hz refresh so that the display's vblank does not pace the guest);
+* **displ_be** (``--displ-be PREFIX``, built by :mod:`bench.displ_be`), copy mode on the
+  same bochs card: ``displ_be -m DRM -d CARD -z``.
+
+Per run: the guest's flip rate (its own clock over the timed flips) and the backend's CPU
+(``utime + stime`` of the process, all threads) over the same window, read in Dom0 by
+:mod:`bench.vm_sampler`; CPU per flip = CPU rate / flip rate. Dom0's busy time over all
+vCPUs is reported beside it (it adds the kernel work done outside the process, and the
+sampler's own polling). Then, for displback, a second guest on the same daemon is profiled
+(cProfile in the daemon during its timed window, :mod:`bench.vm_daemon`); its rate is not
+in the table (the profiler's cost is in it) and its top functions are printed.
+
+Why here and not in tests/vm: this measures and asserts nothing (speed goals live in bench/,
+docs/benchmarks.md); it imports the harness (tests.vm) for the kernel, images and boot.
+TCG inflates every cost; compare the rows of one run, never runs of different boots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import io
+import json
+import os
+import pstats
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.displ_be import BuildError, DisplBe
+from bench.report import machine_info
+from tests.vm.dom0 import Dom0
+
+REPO = Path(__file__).resolve().parents[1]
+SHARE = "/mnt"
+CONNECTOR = "Virtual-1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend configuration: how to start it in Dom0."""
+
+    key: str
+    label: str
+    kind: str  # "displback" or "displ_be"
+    args: tuple[str, ...] = ()
+
+
+@dataclass
+class Run:
+    """One guest's timed flips on one backend."""
+
+    backend: str
+    guest: str
+    flips: int = 0
+    failed: int = 0
+    fps: float = float("nan")
+    cpu_ms_per_flip: float = float("nan")
+    user_ms_per_flip: float = float("nan")
+    sys_ms_per_flip: float = float("nan")
+    dom0_busy_ms_per_flip: float = float("nan")
+    dom0_steal_ms_per_flip: float = float("nan")
+    backend_cpu_percent: float = float("nan")
+    window_s: float = float("nan")
+    profiled: bool = False
+    #: CPU per flip of each thread that ran in the window ("tid name": ms).
+    threads_ms_per_flip: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _say(text: str) -> None:
+    print(f"bench-vm: {text}", file=sys.stderr, flush=True)
+
+
+def result_of(backend: str, guest: str, raw: dict[str, Any], *, profiled: bool) -> Run:
+    """Turn the sampler's numbers into per-flip figures."""
+    run = Run(backend, guest, profiled=profiled, raw=raw)
+    if "error" in raw:
+        run.error = str(raw["error"])
+        return run
+    start, end = raw["start"], raw["end"]
+    run.flips, run.failed = int(raw["flips"]), int(raw["failed"])
+    run.window_s = end["t"] - start["t"]
+    guest_s = raw["guest_ns"] / 1e9
+    ok = run.flips - run.failed
+    if run.window_s <= 0 or guest_s <= 0 or ok <= 0:
+        run.error = f"empty window: {raw}"
+        return run
+    run.fps = ok / guest_s
+
+    def per_flip(key: str) -> float:
+        # CPU rate over Dom0's window divided by the guest's flip rate (see the sampler).
+        return float(end[key] - start[key]) / run.window_s / run.fps * 1e3
+
+    run.user_ms_per_flip = per_flip("user_s")
+    run.sys_ms_per_flip = per_flip("sys_s")
+    run.cpu_ms_per_flip = run.user_ms_per_flip + run.sys_ms_per_flip
+    run.dom0_busy_ms_per_flip = per_flip("dom0_busy_s")
+    if "dom0_steal_s" in start:
+        run.dom0_steal_ms_per_flip = per_flip("dom0_steal_s")
+    run.backend_cpu_percent = run.cpu_ms_per_flip * run.fps / 10
+    before, after = start.get("threads", {}), end.get("threads", {})
+    run.threads_ms_per_flip = {
+        name: round((cpu - before.get(name, 0.0)) / run.window_s / run.fps * 1e3, 3)
+        for name, cpu in after.items()
+        if cpu > before.get(name, 0.0)
+    }
+    return run
+
+
+def top_functions(path: Path, flips: int, limit: int = 25) -> tuple[list[dict[str, Any]], str]:
+    """The profile's top functions by own time, per flip; and pstats' own text."""
+    stats = pstats.Stats(str(path))
+    rows = []
+    entries = stats.stats  # type: ignore[attr-defined]
+    for (filename, line, name), (cc, nc, tt, ct, _) in entries.items():
+        rows.append(
+            {
+                "function": f"{_short(filename)}:{line}({name})",
+                "calls_per_flip": nc / max(flips, 1),
+                "own_us_per_flip": tt / max(flips, 1) * 1e6,
+                "cum_us_per_flip": ct / max(flips, 1) * 1e6,
+                "primitive_calls": cc,
+            }
+        )
+    rows.sort(key=lambda r: -float(r["own_us_per_flip"]))
+    text = io.StringIO()
+    stats.stream = text  # type: ignore[attr-defined]
+    stats.sort_stats("cumulative").print_stats(30)
+    return rows[:limit], text.getvalue()
+
+
+def _short(filename: str) -> str:
+    for marker in ("/displback/", "/site-packages/", "/lib/python3"):
+        if marker in filename:
+            return filename[filename.index(marker) + 1 :]
+    return filename
+
+
+class Bench:
+    """The runs on one booted Dom0."""
+
+    def __init__(self, dom0: Dom0, *, flips: int, warmup: int, size: str, python: str) -> None:
+        self.dom0 = dom0
+        self.flips = flips
+        self.warmup = warmup
+        self.size = size
+        self.python = python
+        self.pid: int | None = None
+        self.guests = 0
+        self.starts = 0
+
+    def bochs_card(self) -> str:
+        text = self.dom0.output(
+            "for c in /sys/class/drm/card[0-9]; do echo $c $(readlink $c/device/driver); done"
+        )
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].endswith("/bochs-drm"):
+                return "/dev/dri/" + parts[0].rsplit("/", 1)[1]
+        raise RuntimeError(f"no bochs card in Dom0:\n{text}")
+
+    def start(self, backend: Backend, displ_be: DisplBe | None) -> None:
+        self.starts += 1  # a log of its own per start: "ready" is looked for in this one
+        name = f"{backend.key}-{self.starts}.log"
+        log = f"{SHARE}/{name}"
+        if backend.kind == "displback":
+            argv = shlex.join(
+                [
+                    self.python, "-m", "bench.vm_daemon", f"{SHARE}/{backend.key}.pstats",
+                    "--log-format", "json", "--log-level", "info", *backend.args,
+                ]
+            )  # fmt: skip
+            command = f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 setsid {argv}"
+            ready = '"event": "watching"'
+        else:
+            assert displ_be is not None
+            command = f"cd / && setsid {shlex.join([str(displ_be.binary), *backend.args])}"
+            ready = "libxenbe version"
+        self.dom0.sh(f"{command} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/backend.pid; cd /")
+        self.pid = int((self.dom0.share / "backend.pid").read_text().strip())
+        text = self.dom0.vm.wait_file(
+            self.dom0.share / name,
+            lambda t: ready in t or "cannot start" in t,
+            300,
+            what=f"{backend.label} ready",
+        )
+        if "cannot start" in text:
+            raise RuntimeError(f"{backend.label} cannot start:\n{text[-2000:]}")
+        time.sleep(2)  # displ_be: its XenStore watch is set up right after the version lines
+        if self.dom0.sh(f"kill -0 {self.pid}", check=False) != 0:
+            log_text = (self.dom0.share / name).read_text(errors="replace")
+            raise RuntimeError(f"{backend.label} exited:\n{log_text[-2000:]}")
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        self.dom0.sh(
+            f"kill -TERM {pid}; i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 100 ]; do "
+            f"sleep 0.2; i=$((i+1)); done; kill -KILL {pid} 2>/dev/null; true",
+            timeout=60,
+        )
+
+    def measure(self, backend: Backend, *, profile: bool) -> Run:
+        """One guest flipping on the running backend, measured by the sampler in Dom0."""
+        assert self.pid is not None
+        self.guests += 1
+        name = f"{backend.key}-{self.guests}"
+        console = f"{SHARE}/xenlog/guest-{name}.log"
+        out = self.dom0.share / f"sample-{name}.json"
+        ready = self.dom0.share / f"sampler-{name}.ready"
+        sampler = shlex.join(
+            [
+                self.python, "-m", "bench.vm_sampler", "--pid", str(self.pid),
+                "--console", console, "--out", f"{SHARE}/{out.name}",
+                "--ready", f"{SHARE}/{ready.name}", *(["--profile"] if profile else []),
+            ]
+        )  # fmt: skip
+        self.dom0.sh(
+            f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 {sampler} >{SHARE}/sampler-{name}.txt "
+            f"2>&1 </dev/null & cd /"
+        )
+        self.dom0.vm.wait_file(ready, lambda _: True, 300, what="the sampler started")
+        _say(f"{name}: xl create ({self.flips} flips, {self.warmup} untimed)")
+        self.dom0.xl_create(
+            name,
+            connectors=f"{CONNECTOR}:{self.size}",
+            draw="0",
+            flips=self.flips,
+            warmup=self.warmup,
+            hold=3600,
+        )
+        try:
+            text = self.dom0.vm.wait_file(out, lambda t: t.endswith("}"), 1200, what="flips")
+        finally:
+            self.dom0.sh(f"xl destroy {name}", check=False, timeout=120)
+        run = result_of(backend.key, name, json.loads(text), profiled=profile)
+        _say(
+            f"{name}: {run.fps:.1f} fps, backend {run.cpu_ms_per_flip:.2f} ms CPU/flip"
+            + (f" (error: {run.error})" if run.error else "")
+            + f"; by thread: {run.threads_ms_per_flip}"
+        )
+        return run
+
+
+def backends(card: str, size: str, displ_be: DisplBe | None) -> list[Backend]:
+    found = [
+        Backend(
+            "displback-kms", "displback, KMS (bochs)", "displback",
+            ("--display", "kms", "--card", card, "--connector", f"{CONNECTOR}={size}"),
+        ),
+        Backend(
+            "displback-virtual", "displback, virtual display", "displback",
+            ("--display", "virtual", "--virtual-output", f"{CONNECTOR}={size}@1000"),
+        ),
+    ]  # fmt: skip
+    if displ_be is not None:
+        found.append(
+            Backend("displ_be", "displ_be, DRM copy (bochs)", "displ_be",
+                    ("-m", "DRM", "-d", card, "-z"))
+        )  # fmt: skip
+    return found
+
+
+def table(runs: list[Run], labels: dict[str, str]) -> str:
+    head = (
+        f"{'backend':<30} {'CPU/flip':>9} {'user':>7} {'sys':>7} {'Dom0 busy':>10} "
+        f"{'steal':>7} {'fps':>6} {'flips':>6} {'failed':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        if run.profiled:
+            continue
+        label = labels.get(run.backend, run.backend)
+        if run.error:
+            lines.append(f"{label:<30} ERROR {run.error}")
+            continue
+        lines.append(
+            f"{label:<30} {run.cpu_ms_per_flip:>6.2f} ms {run.user_ms_per_flip:>7.2f} "
+            f"{run.sys_ms_per_flip:>7.2f} {run.dom0_busy_ms_per_flip:>7.2f} ms "
+            f"{run.dom0_steal_ms_per_flip:>7.2f} {run.fps:>6.1f} {run.flips:>6} {run.failed:>6}"
+        )
+    return "\n".join(lines)
+
+
+def boot_assets(work: Path) -> Any:
+    """The kernel (cached), Xen, and both initramfs images, as tests/vm/conftest.py builds them."""
+    from tests.vm import initramfs, kernel
+    from tests.vm.conftest import VMAssets
+    from tests.vm.machine import xen_elf
+
+    compileall.compile_dir(str(REPO / "displback"), quiet=1)
+    compileall.compile_dir(str(REPO / "bench"), quiet=1)
+    drmtest = initramfs.compile_drmtest(work / "drmtest")
+    return VMAssets(
+        xen=xen_elf(kernel.CACHE_ROOT),
+        bzimage=kernel.build(),
+        dom0_initramfs=initramfs.build_dom0(work / "dom0.cpio"),
+        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.vm", description=__doc__)
+    parser.add_argument("--displ-be", type=Path, help="prefix (or binary) of a displ_be build")
+    parser.add_argument("--flips", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--size", default="1024x768")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every backend N times")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated backend keys")
+    parser.add_argument("--json", type=Path, default=Path("bench-vm-results.json"))
+    parser.add_argument("--workdir", type=Path, help="kept for post-mortems (default: a tmp dir)")
+    args = parser.parse_args(argv)
+    displ_be = None
+    if args.displ_be is not None:
+        try:
+            displ_be = DisplBe.at(args.displ_be)
+        except BuildError as error:
+            _say(str(error))
+            return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-vm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    _say(f"work directory {work}")
+    machine = machine_info()
+    assets = boot_assets(work)
+    from tests.vm.conftest import booted_dom0  # the harness's boot, unchanged
+
+    runs: list[Run] = []
+    profiles: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    errors: list[str] = []
+    started = time.monotonic()
+    with booted_dom0(assets, work) as dom0:
+        bench = Bench(
+            dom0, flips=args.flips, warmup=args.warmup, size=args.size, python=sys.executable
+        )
+        card = bench.bochs_card()
+        chosen = backends(card, args.size, displ_be)
+        if args.only:
+            keep = set(args.only.split(","))
+            chosen = [b for b in chosen if b.key in keep]
+        labels = {b.key: b.label for b in chosen}
+        for round_ in range(args.rounds):
+            for backend in chosen:
+                _say(f"round {round_ + 1}: {backend.label}")
+                try:
+                    bench.start(backend, displ_be)
+                    runs.append(bench.measure(backend, profile=False))
+                    if backend.kind == "displback" and round_ == 0 and not args.no_profile:
+                        profiled = bench.measure(backend, profile=True)
+                        runs.append(profiled)
+                        path = dom0.share / f"{backend.key}.pstats"
+                        if path.is_file() and not profiled.error:
+                            rows, text = top_functions(path, profiled.flips)
+                            profiles[backend.key] = {"flips": profiled.flips, "top": rows}
+                            print(f"\n--- profile: {backend.label} ---\n{text}", file=sys.stderr)
+                except Exception as error:  # one backend failing must not lose the others
+                    errors.append(f"{backend.key}: {error}")
+                    _say(f"{backend.label} failed: {error}")
+                finally:
+                    with contextlib.suppress(Exception):
+                        bench.stop()
+    print(table(runs, labels))
+    for key, profile in profiles.items():
+        print(f"\nprofile, {labels[key]}: top functions by own time (µs per flip under TCG)")
+        for row in profile["top"][:15]:
+            print(
+                f"  {row['own_us_per_flip']:8.1f} own {row['cum_us_per_flip']:9.1f} cum "
+                f"{row['calls_per_flip']:6.1f} calls  {row['function']}"
+            )
+    for problem in errors:
+        print(f"ERROR: {problem}")
+    document = {
+        "machine": machine,
+        "loadavg_after": os.getloadavg(),
+        "wall_s": round(time.monotonic() - started, 1),
+        "settings": {
+            "flips": args.flips, "warmup": args.warmup, "size": args.size,
+            "rounds": args.rounds, "displ_be": str(displ_be.prefix) if displ_be else None,
+        },
+        "runs": [asdict(r) for r in runs],
+        "profiles": profiles,
+        "errors": errors,
+        "workdir": str(work),
+    }  # fmt: skip
+    args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    _say(f"wrote {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
