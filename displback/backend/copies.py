@@ -188,8 +188,12 @@ class CopyWorkers:
             try:
                 threading.Thread(target=self._work, name="displback-copy", daemon=True).start()
             except BaseException:
+                # The caller gets the error and goes on: its copy must never run later (a
+                # thread started for someone else's job would take it, and the memory may be
+                # unmapped by then).
                 with self._lock:
                     self._threads -= 1
+                    job.state = _CANCELLED
                 raise
 
     def _work(self) -> None:
