@@ -214,7 +214,7 @@ class OutputBase(abc.ABC, Generic[FbT]):
     _mode: Mode
     _pending: PendingFlip | None
     _live: set[FbT]
-    _scanout: _OnScreen[FbT] | None  # what is on screen (None: scanout off)
+    _showing: _OnScreen[FbT] | None  # what is on screen (None: scanout off)
     # The counts behind ``stats``; each output measures vblanks its own way.
     _flips_completed = 0
     _missed_vblanks = 0
@@ -226,11 +226,11 @@ class OutputBase(abc.ABC, Generic[FbT]):
 
     @property
     def enabled(self) -> bool:
-        return self._scanout is not None
+        return self._showing is not None
 
     @property
     def current_fb(self) -> FbT | None:
-        return None if self._scanout is None else self._scanout.fb
+        return None if self._showing is None else self._showing.fb
 
     @property
     def mode(self) -> Mode:

@@ -552,7 +552,8 @@ async def test_teardown_never_waits_for_importers_each_held_buffer_is_deferred_a
             assert fd is not None
             stubborn.append(env.platform.open_dmabuf(fd))
         await env.store.aclose()
-        assert waits == [0, 0, 0]
+        # One look per buffer (the deferred list's retries, also looks, may follow at once).
+        assert len(waits) >= 3 and set(waits) == {0}
         assert env.deferred.pending(GUEST) == 3 and env.store.quota.deferred == 3
         for held in stubborn:
             held.close()
