@@ -349,6 +349,69 @@ async def test_directory_over_4096_bytes_is_read_in_directory_parts(fake: FakeXe
             assert await xs.directory("/big") == names
 
 
+async def test_a_big_directory_changing_between_parts_is_read_again_from_the_start(
+    fake: FakeXenstored,
+) -> None:
+    """A child added between two DIRECTORY_PARTs shows as a new generation: the parts read so
+    far are thrown away and the listing starts again (never a mix of two directories); one
+    that changes at every part gives EAGAIN after the client's attempts."""
+    old = [f"old-{i:04d}-{'x' * 40}" for i in range(150)]
+    new = [f"new-{i:04d}-{'y' * 40}" for i in range(150)]
+
+    async def serve(conn: FakeConn, generations: list[bytes]) -> list[int]:
+        """Answer E2BIG, then parts: ``old`` under the first generation, ``new`` after."""
+        offsets: list[int] = []
+        request = await conn.recv()
+        await conn.send(Packet.error(request, "E2BIG"))
+        turn = 0
+        while True:
+            request = await conn.recv()
+            _path, offset = split_strings(request.payload)
+            start = int(offset)
+            offsets.append(start)
+            if start == 0 and offsets != [0]:
+                turn += 1
+            names = old if turn == 0 else new
+            blob = b"".join(n.encode() + b"\0" for n in names)
+            gen = generations[min(turn + (start > 0), len(generations) - 1)]
+            chunk = blob[start : start + 2000]
+            cut = chunk.rfind(b"\0") + 1
+            last = start + cut >= len(blob)
+            await conn.reply(request, gen + b"\0" + chunk[:cut] + (b"\0" if last else b""))
+            if last and turn > 0:
+                return offsets
+
+    async with fast_client(fake.path) as xs:
+        conn = await fake.accept()
+        seen: list[list[int]] = []
+
+        async def server() -> None:
+            seen.append(await serve(conn, [b"1", b"2", b"2"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            assert await xs.directory("/big") == new
+        assert seen[0].count(0) == 2  # the listing started again once
+
+        async def changing() -> None:
+            request = await conn.recv()
+            await conn.send(Packet.error(request, "E2BIG"))
+            generation = 0
+            while True:
+                request = await conn.recv()
+                generation += 1
+                blob = b"".join(n.encode() + b"\0" for n in old)
+                cut = blob[:2000].rfind(b"\0") + 1
+                await conn.reply(request, str(generation).encode() + b"\0" + blob[:cut])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(changing)
+            with pytest.raises(XenStoreError) as info:
+                await xs.directory("/big")
+            assert info.value.name == "EAGAIN" and "kept changing" in str(info.value)
+            nursery.cancel_scope.cancel()
+
+
 async def test_invalid_paths_are_refused_before_anything_is_sent(fake: FakeXenstored) -> None:
     async with fast_client(fake.path) as xs:
         conn = await fake.accept()
