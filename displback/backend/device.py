@@ -55,6 +55,10 @@ class BackendSettings:
     #: Worker threads for copy-mode copies and buffer creations, daemon-wide (None: the CPUs
     #: this process may use; see displback.backend.copies).
     copy_workers: int | None = None
+    #: vkbd: most input events waiting for a guest that does not read (backend/vkbd.py),
+    #: and the pointer's space for a vkbd with no connector to follow.
+    input_queue: int = 256
+    input_size: tuple[int, int] = (1024, 768)
 
 
 @dataclass
