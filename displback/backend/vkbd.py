@@ -306,7 +306,9 @@ class VkbdConnection:
     def _kick(self) -> None:
         self._wake.set()
 
-    def open(self, config: BackendConfig, transport: FrontendTransport) -> None:
+    def open(
+        self, config: BackendConfig, transport: FrontendTransport, name: str | None = None
+    ) -> None:
         """Map, bind and route; on error whatever was done is undone by :meth:`close`."""
         dev = self.device
         if transport.page_gref is None:
@@ -339,7 +341,7 @@ class VkbdConnection:
             on_queued=self._kick,
         )
         self.sink = sink
-        self._stack.callback(dev.router.bind(dev.target, sink))
+        self._stack.callback(dev.router.bind(dev.target, sink, name=name))
 
     async def serve(self) -> None:
         """Publish queued events as the page has room, until cancelled."""
@@ -475,9 +477,10 @@ class VkbdDevice(XenbusDevice[VkbdConnection, VkbdStatus]):
         read = {n: await xs.read_or_none(f"{self.frontend_dir}/{n}") for n in
                 kbdif.FRONTEND_TRANSPORT_NODES}
         transport = kbdif.parse_frontend_transport(read)
+        name = await self._trusted_name()
         connection = VkbdConnection(self)
         try:
-            connection.open(config, transport)
+            connection.open(config, transport, name)
         except BaseException:
             await connection.close()
             raise
@@ -490,6 +493,24 @@ class VkbdDevice(XenbusDevice[VkbdConnection, VkbdStatus]):
             space=f"{self.space[0]}x{self.space[1]}",
         )
         return connection
+
+    async def _trusted_name(self) -> str | None:
+        """The domain's name if the toolstack wrote it (sources configured by name follow
+        it; a name the guest could have written would let it take another's input)."""
+        path = f"/local/domain/{self.domid}/name"
+        try:
+            raw = await self.xs.read_or_none(path)
+            if raw is None:
+                return None
+            reason = TrustRule(self.platform.domid, self.domid).reason(
+                await self.xs.get_perms(path)
+            )
+        except XenStoreError:
+            return None
+        if reason is not None:
+            self.log.warning("domain name not trusted", reason=reason)
+            return None
+        return raw.decode("utf-8", "replace")
 
     def _on_connected(self, connection: VkbdConnection) -> None:
         self.status.sink = connection.sink
