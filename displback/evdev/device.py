@@ -19,7 +19,7 @@ from displback.evdev import uapi
 from displback.evdev.translate import Axis, Capabilities
 from displback.evdev.uapi import InputEvent
 
-__all__ = ["DeviceGone", "EvdevDevice", "device_name"]
+__all__ = ["DeviceGone", "EvdevDevice"]
 
 Ioctl = Callable[[int, int, Any], Any]
 #: Events taken in one read (the kernel's own client buffer is larger; more come next read).
@@ -94,6 +94,8 @@ class EvdevDevice:
             if exc.errno == errno.ENODEV:
                 raise DeviceGone(errno.ENODEV, f"{self.path}: device gone") from None
             raise
+        if not data:  # end of file: no evdev node gives it while it exists
+            raise DeviceGone(errno.ENODEV, f"{self.path}: end of file")
         return uapi.parse_events(data)
 
     def close(self) -> None:
@@ -101,16 +103,3 @@ class EvdevDevice:
         if fd is not None:
             os.close(fd)  # closing releases the grab
 
-
-def device_name(path: str, *, ioctl: Ioctl = fcntl.ioctl) -> str | None:
-    """The name of the device at ``path``, or None if it cannot be opened."""
-    try:
-        device = EvdevDevice(path, ioctl=ioctl)
-    except OSError:
-        return None
-    try:
-        return device.name()
-    except OSError:
-        return None
-    finally:
-        device.close()

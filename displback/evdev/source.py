@@ -16,6 +16,7 @@ import contextlib
 import errno
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import structlog
 import trio
 
 from displback.display.input import InputSink
-from displback.evdev.device import DeviceGone, EvdevDevice, device_name
+from displback.evdev.device import DeviceGone, EvdevDevice
 from displback.evdev.translate import EvdevTranslator
 
 __all__ = ["EvdevSource", "InputAssignment"]
@@ -55,8 +56,10 @@ class EvdevSource:
         *,
         poll_s: float = 1.0,
         input_dir: str = "/dev/input",
+        open_device: Callable[[str], EvdevDevice] = EvdevDevice,
         log: Any = None,
     ) -> None:
+        self._open = open_device
         self.assignment = assignment
         self.sink = sink
         self.poll_s = poll_s
@@ -74,9 +77,21 @@ class EvdevSource:
             path = os.path.realpath(self.assignment.device)
             return path if os.path.exists(path) else None
         for path in sorted(glob.glob(os.path.join(self.input_dir, "event*"))):
-            if device_name(path) == self.assignment.name:
+            if self._name_of(path) == self.assignment.name:
                 return path
         return None
+
+    def _name_of(self, path: str) -> str | None:
+        try:
+            device = self._open(path)
+        except OSError:
+            return None
+        try:
+            return device.name()
+        except OSError:
+            return None
+        finally:
+            device.close()
 
     async def run(self) -> None:
         """Serve the device until cancelled."""
@@ -90,7 +105,7 @@ class EvdevSource:
                 await trio.sleep(self.poll_s)
                 continue
             try:
-                device = EvdevDevice(path)
+                device = self._open(path)
             except OSError as exc:
                 self.log.warning("cannot open input device", path=path, error=str(exc))
                 await trio.sleep(self.poll_s)
