@@ -1,4 +1,4 @@
-"""A libxl-like toolstack for the simulation: guest domains and their vdispl devices in XenStore.
+"""A libxl-like toolstack for the simulation: guest domains and their vdispl and vkb devices.
 
 It writes what libxl (tools/libs/light, Xen 4.17) writes for ``vdispl`` — same nodes, same
 owners and permissions, same transactions, same timeouts — so the backend under test meets the
@@ -32,6 +32,9 @@ store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting 
 * ``remove_vdispl`` (``xl vdispl-detach``, LIBXL__FORCE_AUTO): an unforced removal; on timeout
   a forced one (another 10 s); on a second timeout the directories are removed anyway and
   ``Unable to remove vdispl with id D`` is logged.
+* ``add_vkb`` / ``remove_vkb`` (``vkb = [...]``, ``xl vkb-detach``): libxl's vkb device the same
+  way — frontend ``device/vkbd/D``, backend ``backend/vinput/F/D`` (``backend-type=linux``;
+  ``backend/vkbd`` for qemu) with the xl.cfg numbers libxl__set_xenstore_vkb writes.
 * ``destroy_domain`` (``xl destroy``, also what ``xl shutdown`` and ``xl reboot`` end in once
   the guest is down: libxl__destroy_domid with LIBXL__FORCE_ON): every device removed forced,
   all at once, each waiting up to 10 s; then ``libxl__devices_destroy failed`` if any timed

@@ -216,3 +216,32 @@ async def test_an_impossible_in_cons_is_a_violation_of_that_device_only(
                 machine.backend.inputs.port(1, 0, 0).key(KEY_A, True)
                 await wait_until(lambda: _device(machine, 1).status.violations == 1)
                 await wait_until(lambda: _device(machine, 1).connection is None)
+
+
+async def test_displback_status_shows_each_vkbd_with_its_queue(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    from displback.app.status import StatusModel, render_table, to_json
+
+    with trio.fail_after(20):
+        async with sim_machine(hypervisor, tmp_path) as machine:
+            await machine.add_vkb(4)  # a guest with input and no display
+            async with machine.kbdfront(4, consume=False) as front:
+                await _connected(machine, 4)
+                assert front.ptr_size == (1024, 768)  # the daemon's input_size
+                port = machine.backend.inputs.port(4, 0, 0)
+                for _ in range(60):
+                    port.key(KEY_A, True)
+                    port.key(KEY_A, False)
+                doc = to_json(StatusModel(machine.backend).report())
+                [guest] = doc["guests"]
+                [vkbd] = guest["inputs"]
+                assert (vkbd["target"], vkbd["mode"], vkbd["state"]) == ("4/0/0", "abs+mt",
+                                                                        "connected")
+                await wait_until(lambda: _device(machine, 4).refresh_status().published == 51)
+                doc = to_json(StatusModel(machine.backend).report())
+                [vkbd] = doc["guests"][0]["inputs"]
+                assert (vkbd["queued"], vkbd["published"], vkbd["waiting"]) == (120, 51, 69)
+                assert "vkbd 0 → 4/0/0: connected abs+mt, events 51 written, 69 waiting" in (
+                    render_table(doc)
+                )
