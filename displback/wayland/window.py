@@ -141,7 +141,9 @@ class ShmFramebuffer(FramebufferBase["WaylandOutput"], DumbBufferMixin):
 
 
 @dataclass(slots=True, eq=False)
-class _PendingFlip:
+class _WindowFlip:
+    """A flip waiting for the window's frame callback (or the fallback timer's deadline)."""
+
     fb: ShmFramebuffer
     done: trio.Event
     deadline: float
@@ -204,7 +206,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
         self.spec = spec
         self._mode = Mode(spec.width, spec.height, spec.refresh_hz)
         self._period = 1.0 / spec.refresh_hz
-        self._pending: _PendingFlip | None = None
+        self._pending: _WindowFlip | None = None
         self._live: set[ShmFramebuffer] = set()
         self._scanout: ShmFramebuffer | None = None  # shown; may be released (then kept)
         self._conn: WaylandConnection | None = None
@@ -314,14 +316,14 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
         self._queue_flip(fb, on_landed)
         return True
 
-    def _queue_flip(self, fb: Framebuffer, on_landed: LandedCallback | None) -> _PendingFlip:
+    def _queue_flip(self, fb: Framebuffer, on_landed: LandedCallback | None) -> _WindowFlip:
         sfb = self._flippable(fb)
         now = trio.current_time()
         if self._callback_paced:
             deadline = now + FALLBACK_PERIODS * self._period
         else:  # the timer's own grid, so its rate does not drift with the guest's latency
             deadline = max(now, self._last_due + self._period)
-        pending = _PendingFlip(sfb, trio.Event(), deadline, on_landed=on_landed)
+        pending = _WindowFlip(sfb, trio.Event(), deadline, on_landed=on_landed)
         self._pending = pending
         if self._window is None and self._conn is not None:
             self._make_window(self._conn)
