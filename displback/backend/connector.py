@@ -272,7 +272,7 @@ class Connector:
                     self._backlog.append(item)
                     self._backlog.extend(self._parse(rest) for rest in packets[i + 1 :])
                     return False
-                self._respond(item if isinstance(item, Response) else self._answer_now(item))
+                self._respond(item.pack() if isinstance(item, Response) else self._answer_now(item))
             if not ring.final_check():
                 break
             if taken >= REQUESTS_PER_WAKEUP:
@@ -360,16 +360,17 @@ class Connector:
             self._log_throttle()
             await trio.sleep(self._limiter.seconds_until_token())
         if isinstance(item, Response):
-            self._respond(item)
+            self._respond(item.pack())
         elif type(item) in _ANSWERED_AT_ONCE:
             self._respond(self._answer_now(item))
         else:
-            self._respond(await self._answer_later(item))
+            self._respond((await self._answer_later(item)).pack())
 
-    def _respond(self, response: Response) -> None:
-        """Publish ``response``, notify if the ring rule asks, and start what the flip queue
-        has next (a PG_FLIP is answered first, then its frame started, in this wake-up)."""
-        self._ring.put_response(response.pack())
+    def _respond(self, packet: bytes) -> None:
+        """Publish the response ``packet``, notify if the ring rule asks, and start what the
+        flip queue has next (a PG_FLIP is answered first, then its frame started, in this
+        wake-up)."""
+        self._ring.put_response(packet)
         if self._ring.push_responses():
             self._evtchn.notify(self.req_port)
         self._pump()
@@ -396,8 +397,8 @@ class Connector:
             self._log.info("bad request", connector=self.index, error=str(exc))
             return Response.error(header, exc.errno or EINVAL)
 
-    def _answer_now(self, req: Any) -> Response:
-        """Answer a request of ``_ANSWERED_AT_ONCE`` (PG_FLIP, FB_ATTACH)."""
+    def _answer_now(self, req: Any) -> bytes:
+        """The response packet to a request of ``_ANSWERED_AT_ONCE`` (PG_FLIP, FB_ATTACH)."""
         try:
             req.validate()
             if type(req) is PgFlipReq:
@@ -405,8 +406,8 @@ class Connector:
             else:
                 self._buffers.attach(req)
         except Exception as exc:
-            return self._failed(req, exc)
-        return Response.ok(req)
+            return self._failed(req, exc).pack()
+        return Response.ok_packet(req)
 
     async def _answer_later(self, req: Any) -> Response:
         try:
