@@ -21,8 +21,7 @@ INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_
 INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
 .PHONY: test test-vm test-vm-pvh demo bench soak fuzz mutate lint apt-deps vm-deps clean install \
-	uninstall \
-	install-deps wheelhouse deb bench-vm displ-be
+	uninstall install-deps wheelhouse deb bench-vm displ-be
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
