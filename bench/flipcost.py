@@ -9,9 +9,12 @@ of flips, this counts per flip
   were stepped — with a :class:`trio.abc.Instrument`;
 * with ``--callgrind``, the instructions the whole backend process executed (every thread),
   the process re-run under ``valgrind --tool=callgrind`` with instrumentation switched on
-  only for the window (``callgrind_control -i on|off``; the guest and hypervisor processes
-  are not traced). Instruction counts repeat to within a few per cent even on a loaded
-  machine, so they are the metric to compare trees by.
+  only for the window (``callgrind_control -i on|off``, each window dumped to its own part;
+  the guest and hypervisor processes are not traced), and the same for a bare trio task
+  waking at 60 Hz (``bench.flips.trio_wakeup_cost``'s floor) once the machine is gone: goal 1
+  of issue 12 in instructions. Runs of one tree agree within about ±5 % even on a loaded
+  machine (the timers' extra passes move a little with the load), where CPU times move by
+  a factor of two: take the median of three to compare trees. Needs ``valgrind``.
 
 The counting instrument costs CPU itself, so the instruction window is a separate one, run
 after the counting window, without the instrument.
@@ -106,10 +109,11 @@ async def _bare_wakeups(count: int, rate: float) -> None:
 
 async def flip_cost(
     tmp: Path, *, size: tuple[int, int], copy: bool, refresh_hz: float, flips: int,
-    warmup: int, callgrind: bool = False, profile: bool = False,
+    warmup: int, callgrind: bool = False, profile: bool = False, pstats_file: Path | None = None,
 ) -> dict[str, Any]:
     """Counts per flip over ``flips`` flips (after ``warmup``); with ``callgrind`` (this
-    process under callgrind with instrumentation off) also an instruction window."""
+    process under callgrind with instrumentation off) also an instruction window; with
+    ``profile`` a cProfile window (its stats also written to ``pstats_file``)."""
     width, height = size
     outputs = [OutputConfig("cost", width, height, refresh_hz=refresh_hz)]
     result: dict[str, Any] = {
@@ -135,8 +139,8 @@ async def flip_cost(
             seen = await _wait_flips(output, flips)
             profiler.disable()
             result["profile_window"] = {"flips": seen, "top": _profile_top(profiler, seen)}
-            if os.environ.get("FLIPCOST_PSTATS"):
-                profiler.dump_stats(os.environ["FLIPCOST_PSTATS"])
+            if pstats_file is not None:
+                profiler.dump_stats(pstats_file)
         if callgrind:
             # Each window is dumped to its own part file (callgrind.out.1, .2, .3).
             start = output.stats.flips_completed
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also count instructions per flip under valgrind's callgrind")
     parser.add_argument("--profile", action="store_true",
                         help="also a cProfile window: top functions per flip")
+    parser.add_argument("--pstats", type=Path, help="with --profile: write the stats here")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
     configure_logging(level="warning")
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trio.run(lambda: flip_cost(
             Path(tmp), size=args.size, copy=args.copy, refresh_hz=args.hz, flips=args.flips,
             warmup=args.warmup, callgrind=os.environ.get(_CALLGRIND_ENV) is not None,
-            profile=args.profile,
+            profile=args.profile, pstats_file=args.pstats,
         ))
     text = json.dumps(result, indent=2)
     if args.json is not None:
