@@ -68,6 +68,7 @@ from displback.app.validators import (
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
+from displback.backend.input import InputRouter
 from displback.backend.outputs import OutputMap
 from displback.backend.quotas import LimitOverrides
 from displback.display.interface import Display
@@ -401,14 +402,18 @@ def wayland_socket_of(config: RunConfig) -> str:
     return config.wayland_display or os.environ.get("WAYLAND_DISPLAY") or "wayland-0"
 
 
-def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContextManager[Any]:
+def _open_display(
+    config: RunConfig, platform: Platform, inputs: InputRouter
+) -> AbstractAsyncContextManager[Any]:
     if config.display == "wayland":
         from displback.wayland.display import WaylandDisplay
 
+        # The windows' seat feeds the guests' input devices through the router.
         return WaylandDisplay.open(
             wayland_socket_of(config),
             refresh_hz=config.wayland_refresh_hz,
             fullscreen=config.assign,
+            input_ports=inputs,
         )
     if config.display == "kms":
         from displback.kms.display import KmsDisplay
@@ -460,7 +465,10 @@ async def serve(
         notifier = Notifier()
         # be-alloc memory guests may still map, kept by systemd while we restarted.
         inherited = inherited_fds()
-        async with _open_display(config, platform) as display:
+        # Input for the guests, by connector: sources (a Wayland window's seat) send to it,
+        # the guests' vkbd devices take from it (displback.backend.input).
+        inputs = InputRouter()
+        async with _open_display(config, platform, inputs) as display:
             # The Wayland display makes a window per connector; the others have fixed outputs.
             outputs = (
                 display

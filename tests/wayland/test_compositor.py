@@ -13,6 +13,7 @@ import numpy as np
 import trio
 
 from displback.app.run import RunConfig, serve
+from displback.backend.input import InputRouter
 from displback.sim.guest import SimGuest
 from displback.sim.guest_pattern import pattern_rgb
 from displback.sim.hypervisor import HypervisorThread
@@ -183,6 +184,8 @@ async def test_displback_run_with_display_wayland_shows_a_guest_in_a_window(
                         await flip_frame(guest, 0, bufs[0], fbs[0], 4)
                         (output,) = backend.outputs.outputs.values()
                         assert output.spec.title == "cluster: connector 0"
+                        # The windows' seat feeds the guests' vkbd devices through run's router.
+                        assert isinstance(backend.outputs.seat.ports, InputRouter)
                         await wait_until(lambda: output.window_shown)
                         shot = load_rgb(await trio.to_thread.run_sync(weston.screenshot, tmp_path))
                         ((x, y, fw, fh),) = find_windows(shot)
