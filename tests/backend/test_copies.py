@@ -103,6 +103,58 @@ async def test_at_most_total_copies_run_and_one_per_guest() -> None:
     assert workers.stats.copies == 6
 
 
+async def test_a_guest_flooding_copies_gets_one_turn_in_each_round_of_the_guests() -> None:
+    """One thread: guest 1 asks for four copies, then guests 2 and 3 for one each. Guest 1's
+    copies beyond its share wait outside the queue and go to its end one at a time, so the
+    others are served after at most one more of guest 1's."""
+    workers = CopyWorkers(1)
+    first = Blocked()
+    order: list[tuple[int, int]] = []
+
+    def copy(domid: int, n: int) -> None:
+        order.append((domid, n))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            for n in (1, 2, 3):
+                nursery.start_soon(workers.run, 1, functools.partial(copy, 1, n))
+                await trio.testing.wait_all_tasks_blocked()
+            for domid in (2, 3):
+                nursery.start_soon(workers.run, domid, functools.partial(copy, domid, 0))
+                await trio.testing.wait_all_tasks_blocked()
+            first.release.set()
+    assert order == [(2, 0), (3, 0), (1, 1), (1, 2), (1, 3)]
+    assert workers.stats.most_running_per_guest == 1
+
+
+async def test_a_copy_cancelled_while_waiting_for_its_guests_turn_never_runs() -> None:
+    workers = CopyWorkers(2)
+    first, second, third = Blocked(), Blocked(), Blocked()
+    scope = trio.CancelScope()
+
+    async def waits_for_its_turn() -> None:
+        with scope:
+            await workers.run(1, second)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            nursery.start_soon(waits_for_its_turn)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(workers.run, 1, third)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            first.release.set()
+            await third.wait_started()  # the next one takes the turn
+            third.release.set()
+    assert scope.cancelled_caught and not second.started.is_set()
+    assert workers.stats.copies == 2
+
+
 async def test_a_copy_cancelled_before_a_thread_takes_it_never_runs() -> None:
     workers = CopyWorkers(1)
     slow = Blocked()
