@@ -31,7 +31,8 @@ parks the task; the worker runs the copy and reschedules the task with
 kept by plain counters under the workers' lock (a worker that ends a copy queues the
 guest's next one itself), not by a ``trio.CapacityLimiter``, whose acquisition costs the
 loop a scheduling pass of its own. Threads start when there is work no idle thread will
-take and end after :data:`IDLE_SECONDS` without work. A copy whose thread cannot be
+take and end after :data:`IDLE_SECONDS` without work, or when the daemon stops
+(:meth:`CopyWorkers.close`). A copy whose thread cannot be
 started fails its caller and is never made later.
 
 Cancellation
@@ -119,6 +120,9 @@ class _Job:
 
 
 _WAITING, _QUEUED, _RUNNING, _CANCELLED = "waiting", "queued", "running", "cancelled"
+
+#: Put in the queue by :meth:`CopyWorkers.close`: the thread that takes it ends.
+_STOP: Any = object()
 
 #: A worker thread ends after this long without a copy to make.
 IDLE_SECONDS = 10.0
@@ -236,15 +240,24 @@ class CopyWorkers:
                     self._idle -= 1
                 raise
 
+    def close(self) -> None:
+        """The daemon stops: every thread ends once the copies queued before are made (run
+        after the last caller is gone; a later :meth:`run` would start threads again)."""
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(_STOP)
+
     def _work(self) -> None:
-        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS`."""
+        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS` or
+        :meth:`close` asked it to end."""
         while True:
             try:
                 job: _Job | None = self._queue.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 job = None
             with self._lock:
-                if job is None:
+                if job is None or job is _STOP:
                     if self._queued > self._idle - 1:
                         continue  # a job was put counting on this thread: take it
                     self._idle -= 1

@@ -222,6 +222,29 @@ async def test_idle_threads_end_and_new_work_starts_them_again(
     assert workers.stats.copies == 3
 
 
+async def test_closed_workers_make_the_copies_queued_before_and_then_their_threads_end() -> None:
+    workers = CopyWorkers(1)
+    slow = Blocked()
+    results: list[str] = []
+
+    async def queued() -> None:
+        results.append(await workers.run(2, lambda: "queued"))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, slow)
+            await slow.wait_started()
+            nursery.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()
+            workers.close()
+            slow.release.set()
+        assert results == ["queued"]
+        with trio.fail_after(5):  # (idle, it would live IDLE_SECONDS on)
+            await until(lambda: workers.threads == 0)
+        assert await workers.run(3, lambda: "after") == "after"  # a thread starts again
+    assert workers.stats.copies == 3
+
+
 async def test_a_copy_whose_thread_cannot_start_fails_its_caller_and_never_runs_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -290,7 +313,7 @@ async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
 ) -> None:
     """Copy mode: while guest 1's frame is being copied (held in its worker thread), the
     event loop goes on serving guest 2, whose frames are copied by the other thread and
-    shown; guest 1's flip completes once its copy ends."""
+    shown; guest 1's flip completes once its copy ends. The threads end with the daemon."""
     held = HeldCopies(320 * 4)
     monkeypatch.setattr(buffers_module, "copy_frame", held)
     settings = BackendSettings(copy_workers=2)
@@ -326,6 +349,8 @@ async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
                 assert shown(w.output("A"), 320, 240) == (0, 2)
                 await release(g1, 0, bufs1, fbs1)
                 await release(g2, 0, bufs2, fbs2)
+        with trio.fail_after(5):  # (an idle thread would otherwise live IDLE_SECONDS on)
+            await wait_until(lambda: w.backend.copies.threads == 0)  # the daemon stopped
     assert not held.release_timed_out and held.errors == []
     assert threading.get_ident() not in held.threads  # every copy ran off the event loop
     assert w.backend.copies.stats.copies >= 10
