@@ -7,7 +7,7 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 	linux-source-6.1 busybox-static cpio build-essential bc bison flex libelf-dev libssl-dev \
 	dwarves libdrm-dev linux-libc-dev xz-utils kmod
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
-	edid-decode cpio python3-venv systemd
+	edid-decode cpio python3-venv systemd weston
 # `make displ-be` (bench/displ_be.py): the reference C++ backend, built into ~/.cache/displback.
 DISPL_BE_APT_PACKAGES := git cmake g++ make pkg-config libxen-dev libdrm-dev libudev-dev
 # `make install` (docs/operations.md): Debian's interpreter and its venv module.
@@ -26,7 +26,7 @@ INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev]'
+	$(PY) -m pip install --quiet -e '.[test,dev,wayland]'
 	touch $(STAMP)
 
 # System packages the tests compile or run against (golden vectors from Xen's headers,

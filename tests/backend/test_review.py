@@ -149,12 +149,14 @@ async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_i
     real_acquire = OutputMap.acquire
     calls = 0
 
-    def flaky(self: OutputMap, domid: int, devid: int, connector: Any) -> Any:
+    def flaky(
+        self: OutputMap, domid: int, devid: int, connector: Any, guest: str | None = None
+    ) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug while choosing an output")
-        return real_acquire(self, domid, devid, connector)
+        return real_acquire(self, domid, devid, connector, guest)
 
     monkeypatch.setattr(OutputMap, "acquire", flaky)
     with trio.fail_after(20):
