@@ -67,7 +67,9 @@ def vm_assets(tmp_path_factory: pytest.TempPathFactory) -> VMAssets:
         xen=xen_elf(kernel.CACHE_ROOT),
         bzimage=bzimage,
         dom0_initramfs=initramfs.build_dom0(work / "dom0.cpio"),
-        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest),
+        domu_initramfs=initramfs.build_domu(
+            work / "domU.cpio", drmtest, initramfs.compile_inputtest(work / "inputtest")
+        ),
     )
 
 

@@ -218,9 +218,12 @@ exec /bin/sh -i
         guest_type: str = "pv",
         vdispl: bool = True,
         warmup: int | None = None,
+        vkb: bool = False,
+        inputtest: int | None = None,
     ) -> Path:
         """``/mnt/<name>.cfg``; ``vdispl=False``: the same guest without a display (baselines);
-        ``warmup``: drmtest's benchmark mode (flips only, timed after ``warmup`` flips)."""
+        ``warmup``: drmtest's benchmark mode (flips only, timed after ``warmup`` flips);
+        ``vkb``: a vkbd device served by displback; ``inputtest``: run inputtest that long."""
         extra = (
             f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
             f"drmtest.flips={flips} drmtest.hold={hold} "
@@ -228,6 +231,8 @@ exec /bin/sh -i
         )
         if warmup is not None:
             extra += f" drmtest.warmup={warmup}"
+        if inputtest is not None:
+            extra += f" inputtest.seconds={inputtest}"
         text = f"""name = "{name}"
 type = "{guest_type}"
 kernel = "{SHARE}/bzImage"
@@ -241,6 +246,8 @@ on_reboot = "restart"
         if vdispl:
             spec = f"backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}"
             text += f"vdispl = [ '{spec}' ]\n"
+        if vkb:
+            text += "vkb = [ 'backend-type=linux' ]\n"
         path = self.share / f"{name}.cfg"
         path.write_text(text)
         return path

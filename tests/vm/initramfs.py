@@ -14,7 +14,8 @@ program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
   ``halt``/``reboot``/``stay``; ``drmtest.warmup=W``: benchmark mode, see drmtest.c), and
   has ``/sbin/poweroff`` and ``/sbin/reboot`` for the kernel to run on ``xl shutdown``/``xl
-  reboot``.
+  reboot``. With ``inputtest.seconds=N`` it first starts ``inputtest`` (``guest/inputtest.c``)
+  in the background: xen-kbdfront's devices and every event they report for N seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 GUEST_SOURCE = Path(__file__).with_name("guest") / "drmtest.c"
+INPUT_SOURCE = Path(__file__).with_name("guest") / "inputtest.c"
 DRM_HEADERS = Path("/usr/include/libdrm")
 
 
@@ -134,9 +136,10 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-flips=10; hold=600; conns=0; then=stay
+flips=10; hold=600; conns=0; then=stay; input=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        inputtest.seconds=*) input=${arg#*=} ;;
         drmtest.flips=*) flips=${arg#*=} ;;
         drmtest.hold=*) hold=${arg#*=} ;;
         drmtest.connectors=*) conns=$(echo ${arg#*=} | tr , ' ') ;;
@@ -145,6 +148,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "DOMU INIT flips=$flips hold=$hold connectors=$conns then=$then"
+[ -n "$input" ] && /bin/inputtest "$input" &
 /bin/drmtest xendrm-du $flips $hold $conns
 echo "DOMU DRMTEST rc=$?"
 case "$then" in
@@ -165,6 +169,20 @@ def _power_script(applet: str) -> str:
 echo "DOMU {applet.upper()}" > /dev/console
 exec /bin/busybox {applet} -f
 """
+
+
+def compile_inputtest(out: Path) -> Path:
+    """``gcc -static`` the guest's input test program (``guest/inputtest.c``) into ``out``."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("gcc missing: apt-get install build-essential")
+    subprocess.run(
+        [compiler, "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(INPUT_SOURCE)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out
 
 
 def compile_drmtest(out: Path) -> Path:
@@ -205,11 +223,13 @@ def build_dom0_systemd(path: Path) -> Path:
     return path
 
 
-def build_domu(path: Path, drmtest: Path) -> Path:
-    """Write the DomU initramfs (with the compiled ``drmtest``) to ``path``."""
+def build_domu(path: Path, drmtest: Path, inputtest: Path | None = None) -> Path:
+    """Write the DomU initramfs (with the compiled ``drmtest``, and ``inputtest`` if given)
+    to ``path``."""
     entries = [
         *_base(DOMU_INIT),
         _file("bin/drmtest", drmtest.read_bytes()),
+        *([_file("bin/inputtest", inputtest.read_bytes())] if inputtest is not None else []),
         _file("sbin/poweroff", _power_script("poweroff").encode()),
         _file("sbin/reboot", _power_script("reboot").encode()),
     ]
