@@ -93,6 +93,7 @@ async def test_capacity_steps_up_and_accounts_the_backend_and_the_guests_apart(
     first = result["steps"][0]
     assert (first["guests"], first["connectors"]) == (1, 2)
     assert result["mode"] == ("copy" if copy else "zero-copy")
+    assert result["vblank_phases"] == flips.CAPACITY_PHASES
     # Whether a step passed depends on the machine's load; what follows from it does not.
     passing = [step["connectors"] for step in result["steps"] if step["passed"]]
     assert result["largest_passing_connectors"] == max(passing, default=0)
