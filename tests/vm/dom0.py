@@ -1,7 +1,9 @@
 """What a VM test does in the nested Dom0: start the daemon, create guests, inspect leftovers.
 
 Dom0 runs the host's own root (read-only over 9p) chrooted, so the checkout and its .venv
-are at the same path as on the host; the per-test shared directory is ``/mnt`` in Dom0, and
+are at the same path as on the host (an arm64 Dom0 runs the root of tests/vm/arm64_root.py
+instead, with the checkout at ``/displback`` and the daemon's dependencies on its
+``PYTHONPATH``); the per-test shared directory is ``/mnt`` in Dom0, and
 everything Dom0 writes for the test to read (daemon log, snapshots, guest consoles, command
 output) lands there. Step times are recorded in :attr:`Dom0.timings` and printed at the end.
 """
@@ -71,6 +73,8 @@ class Dom0:
     repo: Path
     timings: dict[str, float] = field(default_factory=dict)
     daemon_pid: int | None = None
+    #: How Dom0 runs the checkout's Python (from the checkout's directory).
+    python: str = ".venv/bin/python"
 
     @staticmethod
     def boot_script(repo: Path) -> str:
@@ -148,7 +152,7 @@ exec /bin/sh -i
             ]
         )
         self.sh(
-            f"cd {self.repo} && PYTHONDONTWRITEBYTECODE=1 setsid .venv/bin/python -m "
+            f"cd {self.repo} && PYTHONDONTWRITEBYTECODE=1 setsid {self.python} -m "
             f"displback.app.run {argv} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/daemon.pid; cd /"
         )
         self.daemon_pid = int((self.share / "daemon.pid").read_text().strip())
@@ -215,7 +219,7 @@ exec /bin/sh -i
         draw: str = "0,1",
         then: str = "stay",
         maxmem: int = 256,
-        guest_type: str = "pv",
+        guest_type: str | None = None,
         vdispl: bool = True,
         warmup: int | None = None,
     ) -> Path:
@@ -228,9 +232,10 @@ exec /bin/sh -i
         )
         if warmup is not None:
             extra += f" drmtest.warmup={warmup}"
+        arch = self.vm.arch
         text = f"""name = "{name}"
-type = "{guest_type}"
-kernel = "{SHARE}/bzImage"
+type = "{guest_type or arch.guest_type}"
+kernel = "{SHARE}/{arch.kernel_name}"
 ramdisk = "{SHARE}/domU.cpio"
 extra = "{extra}"
 memory = 256
