@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tests.vm.kernel import CACHE_ROOT
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 PACKAGES = (
     "xen-hypervisor-4.17-arm64",
     "xen-utils-4.17",
@@ -131,6 +131,10 @@ def build() -> Path:
     _busybox_links(root)
     for sub in (*DIRS, REPO_MOUNT.lstrip("/")):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    # base-files' links, which the Xen tools' /var/run/... paths go through.
+    for link, to in (("var/run", "/run"), ("var/lock", "/run/lock")):
+        if not (root / link).is_symlink():
+            (root / link).symlink_to(to)
     if not (root / XEN_IMAGE).is_file():
         raise RootBuildError(f"{XEN_IMAGE} missing after unpacking {len(debs)} packages")
     (root / "etc/debian-packages.txt").write_text("\n".join(d.name for d in debs) + "\n")

@@ -108,7 +108,13 @@ def _place(source: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def booted_dom0(
-    assets: VMAssets, tmp_path: Path, *, pvh: bool = False, display: bool | str = True
+    assets: VMAssets,
+    tmp_path: Path,
+    *,
+    pvh: bool = False,
+    display: bool | str = True,
+    extra_devices: tuple[str, ...] = (),
+    vkms: bool = False,
 ) -> Iterator[Dom0]:
     """Boot Xen + Dom0 in QEMU; Dom0's services are up when this yields."""
     share = tmp_path / "share"
@@ -132,6 +138,8 @@ def booted_dom0(
         hostroot=assets.hostroot,
         memory_mb=2048 if arm else 3072,
         display=display,
+        extra_devices=extra_devices,
+        vkms=vkms,
     )
     try:
         dom0 = Dom0(vm, share, repo_in_dom0)
@@ -162,4 +170,11 @@ def pvh_dom0(vm_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
 def arm64_dom0(arm64_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
     """A freshly booted arm64 Dom0 (Xen on QEMU's virt board) with Xen's services running."""
     with booted_dom0(arm64_assets, tmp_path) as booted:
+        yield booted
+
+
+@pytest.fixture
+def arm64_dom0_with_displays(arm64_assets: VMAssets, tmp_path: Path) -> Iterator[Dom0]:
+    """The arm64 Dom0 with every display candidate: virtio-gpu (MMIO), bochs (PCI), vkms."""
+    with booted_dom0(arm64_assets, tmp_path, extra_devices=("bochs-display",), vkms=True) as booted:
         yield booted

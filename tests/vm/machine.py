@@ -127,6 +127,8 @@ class XenVM:
         dom0_args: str = "",
         arch: VMArch = X86,
         hostroot: Path = Path("/"),
+        extra_devices: tuple[str, ...] = (),
+        vkms: bool = False,
     ) -> None:
         self.workdir = workdir
         self.share = share
@@ -141,7 +143,8 @@ class XenVM:
         if shutil.which(arch.qemu) is None:
             raise FileNotFoundError(f"{arch.qemu} missing: apt-get install {arch.qemu_package}")
         dom0_cmdline = (
-            f"{arch.dom0_console} rdinit=/init loglevel={DOM0_LOGLEVEL} {NO_VKMS} {dom0_args}"
+            f"{arch.dom0_console} rdinit=/init loglevel={DOM0_LOGLEVEL} "
+            f"{'' if vkms else NO_VKMS} {dom0_args}"
         ).strip()
         # A PVH Dom0 (auto-translated: gntdev can export dma-bufs) needs an IOMMU, and the
         # virtio devices must go through it (iommu_platform) since Dom0's physical addresses
@@ -205,6 +208,8 @@ class XenVM:
         ]  # fmt: skip
         if display:
             cmd += ["-device", arch.display_device if display is True else display]
+        for device in extra_devices:
+            cmd += ["-device", device]
         self.command = cmd
         (workdir / "qemu-command.txt").write_text(" ".join(f"'{a}'" for a in cmd) + "\n")
         self._log = self.console_log.open("wb")

@@ -9,6 +9,7 @@ cross-compiled ``drmtest`` against xen-drm-front. ``make test-vm-arm64``.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from tests.vm.test_scenarios import (
     events,
     wait_flips_done,
     wait_pixels,
+    wait_screen,
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.arm64]
@@ -121,3 +123,37 @@ def test_arm64_xl_destroy_with_exported_buffers_leaves_nothing_in_dom0(arm64_dom
     dom0.sh("xl destroy guest1")
     dom0.wait_no_guest_resources()
     assert dom0.vdispl_backends() == set()
+
+
+def test_arm64_no_dom0_drm_driver_imports_the_dmabuf_and_kms_copies_to_virtio_gpu(
+    arm64_dom0_with_displays: Dom0,
+) -> None:
+    dom0 = arm64_dom0_with_displays
+    dom0.start_daemon(*OUTPUTS)
+    guest = dom0.xl_create("guest1", flips=2)
+    wait_flips_done(dom0, guest, (0, 1), 2)
+    ref = dom0.xenstore_read(f"/local/domain/{guest.domid}/device/vdispl/0/0/req-ring-ref")
+    probe = json.loads(
+        dom0.output(
+            f"cd {dom0.repo} && PYTHONDONTWRITEBYTECODE=1 {dom0.python} -m "
+            f"tests.vm.dom0_import {guest.domid} {ref}"
+        )
+    )
+    print("import probe:", json.dumps(probe, indent=1))
+    assert probe["export"] == "ok", probe
+    drivers = {card["driver"]: card for card in probe["cards"].values()}
+    print("drivers:", sorted(drivers))
+    dom0.sh("xl destroy guest1")
+    dom0.wait_no_guest_resources()
+    # The copy fallback on a real scanout: virtio-gpu refuses the import, the daemon copies
+    # into a dumb buffer, and QEMU's screendump shows the guest's frame bit for bit.
+    [card] = [path for path, c in probe["cards"].items() if c.get("driver") == "virtio_gpu"]
+    dom0.sh(f"kill -TERM {dom0.daemon_pid}")
+    (dom0.share / "daemon.log").rename(dom0.share / "daemon-virtual.log")
+    dom0.start_daemon("--display", "kms", "--card", card, "--connector", "Virtual-1=1024x768")
+    guest = dom0.xl_create("guest2", connectors="id0:1024x768", flips=6, draw="0")
+    wait_flips_done(dom0, guest, (0,), 6)
+    wait_screen(dom0, 6)
+    refusals = log_lines(dom0, "refuses to import buffer")
+    print("virtio-gpu's import refusal:", refusals[:1])
+    assert refusals, dom0.daemon_log_text()[-3000:]
