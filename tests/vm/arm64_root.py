@@ -31,6 +31,8 @@ PACKAGES = (
     "xenstore-utils",
     "python3.11",
     "busybox-static",
+    # The ring's full memory fence (displback/protocol/ring.py) is libatomic's.
+    "libatomic1",
 )
 #: The daemon's runtime dependencies (pyproject.toml's ``dependencies``).
 REQUIREMENTS = ("trio>=0.25", "structlog>=24.1", "pillow>=10", "numpy>=1.26")
