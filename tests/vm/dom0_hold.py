@@ -3,7 +3,8 @@
 ``python -m tests.vm.dom0_hold PID RELEASE_FILE`` takes a reference to every dma-buf the
 process ``PID`` has open (``pidfd_getfd``: a new fd of this process for the same file, as a
 compositor or KMS driver that imported the buffer would have), prints ``HOLDING n``, waits
-until ``RELEASE_FILE`` exists, closes them and prints ``RELEASED n``. The arm64 VM tests use
+until ``RELEASE_FILE`` exists, closes them, prints ``RELEASED n`` and stays (see the end of
+:func:`main`) until the VM ends. The arm64 VM tests use
 it to make ``DMABUF_EXP_WAIT_RELEASED`` time out on a real gntdev: the virtual display cannot
 keep a reference itself, as gntdev's dma-bufs cannot be mmap'ed.
 """
@@ -54,7 +55,11 @@ def main(argv: list[str]) -> int:
     for fd in held:
         os.close(fd)
     print(f"RELEASED {len(held)}", flush=True)
-    return 0
+    # Measured: when this process exits, Dom0's busybox shell (PID 1 of the harness's Dom0)
+    # exits too and Dom0 panics ("Attempted to kill init"), while its closes alone are fine.
+    # So it lingers until the VM ends.
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

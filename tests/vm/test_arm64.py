@@ -88,15 +88,15 @@ def test_arm64_destroy_while_held_times_out_then_the_deferred_release_completes(
     arm64_dom0: Dom0,
 ) -> None:
     dom0 = arm64_dom0
-    dom0.start_daemon(*OUTPUTS, "--zero-copy", "require", "--wait-free-ms", "300")
+    dom0.start_daemon(*OUTPUTS, "--zero-copy", "auto", "--wait-free-ms", "300")
     # drmtest keeps its last frame 25 s, then exits: the FBs are detached and DBUF_DESTROY
     # sent for its four buffers while another Dom0 process still holds their dma-bufs.
     guest = dom0.xl_create("guest1", flips=3, hold=25)
     wait_flips_done(dom0, guest, (0, 1), 3)
     dom0.wait_status(_buffers(zero_copy=4), 30, what="4 exported buffers")
     dom0.sh(
-        f"cd {dom0.repo} && {dom0.python} -m tests.vm.dom0_hold {dom0.daemon_pid} "
-        f"/mnt/release > /mnt/hold.log 2>&1 &"
+        f"cd {dom0.repo} && setsid {dom0.python} -m tests.vm.dom0_hold {dom0.daemon_pid} "
+        f"/mnt/release > /mnt/hold.log 2>&1 < /dev/null & cd /"
     )
     dom0.vm.wait_file(dom0.share / "hold.log", lambda t: "HOLDING" in t, 60, what="the holder")
     assert "HOLDING 4" in (dom0.share / "hold.log").read_text()
@@ -115,7 +115,7 @@ def test_arm64_destroy_while_held_times_out_then_the_deferred_release_completes(
 
 def test_arm64_xl_destroy_with_exported_buffers_leaves_nothing_in_dom0(arm64_dom0: Dom0) -> None:
     dom0 = arm64_dom0
-    dom0.start_daemon(*OUTPUTS, "--zero-copy", "require")
+    dom0.start_daemon(*OUTPUTS, "--zero-copy", "auto")
     guest = dom0.xl_create("guest1", flips=3)
     wait_flips_done(dom0, guest, (0, 1), 3)
     dom0.wait_status(_buffers(zero_copy=4), 30, what="4 exported buffers")
