@@ -125,7 +125,7 @@ def booted_dom0(
     # arm64: Dom0's root is not the host's, so the checkout is mounted at a path of its own,
     # and Python finds the daemon's dependencies in the root's PYTHONPATH directory.
     repo_in_dom0 = Path(arm64_root.REPO_MOUNT) if arm else REPO
-    (share / "dom0.sh").write_text(Dom0.boot_script(repo_in_dom0))
+    (share / "dom0.sh").write_text(Dom0.boot_script(repo_in_dom0, respawn_shell=arm))
     vm = XenVM(
         tmp_path,
         xen=assets.xen,

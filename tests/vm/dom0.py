@@ -77,13 +77,23 @@ class Dom0:
     python: str = ".venv/bin/python"
 
     @staticmethod
-    def boot_script(repo: Path) -> str:
+    def boot_script(repo: Path, *, respawn_shell: bool = False) -> str:
         """``/mnt/dom0.sh``: Xen's Dom0 services, then an interactive shell on hvc0.
 
         The checkout (with its ``.venv``) is exported on its own (9p tag ``repo``) and
         mounted at its own path: a clone under ``/tmp`` (CI's, say) would otherwise be hidden
         by Dom0's tmpfs there.
+
+        ``respawn_shell`` (the arm64 Dom0, whose ``/bin/sh`` is busybox ash, not the host's
+        dash): measured there, the interactive shell exits (status 0) when one of its
+        background children exits — the daemon after SIGTERM, a helper — and as PID 1 that
+        panicked Dom0. So PID 1 stays a plain loop that starts the interactive shell again.
         """
+        shell = (
+            'while :; do stty -echo; PS1="# " /bin/sh -i; echo "@@DOM0 SHELL RESTARTED@@"; done'
+            if respawn_shell
+            else "exec /bin/sh -i"
+        )
         return f"""export PATH={XEN_BIN}:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen {SHARE}/xenlog
@@ -96,7 +106,7 @@ echo "@@DOM0 USERSPACE@@"
 {XEN_BIN}/xenconsoled --log=guest --log-dir={SHARE}/xenlog || echo "@@FAIL xenconsoled@@"
 ls /dev/xen /dev/dri > {SHARE}/devices.txt 2>&1
 echo "@@DOM0 READY@@"
-exec /bin/sh -i
+{shell}
 """
 
     # --- steps ------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 ``python -m tests.vm.dom0_import DOMID REF`` exports the guest's grant ``REF`` (one page) as a
 dma-buf with gntdev (``DMABUF_EXP_FROM_REFS``), then for every ``/dev/dri/card*`` tries what
 a zero-copy scanout needs — ``PRIME_FD_TO_HANDLE`` (the driver attaches and maps the
-dma-buf) and ``ADDFB2`` of a 1024x1 XRGB8888 framebuffer on it — and also a CPU ``mmap`` of
+dma-buf) and ``ADDFB2`` of a 32x32 XRGB8888 framebuffer on it (one page; vkms refuses sizes under
+20x20) — and also a CPU ``mmap`` of
 the dma-buf. It prints one JSON object: ``{"export": ..., "mmap": ..., "cards": {path:
 {"driver": ..., "import": ..., "addfb": ...}}}`` with "ok" or the errno of each step. The
 arm64 VM tests record it (docs/testing.md: which import fails where).
@@ -39,7 +40,7 @@ def probe_card(path: str, dmabuf: int) -> dict[str, str]:
             return result
         result["import"] = "ok"
         try:
-            fb = dev.add_fb2(1024, 1, XRGB8888, [handle], [4096], [0])
+            fb = dev.add_fb2(32, 32, XRGB8888, [handle], [128], [0])
         except DrmError as exc:
             result["addfb"] = _errno(exc)
         else:

@@ -156,6 +156,9 @@ class XenVM:
             boot = [
                 "-machine", "virt,virtualization=on,gic-version=3",
                 "-cpu", "cortex-a57",
+                # Modern virtio over MMIO: virtio-gpu's driver refuses a legacy device (it
+                # stayed unbound with QEMU's default, force-legacy=true).
+                "-global", "virtio-mmio.force-legacy=false",
                 "-kernel", str(xen),
                 "-append", xen_args,
                 "-device",
