@@ -12,7 +12,7 @@ VM_ARM64_APT_PACKAGES := qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-c
 	linux-source-6.1 busybox-static cpio bc bison flex libssl-dev libdrm-dev xz-utils \
 	dpkg-dev
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
-	edid-decode cpio python3-venv systemd
+	edid-decode cpio python3-venv systemd weston
 # `make displ-be` (bench/displ_be.py): the reference C++ backend, built into ~/.cache/displback.
 DISPL_BE_APT_PACKAGES := git cmake g++ make pkg-config libxen-dev libdrm-dev libudev-dev
 # `make install` (docs/operations.md): Debian's interpreter and its venv module.
@@ -25,14 +25,13 @@ INSTALL_VARS := DESTDIR PREFIX BINDIR DOCDIR VENVDIR SYSCONFDIR UNITDIR INSTALL_
 	WHEELHOUSE PIP_ARGS
 INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),,$v='$($v)'))
 
-.PHONY: test test-vm test-vm-pvh test-vm-arm64 demo bench soak fuzz mutate lint apt-deps vm-deps clean install \
-	uninstall \
-	install-deps wheelhouse deb bench-vm displ-be
+.PHONY: test test-vm test-vm-pvh test-vm-arm64 demo bench soak fuzz mutate lint apt-deps \
+	vm-deps clean install uninstall install-deps wheelhouse deb bench-vm displ-be
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev]'
+	$(PY) -m pip install --quiet -e '.[test,dev,wayland]'
 	touch $(STAMP)
 
 # System packages the tests compile or run against (golden vectors from Xen's headers,

@@ -28,7 +28,8 @@ from bench.machine import FlipProbe, FlipRecord, bench_machine, connector_spec
 from bench.report import busy_percent, cpu_jiffies, percentile
 from displback.backend.copies import CopyWorkers
 from displback.display.virtual import OutputConfig
-from displback.sim.hypervisor import HypervisorProcess
+from displback.protocol.constants import PAGE_SIZE
+from displback.sim.hypervisor import GRANT_ENTRIES, HypervisorProcess
 from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
 
 T = TypeVar("T")
@@ -532,7 +533,13 @@ async def fairness(
     assignments = {"1/0/0": "honest"} | {
         f"2/0/{i}": f"hostile{i}" for i in range(hostile_connectors)
     }
-    async with bench_machine(tmp, outputs, assignments=assignments, copy=copy) as machine:
+    # Four maximum-size connectors with a few buffers each need more grant entries than Xen's
+    # default table (32768): as an admin would raise the guest's xl.cfg max_grant_frames.
+    pages = -(-hostile_size[0] * hostile_size[1] * 4 // PAGE_SIZE)
+    grant_entries = max(GRANT_ENTRIES, 4 * hostile_connectors * (pages + 16) + 1024)
+    async with bench_machine(
+        tmp, outputs, assignments=assignments, copy=copy, grant_entries=grant_entries
+    ) as machine:
         # The daemon's copy workers, timed; its devices (none yet) take them when found.
         workers = TimedCopyWorkers(machine.sim.backend.copies.total)
         machine.sim.backend.copies = workers

@@ -27,7 +27,7 @@ from bench.guestproc import GuestHost, GuestProcess
 from displback.backend.device import BackendSettings
 from displback.display.interface import FlipResult, Framebuffer, LandedCallback
 from displback.display.virtual import OutputConfig
-from displback.sim.hypervisor import HypervisorProcess, wait_for_no_leaks
+from displback.sim.hypervisor import GRANT_ENTRIES, HypervisorProcess, wait_for_no_leaks
 from displback.sim.machine import SimMachine, sim_machine
 
 __all__ = ["BenchMachine", "FlipProbe", "FlipRecord", "bench_machine"]
@@ -148,14 +148,15 @@ def connector_spec(resolutions: Sequence[tuple[int, int]], *, prefix: str = "c")
 
 @asynccontextmanager
 async def hypervisor_process(
-    tmp: Path, *, check_leaks: bool = True
+    tmp: Path, *, check_leaks: bool = True, grant_entries: int = GRANT_ENTRIES
 ) -> AsyncIterator[HypervisorProcess]:
     """A simulated hypervisor in a child process, socket in ``tmp``, stopped on the way out.
 
     With ``check_leaks``, raises RuntimeError on a clean exit if it still holds anything.
+    ``grant_entries`` is every domain's grant table size (xl.cfg ``max_grant_frames`` × 512).
     """
     tmp.mkdir(parents=True, exist_ok=True)
-    hv = HypervisorProcess(str(tmp / "xen.sock"))
+    hv = HypervisorProcess(str(tmp / "xen.sock"), grant_entries=grant_entries)
     leaks: dict[str, Any] = {}
     try:
         yield hv
@@ -174,15 +175,17 @@ async def bench_machine(
     *,
     assignments: dict[str, str] | None = None,
     copy: bool = False,
+    grant_entries: int = GRANT_ENTRIES,
 ) -> AsyncIterator[BenchMachine]:
     """A simulated machine with these outputs; ``copy`` makes Dom0 unable to export dma-bufs
     (the backend then maps guest buffers and copies every frame into dumb buffers).
+    ``grant_entries``: each domain's grant table, Xen's default unless a guest needs more.
 
     Raises RuntimeError on the way out if the hypervisor still holds anything.
     """
     platform_options = {"dmabuf_export_supported": False} if copy else None
     async with (
-        hypervisor_process(tmp) as hv,
+        hypervisor_process(tmp, grant_entries=grant_entries) as hv,
         sim_machine(
             hv, tmp, outputs, settings=BackendSettings(), assignments=assignments,
             platform_options=platform_options,

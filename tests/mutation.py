@@ -47,14 +47,14 @@ GROUPS: tuple[Group, ...] = (
             _BACKEND + m
             for m in (
                 "buffers.py", "copies.py", "deferred.py", "errors.py", "guestmem.py",
-                "outputs.py", "quotas.py", "retained.py",
+                "outputs.py", "quotas.py", "retained.py", "throttle.py",
             )
         ),
         tuple(
             "tests/backend/" + t
             for t in (
-                "test_buffers.py", "test_deferred.py", "test_outputs.py", "test_quotas.py",
-                "test_limit_overrides.py", "test_throttled_logs.py",
+                "test_buffers.py", "test_deferred.py", "test_guestmem.py", "test_outputs.py",
+                "test_quotas.py", "test_limit_overrides.py", "test_throttled_logs.py",
             )
         ),
     ),

@@ -252,5 +252,10 @@ def test_main_runs_a_part_and_writes_the_json(
     out = capsys.readouterr().out
     assert "copy-mode bandwidth 1920x1080" in out and "targets met" in out
     assert "5     capacity" in out and "not measured" in out  # the goal table, unmeasured
-    keys = {m["key"] for m in json.loads(path.read_text())["metrics"]}
+    results = json.loads(path.read_text())
+    keys = {m["key"] for m in results["metrics"]}
     assert {"memcpy_numpy_gbps", "copy_1920x1080_percent"} <= keys
+    # The copy part measures goal 4: its row is in the goal table, judged.
+    goal4 = [g for g in results["goals"] if g["number"] == 4]
+    assert len(goal4) == 1 and goal4[0]["status"] in {"PASS", "MISS"}
+    assert goal4[0]["value"] > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_service import SYSTEMD_ANALYZE, verify_unit
+from tests.test_service import verify_unit
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
@@ -40,7 +40,6 @@ def _install_python() -> str:
 INSTALL_PYTHON = _install_python()
 
 pytestmark = [
-    pytest.mark.skipif(MAKE is None, reason="make missing"),
     pytest.mark.skipif(
         not (WHEELHOUSE / ".complete").exists(),
         reason=f"no wheelhouse in {WHEELHOUSE} (make wheelhouse; make test builds it)",
@@ -49,7 +48,7 @@ pytestmark = [
 
 
 def make(target: str, destdir: Path, *variables: str) -> str:
-    assert MAKE is not None
+    assert MAKE is not None, "make missing"
     done = subprocess.run(
         [
             MAKE, "-s", "-C", str(REPO), target, f"DESTDIR={destdir}",
@@ -148,7 +147,6 @@ def test_the_installed_command_runs_from_its_own_venv(staged: Path, tmp_path: Pa
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
 def test_systemd_analyze_verify_accepts_the_installed_unit(staged: Path, tmp_path: Path) -> None:
     unit = (staged / "etc/systemd/system/displback.service").read_text()
     # verify looks for ExecStart's program on this machine: look in the staging root instead.
@@ -201,7 +199,7 @@ def test_uninstall_of_an_unedited_install_leaves_no_file(staged: Path, tmp_path:
 def test_install_refuses_to_replace_a_venv_it_did_not_make(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "opt/displback/bin").mkdir(parents=True)
-    assert MAKE is not None
+    assert MAKE is not None, "make missing"
     done = subprocess.run(
         [MAKE, "-s", "-C", str(REPO), "install", f"DESTDIR={root}", f"WHEELHOUSE={WHEELHOUSE}"],
         capture_output=True,
@@ -213,10 +211,10 @@ def test_install_refuses_to_replace_a_venv_it_did_not_make(tmp_path: Path) -> No
     assert files_in(root) == []
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb missing")
 def test_the_deb_holds_the_staged_tree_with_the_config_as_a_conffile(
     staged: Path, tmp_path: Path
 ) -> None:
+    assert shutil.which("dpkg-deb") is not None, "dpkg-deb missing (Debian's dpkg)"
     root = copy_of(staged, tmp_path)
     # `make deb` stages with UNITDIR=/lib/systemd/system, the place for a package's units.
     (root / "lib/systemd/system").mkdir(parents=True)

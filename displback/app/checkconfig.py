@@ -88,6 +88,10 @@ def show_config(config: RunConfig) -> str:
         _pair("snapshot_interval_s", float(config.snapshot_interval_s)),
         _optional("card", config.card, "the first /dev/dri/cardN with the connectors"),
         _pair("connectors", list(config.connectors)),
+        _optional(
+            "wayland_display", config.wayland_display, "$WAYLAND_DISPLAY, else wayland-0"
+        ),
+        _pair("wayland_refresh_hz", float(config.wayland_refresh_hz)),
         _pair("zero_copy", config.zero_copy.value),
         _pair("wait_free_ms", config.wait_free_ms),
         _pair("log_level", config.log_level),

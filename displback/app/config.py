@@ -36,8 +36,10 @@ from displback.app.validators import (
     is_int,
     non_empty_string,
     positive,
+    refresh_hz,
     socket_path,
     wait_free_ms,
+    wayland_socket,
 )
 from displback.backend.quotas import (
     DEFAULT_DOM0_GRANT_ENTRIES,
@@ -200,12 +202,14 @@ def _limits(value: Any) -> Iterator[tuple[KeyPath, str]]:
 KEYS: Mapping[str, Check] = {
     "xenstore": _value(non_empty_string),
     "domid": _value(domid),
-    "display": _value(choice("virtual", "kms")),
+    "display": _value(choice("virtual", "kms", "wayland")),
     "virtual_outputs": _list_of(parse_output_spec),
     "snapshot_dir": _value(non_empty_string),
     "snapshot_interval_s": _value(positive),
     "card": _value(non_empty_string),
     "connectors": _list_of(parse_connector_spec),
+    "wayland_display": _value(wayland_socket),
+    "wayland_refresh_hz": _value(refresh_hz),
     "assign": _assign,
     "zero_copy": _value(choice("auto", "require", "off")),
     "wait_free_ms": _value(wait_free_ms),
@@ -344,7 +348,7 @@ def _converted(key: str, value: Any) -> Any:
             by_name={k: dict(v) for k, v in guests.items() if not k.isdigit()},
             dom0_grant_entries=value.get(DOM0_GRANT_KEY, DEFAULT_DOM0_GRANT_ENTRIES),
         )
-    if key == "snapshot_interval_s":
+    if key in ("snapshot_interval_s", "wayland_refresh_hz"):
         return float(value)
     return value
 

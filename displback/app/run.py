@@ -3,8 +3,10 @@
 It opens the real platform (:class:`~displback.xen.real.RealPlatform`: ``/dev/xen/evtchn``,
 ``/dev/xen/gntdev``, XenStore), a display, and serves every vdispl device of this domain with
 :class:`~displback.backend.daemon.Backend`. The display is ``virtual`` (outputs in memory,
-named ``--virtual-output NAME=WxH``) or ``kms`` (DRM/KMS connectors of a card, named
-``--connector NAME[=WxH]``); with ``--snapshot-dir`` every output is written as a PNG, with a
+named ``--virtual-output NAME=WxH``), ``kms`` (DRM/KMS connectors of a card, named
+``--connector NAME[=WxH]``) or ``wayland`` (a window of the compositor at
+``--wayland-display`` per guest connector; needs the ``wayland`` extra, pywayland, which is
+imported only then); with ``--snapshot-dir`` every output is written as a PNG, with a
 ``status.json`` of the devices, every ``--snapshot-interval`` seconds.
 
 Options are gathered in :class:`RunConfig`, whose field names are the TOML keys of
@@ -58,8 +60,10 @@ from displback.app.validators import (
     domid,
     option,
     positive,
+    refresh_hz,
     socket_path,
     wait_free_ms,
+    wayland_socket,
 )
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
@@ -94,12 +98,14 @@ class RunConfig:
 
     xenstore: str | None = None  # None: xenstored's socket if present, else /dev/xen/xenbus
     domid: int | None = None  # None: read "domid" from XenStore (0 when absent)
-    display: Literal["virtual", "kms"] = "virtual"
+    display: Literal["virtual", "kms", "wayland"] = "virtual"
     virtual_outputs: list[OutputConfig] = field(default_factory=list)
     snapshot_dir: Path | None = None
     snapshot_interval_s: float = 1.0
     card: str | None = None  # None: the first card with the connectors
     connectors: list[str] = field(default_factory=list)  # "NAME" or "NAME=WxH[@HZ]"
+    wayland_display: str | None = None  # None: $WAYLAND_DISPLAY, else "wayland-0"
+    wayland_refresh_hz: float = 60.0  # flips of hidden windows land at this rate
     assign: dict[str, str] = field(default_factory=dict)  # "domid/devid/index" -> output
     zero_copy: ZeroCopyPolicy = ZeroCopyPolicy.AUTO
     wait_free_ms: int = 2000
@@ -148,9 +154,10 @@ def add_run_parser(
     )
     run.add_argument(
         "--display",
-        choices=("virtual", "kms"),
+        choices=("virtual", "kms", "wayland"),
         default="virtual",
-        help="where guest connectors are shown (virtual: in memory, see --snapshot-dir)",
+        help="where guest connectors are shown (virtual: in memory, see --snapshot-dir; "
+        "wayland: a window per guest connector)",
     )
     run.add_argument(
         "--virtual-output",
@@ -179,12 +186,26 @@ def add_run_parser(
         help="KMS connector for --display kms, with the guest resolution wanted (repeat)",
     )
     run.add_argument(
+        "--wayland-display",
+        metavar="NAME|PATH",
+        type=option(wayland_socket),
+        default=None,
+        help="the compositor's socket for --display wayland ($WAYLAND_DISPLAY, else wayland-0)",
+    )
+    run.add_argument(
+        "--wayland-refresh-hz",
+        type=option(refresh_hz, float),
+        default=60.0,
+        help="rate at which flips of a hidden window complete (60)",
+    )
+    run.add_argument(
         "--assign",
         metavar="DOMID/DEVID/INDEX=OUTPUT",
         type=_parse_assign,
         action="append",
         default=[],
-        help="show a guest connector (or unique-id) on a named output (repeat)",
+        help="show a guest connector (or unique-id) on a named output (repeat; wayland: "
+        "its window fullscreen on that compositor output)",
     )
     run.add_argument(
         "--zero-copy",
@@ -240,6 +261,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         snapshot_interval_s=args.snapshot_interval_s,
         card=args.card,
         connectors=list(args.connectors),
+        wayland_display=args.wayland_display,
+        wayland_refresh_hz=args.wayland_refresh_hz,
         assign=dict(args.assign),
         zero_copy=ZeroCopyPolicy(args.zero_copy),
         wait_free_ms=args.wait_free_ms,
@@ -268,6 +291,18 @@ def config_problems(config: RunConfig) -> list[tuple[KeyPath, str]]:
             )
         names = [o.name for o in config.virtual_outputs]
         outputs_key = "virtual_outputs"
+    elif config.display == "wayland":
+        # Windows are made per guest connector; [assign] names compositor outputs, which
+        # only the compositor knows.
+        if importlib.util.find_spec("pywayland") is None:
+            problems.append(
+                (
+                    ("display",),
+                    'display "wayland" needs pywayland, which is not installed: install '
+                    'the wayland extra (pip install "displback[wayland]")',
+                )
+            )
+        outputs_key = "connectors"
     else:
         if importlib.util.find_spec("displback.kms") is None:
             problems.append(
@@ -361,7 +396,20 @@ def _kms_output(spec: str) -> Any:
     return KmsOutputConfig(name, mode.width, mode.height, hz)
 
 
+def wayland_socket_of(config: RunConfig) -> str:
+    """The compositor ``display = "wayland"`` connects to."""
+    return config.wayland_display or os.environ.get("WAYLAND_DISPLAY") or "wayland-0"
+
+
 def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContextManager[Any]:
+    if config.display == "wayland":
+        from displback.wayland.display import WaylandDisplay
+
+        return WaylandDisplay.open(
+            wayland_socket_of(config),
+            refresh_hz=config.wayland_refresh_hz,
+            fullscreen=config.assign,
+        )
     if config.display == "kms":
         from displback.kms.display import KmsDisplay
 
@@ -413,7 +461,12 @@ async def serve(
         # be-alloc memory guests may still map, kept by systemd while we restarted.
         inherited = inherited_fds()
         async with _open_display(config, platform) as display:
-            outputs = OutputMap(display.outputs, config.assign)
+            # The Wayland display makes a window per connector; the others have fixed outputs.
+            outputs = (
+                display
+                if config.display == "wayland"
+                else OutputMap(display.outputs, config.assign)
+            )
             backend = Backend(
                 platform,
                 outputs,

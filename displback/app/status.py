@@ -133,6 +133,9 @@ class DaemonReport:
     outputs: list[OutputReport]
     deferred: dict[str, int]  # pending, deferred, released, abandoned (all guests)
     retained_pages: int
+    #: The daemon-wide Dom0 grant budget: entries ``held`` for all guests' be-alloc pages
+    #: (live or kept) and its ``limit`` (``[limits] dom0_grant_entries``).
+    dom0_grants: dict[str, int] = field(default_factory=dict)
     guests: list[GuestReport] = field(default_factory=list)
 
 
@@ -211,6 +214,7 @@ class StatusModel:
             outputs=[_output(o) for o in self.outputs.values()],
             deferred=dataclasses.asdict(stats) if stats is not None else {},
             retained_pages=backend.retained.pages(),
+            dom0_grants={"held": backend.grant_budget.held, "limit": backend.grant_budget.limit},
             guests=guests,
         )
 
@@ -445,6 +449,12 @@ def _output_lines(doc: Mapping[str, Any]) -> list[str]:
             f"{d['released']} released, {d['abandoned']} abandoned since start)"
         )
     lines.append(f"be-alloc memory kept for guests: {doc['retained_pages']} pages")
+    grants = doc.get("dom0_grants")
+    if grants:
+        lines.append(
+            f"Dom0 grant entries held for guests: {grants['held']} of {grants['limit']} "
+            "([limits] dom0_grant_entries)"
+        )
     return lines
 
 

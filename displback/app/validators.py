@@ -32,8 +32,10 @@ __all__ = [
     "non_empty_string",
     "option",
     "positive",
+    "refresh_hz",
     "socket_path",
     "wait_free_ms",
+    "wayland_socket",
 ]
 
 T = TypeVar("T")
@@ -74,6 +76,25 @@ def socket_path(value: Any) -> str:
             f"must be at most {SOCKET_PATH_MAX} bytes long (a UNIX socket path), not {value!r}"
         )
     return value
+
+
+def wayland_socket(value: Any) -> str:
+    """A Wayland display: a socket name in ``$XDG_RUNTIME_DIR`` (``wayland-0``) or an
+    absolute path, that fits ``sun_path``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'must be a socket name ("wayland-0") or an absolute path, not {value!r}')
+    if "/" in value and not value.startswith("/"):
+        raise ValueError(f"must be a name without '/' or an absolute path, not {value!r}")
+    if len(os.fsencode(value)) > SOCKET_PATH_MAX:
+        raise ValueError(f"must be at most {SOCKET_PATH_MAX} bytes long, not {value!r}")
+    return value
+
+
+def refresh_hz(value: Any) -> float:
+    """A refresh rate from 1 to 1000 Hz."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 1000:
+        raise ValueError(f"must be a refresh rate from 1 to 1000 Hz, not {value!r}")
+    return float(value)
 
 
 def choice(*allowed: str) -> Callable[[Any], str]:

@@ -5,5 +5,6 @@ It names no concrete platform or display: it is handed a ``Platform``
 See docs/backend.md.
 
 May import: ``displback.protocol``, ``displback.mapping``, ``displback.display``,
-``displback.xenstore``, ``displback.systemd``, ``displback.kms``, ``displback.xen``.
+``displback.xenstore``, ``displback.systemd``, ``displback.kms``, ``displback.xen``,
+``displback.wayland``.
 """

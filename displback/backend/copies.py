@@ -10,23 +10,34 @@ runs in a worker thread and the loop goes on serving everyone else meanwhile.
 
 Bounds and fairness
 -------------------
-* **Global**: at most ``total`` copies run at once (default: the CPUs this process may use),
-  through one :class:`trio.CapacityLimiter` — more threads than cores only share memory
-  bandwidth worse.
+* **Global**: ``total`` worker threads (default: the CPUs this process may use) take copies
+  from one FIFO queue, so at most ``total`` run at once — more threads than cores only share
+  memory bandwidth worse.
 * **Per guest**: a guest domain runs at most ``per_guest`` copies at once (default 1), whatever
   its number of devices and connectors. Its other copies wait on its own limiter and do not
-  queue for the global one, so the global queue holds at most ``per_guest`` copies of each
-  guest; trio's limiters wake their waiters in FIFO order, so the global slots go round-robin
-  between guests. A copy waits at most for one round of the other guests' copies, however
-  many connectors a guest floods.
+  enter the queue, so the queue holds at most ``per_guest`` copies of each guest and the
+  threads serve guests round-robin. A copy waits at most for one round of the other guests'
+  copies, however many connectors a guest floods.
+
+The hand-off
+------------
+Each frame of a copy-mode connector is one hand-off, and its cost on the event loop is the
+loop's share of every copy: with ``trio.to_thread.run_sync`` (a limiter, trio's thread cache,
+the result sent back through the entry queue) ≈ 45 µs per copy on the development VM, which
+on 2 cores left the second copy thread too little of the machine to copy 1.7 × the frames
+of one (issue 12 goal 4). Here the loop puts the job in a :class:`queue.SimpleQueue` and
+parks the task; the worker runs the copy and reschedules the task with
+``TrioToken.run_sync_soon``: ≈ 15 µs. Threads start when there is work no idle thread will
+take and end after :data:`IDLE_SECONDS` without work.
 
 Cancellation
 ------------
-A copy that has started is never abandoned: ``trio.to_thread.run_sync`` keeps the caller
-waiting until its thread returns, even when the caller is cancelled. The caller keeps the
-source and target memory mapped until :meth:`CopyWorkers.run` returns (see
+A copy that has started is never abandoned: its caller waits until the thread returns, even
+when cancelled (the cancellation is delivered at the caller's next checkpoint). The caller
+keeps the source and target memory mapped until :meth:`CopyWorkers.run` returns (see
 ``GuestFramebuffer`` in :mod:`displback.backend.buffers`), so no thread ever touches memory
-that was unmapped under it. A copy still waiting for its slot is simply not started.
+that was unmapped under it. A copy still waiting for its guest's slot or in the queue is
+simply not started.
 
 One :class:`CopyWorkers` serves the whole daemon: the backend makes it with the configured
 ``copy_workers`` threads (default: the CPUs this process may use) and hands it to every
@@ -36,12 +47,15 @@ guest's buffer store. A store made without one (tests of the store alone) takes
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import outcome
 import trio
 
 __all__ = [
@@ -84,6 +98,25 @@ class _Guest:
         self.running = 0
 
 
+class _Job:
+    """One copy handed to the threads: taken by a thread, or cancelled before, never both."""
+
+    __slots__ = ("copy", "guest", "state", "task", "token")
+
+    def __init__(self, copy: Callable[[], Any], guest: _Guest) -> None:
+        self.copy = copy
+        self.guest = guest
+        self.task = trio.lowlevel.current_task()
+        self.token = trio.lowlevel.current_trio_token()
+        self.state = _QUEUED
+
+
+_QUEUED, _RUNNING, _CANCELLED = "queued", "running", "cancelled"
+
+#: A worker thread ends after this long without a copy to make.
+IDLE_SECONDS = 10.0
+
+
 class CopyWorkers:
     """Runs copies in worker threads: ``total`` at once, ``per_guest`` of them per guest."""
 
@@ -93,23 +126,32 @@ class CopyWorkers:
             raise ValueError(f"copy slots must be at least 1, not {total} (per guest {per_guest})")
         self.total = total
         self.per_guest = min(per_guest, total)
-        self._limiter = trio.CapacityLimiter(total)
         self._guests: dict[int, _Guest] = {}
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        # Counters and the threads' bookkeeping change in the worker threads too.
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads waiting for a job
+        self._queued = 0  # jobs put but not yet taken by a thread
         self._copies = 0
         self._running = 0
         self._most_running = 0
         self._most_per_guest = 0
-        self._counting = threading.Lock()  # the counters change in the worker threads
 
     @property
     def stats(self) -> CopyStats:
         return CopyStats(self._copies, self._running, self._most_running, self._most_per_guest)
 
+    @property
+    def threads(self) -> int:
+        """Worker threads alive now (at most ``total``)."""
+        return self._threads
+
     async def run(self, domid: int, copy: Callable[[], T]) -> T:
         """Run ``copy()`` in a worker thread on behalf of guest ``domid``; return its result.
 
-        Waits for a slot of the guest, then for a global one. Cancelled while waiting, the
-        copy does not run; once running it is waited for (see the module docstring).
+        Waits for a slot of the guest, then for a thread. Cancelled while waiting, the copy
+        does not run; once running it is waited for (see the module docstring).
         """
         guest = self._guests.get(domid)
         if guest is None:
@@ -117,27 +159,76 @@ class CopyWorkers:
         guest.users += 1
         try:
             async with guest.limiter:
-                return await trio.to_thread.run_sync(
-                    self._counted, guest, copy, limiter=self._limiter
-                )
+                await trio.lowlevel.checkpoint_if_cancelled()
+                job = _Job(copy, guest)
+                self._submit(job)
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    with self._lock:
+                        if job.state is not _QUEUED:
+                            return trio.lowlevel.Abort.FAILED  # running: wait for it
+                        job.state = _CANCELLED  # the thread that takes it skips it
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+                return result
         finally:
             guest.users -= 1
             if guest.users == 0:
                 del self._guests[domid]
 
-    def _counted(self, guest: _Guest, copy: Callable[[], T]) -> T:
-        with self._counting:
-            guest.running += 1
-            self._running += 1
-            self._most_running = max(self._most_running, self._running)
-            self._most_per_guest = max(self._most_per_guest, guest.running)
-        try:
-            return copy()
-        finally:
-            with self._counting:
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            self._queued += 1
+            start = self._queued > self._idle and self._threads < self.total
+            if start:
+                self._threads += 1
+        self._queue.put(job)
+        if start:
+            try:
+                threading.Thread(target=self._work, name="displback-copy", daemon=True).start()
+            except BaseException:
+                # The caller gets the error and goes on: its copy must never run later (a
+                # thread started for someone else's job would take it, and the memory may be
+                # unmapped by then).
+                with self._lock:
+                    self._threads -= 1
+                    job.state = _CANCELLED
+                raise
+
+    def _work(self) -> None:
+        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS`."""
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                job: _Job | None = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                job = None
+            with self._lock:
+                self._idle -= 1
+                if job is None:
+                    if self._queued > self._idle:
+                        continue  # a job was put counting on this thread: take it
+                    self._threads -= 1
+                    return
+                self._queued -= 1
+                if job.state is _CANCELLED:
+                    continue
+                job.state = _RUNNING
+                guest = job.guest
+                guest.running += 1
+                self._running += 1
+                self._most_running = max(self._most_running, self._running)
+                self._most_per_guest = max(self._most_per_guest, guest.running)
+            result = outcome.capture(job.copy)
+            with self._lock:
                 self._running -= 1
                 guest.running -= 1
                 self._copies += 1
+            # (RunFinishedError: the run ended under the copy; nobody waits for it.)
+            with contextlib.suppress(trio.RunFinishedError):
+                job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)
 
 
 _WORKERS: trio.lowlevel.RunVar[CopyWorkers] = trio.lowlevel.RunVar("displback_copy_workers")

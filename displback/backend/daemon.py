@@ -256,23 +256,17 @@ class Backend:
         try:
             if not await xs.exists(home):
                 return False, None
-        except XenStoreError as exc:
-            if exc.name != "EACCES":
+        except (XenStoreError, XenStoreConnectionError) as exc:  # looked at again later
+            if _unexpected(exc, "EACCES"):
                 self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
-            return True, None
-        except XenStoreConnectionError as exc:  # looked at again on the next event
-            self.log.warning("cannot look for a domain", domid=domid, error=str(exc))
             return True, None
         path = f"{home}/vm"
         try:
             value = await xs.read(path)
             perms = await xs.get_perms(path)
-        except XenStoreError as exc:
-            if exc.name not in ("ENOENT", "EACCES"):
+        except (XenStoreError, XenStoreConnectionError) as exc:
+            if _unexpected(exc, "ENOENT", "EACCES"):
                 self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
-            return True, None
-        except XenStoreConnectionError as exc:
-            self.log.warning("cannot read domain uuid", domid=domid, error=str(exc))
             return True, None
         reason = TrustRule(self.platform.domid, domid).reason(perms)
         if reason is not None:
@@ -331,6 +325,10 @@ class Backend:
             del self.accounts[domid]
             self._named.discard(domid)
 
+    async def _forget_once_drained(self, domid: int, deferred: DeferredReleases) -> None:
+        await deferred.wait_drained(domid)
+        self._forget_account(domid)
+
     def _number(self, name: str, path: str, parse: Any) -> int | None:
         try:
             return int(parse(name, what=path))
@@ -358,8 +356,18 @@ class Backend:
             if self.devices.get(key) is device:
                 del self.devices[key]
             self._forget_account(key.domid)
+            if key.domid in self.accounts and deferred.pending(key.domid):
+                # Buffers of the domain still wait for an importer (WAIT_FREE ran out):
+                # their release, not the device's end, leaves the account idle.
+                nursery.start_soon(self._forget_once_drained, key.domid, deferred)
         # The device was forgotten. A new device of the same number may already exist (the
         # toolstack detached and attached again): its watch event found this one still
         # here, so look again now that the number is free.
         if not nursery.cancel_scope.cancel_called:
             await self._scan(xs, nursery, deferred)
+
+
+def _unexpected(exc: XenStoreError | XenStoreConnectionError, *expected: str) -> bool:
+    """Whether a failed look deserves a warning: a lost connection always, an error answer
+    unless its name is one of ``expected``."""
+    return not isinstance(exc, XenStoreError) or exc.name not in expected

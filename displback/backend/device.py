@@ -140,7 +140,7 @@ class Connection:
         limiter = account.limiter
         outputs: list[Output | None] = []
         for cfg in self.config.connectors:
-            output = dev.outputs.acquire(dev.domid, dev.devid, cfg)
+            output = dev.outputs.acquire(dev.domid, dev.devid, cfg, dev.status.name)
             if output is not None:
                 self._outputs.append(output)
                 self._stack.callback(dev.outputs.release, output)

@@ -44,7 +44,12 @@ def is_connector_key(key: str) -> bool:
 class OutputProvider(Protocol):
     """Hands outputs to connectors and takes them back."""
 
-    def acquire(self, domid: int, devid: int, connector: ConnectorConfig) -> Output | None: ...
+    def acquire(
+        self, domid: int, devid: int, connector: ConnectorConfig, guest: str | None = None
+    ) -> Output | None:
+        """The output connector ``index`` of ``domid``'s device ``devid`` is shown on (None:
+        none); ``guest`` is the domain's name, for a display that titles what it shows."""
+        ...
 
     def release(self, output: Output) -> None: ...
 
@@ -71,7 +76,9 @@ class OutputMap:
         self._auto = auto
         self._held: dict[str, str] = {}  # output name -> connector key
 
-    def acquire(self, domid: int, devid: int, connector: ConnectorConfig) -> Output | None:
+    def acquire(
+        self, domid: int, devid: int, connector: ConnectorConfig, guest: str | None = None
+    ) -> Output | None:
         key = connector_key(domid, devid, connector.index)
         wanted = self._by_key.get(key)
         if wanted is None and connector.unique_id is not None:

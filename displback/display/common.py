@@ -28,6 +28,7 @@ from displback.display.interface import (
     InvalidFramebuffer,
     LandedCallback,
     Mode,
+    OutputStats,
 )
 from displback.display.pixels import RgbImage
 from displback.protocol.constants import PixelFormat
@@ -194,6 +195,14 @@ class _Closable(Protocol):
 
 
 FbT = TypeVar("FbT", bound=FramebufferBase[Any])
+FbT_co = TypeVar("FbT_co", covariant=True)
+
+
+class _OnScreen(Protocol[FbT_co]):
+    """What an output scans out: a guest framebuffer, or None for a kept copy of one."""
+
+    @property
+    def fb(self) -> FbT_co | None: ...
 
 
 class OutputBase(abc.ABC, Generic[FbT]):
@@ -205,10 +214,23 @@ class OutputBase(abc.ABC, Generic[FbT]):
     _mode: Mode
     _pending: PendingFlip | None
     _live: set[FbT]
+    _showing: _OnScreen[FbT] | None  # what is on screen (None: scanout off)
+    # The counts behind ``stats``; each output measures vblanks its own way.
+    _flips_completed = 0
+    _missed_vblanks = 0
+    _frames_before = 0  # frames shown in stretches of scanout that have ended
 
     @property
     @abc.abstractmethod
     def name(self) -> str: ...
+
+    @property
+    def enabled(self) -> bool:
+        return self._showing is not None
+
+    @property
+    def current_fb(self) -> FbT | None:
+        return None if self._showing is None else self._showing.fb
 
     @property
     def mode(self) -> Mode:
@@ -225,6 +247,19 @@ class OutputBase(abc.ABC, Generic[FbT]):
 
     @abc.abstractmethod
     def snapshot(self) -> RgbImage: ...
+
+    def _stats(self, frames_since_on: int, vblanks: int) -> OutputStats:
+        """``stats`` from the counts, the current stretch's frames and the latest vblank."""
+        return OutputStats(
+            flips_completed=self._flips_completed,
+            frames_shown=self._frames_before + frames_since_on,
+            missed_vblanks=self._missed_vblanks,
+            vblanks=vblanks,
+        )
+
+    def _count_landing(self, missed_vblanks: int) -> None:
+        self._missed_vblanks += missed_vblanks
+        self._flips_completed += 1
 
     def write_png(self, path: str | os.PathLike[str]) -> None:
         self.snapshot().write_png(path)

@@ -259,7 +259,7 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._display = display
         self._config = config
         self._mode = Mode(config.width, config.height, config.refresh_hz)
-        self._scanout: _Frame | None = None
+        self._showing: _Frame | None = None
         self._pending: _PendingFlip | None = None
         self._live: set[VirtualFramebuffer] = set()
         self._clock = display._clock_for(config.refresh_hz)
@@ -269,9 +269,6 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._period = self._clock.period
         self._last_seq = 0  # the latest vblank a flip landed at
         self._on_seq = 0  # the vblank scanout (last) turned on at
-        self._flips_completed = 0
-        self._frames_before = 0  # frames shown in earlier enabled stretches
-        self._missed_vblanks = 0
 
     # -- state ---------------------------------------------------------------------------
 
@@ -280,22 +277,9 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         return self._config.name
 
     @property
-    def enabled(self) -> bool:
-        return self._scanout is not None
-
-    @property
-    def current_fb(self) -> VirtualFramebuffer | None:
-        return None if self._scanout is None else self._scanout.fb
-
-    @property
     def stats(self) -> OutputStats:
         seq = self._seq_now()
-        return OutputStats(
-            flips_completed=self._flips_completed,
-            frames_shown=self._frames_before + self._frames_since_on(seq),
-            missed_vblanks=self._missed_vblanks,
-            vblanks=seq,
-        )
+        return self._stats(self._frames_since_on(seq), seq)
 
     @property
     def owned_bytes(self) -> int:
@@ -376,8 +360,8 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         vfb = self._own(fb, allow_released=True)
         if vfb.released:
             return
-        if self._scanout is not None and self._scanout.fb is vfb:
-            self._scanout = _kept_copy(self._scanout)
+        if self._showing is not None and self._showing.fb is vfb:
+            self._showing = _kept_copy(self._showing)
         if self._pending is not None and self._pending.frame.fb is vfb:
             self._pending.frame = _kept_copy(self._pending.frame)
         self._live.discard(vfb)
@@ -390,13 +374,13 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         # The frame on screen and the one of a flip in flight are the same pixels if both
         # show ``vfb``: one copy serves both. Each is swapped only if it still shows ``vfb``
         # once the copy is made (the scanout went on meanwhile).
-        frames = [f for f in (self._scanout, self._pending and self._pending.frame) if f]
+        frames = [f for f in (self._showing, self._pending and self._pending.frame) if f]
         source = next((f for f in frames if f.fb is vfb), None)
         if source is None:
             return
         kept = await _kept_copy_by(run, source)
-        if self._scanout is not None and self._scanout.fb is vfb:
-            self._scanout = kept
+        if self._showing is not None and self._showing.fb is vfb:
+            self._showing = kept
         if self._pending is not None and self._pending.frame.fb is vfb:
             self._pending.frame = kept
 
@@ -427,7 +411,7 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
 
     def snapshot(self) -> RgbImage:
         mw, mh, _ = self._mode
-        frame = self._scanout
+        frame = self._showing
         if frame is None:
             return RgbImage(mw, mh, bytes(3 * mw * mh))
         rows = min(frame.height, mh)
@@ -456,11 +440,11 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         return self._start + seq * self._period
 
     def _frames_since_on(self, seq: int) -> int:
-        return 0 if self._scanout is None else seq - self._on_seq + 1
+        return 0 if self._showing is None else seq - self._on_seq + 1
 
     def _scanout_off(self) -> None:
         self._frames_before += self._frames_since_on(self._seq_now())
-        self._scanout = None
+        self._showing = None
 
     def _land_if_due(self) -> None:
         """Land the pending flip if its vblank has come (called by the clock)."""
@@ -471,17 +455,16 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         seq = self._seq_now()
         if seq < pending.due:
             return
-        self._missed_vblanks += seq - pending.due
-        self._land(pending, seq)
+        self._land(pending, seq, missed=seq - pending.due)
 
-    def _land(self, pending: _PendingFlip, seq: int) -> None:
+    def _land(self, pending: _PendingFlip, seq: int, *, missed: int = 0) -> None:
         self._pending = None
         self._clock.pending.pop(self, None)
         self._last_seq = seq
-        if self._scanout is None:
+        if self._showing is None:
             self._on_seq = seq
-        self._scanout = pending.frame
-        self._flips_completed += 1
+        self._showing = pending.frame
+        self._count_landing(missed)
         pending.result = FlipResult(pending.fb, seq, self._deadline(seq))
         report_landed(pending)
 

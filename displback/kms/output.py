@@ -139,7 +139,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._modeinfo: ModeInfo | None = None
         self._mode = FALLBACK_MODE
         self._select_mode(connector)
-        self._shown: _Shown | None = None
+        self._showing: _Shown | None = None
         self._pending: _FlipInFlight | None = None
         self._live: set[KmsFramebuffer] = set()
         self._canvases = CanvasPool(display.new_dumb)
@@ -147,9 +147,6 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._wake = trio.Event()
         self._opened = _monotonic()
         self._on_since: float | None = None
-        self._frames_before = 0
-        self._flips_completed = 0
-        self._missed_vblanks = 0
         self._last_seq = 0
         self.flip_timeouts = 0  # flips landed on the timeout, the driver sent no event
 
@@ -169,21 +166,10 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         return self._connected
 
     @property
-    def enabled(self) -> bool:
-        return self._shown is not None
-
-    @property
-    def current_fb(self) -> KmsFramebuffer | None:
-        return None if self._shown is None else self._shown.fb
-
-    @property
     def stats(self) -> OutputStats:
         now = _monotonic()
-        return OutputStats(
-            flips_completed=self._flips_completed,
-            frames_shown=self._frames_before + self._frames_since_on(now),
-            missed_vblanks=self._missed_vblanks,
-            vblanks=math.floor((now - self._opened) / self._period()),
+        return self._stats(
+            self._frames_since_on(now), math.floor((now - self._opened) / self._period())
         )
 
     def __repr__(self) -> str:
@@ -195,7 +181,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         """How the frame on screen is placed: ``full-screen`` (the mode's size), ``plane
         position`` (a centred primary plane), ``letterbox`` (copied onto a black mode-sized
         buffer), ``kept copy`` (a released frame's copy) or ``off``."""
-        shown = self._shown
+        shown = self._showing
         if shown is None:
             return "off"
         if shown.fb is None:
@@ -343,7 +329,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     def _shows(self, kfb: KmsFramebuffer) -> bool:
         """Whether ``kfb`` is on screen or the target of the flip in flight."""
-        return (self._shown is not None and self._shown.fb is kfb) or (
+        return (self._showing is not None and self._showing.fb is kfb) or (
             self._pending is not None and self._pending.fb is kfb
         )
 
@@ -351,8 +337,8 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         """Show ``kept`` (a copy of ``kfb``'s frame) wherever ``kfb`` is shown or will be."""
         if self._committer.on and self._connected:
             self._show_now(kept)  # off the FB before RMFB, or the CRTC goes dark
-        if self._shown is not None and self._shown.fb is kfb:
-            self._shown = kept
+        if self._showing is not None and self._showing.fb is kfb:
+            self._showing = kept
         if self._pending is not None and self._pending.fb is kfb:
             self._pending.shown = kept
 
@@ -438,7 +424,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     def snapshot(self) -> RgbImage:
         mw, mh, _ = self._mode
-        shown = self._shown
+        shown = self._showing
         if shown is None:
             return RgbImage(mw, mh, bytes(3 * mw * mh))
         frame, p = shown.frame, shown.placement
@@ -512,7 +498,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     def _spare_canvas(self, fourcc: PixelFormat) -> Canvas:
         """A canvas of this format and mode that is neither on screen nor about to be."""
-        busy = (s.canvas for s in (self._shown, self._pending and self._pending.shown) if s)
+        busy = (s.canvas for s in (self._showing, self._pending and self._pending.shown) if s)
         return self._canvases.spare(fourcc, self._mode, busy)
 
     # -- internals: the hardware ---------------------------------------------------------
@@ -526,7 +512,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         now = _monotonic()
         self._frames_before += self._frames_since_on(now)
         self._on_since = None
-        self._shown = None
+        self._showing = None
 
     def _land(self, pending: _FlipInFlight, seq: int, timestamp: float) -> None:
         if self._pending is not pending:
@@ -534,12 +520,11 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._pending = None
         self._display.awaiting.pop(pending.token, None)
         late = math.floor((timestamp - pending.submitted) / self._period())
-        self._missed_vblanks += max(0, late)
         self._last_seq = seq
-        if self._shown is None:
+        if self._showing is None:
             self._on_since = timestamp
-        self._shown = pending.shown
-        self._flips_completed += 1
+        self._showing = pending.shown
+        self._count_landing(max(0, late))
         pending.result = FlipResult(pending.fb, seq, timestamp)
         report_landed(pending)
 
@@ -595,7 +580,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._select_mode(conn)
         self._position_ok.clear()
         log.info("%s: plugged in; mode %s", self, self._modeinfo)
-        shown = self._shown
+        shown = self._showing
         if shown is None or self._pending is not None or self._modeinfo is None:
             return
         if self._mode != old or shown.canvas is not None:
@@ -603,7 +588,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             compose(canvas, shown.frame)
             shown = self._canvas_shown(shown.fb, canvas)
         self._show_now(shown)
-        self._shown = shown
+        self._showing = shown
 
     def _close(self) -> None:
         """Wake a pending flip with DisplayClosed, stop scanout, free every framebuffer."""

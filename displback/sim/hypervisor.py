@@ -938,10 +938,13 @@ class HypervisorProcess:
     Its fds do not share this process's table, so fd numbers behave as on a real Dom0.
     """
 
-    def __init__(self, socket_path: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: str, *, timeout: float = 10.0, grant_entries: int = GRANT_ENTRIES
+    ) -> None:
         self.socket_path = socket_path
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "displback.sim.hypervisor", "--socket", socket_path]
+            [sys.executable, "-m", "displback.sim.hypervisor", "--socket", socket_path,
+             "--grant-entries", str(grant_entries)]
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -1016,15 +1019,18 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m displback.sim.hypervisor --socket PATH``: serve until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--socket", required=True, help="UNIX socket path to listen on")
+    parser.add_argument("--grant-entries", type=int, default=GRANT_ENTRIES,
+                        help="each domain's grant table size (xl.cfg max_grant_frames × 512; "
+                             f"default {GRANT_ENTRIES}, Xen's)")
     args = parser.parse_args(argv)
-    trio.run(_serve_until_signal, args.socket)
+    trio.run(_serve_until_signal, args.socket, args.grant_entries)
     return 0
 
 
-async def _serve_until_signal(socket_path: str) -> None:
+async def _serve_until_signal(socket_path: str, grant_entries: int = GRANT_ENTRIES) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, socket_path)
+            nursery.start_soon(serve, socket_path, Machine(grant_entries=grant_entries))
             async for _signum in signals:
                 nursery.cancel_scope.cancel()
                 return

@@ -18,7 +18,7 @@ import trio
 
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
-from displback.backend.outputs import OutputMap
+from displback.backend.outputs import OutputMap, OutputProvider
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
@@ -111,9 +111,12 @@ async def sim_machine(
     assignments: dict[str, str] | None = None,
     backend_options: dict[str, Any] | None = None,
     open_display: Callable[[SimPlatform], AbstractAsyncContextManager[Any]] | None = None,
+    output_provider: Callable[[Any], OutputProvider] | None = None,
 ) -> AsyncIterator[SimMachine]:
     """The machine with a virtual display of ``outputs``, or the display ``open_display``
-    opens (a KMS display on a fake card, say) given the platform."""
+    opens (a KMS display on a fake card, say) given the platform. Guest connectors get the
+    display's outputs by ``assignments`` and in order, or what ``output_provider(display)``
+    hands out (a Wayland display's windows)."""
     async with running_xenstored(str(tmp_path)) as xs:
         platform = SimPlatform(hv.socket_path, xs.socket_path, **(platform_options or {}))
         opened: AbstractAsyncContextManager[Any]
@@ -125,7 +128,11 @@ async def sim_machine(
             opened = open_display(platform)
         try:
             async with opened as display:
-                omap = OutputMap(display.outputs, assignments)
+                omap = (
+                    OutputMap(display.outputs, assignments)
+                    if output_provider is None
+                    else output_provider(display)
+                )
                 backend = Backend(platform, omap, settings, **(backend_options or {}))
                 toolstack = Toolstack(xs.xenstored, init_timeout=10.0, destroy_timeout=10.0)
                 async with trio.open_nursery() as nursery:

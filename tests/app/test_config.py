@@ -27,7 +27,7 @@ def test_the_shipped_example_is_a_valid_configuration() -> None:
     ("text", "message"),
     [
         ("displya = 'kms'", ":1: displya: unknown key (did you mean 'display'?)"),
-        ("display = 'x11'", ":1: display: must be 'virtual' or 'kms', not 'x11'"),
+        ("display = 'x11'", ":1: display: must be 'virtual', 'kms' or 'wayland', not 'x11'"),
         ("wait_free_ms = -1", ":1: wait_free_ms: must be an integer from 1 to 2999"),
         ("wait_free_ms = 3000", ":1: wait_free_ms: must be an integer from 1 to 2999"),
         ("wait_free_ms = true", ":1: wait_free_ms: must be an integer"),

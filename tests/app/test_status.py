@@ -102,6 +102,33 @@ async def test_status_shows_each_guest_connector_with_its_buffers_and_quota(
             await release(guest, 0, bufs, fbs)
 
 
+async def test_status_shows_the_dom0_grant_budget_held_for_be_alloc_buffers(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    path = tmp_path / "status.sock"
+    with trio.fail_after(30):
+        async with (
+            connected_guest(hypervisor, tmp_path, "be-alloc=1,connectors=c0:320x240") as (
+                machine,
+                guest,
+            ),
+            status_served(machine, path),
+        ):
+            limit = machine.backend.grant_budget.limit
+            assert (await _fetch(path))["dom0_grants"] == {"held": 0, "limit": limit}
+            buf = await guest.create_dumb(320, 240, 32)  # 75 pages, granted by Dom0
+            doc = await _fetch(path)
+            assert doc["dom0_grants"] == {"held": 75, "limit": limit}
+            assert f"Dom0 grant entries held for guests: 75 of {limit}" in render_table(doc)
+            await guest.destroy_dumb(buf)
+            # Destroyed memory is kept (the guest may still map it) with its grants held...
+            doc = await _fetch(path)
+            assert doc["dom0_grants"]["held"] == doc["retained_pages"] == 75
+            # ...and a buffer of the same size reuses them: no new entry is held.
+            await guest.create_dumb(320, 240, 32)
+            assert (await _fetch(path))["dom0_grants"]["held"] == 75
+
+
 async def test_each_copied_buffer_says_why_it_is_copied(
     hypervisor: HypervisorThread, tmp_path: Path
 ) -> None:

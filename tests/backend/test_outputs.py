@@ -71,3 +71,19 @@ def test_a_unique_id_two_connectors_share_is_held_by_one_at_a_time() -> None:
     assert first is not None
     omap.release(first)
     assert got(omap.acquire(2, 0, conn(0, "shared"))) == "B"
+
+
+def test_a_connector_named_by_place_keeps_its_output_whatever_its_unique_id() -> None:
+    """The place (domid/devid/index) is looked up first; the unique-id only when the place
+    names nothing."""
+    omap = OutputMap(outputs("A", "B"), {connector_key(5, 0, 0): "A"})
+    assert got(omap.acquire(5, 0, conn(0, "unassigned-id"))) == "A"
+
+
+def test_releasing_an_output_no_connector_holds_changes_nothing() -> None:
+    omap = OutputMap(outputs("A", "B"))
+    a = omap.acquire(1, 0, conn(0))
+    assert a is not None
+    omap.release(a)
+    omap.release(a)  # a connector torn down twice (a reset during teardown)
+    assert omap.holder("A") is None and got(omap.acquire(2, 0, conn(0))) == "A"

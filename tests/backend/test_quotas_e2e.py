@@ -8,13 +8,22 @@ from pathlib import Path
 import pytest
 import trio
 
+from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.device import BackendSettings
 from displback.backend.quotas import Limits
 from displback.protocol.constants import EINVAL, ENOMEM
 from displback.protocol.pagedir import dir_pages_for
 from displback.sim.guest import GuestBuffer, GuestRequestError, SimGuest
 from displback.sim.hypervisor import HypervisorThread
-from tests.backend.support import XRGB, connected_guest, flip_frame, release, show, store_of
+from tests.backend.support import (
+    XRGB,
+    connected_guest,
+    flip_frame,
+    release,
+    show,
+    shown,
+    store_of,
+)
 
 SPEC = "connectors=c0:320x240;c1:320x240"
 
@@ -123,3 +132,30 @@ async def test_a_guest_over_its_request_rate_is_throttled_and_every_request_answ
                 assert stats.response_timeouts == 0 and stats.responses_ignored == 0
             await guest.destroy_dumb(buf)
             await _still_works(guest)
+
+
+async def test_a_frame_past_the_copy_memory_limit_is_dropped_its_flip_completes(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Copy mode: a frame whose copy buffer would pass ``max_copy_bytes`` is not shown, yet its
+    PG_FLIP is answered and gets its event (the guest goes on); a SET_CONFIG that needs one
+    fails with -ENOMEM."""
+    frame_bytes = 320 * 240 * 4  # whole pages: 75
+    settings = BackendSettings(
+        limits=_limits(max_copy_bytes=frame_bytes), zero_copy=ZeroCopyPolicy.OFF
+    )
+    with trio.fail_after(20):
+        async with connected_guest(hypervisor, tmp_path, SPEC, settings=settings) as (w, guest):
+            bufs, fbs = await show(guest, 0, 320, 240, frame=1, count=2)  # fb 0 on screen
+            account = store_of(w, 1).quota
+            assert account.copy_bytes == frame_bytes
+            events = guest.connector_stats(0).events
+            await flip_frame(guest, 0, bufs[1], fbs[1], 2)  # no room for fb 1's copy
+            assert guest.connector_stats(0).events == events + 1
+            assert shown(w.output("A"), 320, 240) == (0, 1)  # the old frame stays
+            assert account.copy_bytes == frame_bytes
+            with pytest.raises(GuestRequestError) as info:
+                await guest.set_config(0, fbs[1])
+            assert info.value.errno == ENOMEM
+            await release(guest, 0, bufs, fbs)
+            assert account.copy_bytes == 0

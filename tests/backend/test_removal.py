@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+import trio.testing
 
+from displback.protocol.layout import frontend_dir
 from displback.sim.guest import SimGuest
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import SimMachine, sim_machine
@@ -25,11 +27,37 @@ def daemon_requests(w: SimMachine) -> int:
     return w.xs.xenstored.requests_served[0]
 
 
-async def assert_idle(w: SimMachine, *, settle: float = 0.3, window: float = 1.0) -> None:
-    """After the removal settled, the daemon asks XenStore nothing more for a while."""
-    await trio.sleep(settle)
+def daemon_watches(w: SimMachine) -> list[str]:
+    """The paths domain 0's connections (the daemon's) watch in the simulated xenstored."""
+    return [path for conn in w.xs.xenstored.connections if conn.session.domid == 0
+            for path, _token in conn.session.watches]
+
+
+async def assert_idle(w: SimMachine, *, forgotten: tuple[str, ...] = ()) -> None:
+    """The daemon has settled and works no more for what it let go: the whole machine but
+    the hypervisor lives in this trio loop, so once every task is blocked (a daemon looping
+    on XenStore never is: each reply wakes it) it has no request in flight; it watches no
+    node under the ``forgotten`` paths; and a write to each of them (a late frontend, a
+    toolstack's cleanup) costs it no XenStore request once the loop has settled again."""
+    await trio.testing.wait_all_tasks_blocked()
+    watched = daemon_watches(w)
+    assert not [p for p in watched for f in forgotten if p == f or p.startswith(f + "/")]
     before = daemon_requests(w)
-    await trio.sleep(window)
+    dom0 = w.xs.xenstored.session(0)
+    try:
+        for path in forgotten:
+            # Poke the node, then take away what the poke created (its first new ancestor).
+            created = path
+            while not dom0.exists(created.rsplit("/", 1)[0]):
+                created = created.rsplit("/", 1)[0]
+            existed = dom0.exists(path)
+            dom0.write(f"{path}/state", b"1")
+            await trio.testing.wait_all_tasks_blocked()
+            assert daemon_requests(w) - before == 0, f"the daemon still acts on {path}"
+            dom0.rm(f"{path}/state" if existed else created)
+    finally:
+        dom0.close()
+    await trio.testing.wait_all_tasks_blocked()
     assert daemon_requests(w) - before == 0
 
 
@@ -47,11 +75,11 @@ async def flipping_guest(
         yield guest
 
 
-async def removed(w: SimMachine) -> None:
+async def removed(w: SimMachine, domid: int = 1) -> None:
     """libxl reported no error, the daemon forgot every device and then does nothing."""
     assert w.toolstack.errors == []
     await wait_until(lambda: not w.backend.devices)
-    await assert_idle(w)
+    await assert_idle(w, forgotten=(frontend_dir(domid, 0),))
 
 
 async def test_xl_destroy_mid_flip_is_answered_at_once_without_libxl_error(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from displback.backend.buffers import BufferKind
 from displback.backend.connector import MAX_QUEUED_EVENTS
@@ -149,12 +150,14 @@ async def test_an_unforeseen_failure_while_connecting_fails_the_connect_and_it_i
     real_acquire = OutputMap.acquire
     calls = 0
 
-    def flaky(self: OutputMap, domid: int, devid: int, connector: Any) -> Any:
+    def flaky(
+        self: OutputMap, domid: int, devid: int, connector: Any, guest: str | None = None
+    ) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug while choosing an output")
-        return real_acquire(self, domid, devid, connector)
+        return real_acquire(self, domid, devid, connector, guest)
 
     monkeypatch.setattr(OutputMap, "acquire", flaky)
     with trio.fail_after(20):
@@ -265,3 +268,25 @@ async def test_backend_allocated_memory_outlives_teardowns_until_the_domain_is_d
             await wait_until(lambda: dom0_dmabufs() == 0)
             # Forgotten once the device is gone too (its task may end after the reap).
             await wait_until(lambda: 1 not in w.backend.accounts)
+
+
+async def test_a_daemon_exiting_without_systemds_fd_store_says_how_many_kept_pages_it_frees(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/security.md: without the store the kept be-alloc memory cannot outlive the daemon;
+    a guest still mapping it then reads freed Dom0 memory, so the exit says how much."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    with trio.fail_after(30), capture_logs() as logs:
+        async with sim_machine(hypervisor, tmp_path) as w:
+            await w.add_guest(1, "be-alloc=1,connectors=c0:64x64")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                await guest.create_dumb(64, 64, 32)
+            device = next(iter(w.backend.devices.values()))
+            await wait_until(lambda: device.connection is None)
+            assert w.backend.retained.pages(1) == 4
+    said = [e["event"] for e in logs if "without systemd's fd store" in e["event"]]
+    assert said == [
+        "exiting without systemd's fd store: 4 pages of backend-allocated memory that "
+        "guests may still map are freed"
+    ]

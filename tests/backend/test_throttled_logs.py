@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from displback.backend import connector as connector_module
 from displback.backend.device import BackendSettings
 from displback.backend.quotas import Limits
+from displback.backend.throttle import LogThrottle
 from displback.sim.hypervisor import HypervisorThread
 from tests.backend.support import connected_guest
 
@@ -38,3 +39,16 @@ async def test_the_throttling_warning_counts_the_lines_it_held_back(
     assert lines[0]["suppressed"] == 0
     assert len(lines) >= 2 and all(e["suppressed"] > 0 for e in lines[1:])
     assert sum(e["suppressed"] for e in lines) + len(lines) == lines[-1]["throttled"]
+
+
+def test_one_line_per_interval_and_the_next_says_how_many_were_held_back() -> None:
+    now = [100.0]
+    throttle = LogThrottle(2.0, clock=lambda: now[0])
+    assert throttle.allow() == 0  # the first line passes
+    now[0] = 101.0
+    assert throttle.allow() is None and throttle.allow() is None
+    now[0] = 102.0  # exactly one interval after the last line: the next may pass
+    assert throttle.allow() == 2
+    assert throttle.allow() is None
+    now[0] = 110.0
+    assert throttle.allow() == 1

@@ -79,6 +79,35 @@ async def test_wait_free_timeout_defers_the_release_until_the_importer_lets_go(
             await release(guest, 0, bufs, fbs)
 
 
+async def test_a_domain_whose_last_release_drains_after_its_device_ended_is_forgotten(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """The domain's account (what Dom0 holds for it) is dropped once nothing is charged to
+    it and no device of it is left, in whichever order the two come: here the device ends
+    (the domain is destroyed) while an importer still holds a destroyed buffer, and the
+    deferred release drains afterwards. (The account outlived the domain: only a device's
+    end looked, and the hostile crash test waited for it in vain, 1 run in 5 under load.)"""
+    settings = BackendSettings(wait_free_ms=50)
+    with trio.fail_after(20):
+        async with connected_guest(hypervisor, tmp_path, settings=settings) as (w, guest):
+            bufs, _fbs = await new_guest_buffers(guest, 320, 240, count=1)
+            fd = store_of(w, 1).buffer_info(bufs[0].cookie).dmabuf_fd
+            assert fd is not None
+            stubborn = w.platform.open_dmabuf(fd)  # an importer that holds on
+            try:
+                await guest.destroy_dumb(bufs[0])  # answered after the wait: deferred
+                deferred = w.backend.deferred
+                assert deferred is not None and deferred.pending(1) == 1
+                guest.crash()
+                assert await w.toolstack.destroy_domain(1)
+                await wait_until(lambda: not w.backend.devices)
+                assert not w.backend.accounts[1].idle  # the deferred pages are charged
+            finally:
+                stubborn.close()
+            await deferred.wait_drained(1)
+            await wait_until(lambda: 1 not in w.backend.accounts)
+
+
 _NO_EXPORT_ENOTTY = {"dmabuf_export_supported": False, "dmabuf_unsupported_errno": errno.ENOTTY}
 _NO_EXPORT_EINVAL = {"dmabuf_export_supported": False, "dmabuf_unsupported_errno": errno.EINVAL}
 

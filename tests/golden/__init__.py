@@ -5,8 +5,9 @@ table someone copied.
 package libxen-dev; ``make test`` installs it together with gcc) once per test session, runs it
 and returns its JSON: struct sizes and offsets, packet field spans, ring geometry, every
 ``XENDISPL_*`` constant, Xen errno values and packed sample packets (see the C file's header).
-:func:`header_macros` lists the object-like ``XENDISPL_*`` macros the preprocessor sees, so a
-test can prove the C program reports all of them.
+:func:`kbdif_golden` does the same for ``kbdif_golden.c`` against ``xen/io/kbdif.h`` (the vkbd
+input protocol). :func:`header_macros` lists the object-like ``XENDISPL_*`` macros the
+preprocessor sees, so a test can prove the C program reports all of them.
 
 Missing tools are an error, not a skip: the tests that use these helpers must fail loudly with
 a message saying what to install.
@@ -26,11 +27,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DISPLIF_HEADER", "GoldenUnavailable", "c_golden", "compile_and_run", "header_macros"]
+__all__ = [
+    "DISPLIF_HEADER",
+    "KBDIF_HEADER",
+    "GoldenUnavailable",
+    "c_golden",
+    "compile_and_run",
+    "header_macros",
+    "kbdif_golden",
+]
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "displif_golden.c"
 DISPLIF_HEADER = Path("/usr/include/xen/io/displif.h")
+KBDIF_HEADER = Path("/usr/include/xen/io/kbdif.h")
+KBDIF_SOURCE = HERE / "kbdif_golden.c"
 _INSTALL_HINT = "run `make apt-deps` (installs gcc, libc6-dev and libxen-dev)"
 _TIMEOUT_S = 120
 
@@ -106,6 +117,25 @@ def _golden() -> dict[str, Any] | GoldenUnavailable:
 def c_golden() -> dict[str, Any]:
     """The golden vectors as a dict (compiled and run once per session; treat as read-only)."""
     result = _golden()
+    if isinstance(result, GoldenUnavailable):
+        raise result
+    return result
+
+
+@functools.cache
+def _kbdif() -> dict[str, Any] | GoldenUnavailable:
+    return compile_and_run(
+        KBDIF_SOURCE,
+        what="kbdif golden-vector program",
+        cflags=["-std=c11", "-O0", "-Wall", "-Wextra"],
+        headers=[KBDIF_HEADER],
+        hint=_INSTALL_HINT,
+    )
+
+
+def kbdif_golden() -> dict[str, Any]:
+    """Offsets, constants, node names and sample events of Xen's kbdif.h (``kbdif_golden.c``)."""
+    result = _kbdif()
     if isinstance(result, GoldenUnavailable):
         raise result
     return result

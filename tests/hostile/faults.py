@@ -178,8 +178,8 @@ class FaultyOutputs(_Wrapper):
         super().__init__(inner, faults)
         self._wrapped: dict[int, _FaultyOutput] = {}
 
-    def acquire(self, domid: int, devid: int, connector: Any) -> Any:
-        output = self._inner.acquire(domid, devid, connector)
+    def acquire(self, domid: int, devid: int, connector: Any, guest: str | None = None) -> Any:
+        output = self._inner.acquire(domid, devid, connector, guest)
         if output is None:
             return None
         wrapped = _FaultyOutput(output, self._faults)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from displback.display.interface import (
     DisplayClosed,
@@ -202,6 +203,25 @@ async def test_close_restores_the_saved_crtc_and_frees_everything(make: Any) -> 
         card.close()
 
 
+@pytest.mark.parametrize("make", [vkms_card, bochs_card])
+async def test_a_crtc_that_cannot_be_set_back_at_close_is_turned_off(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md: never left scanning out a framebuffer we are about to remove."""
+    card = make()
+    try:
+        async with open_display(card) as display:
+            out = display.outputs["Virtual-1"]
+            await out.flip(out.create_dumb(width=1024, height=768, fourcc=XRGB))
+            card.fail("MODE_SETCRTC", errno.EINVAL)  # the saved mode is refused
+        assert card.crtc.fb_id == 0
+        assert f"cannot restore CRTC {card.crtc_id}" in caplog.text
+        assert "turning it off" in caplog.text
+        assert set(card.fbs) == {FBCON_FB} and card.gem_objects() == 0
+    finally:
+        card.close()
+
+
 # ---- flips ----------------------------------------------------------------------------
 
 
@@ -217,7 +237,7 @@ async def test_atomic_flip_lands_at_the_flip_event(vkms: FakeCard) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flipper)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the flip was submitted
             assert out.flip_pending and not results
             with pytest.raises(FlipPending):
                 await out.flip(fb)
@@ -336,7 +356,7 @@ async def test_a_cancelled_flip_still_lands(vkms: FakeCard) -> None:
             await out.flip(fb)
         assert out.flip_pending
         vkms.vblank()
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the event was read off the card's fd
         assert not out.flip_pending and out.current_fb is fb
         assert out.stats.flips_completed == 1
 
@@ -368,7 +388,7 @@ async def test_pending_flip_is_woken_by_close(vkms: FakeCard) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flipper)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the flip waits for its event
             await display.aclose()
         assert len(errors) == 1
 

@@ -251,7 +251,7 @@ class MiniBackend:
                         filler.fill(page.buffer)
                 self.buffers[req.dbuf_cookie] = (req, None, fd)
             else:
-                refs = list(self._read_directory(req.gref_directory, req.npages))
+                refs = list(self.read_directory(req.gref_directory, req.npages))
                 mapping = self.gntdev.map_grants(self.domid, refs)
                 self.buffers[req.dbuf_cookie] = (req, mapping, None)
         elif isinstance(req, DbufDestroyReq):
@@ -261,13 +261,13 @@ class MiniBackend:
         elif isinstance(req, PgFlipReq | SetConfigReq) and req.fb_cookie in self.fbs:
             self.snapshots.append((connector, req.fb_cookie, self.pixels(req.fb_cookie)))
         elif isinstance(req, GetEdidReq):
-            refs = list(self._read_directory(req.gref_directory, req.npages))
+            refs = list(self.read_directory(req.gref_directory, req.npages))
             with self.gntdev.map_grants(self.domid, refs) as memory:
                 memory.buffer[: len(self.edid)] = self.edid
             return len(self.edid)
         return 0
 
-    def _read_directory(self, first: int, npages: int) -> tuple[int, ...]:
+    def read_directory(self, first: int, npages: int) -> tuple[int, ...]:
         reader = DirectoryReader(first, npages)
         while (gref := reader.next_page_gref) is not None:
             with self.gntdev.map_grants(self.domid, [gref], writable=False) as page:
@@ -618,7 +618,9 @@ async def test_backend_closing_before_connected_is_ignored_like_linux(
             assert published.is_set()
             await w.backend.xs.write(f"{w.backend.be}/state", b"6")
             await guest.wait_state(lambda g: g.backend_state is S.CLOSED)
-            await trio.sleep(0.05)
+            # A barrier: the guest's watch handles one change at a time, and ignores Closing.
+            await w.backend.xs.write(f"{w.backend.be}/state", b"5")
+            await guest.wait_state(lambda g: g.backend_state is S.CLOSING)
             assert guest.state is S.INITIALISED and guest.stats.disconnects == 1
             # the backend can still connect to the published rings
             w.backend.state = S.INIT_WAIT
@@ -714,7 +716,7 @@ async def test_scribbled_directory_is_refused_by_a_careful_reader(
         buf = await guest.create_dumb(8, 8, 32)
         guest.hostile.scribble_directory(buf, 0, 0, (77).to_bytes(4, "little"))
         with pytest.raises(ProtocolError):
-            w.backend._read_directory(buf.dir_grefs[0], buf.npages)
+            w.backend.read_directory(buf.dir_grefs[0], buf.npages)
         await guest.destroy_dumb(buf)
 
 

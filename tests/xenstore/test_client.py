@@ -3,6 +3,7 @@ reconnects, watch isolation and overflow, transactions, path and permission hand
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -428,10 +430,13 @@ async def test_pending_requests_fail_on_drop_even_when_reconnecting_and_later_on
 
 
 async def test_requests_issued_while_disconnected_wait_for_the_reconnect(
-    fake: FakeXenstored, nursery: trio.Nursery
+    fake: FakeXenstored, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = Store(data={"/k": b"v"})
-    async with open_xenstore(fake.path, timeout=2, backoff_initial=0.01, backoff_max=0.05) as xs:
+    # Virtual seconds: the clock jumps whenever every task waits (even on a worker thread).
+    async with open_xenstore(fake.path, timeout=3600, backoff_initial=0.01,
+                             backoff_max=0.05) as xs:
         conn = await fake.accept()
         await fake.stop()
         await conn.close()
@@ -443,7 +448,9 @@ async def test_requests_issued_while_disconnected_wait_for_the_reconnect(
 
         async with trio.open_nursery() as inner:
             inner.start_soon(read)
-            await trio.sleep(0.2)  # several failed reconnect attempts
+            caplog.set_level(logging.INFO, "displback.xenstore.client")
+            await trio.sleep(0.2)  # (mock clock) several failed reconnect attempts
+            assert caplog.text.count("reconnect failed") >= 3
             assert result == []
             await nursery.start(fake.run)
             nursery.start_soon(serve_store, await fake.accept(), store)
@@ -758,19 +765,20 @@ async def test_connect_to_nothing_raises_a_connection_error(sock_dir: str) -> No
 
 async def test_closing_the_client_fails_its_waiters(fake: FakeXenstored) -> None:
     errors: list[BaseException] = []
-    async with XenStoreClient.connect(fake.path, timeout=0.5) as xs:
-        await fake.accept()
-        async with trio.open_nursery() as nursery:
+    async with (
+        trio.open_nursery() as nursery,
+        XenStoreClient.connect(fake.path, timeout=0.5) as xs,
+    ):
 
-            async def read() -> None:
-                try:
-                    await xs.read("/x", timeout=5)
-                except XenStoreClosedError as exc:
-                    errors.append(exc)
+        async def read() -> None:
+            try:
+                await xs.read("/x", timeout=5)
+            except XenStoreClosedError as exc:
+                errors.append(exc)
 
-            nursery.start_soon(read)
-            await trio.sleep(0.02)
-            xs._shutdown()
+        conn = await fake.accept()
+        nursery.start_soon(read)
+        await conn.recv()  # the read waits for its reply as the block ends
     assert len(errors) == 1
 
 

@@ -1,0 +1,350 @@
+"""The copy workers: copies in threads, bounded and fair, never abandoned once started; and
+through the daemon, copy mode's frames copied off the event loop.
+
+Slow copies are stubs blocked on a ``threading.Event``: every wait is for an event, the only
+time bounds are generous ``fail_after`` guards.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from displback.backend import buffers as buffers_module
+from displback.backend import copies as copies_module
+from displback.backend.buffers import BufferKind
+from displback.backend.copies import CopyWorkers, available_cores
+from displback.backend.device import BackendSettings
+from displback.sim.guest import FlipOutcome
+from displback.sim.hypervisor import HypervisorThread
+from displback.sim.machine import sim_machine
+from tests.backend.support import flip_frame, paint, release, show, shown, store_of, wait_until
+
+
+class Blocked:
+    """A copy that says when it started and runs until released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = False
+        self.thread: int | None = None
+
+    def __call__(self) -> str:
+        self.thread = threading.get_ident()
+        self.started.set()
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("never released")
+        self.finished = True
+        return "copied"
+
+    async def wait_started(self) -> None:
+        await trio.to_thread.run_sync(self.started.wait, 30)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds (the caller bounds the wait with ``fail_after``)."""
+    while not condition():
+        await trio.sleep(0.01)
+
+
+async def test_a_copy_runs_in_a_worker_thread_and_returns_its_result_or_raises() -> None:
+    workers = CopyWorkers(2)
+    with trio.fail_after(30):
+        assert await workers.run(1, threading.get_ident) != threading.get_ident()
+
+        def fails() -> None:
+            raise ValueError("bad geometry")
+
+        with pytest.raises(ValueError, match="bad geometry"):
+            await workers.run(1, fails)
+    assert workers.stats.copies == 2 and workers.threads <= 2
+
+
+async def test_another_guests_copy_completes_while_a_slow_copy_runs() -> None:
+    """The event loop does not wait for a copy: with two threads, guest 2's copy is made
+    and returned while guest 1's is still running."""
+    workers = CopyWorkers(2)
+    slow = Blocked()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, slow)
+            await slow.wait_started()
+            assert await workers.run(2, lambda: "quick") == "quick"
+            assert not slow.finished
+            slow.release.set()
+    assert slow.finished and workers.stats.most_running == 2
+
+
+async def test_at_most_total_copies_run_and_one_per_guest() -> None:
+    workers = CopyWorkers(2, per_guest=1)
+    copies = {(domid, n): Blocked() for domid in (1, 2, 3) for n in (0, 1)}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for (domid, _), copy in copies.items():
+                nursery.start_soon(workers.run, domid, copy)
+            await until(lambda: workers.stats.running == 2)  # (trio starts tasks in any order)
+            await trio.testing.wait_all_tasks_blocked()
+            running = [key for key, copy in copies.items() if copy.started.is_set()]
+            assert len(running) == 2 and running[0][0] != running[1][0]
+            assert workers.threads == 2
+            for copy in copies.values():
+                copy.release.set()
+    assert all(c.finished for c in copies.values())
+    assert workers.stats.most_running == 2 and workers.stats.most_running_per_guest == 1
+    assert workers.stats.copies == 6
+
+
+async def test_a_copy_cancelled_before_a_thread_takes_it_never_runs() -> None:
+    workers = CopyWorkers(1)
+    slow = Blocked()
+    queued = Blocked()
+    scope = trio.CancelScope()
+
+    async def waits_in_the_queue() -> None:
+        with scope:
+            await workers.run(2, queued)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, slow)
+            await slow.wait_started()
+            nursery.start_soon(waits_in_the_queue)
+            await trio.testing.wait_all_tasks_blocked()  # its job is queued behind ``slow``
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            slow.release.set()
+        assert scope.cancelled_caught
+        assert await workers.run(3, lambda: "next") == "next"  # the thread skipped it
+    assert not queued.started.is_set() and workers.stats.copies == 2
+
+
+async def test_a_caller_cancelled_while_its_copy_runs_waits_for_the_copy() -> None:
+    """The caller's memory must stay mapped while the thread reads it: run() returns only
+    once the copy has ended, and the cancellation arrives after."""
+    workers = CopyWorkers(1)
+    slow = Blocked()
+    returned_after: list[bool] = []
+
+    async def caller(scope_box: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_box.append(scope)
+            try:
+                await workers.run(1, slow)
+            finally:
+                returned_after.append(slow.finished)
+            await trio.lowlevel.checkpoint()
+        assert scope.cancelled_caught
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            box: list[trio.CancelScope] = []
+            nursery.start_soon(caller, box)
+            await slow.wait_started()
+            box[0].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert returned_after == []  # still waiting for the running copy
+            slow.release.set()
+    assert returned_after == [True]
+
+
+async def test_idle_threads_end_and_new_work_starts_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(copies_module, "IDLE_SECONDS", 0.05)
+    workers = CopyWorkers(2)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for domid in (1, 2):
+                nursery.start_soon(workers.run, domid, lambda: None)
+        await until(lambda: workers.threads == 0)
+        assert await workers.run(1, lambda: "again") == "again"
+    assert workers.stats.copies == 3
+
+
+async def test_a_copy_whose_thread_cannot_start_fails_its_caller_and_never_runs_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller of a copy whose thread could not start gets the error and may unmap its
+    memory: no thread started later for another copy may make that copy."""
+    workers = CopyWorkers(2)
+    lost = Blocked()
+    real_start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with trio.fail_after(30):
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await workers.run(1, lost)
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert workers.threads == 0
+        assert await workers.run(2, lambda: "next") == "next"  # the new thread skips it
+    assert not lost.started.is_set() and workers.stats.copies == 1
+
+
+# --- through the daemon ---------------------------------------------------------------------
+
+_COPY_MODE = {"dmabuf_export_supported": False}
+
+
+class HeldCopies:
+    """Stands in for ``copy_frame`` in the buffer store: copies of frames ``row_bytes`` wide
+    wait in their worker thread, once :meth:`hold` was called, until released; the others,
+    and the held ones once released, are made by the real ``copy_frame``. Records what the
+    real copies raised."""
+
+    def __init__(self, row_bytes: int) -> None:
+        self.row_bytes = row_bytes
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.release_timed_out = False
+        self.errors: list[BaseException] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, *args: Any) -> None:
+        from displback.display.pixels import copy_frame
+
+        self.threads.add(threading.get_ident())
+        if args[6] == self.row_bytes:
+            self.held.set()
+            self.release_timed_out = not self.release.wait(timeout=60)
+        try:
+            copy_frame(*args)
+        except BaseException as exc:
+            self.errors.append(exc)
+            raise
+
+    def hold(self) -> None:
+        self.held.clear()
+        self.release.clear()
+
+    async def wait_held(self) -> None:
+        await trio.to_thread.run_sync(self.held.wait, 60)
+
+
+async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy mode: while guest 1's frame is being copied (held in its worker thread), the
+    event loop goes on serving guest 2, whose frames are copied by the other thread and
+    shown; guest 1's flip completes once its copy ends."""
+    held = HeldCopies(320 * 4)
+    monkeypatch.setattr(buffers_module, "copy_frame", held)
+    settings = BackendSettings(copy_workers=2)
+    with trio.fail_after(60):
+        async with sim_machine(hypervisor, tmp_path, settings=settings,
+                               platform_options=_COPY_MODE) as w:
+            assert w.backend.copies.total == 2
+            await w.add_guest(1, "connectors=c0:320x240")
+            await w.add_guest(2, "connectors=c0:160x120")
+            async with w.guest(1) as g1, w.guest(2) as g2:
+                await g1.wait_connected()  # output A
+                await g2.wait_connected()  # output B
+                bufs1, fbs1 = await show(g1, 0, 320, 240)  # (copies before the hold)
+                bufs2, fbs2 = await show(g2, 0, 160, 120)
+                assert store_of(w, 1).buffer_info(bufs1[0].cookie).kind is BufferKind.COPY
+                paint(bufs1[1], fbs1[1], connector=0, frame=2)
+                flipped: list[FlipOutcome] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def flip_guest_1() -> None:
+                        flipped.append(await g1.page_flip(0, fbs1[1]))
+
+                    held.hold()
+                    nursery.start_soon(flip_guest_1)
+                    await held.wait_held()
+                    with trio.fail_after(20):  # (a blocked loop would only wake after 60 s)
+                        for frame in range(2, 8):
+                            await flip_frame(g2, 0, bufs2[frame % 2], fbs2[frame % 2], frame)
+                            assert shown(w.output("B"), 160, 120) == (0, frame)
+                    assert flipped == [] and shown(w.output("A"), 320, 240) == (0, 1)
+                    held.release.set()
+                assert flipped == [FlipOutcome.DONE]
+                assert shown(w.output("A"), 320, 240) == (0, 2)
+                await release(g1, 0, bufs1, fbs1)
+                await release(g2, 0, bufs2, fbs2)
+    assert not held.release_timed_out and held.errors == []
+    assert threading.get_ident() not in held.threads  # every copy ran off the event loop
+    assert w.backend.copies.stats.copies >= 10
+
+
+async def dom0_mappings(hypervisor: HypervisorThread) -> int:
+    """Grant pages Dom0 (the daemon) has mapped now."""
+    counters = await trio.to_thread.run_sync(hypervisor.counters)
+    return int(counters["domains"][0]["mappings"])
+
+
+async def test_a_guest_destroyed_while_its_copy_runs_is_unmapped_only_after_the_copy(
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``xl destroy`` while a worker thread copies the guest's frame: the teardown waits for
+    the copy (a real one takes milliseconds), which reads still-mapped pages into a live copy
+    buffer (no error); then the removal completes and every mapping and grant goes (the
+    fixture checks that the hypervisor holds nothing)."""
+    held = HeldCopies(320 * 4)
+    monkeypatch.setattr(buffers_module, "copy_frame", held)
+    destroyed: list[bool] = []
+    with trio.fail_after(60), capture_logs() as logs:
+        async with sim_machine(hypervisor, tmp_path, platform_options=_COPY_MODE) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await show(guest, 0, 320, 240)
+                held.hold()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guest.page_flip, 0, fbs[1])
+                    await held.wait_held()
+
+                    async def destroy() -> None:
+                        destroyed.append(await w.toolstack.destroy_domain(1))
+
+                    nursery.start_soon(destroy)
+                    await wait_until(lambda: any(e["event"] == "tearing down" for e in logs))
+                    await trio.testing.wait_all_tasks_blocked()
+                    # The copy still reads the guest's pages: they stay mapped meanwhile.
+                    assert await dom0_mappings(hypervisor) > 0
+                    assert destroyed == []
+                    held.release.set()
+                    await wait_until(lambda: destroyed != [])
+                    guest.crash()
+                    nursery.cancel_scope.cancel()
+                await wait_until(lambda: not w.backend.devices)
+                while await dom0_mappings(hypervisor):
+                    await trio.sleep(0.01)
+    assert destroyed == [True]
+    assert not held.release_timed_out and held.errors == []
+
+
+async def test_the_daemon_runs_copies_on_as_many_threads_as_copy_workers_says(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    from displback.app.run import RunConfig, serve
+    from displback.display.virtual import OutputConfig
+    from displback.sim.platform import SimPlatform
+    from displback.sim.xenstored import running_xenstored
+
+    with trio.fail_after(30):
+        async with running_xenstored(str(tmp_path)) as xs:
+            platform = SimPlatform(hypervisor.socket_path, xs.socket_path)
+            try:
+                for configured, threads in ((3, 3), (None, available_cores())):
+                    config = RunConfig(virtual_outputs=[OutputConfig("A", 320, 240)],
+                                       copy_workers=configured)
+                    async with trio.open_nursery() as nursery:
+                        backend = await nursery.start(
+                            functools.partial(serve, config, platform=platform))
+                        assert backend.copies.total == threads
+                        nursery.cancel_scope.cancel()
+            finally:
+                platform.close()
