@@ -59,6 +59,16 @@ async def _phase(name: str, output: WaylandOutput, guest: Any, seconds: float) -
     }
 
 
+async def _until_no_callbacks(output: WaylandOutput, quiet: float = 0.5) -> None:
+    """Wait (at most 20 s) until the compositor has called no frame back for ``quiet`` s."""
+    with trio.fail_after(20):
+        while True:
+            frames = output.stats.frames_shown
+            await trio.sleep(quiet)
+            if output.stats.frames_shown == frames:
+                return
+
+
 async def _measure(
     weston_socket: str, phases: Sequence[str], seconds: float
 ) -> list[dict[str, Any]]:
@@ -91,6 +101,8 @@ async def _measure(
                             window.toplevel.set_minimized()
                             window.conn.flush()
                             await trio.sleep(0.5)
+                        if phase == "output asleep":
+                            await _until_no_callbacks(output)
                         results.append(await _phase(phase, output, guest, seconds))
         finally:
             await trio.to_thread.run_sync(hv.stop)

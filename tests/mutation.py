@@ -47,7 +47,7 @@ GROUPS: tuple[Group, ...] = (
             _BACKEND + m
             for m in (
                 "buffers.py", "copies.py", "deferred.py", "errors.py", "guestmem.py",
-                "outputs.py", "quotas.py", "retained.py", "throttle.py",
+                "input.py", "outputs.py", "quotas.py", "retained.py", "throttle.py",
             )
         ),
         tuple(
@@ -55,13 +55,17 @@ GROUPS: tuple[Group, ...] = (
             for t in (
                 "test_buffers.py", "test_deferred.py", "test_guestmem.py", "test_outputs.py",
                 "test_quotas.py", "test_limit_overrides.py", "test_throttled_logs.py",
+                "test_input_router.py",
             )
         ),
     ),
     # The glue: only end-to-end tests on the simulated machine reach it (slow per mutant).
     Group(
         "backend-daemon",
-        (_BACKEND + "connector.py", _BACKEND + "device.py", _BACKEND + "daemon.py"),
+        tuple(
+            _BACKEND + m
+            for m in ("connector.py", "device.py", "daemon.py", "xenbusdev.py", "vkbd.py")
+        ),
         ("tests/backend",),
     ),
 )

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "displback"
 LAYERS: list[set[str]] = [
     {"mapping", "protocol"},
     {"display", "xenstore", "systemd"},
-    {"kms", "xen", "wayland"},
+    {"kms", "xen", "wayland", "evdev"},
     {"backend"},
     {"sim"},
     {"app"},

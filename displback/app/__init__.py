@@ -8,5 +8,5 @@ uses too; ``logs`` sets up logging. Nothing imports it.
 
 May import: ``displback.protocol``, ``displback.mapping``, ``displback.display``,
 ``displback.xenstore``, ``displback.systemd``, ``displback.kms``, ``displback.xen``,
-``displback.wayland``, ``displback.backend``, ``displback.sim``.
+``displback.wayland``, ``displback.evdev``, ``displback.backend``, ``displback.sim``.
 """

@@ -21,6 +21,7 @@ from displback.app.config import DEFAULT_CONFIG, ConfigError
 from displback.app.run import RunConfig, add_run_parser, effective_config
 from displback.backend.quotas import DOM0_GRANT_KEY, LIMIT_NAMES, LimitOverrides
 from displback.display.virtual import OutputConfig
+from displback.evdev.source import InputAssignment
 
 __all__ = ["add_check_config_parser", "check_config_command", "show_config"]
 
@@ -99,13 +100,33 @@ def show_config(config: RunConfig) -> str:
             "log_format", config.log_format, "journal when started by systemd, else console"
         ),
         _pair("status_socket", config.status_socket or ""),
+        _pair("input_queue", config.input_queue),
+        _pair("input_size", f"{config.input_size[0]}x{config.input_size[1]}"),
         "",
         "[assign]",
         *(_pair(k, v) for k, v in config.assign.items()),
         "",
         *_limits(config.limits),
+        *_inputs(config.input),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _inputs(inputs: list[InputAssignment]) -> list[str]:
+    out: list[str] = []
+    for entry in inputs:
+        out += ["", "[[input]]"]
+        if entry.device is not None:
+            out.append(_pair("device", entry.device))
+        else:
+            out.append(_pair("name", entry.name))
+        out += [
+            _pair("guest", entry.guest),
+            _pair("devid", entry.devid),
+            _pair("connector", entry.connector),
+            _pair("grab", entry.grab),
+        ]
+    return out
 
 
 def _limits(limits: LimitOverrides) -> list[str]:

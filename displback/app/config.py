@@ -4,8 +4,9 @@ Keys are the field names of :class:`~displback.app.run.RunConfig` (``display``, 
 ``connectors``, ``zero_copy``, ``wait_free_ms``, …) plus an ``[assign]`` table mapping a
 guest connector (``"<domid>/<devid>/<index>"`` or its ``unique-id``) to an output name, and a
 ``[limits]`` table of per-guest quotas (:class:`~displback.backend.quotas.LimitOverrides`)
-with ``[limits.guest.<domid or name>]`` tables for single guests. A command-line option
-given explicitly wins over the file.
+with ``[limits.guest.<domid or name>]`` tables for single guests, and ``[[input]]`` tables
+assigning Dom0 input devices to guests (:class:`~displback.evdev.source.InputAssignment`,
+docs/input.md). A command-line option given explicitly wins over the file.
 
 :func:`read_config` checks every key on its own — unknown keys (with the closest known one),
 types, ranges, choices — and collects *every* problem with its dotted key and its line
@@ -33,6 +34,9 @@ from displback.app.validators import (
     copy_workers,
     did_you_mean,
     domid,
+    input_assignment,
+    input_queue,
+    input_size,
     is_int,
     non_empty_string,
     positive,
@@ -49,6 +53,7 @@ from displback.backend.quotas import (
     limit_problem,
 )
 from displback.display.virtual import OutputConfig
+from displback.evdev.source import InputAssignment
 from displback.protocol.edid import check_resolution
 
 __all__ = [
@@ -198,6 +203,23 @@ def _limits(value: Any) -> Iterator[tuple[KeyPath, str]]:
     yield from _limit_table(value, guests=True)
 
 
+def _inputs(value: Any) -> Iterator[tuple[KeyPath, str]]:
+    if not isinstance(value, list):
+        yield (), f"must be [[input]] tables, not {value!r}"
+        return
+    devices: dict[str, int] = {}
+    for index, item in enumerate(value):
+        try:
+            input_assignment(item)
+        except ValueError as exc:
+            yield (index,), str(exc)
+            continue
+        device = item.get("device") or f"name {item.get('name')!r}"
+        if device in devices:
+            yield (index,), f"{device} is already assigned by input entry {devices[device] + 1}"
+        devices.setdefault(device, index)
+
+
 #: Every key of the file and its check.
 KEYS: Mapping[str, Check] = {
     "xenstore": _value(non_empty_string),
@@ -218,6 +240,9 @@ KEYS: Mapping[str, Check] = {
     "log_format": _value(choice(*LOG_FORMATS)),
     "limits": _limits,
     "status_socket": _value(socket_path),
+    "input": _inputs,
+    "input_queue": _value(input_queue),
+    "input_size": _value(input_size),
 }
 
 
@@ -350,6 +375,18 @@ def _converted(key: str, value: Any) -> Any:
         )
     if key in ("snapshot_interval_s", "wayland_refresh_hz"):
         return float(value)
+    if key == "input":
+        return [
+            InputAssignment(
+                guest=item["guest"],
+                device=item.get("device"),
+                name=item.get("name"),
+                devid=item.get("devid", 0),
+                connector=item.get("connector", 0),
+                grab=item.get("grab", True),
+            )
+            for item in value
+        ]
     return value
 
 

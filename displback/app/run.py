@@ -58,6 +58,8 @@ from displback.app.tomllines import KeyPath
 from displback.app.validators import (
     copy_workers,
     domid,
+    input_queue,
+    input_size,
     option,
     positive,
     refresh_hz,
@@ -68,10 +70,13 @@ from displback.app.validators import (
 from displback.backend.buffers import ZeroCopyPolicy
 from displback.backend.daemon import Backend
 from displback.backend.device import BackendSettings
+from displback.backend.input import InputRouter
 from displback.backend.outputs import OutputMap
 from displback.backend.quotas import LimitOverrides
+from displback.display.input import InputSink
 from displback.display.interface import Display
 from displback.display.virtual import OutputConfig, VirtualDisplay
+from displback.evdev.source import EvdevSource, InputAssignment
 from displback.systemd.fdstore import FdStore, inherited_fds
 from displback.systemd.sdnotify import Notifier
 from displback.xen.interfaces import Platform
@@ -116,6 +121,9 @@ class RunConfig:
     # The status socket of `displback status`; None (a RunConfig made in code): none. The
     # command line's default is DEFAULT_SOCKET; "" there means none too.
     status_socket: str | None = None
+    input: list[InputAssignment] = field(default_factory=list)  # the file's [[input]]
+    input_queue: int = 256
+    input_size: tuple[int, int] = (1024, 768)
 
 
 def parse_output(text: str) -> OutputConfig:
@@ -225,6 +233,19 @@ def add_run_parser(
         default=None,
         help="worker threads copying frames in copy mode (default: the CPUs it may use)",
     )
+    run.add_argument(
+        "--input-queue",
+        type=option(input_queue, int),
+        default=256,
+        help="input events kept for a guest that does not read them (256; vkbd)",
+    )
+    run.add_argument(
+        "--input-size",
+        metavar="WxH",
+        type=option(input_size),
+        default=(1024, 768),
+        help="pointer space of a vkbd device whose guest has no display connector (1024x768)",
+    )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     run.add_argument(
         "--log-format",
@@ -270,6 +291,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         log_level=args.log_level,
         log_format=args.log_format,
         status_socket=args.status_socket or None,
+        input_queue=args.input_queue,
+        input_size=args.input_size,
     )
 
 
@@ -366,6 +389,7 @@ def effective_config(args: argparse.Namespace) -> RunConfig:
     merged = apply_config(args.run_parser, args, file.settings)
     config = config_from_args(merged)
     config.limits = file.settings.get("limits", LimitOverrides())
+    config.input = file.settings.get("input", [])
     defaults = {a.dest: a.default for a in args.run_parser._actions}
     wrong = {p.key[0] for p in file.problems if p.key}
     found = list(file.problems)
@@ -401,7 +425,9 @@ def wayland_socket_of(config: RunConfig) -> str:
     return config.wayland_display or os.environ.get("WAYLAND_DISPLAY") or "wayland-0"
 
 
-def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContextManager[Any]:
+def _open_display(
+    config: RunConfig, platform: Platform, inputs: InputRouter | None = None
+) -> AbstractAsyncContextManager[Any]:
     if config.display == "wayland":
         from displback.wayland.display import WaylandDisplay
 
@@ -409,6 +435,7 @@ def _open_display(config: RunConfig, platform: Platform) -> AbstractAsyncContext
             wayland_socket_of(config),
             refresh_hz=config.wayland_refresh_hz,
             fullscreen=config.assign,
+            input_ports=inputs,  # the windows' seat types into the guests' vkbd devices
         )
     if config.display == "kms":
         from displback.kms.display import KmsDisplay
@@ -456,11 +483,14 @@ async def serve(
             wait_free_ms=config.wait_free_ms,
             copy_workers=config.copy_workers,
             limit_overrides=config.limits,
+            input_queue=config.input_queue,
+            input_size=config.input_size,
         )
         notifier = Notifier()
         # be-alloc memory guests may still map, kept by systemd while we restarted.
         inherited = inherited_fds()
-        async with _open_display(config, platform) as display:
+        inputs = InputRouter()
+        async with _open_display(config, platform, inputs) as display:
             # The Wayland display makes a window per connector; the others have fixed outputs.
             outputs = (
                 display
@@ -474,11 +504,15 @@ async def serve(
                 log=log,
                 fdstore=FdStore(notifier),
                 inherited=inherited,
+                inputs=inputs,
             )
             model = StatusModel(backend, display.outputs)
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     await nursery.start(backend.run)
+                    for assignment in config.input:
+                        source = EvdevSource(assignment, input_port(backend, assignment), log=log)
+                        nursery.start_soon(source.run)
                     if config.status_socket:
                         await _start_status_socket(nursery, model, config.status_socket, log)
                     if config.snapshot_dir is not None:
@@ -499,6 +533,14 @@ async def serve(
     finally:
         if own:
             platform.close()
+
+
+def input_port(backend: Backend, assignment: InputAssignment) -> InputSink:
+    """The port of the guest connector an ``[[input]]`` entry feeds: by domid, or by the
+    domain's name (followed across reboots, which change the domid)."""
+    if isinstance(assignment.guest, int):
+        return backend.inputs.port(assignment.guest, assignment.devid, assignment.connector)
+    return backend.inputs.named_port(assignment.guest, assignment.devid, assignment.connector)
 
 
 async def _watchdog(notifier: Notifier, backend: Backend) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "DaemonReport",
     "DeviceReport",
     "GuestReport",
+    "InputReport",
     "OutputReport",
     "StatusModel",
     "render_table",
@@ -107,6 +108,23 @@ class DeviceReport:
 
 
 @dataclass(frozen=True, slots=True)
+class InputReport:
+    """One vkbd device of a guest (input into it; docs/input.md)."""
+
+    devid: int
+    state: str  # the handshake's phase
+    frontend_state: str | None
+    connects: int
+    violations: int
+    target: str  # the guest connector it serves, "<domid>/<devid>/<index>"
+    mode: str  # "abs+mt", "abs", "rel+mt", "rel"; "" while not connected
+    queued: int  # events queued for the guest (all connections)
+    published: int  # written to its page
+    waiting: int  # queued now, for a guest that has not read its page
+    dropped: int  # dropped: the queue was full, or the guest cannot take them
+
+
+@dataclass(frozen=True, slots=True)
 class GuestReport:
     """One guest domain: its account, what Dom0 keeps for it, its devices."""
 
@@ -119,6 +137,7 @@ class GuestReport:
     retained_buffers: int
     retained_pages: int
     devices: list[DeviceReport]
+    inputs: list[InputReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +189,27 @@ class StatusModel:
         by_domid: dict[int, list[DeviceStatus]] = {}
         for status in statuses:
             by_domid.setdefault(status.domid, []).append(status)
-        domids = sorted(set(by_domid) | set(backend.accounts) | set(backend.retained.domains()))
+        inputs: dict[int, list[InputReport]] = {}
+        for vkbd in backend.input_statuses():
+            sink = vkbd.sink
+            inputs.setdefault(vkbd.domid, []).append(
+                InputReport(
+                    devid=vkbd.devid,
+                    state=vkbd.state,
+                    frontend_state=vkbd.frontend_state,
+                    connects=vkbd.connects,
+                    violations=vkbd.violations,
+                    target=vkbd.target,
+                    mode=vkbd.mode,
+                    queued=vkbd.queued,
+                    published=vkbd.published,
+                    waiting=len(sink.queue) if sink is not None else 0,
+                    dropped=vkbd.dropped,
+                )
+            )
+        domids = sorted(
+            set(by_domid) | set(inputs) | set(backend.accounts) | set(backend.retained.domains())
+        )
         deferred = backend.deferred
         live: set[tuple[int, int, int, int]] = set()
         guests = []
@@ -199,6 +238,7 @@ class StatusModel:
                     retained_buffers=len(backend.retained.entries(domid)),
                     retained_pages=backend.retained.pages(domid),
                     devices=devices,
+                    inputs=inputs.get(domid, []),
                 )
             )
         # Samples of connectors that are gone are dropped with them.
@@ -416,6 +456,14 @@ def _guest_lines(doc: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"  request rate: {guest['requests_per_second']:g}/s, "
                 f"burst {guest['request_burst']}"
+            )
+        for vkbd in guest.get("inputs", []):
+            lines.append(
+                f"  vkbd {vkbd['devid']} → {vkbd['target']}: {vkbd['state']}"
+                + (f" {vkbd['mode']}" if vkbd["mode"] else "")
+                + f", events {vkbd['published']} written, {vkbd['waiting']} waiting, "
+                f"{vkbd['dropped']} dropped; connects {vkbd['connects']}, protocol "
+                f"violations {vkbd['violations']}"
             )
         lines.append(
             f"  deferred releases {guest['deferred_releases']}; be-alloc memory kept: "

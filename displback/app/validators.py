@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from displback.protocol.constants import LINUX_RESPONSE_TIMEOUT_MS
+from displback.protocol.edid import EdidError, check_resolution
 
 __all__ = [
     "MAX_COPY_WORKERS",
@@ -27,6 +28,9 @@ __all__ = [
     "copy_workers",
     "did_you_mean",
     "domid",
+    "input_assignment",
+    "input_queue",
+    "input_size",
     "int_range",
     "is_int",
     "non_empty_string",
@@ -135,6 +139,63 @@ wait_free_ms = int_range(
     LINUX_RESPONSE_TIMEOUT_MS - 1,
     f" (below the guest's {LINUX_RESPONSE_TIMEOUT_MS} ms request timeout)",
 )
+
+
+#: Input events waiting for a guest that does not read its page (backend/vkbd.py): at
+#: least the page's 51 slots' worth, at most what a second of a fast mouse gives.
+input_queue = int_range(64, 4096)
+
+
+def input_size(value: Any) -> tuple[int, int]:
+    """``"WxH"``: the pointer's space for a vkbd with no connector (a connector's size)."""
+    if isinstance(value, tuple):
+        return value  # already read (a default)
+    if not isinstance(value, str):
+        raise ValueError(f'must be "WIDTHxHEIGHT", not {value!r}')
+    width, sep, height = value.partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f'must be "WIDTHxHEIGHT", not {value!r}')
+    try:
+        check_resolution(int(width), int(height))
+    except EdidError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return int(width), int(height)
+
+
+#: The keys of one ``[[input]]`` table and what each must be.
+INPUT_KEYS = ("device", "name", "guest", "devid", "connector", "grab")
+
+
+def input_assignment(value: Any) -> dict[str, Any]:
+    """One ``[[input]]`` table: a Dom0 input device (``device`` path under ``/dev/input``,
+    or its evdev ``name``) for a guest (``guest``: domain name or id) and its connector
+    (``devid``, ``connector``; default 0 and 0), grabbed unless ``grab = false``."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table (an [[input]] entry), not {value!r}")
+    unknown = [k for k in value if k not in INPUT_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], INPUT_KEYS)}")
+    has_device, has_name = "device" in value, "name" in value
+    if has_device == has_name:
+        raise ValueError('needs either device = "/dev/input/…" or name = "<evdev name>"')
+    if has_device:
+        device = value["device"]
+        if not isinstance(device, str) or not device.startswith("/dev/input/"):
+            raise ValueError(f"device must be a path under /dev/input/, not {device!r}")
+    elif not isinstance(value["name"], str) or not value["name"]:
+        raise ValueError(f"name must be a device's evdev name, not {value['name']!r}")
+    guest = value.get("guest")
+    if isinstance(guest, int) and not isinstance(guest, bool):
+        if not 1 <= guest <= MAX_DOMID:
+            raise ValueError(f"guest domain id must be from 1 to {MAX_DOMID}, not {guest}")
+    elif not isinstance(guest, str) or not guest:
+        raise ValueError(f"guest must be a domain name or id, not {guest!r}")
+    for key in ("devid", "connector"):
+        if key in value and (not is_int(value[key]) or not 0 <= value[key] <= 0xFFFF):
+            raise ValueError(f"{key} must be an integer from 0 to 65535, not {value[key]!r}")
+    if "grab" in value and not isinstance(value["grab"], bool):
+        raise ValueError(f"grab must be true or false, not {value['grab']!r}")
+    return value
 
 
 def option(check: Callable[[Any], T], read: Callable[[str], Any] = str) -> Callable[[str], T]:

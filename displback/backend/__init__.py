@@ -6,5 +6,5 @@ See docs/backend.md.
 
 May import: ``displback.protocol``, ``displback.mapping``, ``displback.display``,
 ``displback.xenstore``, ``displback.systemd``, ``displback.kms``, ``displback.xen``,
-``displback.wayland``.
+``displback.wayland``, ``displback.evdev``.
 """

@@ -1,11 +1,14 @@
-"""The backend daemon: finds vdispl devices in XenStore and runs one GuestDevice for each.
+"""The backend daemon: finds vdispl and vkbd devices in XenStore and runs a task for each.
 
 :class:`Backend` watches ``/local/domain/<self>/backend/vdispl`` and, whenever it changes,
 lists the devices below it: every new ``<frontend domid>/<devid>`` gets a
 :class:`~displback.backend.device.GuestDevice` task in the daemon's nursery, which ends by
-itself once the device's directories are gone. Devices left by a previous life of the daemon
-are found the same way; their handshake starts by closing the stale connection (the guest
-then re-handshakes), so a restart with guests running needs nothing special here.
+itself once the device's directories are gone. ``/local/domain/<self>/backend/vinput`` is
+watched the same way for vkbd devices (:class:`~displback.backend.vkbd.VkbdDevice`), whose
+input comes through the daemon's :class:`~displback.backend.input.InputRouter` (``inputs``).
+Devices left by a previous life of the daemon are found the same way; their handshake starts
+by closing the stale connection (the guest then re-handshakes), so a restart with guests
+running needs nothing special here.
 
 The daemon owns what outlives a device: one account per guest domain
 (:mod:`displback.backend.quotas`) and the backend-allocated memory guests may still map
@@ -41,10 +44,12 @@ import trio
 from displback.backend.copies import CopyWorkers
 from displback.backend.deferred import DeferredReleases
 from displback.backend.device import BackendSettings, DeviceStatus, GuestDevice
+from displback.backend.input import InputRouter
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import GrantBudget, Quota
 from displback.backend.retained import KeptMemory, RetainedMemory, parse_uuid
-from displback.protocol import layout
+from displback.backend.vkbd import VkbdDevice, VkbdStatus
+from displback.protocol import kbdif, layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.trust import TrustRule
 from displback.systemd.fdstore import FdStore
@@ -76,13 +81,18 @@ class Backend:
         log: Any = None,
         fdstore: FdStore | None = None,
         inherited: list[tuple[str, int]] | None = None,
+        inputs: InputRouter | None = None,
     ) -> None:
         self.platform = platform
         self.outputs = outputs
         self.settings = settings or BackendSettings()
         self.log = log if log is not None else structlog.get_logger("displback")
         self.devices: dict[_Key, GuestDevice] = {}
+        #: vkbd devices, and the router joining input sources to them.
+        self.input_devices: dict[_Key, VkbdDevice] = {}
+        self.inputs = inputs if inputs is not None else InputRouter()
         self.root = layout.backend_root(platform.domid)
+        self.input_root = kbdif.backend_root(platform.domid)
         self._ignored: set[str] = set()
         self._stopping = False
         self.deferred: DeferredReleases | None = None
@@ -108,6 +118,11 @@ class Backend:
         keys = sorted(self.devices, key=lambda k: (k.domid, k.devid))
         return [self.devices[k].status for k in keys]
 
+    def input_statuses(self) -> list[VkbdStatus]:
+        """A snapshot of every vkbd device's status, in (domid, devid) order."""
+        keys = sorted(self.input_devices, key=lambda k: (k.domid, k.devid))
+        return [self.input_devices[k].refresh_status() for k in keys]
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started()`` once the root is watched."""
         async with open_xenstore(self.platform.xenstore_path) as xs:
@@ -119,6 +134,7 @@ class Backend:
                     # Adopted memory is matched to its domains before any device is served.
                     await self.reap_domains(xs)
                     await nursery.start(self._watch_domains, xs)
+                    await nursery.start(self._watch_inputs, xs, nursery)
                     async with xs.watch(self.root) as events:
                         self.log.info("watching", path=self.root)
                         task_status.started()
@@ -135,14 +151,17 @@ class Backend:
         device is taken on. Returns ``False`` if devices were left after ``timeout`` (their
         tasks are cancelled with the daemon's; the connections still release everything)."""
         self._stopping = True
-        for device in list(self.devices.values()):
+        for device in self.devices.values():
             device.shutdown()
+        for input_device in self.input_devices.values():
+            input_device.shutdown()
         with trio.move_on_after(timeout):
-            while self.devices:
+            while self.devices or self.input_devices:
                 await trio.sleep(0.01)
-        if self.devices:
-            self.log.warning("devices not closed in time", devices=len(self.devices))
-        return not self.devices
+        left = len(self.devices) + len(self.input_devices)
+        if left:
+            self.log.warning("devices not closed in time", devices=left)
+        return not left
 
     async def _list(self, xs: XenStoreClient, path: str) -> list[str]:
         try:
@@ -165,38 +184,96 @@ class Backend:
         except XenStoreConnectionError as exc:
             self.log.warning("xenstore connection lost while looking for devices", error=str(exc))
 
+    async def _keys(self, xs: XenStoreClient, root: str) -> list[_Key]:
+        """The ``<frontend domid>/<devid>`` directories below ``root``."""
+        keys = []
+        for dom_name in await self._list(xs, root):
+            domid = self._number(dom_name, f"{root}/{dom_name}", layout.parse_domid)
+            if domid is None:
+                continue
+            for dev_name in await self._list(xs, f"{root}/{dom_name}"):
+                devid = self._number(dev_name, f"{root}/{dom_name}/{dev_name}", layout.parse_u32)
+                if devid is not None:
+                    keys.append(_Key(domid, devid))
+        return keys
+
     async def _scan_once(
         self, xs: XenStoreClient, nursery: trio.Nursery, deferred: DeferredReleases
     ) -> None:
-        for dom_name in await self._list(xs, self.root):
-            domid = self._number(dom_name, f"{self.root}/{dom_name}", layout.parse_domid)
-            if domid is None:
+        for key in await self._keys(xs, self.root):
+            if key in self.devices or self._stopping:
                 continue
-            for dev_name in await self._list(xs, f"{self.root}/{dom_name}"):
-                path = f"{self.root}/{dom_name}/{dev_name}"
-                devid = self._number(dev_name, path, layout.parse_u32)
-                if devid is None:
-                    continue
-                key = _Key(domid, devid)
-                if key in self.devices or self._stopping:
-                    continue
-                account = await self._configured_account(xs, domid)
-                if key not in self.devices and not self._stopping:  # a scan may have meanwhile
-                    device = GuestDevice(
-                        xs=xs,
-                        platform=self.platform,
-                        domid=domid,
-                        devid=devid,
-                        outputs=self.outputs,
-                        settings=self.settings,
-                        deferred=deferred,
-                        account=account,
-                        retained=self.retained,
-                        copies=self.copies,
-                        log=self.log,
+            account = await self._configured_account(xs, key.domid)
+            if key not in self.devices and not self._stopping:  # a scan may have meanwhile
+                device = GuestDevice(
+                    xs=xs,
+                    platform=self.platform,
+                    domid=key.domid,
+                    devid=key.devid,
+                    outputs=self.outputs,
+                    settings=self.settings,
+                    deferred=deferred,
+                    account=account,
+                    retained=self.retained,
+                    copies=self.copies,
+                    log=self.log,
+                )
+                self.devices[key] = device
+                nursery.start_soon(self._run_device, key, device, xs, nursery, deferred)
+
+    async def _watch_inputs(
+        self,
+        xs: XenStoreClient,
+        nursery: trio.Nursery,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve every vkbd device below ``input_root``, as :meth:`run` serves vdispl's."""
+        async with xs.watch(self.input_root) as events:
+            task_status.started()
+            async for _ in events:
+                try:
+                    await self._scan_inputs(xs, nursery)
+                except XenStoreConnectionError as exc:
+                    self.log.warning(
+                        "xenstore connection lost while looking for devices", error=str(exc)
                     )
-                    self.devices[key] = device
-                    nursery.start_soon(self._run_device, key, device, xs, nursery, deferred)
+
+    async def _scan_inputs(self, xs: XenStoreClient, nursery: trio.Nursery) -> None:
+        for key in await self._keys(xs, self.input_root):
+            if key in self.input_devices or self._stopping:
+                continue
+            account = await self._configured_account(xs, key.domid)
+            if key not in self.input_devices and not self._stopping:
+                device = VkbdDevice(
+                    xs=xs,
+                    platform=self.platform,
+                    domid=key.domid,
+                    devid=key.devid,
+                    router=self.inputs,
+                    account=account,
+                    queue_limit=self.settings.input_queue,
+                    default_size=self.settings.input_size,
+                    teardown_timeout_s=self.settings.teardown_timeout_s,
+                    log=self.log,
+                )
+                self.input_devices[key] = device
+                nursery.start_soon(self._run_input_device, key, device, xs, nursery)
+
+    async def _run_input_device(
+        self, key: _Key, device: VkbdDevice, xs: XenStoreClient, nursery: trio.Nursery
+    ) -> None:
+        try:
+            await device.run()
+        except Exception:
+            self.log.exception("device failed", domid=key.domid, devid=key.devid, kind="vkbd")
+            return
+        finally:
+            if self.input_devices.get(key) is device:
+                del self.input_devices[key]
+            self._forget_account(key.domid)
+        if not nursery.cancel_scope.cancel_called:
+            await self._scan_inputs(xs, nursery)
 
     def account(self, domid: int) -> Quota:
         """Guest domain ``domid``'s account, made on first use."""
@@ -321,7 +398,7 @@ class Backend:
         account = self.accounts.get(domid)
         if account is None or not account.idle:
             return
-        if all(key.domid != domid for key in self.devices):
+        if all(key.domid != domid for key in [*self.devices, *self.input_devices]):
             del self.accounts[domid]
             self._named.discard(domid)
 

@@ -11,7 +11,9 @@ know, the guest connector ``(domid, devid, index)`` (:class:`InputTarget`):
   lives; ``run`` hands the router to the display as its
   :class:`~displback.display.input.InputPorts`;
 * a **vkbd device** (:mod:`displback.backend.vkbd`) binds its sink to the connector it serves
-  (:meth:`InputRouter.bind`) while it is connected, and unbinds when it disconnects.
+  (:meth:`InputRouter.bind`) while it is connected, and unbinds when it disconnects;
+* a source configured by guest *name* (domids change at every boot) asks
+  :meth:`InputRouter.named_port`, which follows the domain that bound with that name.
 
 A port forwards each event to every sink bound to its target at that moment (normally one:
 a guest has one vkbd per connector) and counts events that found none (``dropped``). The
@@ -28,7 +30,7 @@ from typing import NamedTuple
 
 from displback.display.input import InputSink
 
-__all__ = ["InputPort", "InputRouter", "InputTarget"]
+__all__ = ["InputPort", "InputRouter", "InputTarget", "NamedPort"]
 
 
 class InputTarget(NamedTuple):
@@ -53,8 +55,11 @@ class InputPort:
         self.delivered = 0
         self.dropped = 0
 
+    def _bound(self) -> tuple[InputSink, ...]:
+        return self._router.sinks(self.target)
+
     def _sinks(self) -> tuple[InputSink, ...]:
-        sinks = self._router.sinks(self.target)
+        sinks = self._bound()
         if sinks:
             self.delivered += 1
         else:
@@ -63,7 +68,7 @@ class InputPort:
 
     @property
     def space(self) -> tuple[int, int] | None:
-        for sink in self._router.sinks(self.target):
+        for sink in self._bound():
             return sink.space
         return None
 
@@ -96,12 +101,31 @@ class InputPort:
             sink.touch_up(contact)
 
     def frame(self) -> None:
-        for sink in self._router.sinks(self.target):  # not an event of its own: not counted
+        for sink in self._bound():  # not an event of its own: not counted
             sink.frame()
 
     def release_all(self) -> None:
-        for sink in self._router.sinks(self.target):
+        for sink in self._bound():
             sink.release_all()
+
+
+class NamedPort(InputPort):
+    """A port for connector ``devid``/``index`` of the domain *named* ``name``: domids change
+    at every guest boot, names do not. The name is resolved at each event, through the
+    names the vkbd devices bound with (the toolstack's ``/local/domain/<domid>/name``)."""
+
+    def __init__(self, router: InputRouter, name: str, devid: int, index: int) -> None:
+        super().__init__(router, InputTarget(-1, devid, index))
+        self.name = name
+
+    def _bound(self) -> tuple[InputSink, ...]:
+        domid = self._router.domid_of(self.name)
+        if domid is None:
+            return ()
+        return self._router.sinks(self.target._replace(domid=domid))
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.target.devid}/{self.target.connector}"
 
 
 class InputRouter:
@@ -109,7 +133,9 @@ class InputRouter:
 
     def __init__(self) -> None:
         self._ports: dict[InputTarget, InputPort] = {}
+        self._named: dict[tuple[str, int, int], NamedPort] = {}
         self._bound: dict[InputTarget, list[InputSink]] = {}
+        self._names: dict[str, list[int]] = {}  # domain name -> domids bound with it
 
     def port(self, domid: int, devid: int, index: int) -> InputPort:
         target = InputTarget(domid, devid, index)
@@ -118,18 +144,36 @@ class InputRouter:
             port = self._ports[target] = InputPort(self, target)
         return port
 
+    def named_port(self, name: str, devid: int = 0, index: int = 0) -> NamedPort:
+        """The port of a connector of the domain named ``name`` (see :class:`NamedPort`)."""
+        key = (name, devid, index)
+        port = self._named.get(key)
+        if port is None:
+            port = self._named[key] = NamedPort(self, name, devid, index)
+        return port
+
     def ports(self) -> list[InputPort]:
         """Every port a source asked for (for status)."""
-        return list(self._ports.values())
+        return [*self._ports.values(), *self._named.values()]
+
+    def domid_of(self, name: str) -> int | None:
+        """The domain bound with ``name`` most recently, if any is bound now."""
+        domids = self._names.get(name)
+        return domids[-1] if domids else None
 
     def sinks(self, target: InputTarget) -> tuple[InputSink, ...]:
         """The sinks bound to ``target`` now, in binding order."""
         return tuple(self._bound.get(target, ()))
 
-    def bind(self, target: InputTarget, sink: InputSink) -> Callable[[], None]:
-        """Route ``target``'s input to ``sink`` too; returns the function that unbinds it
-        (idempotent)."""
+    def bind(
+        self, target: InputTarget, sink: InputSink, *, name: str | None = None
+    ) -> Callable[[], None]:
+        """Route ``target``'s input to ``sink`` too, and ``name``'s (the domain's name, which
+        the caller trusts) to ``target.domid`` while bound; returns the function that unbinds
+        both (idempotent)."""
         self._bound.setdefault(target, []).append(sink)
+        if name is not None:
+            self._names.setdefault(name, []).append(target.domid)
 
         def unbind() -> None:
             sinks = self._bound.get(target)
@@ -138,13 +182,20 @@ class InputRouter:
             sinks.remove(sink)
             if not sinks:
                 del self._bound[target]
+            if name is not None:
+                domids = self._names[name]
+                domids.remove(target.domid)
+                if not domids:
+                    del self._names[name]
 
         return unbind
 
     @contextmanager
-    def bound(self, target: InputTarget, sink: InputSink) -> Iterator[None]:
+    def bound(
+        self, target: InputTarget, sink: InputSink, *, name: str | None = None
+    ) -> Iterator[None]:
         """:meth:`bind` for the duration of a ``with`` block."""
-        unbind = self.bind(target, sink)
+        unbind = self.bind(target, sink, name=name)
         try:
             yield
         finally:

@@ -84,6 +84,14 @@ and it ignores Closing and Initialised from us entirely — we never write those
 
 ``state`` is ours: if an observation shows a value we did not write (other than libxl's 5),
 our last written state is re-asserted.
+
+One variant, ``frontend_connects_first`` (vkbd: Linux's ``xen-kbdfront``): that frontend
+publishes its page and goes Initialised at probe, and goes Connected as soon as it sees our
+InitWait — without waiting for our Connected, and again (with the *same* page and channel,
+which it never frees while the device lives) when we offer InitWait after a reset. So in
+``INIT_WAIT`` a frontend in Connected (4) is connected to like one in Initialised (3); every
+other row is the same. vdispl's frontend never shows 4 before our Connected: there it means
+rings from an earlier life, never attached to.
 """
 
 from __future__ import annotations
@@ -480,6 +488,8 @@ class Handshake:
     """The handshake state machine of one device; see the module docstring."""
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: The frontend goes Connected before we do (vkbd); see the module docstring.
+    frontend_connects_first: bool = False
     phase: Phase = field(default=Phase.NEW, init=False)
     #: The backend state we last wrote (None before our first write).
     written: XenbusState | None = field(default=None, init=False)
@@ -553,8 +563,17 @@ class Handshake:
             return _T.REMOVE
         return _FE_CLASS[facts.frontend]
 
+    def _rule(self, trigger: _Trigger) -> _Go | _Rule:
+        if (
+            self.frontend_connects_first
+            and self.phase is _P.INIT_WAIT
+            and trigger is _T.FE_CONNECTED
+        ):
+            return _TABLE[(_P.INIT_WAIT, _T.FE_PUBLISHED)]
+        return _TABLE[(self.phase, trigger)]
+
     def _fire(self, trigger: _Trigger, reason: str, actions: list[Action]) -> None:
-        rule = _TABLE[(self.phase, trigger)]
+        rule = self._rule(trigger)
         if rule is MISUSE:
             raise HandshakeUsageError(f"{trigger.value} in phase {self.phase.value}")
         self._apply(rule, reason, actions)
@@ -566,7 +585,7 @@ class Handshake:
             if trigger is None:
                 return
             before = self.phase
-            self._apply(_TABLE[(before, trigger)], _TEARDOWN_REASONS.get(trigger, ""), actions)
+            self._apply(self._rule(trigger), _TEARDOWN_REASONS.get(trigger, ""), actions)
             if self.phase is before:
                 return
         raise AssertionError("handshake table does not settle")  # pragma: no cover

@@ -60,7 +60,12 @@ from displback.protocol.layout import parse_u32
 from displback.protocol.ring import INDEX_MASK, Fence, Page, SharedPage, default_rw_fence
 
 __all__ = [
+    "BACKEND_CONFIG_NODES",
     "BACKEND_KINDS",
+    "DEFAULT_NUM_CONTACTS",
+    "FRONTEND_TRANSPORT_NODES",
+    "KEY_CODES",
+    "MAX_NUM_CONTACTS",
     "EVENT_SIZE",
     "FEATURE_ABS_POINTER",
     "FEATURE_DISABLE_KEYBOARD",
@@ -102,7 +107,10 @@ __all__ = [
     "MtUp",
     "Motion",
     "Position",
+    "backend_dir",
     "backend_feature_writes",
+    "backend_root",
+    "frontend_dir",
     "in_slot_offset",
     "parse_backend_config",
     "parse_event",
@@ -159,6 +167,10 @@ REQUEST_MULTI_TOUCH: Final = "request-multi-touch"
 PAGE_GREF: Final = "page-gref"
 PAGE_REF: Final = "page-ref"  # obsolete: a frame number, not a grant
 EVENT_CHANNEL: Final = "event-channel"
+
+#: Key codes a frontend may be sent: Linux tests ``keycode`` against bitmaps of ``KEY_CNT``
+#: (0x300) bits without a bound check, so a larger code reads past them in the guest's kernel.
+KEY_CODES: Final = range(1, 0x300)
 
 #: Contact slots offered when the toolstack did not say (a kbdif u8 id; Linux's default is 1).
 DEFAULT_NUM_CONTACTS: Final = 10
@@ -444,7 +456,25 @@ class InEventConsumer(SharedPage):
         return events
 
 
-# --- XenStore nodes -------------------------------------------------------------------------
+# --- XenStore paths and nodes ---------------------------------------------------------------
+
+
+def backend_root(backend_domid: int, kind: str = BACKEND_KINDS[0]) -> str:
+    """``/local/domain/B/backend/vinput``: the directory the daemon watches for vkbd devices."""
+    return f"/local/domain/{backend_domid}/backend/{kind}"
+
+
+def backend_dir(
+    backend_domid: int, frontend_domid: int, devid: int, kind: str = BACKEND_KINDS[0]
+) -> str:
+    """``/local/domain/B/backend/vinput/F/D``."""
+    return f"{backend_root(backend_domid, kind)}/{frontend_domid}/{devid}"
+
+
+def frontend_dir(frontend_domid: int, devid: int) -> str:
+    """``/local/domain/F/device/vkbd/D``."""
+    return f"/local/domain/{frontend_domid}/device/{FRONTEND_KIND}/{devid}"
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,5 +6,5 @@ docs/simulation.md.
 
 May import: ``displback.protocol``, ``displback.mapping``, ``displback.display``,
 ``displback.xenstore``, ``displback.systemd``, ``displback.kms``, ``displback.xen``,
-``displback.wayland``, ``displback.backend``.
+``displback.wayland``, ``displback.evdev``, ``displback.backend``.
 """

@@ -1,5 +1,5 @@
 """A whole simulated machine: hypervisor, xenstored, toolstack, virtual display, the backend
-daemon, and guests that behave like Linux's xen-drm-front.
+daemon, and guests that behave like Linux's xen-drm-front (and xen-kbdfront).
 
 ``displback demo``, the benchmark and the backend tests all start the same machine, so what
 the demo shows is what the tests prove. The hypervisor is passed in (a thread or a child
@@ -21,6 +21,7 @@ from displback.backend.device import BackendSettings
 from displback.backend.outputs import OutputMap, OutputProvider
 from displback.display.virtual import OutputConfig, VirtualDisplay
 from displback.sim.guest import SimGuest
+from displback.sim.guest.kbdfront import SimKbdFront
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread
 from displback.sim.platform import SimPlatform
 from displback.sim.toolstack import Toolstack
@@ -48,6 +49,25 @@ class SimMachine:
             self.toolstack.create_domain(domid, f"guest{domid}")
             await self.xs.add_domain_socket(domid)
         await self.toolstack.add_vdispl(domid, spec, devid=devid)
+
+    async def add_vkb(self, domid: int, spec: str = "", *, devid: int | None = None) -> int:
+        """Create domain ``domid`` (if new) and a vkb device (xl.cfg ``vkb`` ``spec``,
+        ``backend-type=linux``), waiting for InitWait; returns its device id."""
+        if domid not in self.xs.domain_sockets:
+            self.toolstack.create_domain(domid, f"guest{domid}")
+            await self.xs.add_domain_socket(domid)
+        return await self.toolstack.add_vkb(domid, spec, devid=devid)
+
+    @asynccontextmanager
+    async def kbdfront(self, domid: int, **options: Any) -> AsyncIterator[SimKbdFront]:
+        """The guest's xen-kbdfront (probe on entry, unload on exit)."""
+        async with SimKbdFront.open(
+            hypervisor_path=self.hv.socket_path,
+            xenstore_path=self.xs.domain_sockets[domid],
+            domid=domid,
+            **options,
+        ) as front:
+            yield front
 
     @asynccontextmanager
     async def guest(self, domid: int, **options: Any) -> AsyncIterator[SimGuest]:

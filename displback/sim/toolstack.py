@@ -1,4 +1,4 @@
-"""A libxl-like toolstack for the simulation: guest domains and their vdispl devices in XenStore.
+"""A libxl-like toolstack for the simulation: guest domains and their vdispl and vkb devices.
 
 It writes what libxl (tools/libs/light, Xen 4.17) writes for ``vdispl`` — same nodes, same
 owners and permissions, same transactions, same timeouts — so the backend under test meets the
@@ -32,6 +32,9 @@ store through a domain-0 :class:`~displback.sim.xenstore_tree.Session`, waiting 
 * ``remove_vdispl`` (``xl vdispl-detach``, LIBXL__FORCE_AUTO): an unforced removal; on timeout
   a forced one (another 10 s); on a second timeout the directories are removed anyway and
   ``Unable to remove vdispl with id D`` is logged.
+* ``add_vkb`` / ``remove_vkb`` (``vkb = [...]``, ``xl vkb-detach``): libxl's vkb device the same
+  way — frontend ``device/vkbd/D``, backend ``backend/vinput/F/D`` (``backend-type=linux``;
+  ``backend/vkbd`` for qemu) with the xl.cfg numbers libxl__set_xenstore_vkb writes.
 * ``destroy_domain`` (``xl destroy``, also what ``xl shutdown`` and ``xl reboot`` end in once
   the guest is down: libxl__destroy_domid with LIBXL__FORCE_ON): every device removed forced,
   all at once, each waiting up to 10 s; then ``libxl__devices_destroy failed`` if any timed
@@ -48,7 +51,7 @@ import re
 import uuid as uuid_module
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import trio
 
@@ -62,10 +65,12 @@ __all__ = [
     "Toolstack",
     "VdisplConfig",
     "VdisplSpecError",
+    "VkbConfig",
     "backend_path",
     "frontend_path",
     "libxl_path",
     "parse_vdispl",
+    "parse_vkb",
 ]
 
 INIT_TIMEOUT = 10.0  # LIBXL_INIT_TIMEOUT
@@ -89,16 +94,16 @@ class ToolstackError(RuntimeError):
     """A toolstack operation failed (unknown domain, backend never reached InitWait, …)."""
 
 
-def frontend_path(domid: int, devid: int) -> str:
-    return f"{domain_path(domid)}/device/vdispl/{devid}"
+def frontend_path(domid: int, devid: int, kind: str = "vdispl") -> str:
+    return f"{domain_path(domid)}/device/{kind}/{devid}"
 
 
-def backend_path(backend_domid: int, domid: int, devid: int) -> str:
-    return f"{domain_path(backend_domid)}/backend/vdispl/{domid}/{devid}"
+def backend_path(backend_domid: int, domid: int, devid: int, kind: str = "vdispl") -> str:
+    return f"{domain_path(backend_domid)}/backend/{kind}/{domid}/{devid}"
 
 
-def libxl_path(domid: int, devid: int) -> str:
-    return f"/libxl/{domid}/device/vdispl/{devid}"
+def libxl_path(domid: int, devid: int, kind: str = "vdispl") -> str:
+    return f"/libxl/{domid}/device/{kind}/{devid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +174,61 @@ def _parse_connectors(text: str) -> tuple[VdisplConnector, ...]:
             raise VdisplSpecError(f"vdispl: connector id {unique_id!r} used twice")
         result.append(VdisplConnector(unique_id, width, height))
     return tuple(result)
+
+
+#: Where libxl puts a vkb's backend directory for each ``backend-type``.
+VKB_BACKEND_KINDS: Final = {"qemu": "vkbd", "linux": "vinput"}
+#: ``vkb`` keys xl passes to libxl as numbers, written to the backend directory as given.
+_VKB_NUMBERS: Final = (
+    "feature-disable-keyboard",
+    "feature-disable-pointer",
+    "feature-abs-pointer",
+    "feature-raw-pointer",
+    "feature-multi-touch",
+    "width",
+    "height",
+    "multi-touch-width",
+    "multi-touch-height",
+    "multi-touch-num-contacts",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VkbConfig:
+    """A parsed ``vkb`` entry: backend, ``backend-type`` and the numbers libxl writes."""
+
+    backend: str = "Domain-0"
+    backend_type: str = "linux"
+    unique_id: str | None = None
+    numbers: tuple[tuple[str, int], ...] = ()
+
+
+def parse_vkb(spec: str) -> VkbConfig:
+    """Parse an xl.cfg ``vkb`` entry: ``backend-type=linux,width=1024,height=768,...``.
+
+    ``backend-type`` defaults to linux here (libxl's default is qemu, which needs a device
+    model this simulation does not run)."""
+    backend, backend_type, unique_id = "Domain-0", "linux", None
+    numbers: dict[str, int] = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VdisplSpecError(f"vkb: expected key=value, got {item!r}")
+        if key == "backend":
+            backend = value
+        elif key == "backend-type":
+            if value not in VKB_BACKEND_KINDS:
+                raise VdisplSpecError(f"vkb: unknown backend-type {value!r}")
+            backend_type = value
+        elif key == "unique-id":
+            unique_id = value
+        elif key in _VKB_NUMBERS:
+            if not value.isdigit() or int(value) > 0xFFFFFFFF:
+                raise VdisplSpecError(f"vkb: {key} must be a u32, got {value!r}")
+            numbers[key] = int(value)
+        else:
+            raise VdisplSpecError(f"vkb: unknown key {key!r}")
+    return VkbConfig(backend, backend_type, unique_id, tuple(numbers.items()))
 
 
 class Toolstack:
@@ -333,18 +393,20 @@ class Toolstack:
         it and destroys the domain all the same)."""
         results: list[bool] = []
 
-        async def remove(devid: int) -> None:
-            results.append(await self._remove_device(domid, devid, force=True))
+        async def remove(devid: int, kind: str) -> None:
+            results.append(await self._remove_device(domid, devid, force=True, kind=kind))
 
         async with trio.open_nursery() as nursery:
-            for devid in self.vdispl_devices(domid):
-                nursery.start_soon(remove, devid)
+            for kind in ("vdispl", "vkbd"):
+                for devid in self.devices(domid, kind):
+                    nursery.start_soon(remove, devid, kind)
         if not all(results):
             self._error(f"Domain {domid}:libxl__devices_destroy failed")
 
         def body(tx: int) -> None:
             for entry in self._list("/local/domain", tx):
-                self._rm(f"/local/domain/{entry}/backend/vdispl/{domid}", tx)
+                for backend_kind in ("vdispl", *VKB_BACKEND_KINDS.values()):
+                    self._rm(f"/local/domain/{entry}/backend/{backend_kind}/{domid}", tx)
             vm = self._read(f"{domain_path(domid)}/vm", tx)
             if vm is not None and vm.startswith(b"/vm/"):  # devices_destroy_cb
                 self._rm(vm.decode(), tx)
@@ -359,7 +421,11 @@ class Toolstack:
 
     def vdispl_devices(self, domid: int) -> list[int]:
         """Device ids libxl knows for the guest (``/libxl/F/device/vdispl``)."""
-        return sorted(int(d) for d in self._list(f"/libxl/{domid}/device/vdispl") if d.isdigit())
+        return self.devices(domid, "vdispl")
+
+    def devices(self, domid: int, kind: str) -> list[int]:
+        """Device ids of ``kind`` (``vdispl``, ``vkbd``) libxl knows for the guest."""
+        return sorted(int(d) for d in self._list(f"/libxl/{domid}/device/{kind}") if d.isdigit())
 
     async def add_vdispl(
         self,
@@ -428,6 +494,80 @@ class Toolstack:
             ) from None
         return devid
 
+    async def add_vkb(
+        self,
+        domid: int,
+        spec: str | VkbConfig = "",
+        *,
+        devid: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Create vkb device ``devid`` (default: the next free one) for guest ``domid`` as
+        libxl__device_generic_add does for ``vkb`` (frontend ``device/vkbd/D``; backend
+        ``backend/vinput/F/D`` for ``backend-type=linux``, with libxl__set_xenstore_vkb's
+        nodes: only the numbers given, non-zero ones) and wait for the backend's InitWait.
+        Returns the device id."""
+        config = parse_vkb(spec) if isinstance(spec, str) else spec
+        backend_domid = self.domid_of(config.backend)
+        if self._read(domain_path(domid)) is None:
+            raise ToolstackError(f"no guest domain {domid}")
+        if devid is None:
+            devid = max(self.devices(domid, "vkbd"), default=-1) + 1
+        fe = frontend_path(domid, devid, "vkbd")
+        be = backend_path(backend_domid, domid, devid, VKB_BACKEND_KINDS[config.backend_type])
+        lx = libxl_path(domid, devid, "vkbd")
+        frontend_perms = (Perm(domid, "n"), Perm(backend_domid, "r"))
+        backend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
+        bents = {"frontend-id": str(domid), "online": "1", "state": "1"}
+        if config.unique_id is not None:
+            bents["unique-id"] = config.unique_id
+        for key, value in config.numbers:
+            if value:  # libxl writes a feature or size only when it is set
+                bents[key] = str(value)
+        fents = {"backend-id": str(backend_domid), "state": "1"}
+
+        def body(tx: int) -> None:
+            xs = self._xs
+            self._rm(lx, tx)
+            xs.write(f"{lx}/frontend", fe.encode(), tx)
+            xs.write(f"{lx}/backend", be.encode(), tx)
+            self._rm(fe, tx)
+            xs.mkdir(fe, tx)
+            xs.set_perms(fe, frontend_perms, tx)
+            xs.write(f"{fe}/backend", be.encode(), tx)
+            for key, value in fents.items():
+                self._write_with_perms(tx, f"{fe}/{key}", value, frontend_perms)
+            self._rm(be, tx)
+            xs.mkdir(be, tx)
+            xs.set_perms(be, backend_perms, tx)
+            xs.write(f"{be}/frontend", fe.encode(), tx)
+            for key, value in bents.items():
+                xs.write(f"{be}/{key}", value.encode(), tx)
+            for key in ("frontend-id", "online", "state"):
+                xs.write(f"{lx}/{key}", bents[key].encode(), tx)
+
+        self._transact(body)
+        limit = self.init_timeout if timeout is None else timeout
+        try:
+            await self.xenstored.wait_for(f"{be}/state", _reached_init_wait, timeout=limit)
+        except trio.TooSlowError:
+            state = self._read(f"{be}/state")
+            raise ToolstackError(
+                f"vkb {devid} of domain {domid}: backend state {state!r} did not reach "
+                f"InitWait (2) within {limit} s"
+            ) from None
+        return devid
+
+    async def remove_vkb(self, domid: int, devid: int, *, timeout: float | None = None) -> bool:
+        """``xl vkb-detach``: as :meth:`remove_vdispl`, for a vkb device."""
+        if self._read(f"{libxl_path(domid, devid, 'vkbd')}/backend") is None:
+            raise ToolstackError(f"domain {domid} has no vkb device {devid}")
+        for force in (False, True):
+            if await self._remove_device(domid, devid, force=force, timeout=timeout, kind="vkbd"):
+                return True
+        self._error(f"Domain {domid}:Unable to remove vkb with id {devid}")
+        return False
+
     async def remove_vdispl(self, domid: int, devid: int, *, timeout: float | None = None) -> bool:
         """Detach vdispl ``devid``: ``online``=0 and ``state``=5 in one transaction, wait for
         state 6, then delete the directories. Returns ``False`` if the backend did not close
@@ -446,11 +586,17 @@ class Toolstack:
         self.errors.append(f"libxl: error: {message}")
 
     async def _remove_device(
-        self, domid: int, devid: int, *, force: bool, timeout: float | None = None
+        self,
+        domid: int,
+        devid: int,
+        *,
+        force: bool,
+        timeout: float | None = None,
+        kind: str = "vdispl",
     ) -> bool:
         """libxl__initiate_device_generic_remove, then libxl__device_destroy when the
         backend closed or the removal is forced. Whether the backend closed in time."""
-        lx = libxl_path(domid, devid)
+        lx = libxl_path(domid, devid, kind)
         backend = self._read(f"{lx}/backend")
         frontend = self._read(f"{lx}/frontend")
         if backend is None:
@@ -473,7 +619,7 @@ class Toolstack:
         except _AlreadyRemoved:
             # "backend ... already removed, cleanup frontend only" (the transaction, the
             # forced frontend cleanup with it, is abandoned; libxl__device_destroy follows).
-            self._destroy_device(domid, devid)
+            self._destroy_device(domid, devid, kind)
             return True
         limit = self.destroy_timeout if timeout is None else timeout
         closed = True
@@ -489,11 +635,11 @@ class Toolstack:
             # Unforced, libxl only notes "Timeout reached, initiating forced remove".
             self._error(f"Domain {domid}:unable to remove device with path {be}")
         if closed or force:
-            self._destroy_device(domid, devid)
+            self._destroy_device(domid, devid, kind)
         return closed
 
-    def _destroy_device(self, domid: int, devid: int) -> None:
-        lx = libxl_path(domid, devid)
+    def _destroy_device(self, domid: int, devid: int, kind: str = "vdispl") -> None:
+        lx = libxl_path(domid, devid, kind)
 
         def body(tx: int) -> None:
             fe = self._read(f"{lx}/frontend", tx)

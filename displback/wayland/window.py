@@ -323,7 +323,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
             deadline = max(now, self._last_due + self._period)
         pending = _PendingFlip(sfb, trio.Event(), deadline, on_landed=on_landed)
         self._pending = pending
-        if self._window is None and self._conn is not None:
+        if self._window is None and self._conn is not None and not self._conn.closed:
             self._make_window(self._conn)
         else:
             self._commit(sfb)
@@ -355,7 +355,7 @@ class WaylandOutput(OutputBase[ShmFramebuffer]):
     def attach(self, conn: WaylandConnection) -> None:
         """A connection is up: make the window if a frame is (to be) shown."""
         self._conn = conn
-        if self._scanout is not None or self._pending is not None:
+        if (self._scanout is not None or self._pending is not None) and not conn.closed:
             self._make_window(conn)
 
     def detach(self) -> None:

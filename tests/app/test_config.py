@@ -85,3 +85,48 @@ def test_an_output_resolution_no_guest_could_be_given_is_refused_at_start(
     assert "cannot be described to a guest" in capsys.readouterr().err
     with pytest.raises(StartupError, match="cannot be described to a guest"):
         check_config(RunConfig(display="kms", connectors=[f"HDMI-A-1={spec[2:]}"]))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[input]]\nguest = 'a'", "input[0]: needs either device"),
+        ("[[input]]\ndevice = '/dev/input/event1'\nname = 'x'\nguest = 1", "input[0]: needs"),
+        ("[[input]]\ndevice = '/tmp/event1'\nguest = 1", "must be a path under /dev/input/"),
+        ("[[input]]\ndevice = '/dev/input/event1'", "input[0]: guest must be a domain name"),
+        ("[[input]]\ndevice = '/dev/input/event1'\nguest = 0", "from 1 to 32751, not 0"),
+        ("[[input]]\ndevice = '/dev/input/event1'\nguest = 1\ngrap = false",
+         "unknown key 'grap' (did you mean 'grab'?)"),
+        ("[[input]]\ndevice = '/dev/input/event1'\nguest = 1\nconnector = -1",
+         "connector must be an integer from 0 to 65535"),
+        ("[[input]]\nname = 'kbd'\nguest = 1\n[[input]]\nname = 'kbd'\nguest = 2",
+         "input[1]: name 'kbd' is already assigned by input entry 1"),
+        ("input_queue = 10", "input_queue: must be an integer from 64 to 4096"),
+        ("input_size = '0x768'", "input_size: '0x768'"),
+        ("input_size = 1024", 'input_size: must be "WIDTHxHEIGHT"'),
+    ],
+)
+def test_input_mistakes_are_refused_naming_the_entry(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert message in str(exc.value)
+
+
+def test_input_entries_and_sizes_reach_the_run_configuration(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "display = 'virtual'\nvirtual_outputs = ['A=640x480']\ninput_queue = 100\n"
+        "input_size = '800x600'\n[[input]]\ndevice = '/dev/input/by-id/kbd'\nguest = 'web'\n"
+        "[[input]]\nname = 'Touch'\nguest = 4\nconnector = 1\ngrab = false\n",
+    )
+    args = build_parser().parse_args(["run", "--config", str(path), "--input-queue", "300"])
+    from displback.app.run import effective_config
+
+    config = effective_config(args)
+    assert config.input_queue == 300 and config.input_size == (800, 600)
+    web, touch = config.input
+    assert (web.device, web.guest, web.devid, web.connector, web.grab) == (
+        "/dev/input/by-id/kbd", "web", 0, 0, True)
+    assert (touch.name, touch.guest, touch.connector, touch.grab) == ("Touch", 4, 1, False)

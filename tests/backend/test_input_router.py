@@ -3,43 +3,7 @@
 from __future__ import annotations
 
 from displback.backend.input import InputRouter, InputTarget
-
-
-class Recorder:
-    def __init__(self, space: tuple[int, int] | None = (640, 480)) -> None:
-        self.events: list[tuple[object, ...]] = []
-        self._space = space
-
-    @property
-    def space(self) -> tuple[int, int] | None:
-        return self._space
-
-    def key(self, code: int, pressed: bool) -> None:
-        self.events.append(("key", code, pressed))
-
-    def button(self, code: int, pressed: bool) -> None:
-        self.events.append(("button", code, pressed))
-
-    def pointer_absolute(self, x: float, y: float) -> None:
-        self.events.append(("abs", x, y))
-
-    def pointer_relative(self, dx: int, dy: int, dz: int = 0) -> None:
-        self.events.append(("rel", dx, dy, dz))
-
-    def touch_down(self, contact: int, x: float, y: float) -> None:
-        self.events.append(("down", contact, x, y))
-
-    def touch_motion(self, contact: int, x: float, y: float) -> None:
-        self.events.append(("motion", contact, x, y))
-
-    def touch_up(self, contact: int) -> None:
-        self.events.append(("up", contact))
-
-    def frame(self) -> None:
-        self.events.append(("frame",))
-
-    def release_all(self) -> None:
-        self.events.append(("release_all",))
+from tests.recorder import Recorder
 
 
 def test_a_port_asked_before_the_guest_connects_delivers_once_it_binds() -> None:
@@ -79,3 +43,18 @@ def test_bindings_end_with_their_with_block_and_leave_nothing_behind() -> None:
         assert router.sinks(InputTarget(1, 2, 3)) == (sink,)
     assert router.sinks(InputTarget(1, 2, 3)) == ()
     assert router._bound == {}
+
+
+def test_a_port_by_guest_name_follows_the_domain_bound_with_that_name() -> None:
+    router = InputRouter()
+    port = router.named_port("web", 0, 0)
+    port.key(1, True)
+    assert port.dropped == 1
+    first, second = Recorder(), Recorder()
+    unbind = router.bind(InputTarget(5, 0, 0), first, name="web")
+    port.key(2, True)
+    unbind()  # the guest reboots: a new domid, the same name
+    router.bind(InputTarget(9, 0, 0), second, name="web")
+    port.key(3, True)
+    assert first.events == [("key", 2, True)] and second.events == [("key", 3, True)]
+    assert router.domid_of("web") == 9 and router.named_port("web") is port

@@ -806,3 +806,29 @@ def test_random_runs_pass_through_every_phase() -> None:
         ]
         _run_io(rng.choice(all_states), steps)
     assert phases_seen == set(Phase)
+
+
+# --- frontend_connects_first (vkbd: xen-kbdfront) ----------------------------------------------
+
+
+def test_kbdfront_connected_on_our_init_wait_is_connected_to_only_with_the_flag() -> None:
+    # xen-kbdfront goes 3 at probe and 4 as soon as it sees our InitWait; a watch may show
+    # only the 4.
+    kbd = Device(Handshake(frontend_connects_first=True))
+    assert kbd.fe(S.INITIALISING) == [W2]
+    assert kbd.fe(S.CONNECTED) == [Connect()]
+    assert kbd.feed(ConnectSucceeded()) == [W4]
+    # vdispl never attaches to a frontend that shows 4 before our Connected.
+    displ = Device()
+    assert displ.fe(S.INITIALISING) == [W2]
+    assert displ.fe(S.CONNECTED) == [W6]
+
+
+def test_kbdfront_keeping_its_page_across_a_reset_is_connected_to_again() -> None:
+    kbd = Device(Handshake(frontend_connects_first=True))
+    assert kbd.fe(S.INITIALISED) == [W2, Connect()]
+    assert kbd.feed(ConnectSucceeded()) == [W4]
+    only_teardown(kbd.fe(S.CLOSED))
+    assert kbd.feed(TeardownDone()) == [W6, W2]
+    # It answers our InitWait with Connected again, same page and port.
+    assert kbd.fe(S.CONNECTED) == [Connect()]

@@ -75,7 +75,9 @@ def vm_assets(tmp_path_factory: pytest.TempPathFactory) -> VMAssets:
         xen=xen_elf(kernel.CACHE_ROOT),
         bzimage=bzimage,
         dom0_initramfs=initramfs.build_dom0(work / "dom0.cpio"),
-        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest),
+        domu_initramfs=initramfs.build_domu(
+            work / "domU.cpio", drmtest, initramfs.compile_inputtest(work / "inputtest")
+        ),
     )
 
 
@@ -93,7 +95,7 @@ def arm64_assets(tmp_path_factory: pytest.TempPathFactory) -> VMAssets:
         xen=root / arm64_root.XEN_IMAGE,
         bzimage=image,
         dom0_initramfs=initramfs.build_dom0(work / "dom0.cpio", busybox),
-        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest, busybox),
+        domu_initramfs=initramfs.build_domu(work / "domU.cpio", drmtest, busybox=busybox),
         arch=ARM64,
         hostroot=root,
     )

@@ -232,9 +232,12 @@ echo "@@DOM0 READY@@"
         guest_type: str | None = None,
         vdispl: bool = True,
         warmup: int | None = None,
+        vkb: bool = False,
+        inputtest: int | None = None,
     ) -> Path:
         """``/mnt/<name>.cfg``; ``vdispl=False``: the same guest without a display (baselines);
-        ``warmup``: drmtest's benchmark mode (flips only, timed after ``warmup`` flips)."""
+        ``warmup``: drmtest's benchmark mode (flips only, timed after ``warmup`` flips);
+        ``vkb``: a vkbd device served by displback; ``inputtest``: run inputtest that long."""
         extra = (
             f"console=hvc0 rdinit=/init loglevel={GUEST_LOGLEVEL} {NO_VKMS} "
             f"drmtest.flips={flips} drmtest.hold={hold} "
@@ -242,6 +245,8 @@ echo "@@DOM0 READY@@"
         )
         if warmup is not None:
             extra += f" drmtest.warmup={warmup}"
+        if inputtest is not None:
+            extra += f" inputtest.seconds={inputtest}"
         arch = self.vm.arch
         text = f"""name = "{name}"
 type = "{guest_type or arch.guest_type}"
@@ -256,6 +261,8 @@ on_reboot = "restart"
         if vdispl:
             spec = f"backend=Domain-0,be-alloc={int(be_alloc)},connectors={connectors}"
             text += f"vdispl = [ '{spec}' ]\n"
+        if vkb:
+            text += "vkb = [ 'backend-type=linux' ]\n"
         path = self.share / f"{name}.cfg"
         path.write_text(text)
         return path

@@ -16,7 +16,8 @@ program is cross-compiled with ``aarch64-linux-gnu-gcc -static``.
   (``drmtest.flips=``, ``drmtest.hold=``, ``drmtest.connectors=0,1``, ``drmtest.then=``
   ``halt``/``reboot``/``stay``; ``drmtest.warmup=W``: benchmark mode, see drmtest.c), and
   has ``/sbin/poweroff`` and ``/sbin/reboot`` for the kernel to run on ``xl shutdown``/``xl
-  reboot``.
+  reboot``. With ``inputtest.seconds=N`` it first starts ``inputtest`` (``guest/inputtest.c``)
+  in the background: xen-kbdfront's devices and every event they report for N seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 GUEST_SOURCE = Path(__file__).with_name("guest") / "drmtest.c"
+INPUT_SOURCE = Path(__file__).with_name("guest") / "inputtest.c"
 DRM_HEADERS = Path("/usr/include/libdrm")
 
 
@@ -136,9 +138,10 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-flips=10; hold=600; conns=0; then=stay
+flips=10; hold=600; conns=0; then=stay; input=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        inputtest.seconds=*) input=${arg#*=} ;;
         drmtest.flips=*) flips=${arg#*=} ;;
         drmtest.hold=*) hold=${arg#*=} ;;
         drmtest.connectors=*) conns=$(echo ${arg#*=} | tr , ' ') ;;
@@ -147,6 +150,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "DOMU INIT flips=$flips hold=$hold connectors=$conns then=$then"
+[ -n "$input" ] && /bin/inputtest "$input" &
 /bin/drmtest xendrm-du $flips $hold $conns
 echo "DOMU DRMTEST rc=$?"
 case "$then" in
@@ -167,6 +171,20 @@ def _power_script(applet: str) -> str:
 echo "DOMU {applet.upper()}" > /dev/console
 exec /bin/busybox {applet} -f
 """
+
+
+def compile_inputtest(out: Path) -> Path:
+    """``gcc -static`` the guest's input test program (``guest/inputtest.c``) into ``out``."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("gcc missing: apt-get install build-essential")
+    subprocess.run(
+        [compiler, "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(INPUT_SOURCE)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out
 
 
 def compile_drmtest(out: Path, cc: str = "gcc") -> Path:
@@ -208,11 +226,15 @@ def build_dom0_systemd(path: Path) -> Path:
     return path
 
 
-def build_domu(path: Path, drmtest: Path, busybox: Path = BUSYBOX) -> Path:
-    """Write the DomU initramfs (with the compiled ``drmtest``) to ``path``."""
+def build_domu(
+    path: Path, drmtest: Path, inputtest: Path | None = None, busybox: Path = BUSYBOX
+) -> Path:
+    """Write the DomU initramfs (with the compiled ``drmtest``, and ``inputtest`` if given)
+    to ``path``."""
     entries = [
         *_base(DOMU_INIT, busybox),
         _file("bin/drmtest", drmtest.read_bytes()),
+        *([_file("bin/inputtest", inputtest.read_bytes())] if inputtest is not None else []),
         _file("sbin/poweroff", _power_script("poweroff").encode()),
         _file("sbin/reboot", _power_script("reboot").encode()),
     ]

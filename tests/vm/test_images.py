@@ -57,6 +57,9 @@ def test_committed_fragment_has_what_the_backend_needs() -> None:
         "XEN_DEV_EVTCHN",
         "XEN_DOM0",
         "9P_FS",
+        "INPUT_XEN_KBDDEV_FRONTEND",
+        "INPUT_UINPUT",
+        "INPUT_EVDEV",
     ):
         assert options[f"CONFIG_{name}"] == "y", name
 
@@ -88,6 +91,19 @@ def test_arm64_root_cache_key_covers_packages_and_requirements(
     monkeypatch.undo()
     monkeypatch.setattr(arm64_root, "REQUIREMENTS", ("trio>=0.30",))
     assert arm64_root.cache_key() != base
+
+
+def test_domu_image_runs_the_input_test_when_the_command_line_asks(tmp_path: Path) -> None:
+    drmtest, inputtest = tmp_path / "drmtest", tmp_path / "inputtest"
+    drmtest.write_bytes(b"\x7fELF")
+    inputtest.write_bytes(b"\x7fELF input")
+    archive = initramfs.build_domu(tmp_path / "domU.cpio", drmtest, inputtest).read_bytes()
+    subprocess.run(
+        ["cpio", "-id", "--quiet"], input=archive, cwd=tmp_path, check=True, capture_output=True
+    )
+    assert (tmp_path / "bin" / "inputtest").read_bytes() == b"\x7fELF input"
+    assert '/bin/inputtest "$input" &' in (tmp_path / "init").read_text()
+    assert initramfs.compile_inputtest(tmp_path / "built").stat().st_size > 0
 
 
 def test_domu_image_has_the_programs_the_kernel_runs_on_xl_shutdown_and_reboot(

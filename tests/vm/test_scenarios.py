@@ -278,3 +278,60 @@ def test_pvh_dom0_cannot_export_guest_grants_either_and_copies(pvh_dom0: Dom0) -
     dom0.wait_status(_buffers(zero_copy=0, copy=4), 30, what="4 copied buffers")
     wait_pixels(dom0, "id0", 0, 5)
     wait_pixels(dom0, "id1", 1, 5)
+
+
+# Issue 14: what Linux's xen-kbdfront reports in the guest for the uinput devices displback
+# was given in Dom0 (tests/vm/uinput_feed.py). EV_KEY 1, EV_ABS 3; codes of input-event-codes.h.
+INPUT_CONFIG = """
+[[input]]
+name = "displback-vm-keys"
+guest = "guest1"
+
+[[input]]
+name = "displback-vm-touch"
+guest = "guest1"
+"""
+EXPECTED_INPUT = [
+    "INPUTTEST EV kbd 1 30 1",  # KEY_A down, up
+    "INPUTTEST EV kbd 1 30 0",
+    "INPUTTEST EV ptr 3 0 10",  # REL_X 10, REL_Y 20 in Dom0: the absolute pointer at (10, 20)
+    "INPUTTEST EV ptr 3 1 20",
+    "INPUTTEST EV ptr 1 272 1",  # BTN_LEFT down, up
+    "INPUTTEST EV ptr 1 272 0",
+    "INPUTTEST EV mt 3 53 512",  # the touch at (512, 384) of 1024x768: connector 0's pixels
+    "INPUTTEST EV mt 3 54 384",
+    "INPUTTEST EV mt 3 57 -1",  # and lifted
+]
+
+
+def test_uinput_devices_in_dom0_type_into_the_guests_xen_kbdfront(dom0: Dom0) -> None:
+    started = time.monotonic()
+    (dom0.share / "input.toml").write_text(INPUT_CONFIG)
+    dom0.sh(
+        f"cd {dom0.repo} && PYTHONDONTWRITEBYTECODE=1 setsid .venv/bin/python -m "
+        f"tests.vm.uinput_feed /mnt > /mnt/uinput.log 2>&1 </dev/null & cd /"
+    )
+    dom0.vm.wait_file(dom0.share / "uinput-ready", bool, 120, what="the uinput devices")
+    dom0.start_daemon(*OUTPUTS, "--config", "/mnt/input.toml")
+    guest = dom0.xl_create(
+        "guest1", connectors="id0:1024x768", flips=2, draw="0", vkb=True, inputtest=240
+    )
+    dom0.wait_guest(guest, r"INPUTTEST READY devices=3", GUEST_TIMEOUT, what="kbdfront's devices")
+    text = dom0.wait_guest(guest, r"INPUTTEST ABS ptr 1 ", 10, what="the pointer's range")
+    assert "INPUTTEST ABS ptr 0 min=0 max=1024" in text  # width: connector 0's 1024 pixels
+    assert "INPUTTEST ABS mt 53 min=0 max=1024" in text
+    backend = f"/local/domain/0/backend/vinput/{guest.domid}/0"
+    dom0.vm.wait_file(
+        dom0.share / "daemon.log",
+        lambda t: t.count('"event": "input device attached"') == 2 and '"mode": "abs+mt"' in t,
+        60,
+        what="both devices grabbed and the vkbd connected",
+    )
+    assert dom0.xenstore_read(f"{backend}/state") == "4"
+    (dom0.share / "uinput-go").write_text("go\n")
+    text = dom0.wait_guest(guest, r"INPUTTEST EV mt 3 57 -1", 60, what="the events in the guest")
+    got = [line.strip() for line in text.splitlines() if line.startswith("INPUTTEST EV")]
+    for line in EXPECTED_INPUT:
+        assert line in got, f"{line!r} not among {got}"
+    (dom0.share / "uinput-stop").write_text("stop\n")
+    dom0.timings["input: boot to events in the guest"] = round(time.monotonic() - started, 1)

@@ -13,6 +13,7 @@ import numpy as np
 import trio
 
 from displback.app.run import RunConfig, serve
+from displback.backend.input import InputRouter
 from displback.sim.guest import SimGuest
 from displback.sim.guest_pattern import pattern_rgb
 from displback.sim.hypervisor import HypervisorThread
@@ -183,6 +184,8 @@ async def test_displback_run_with_display_wayland_shows_a_guest_in_a_window(
                         await flip_frame(guest, 0, bufs[0], fbs[0], 4)
                         (output,) = backend.outputs.outputs.values()
                         assert output.spec.title == "cluster: connector 0"
+                        # The windows' seat feeds the guests' vkbd devices through run's router.
+                        assert isinstance(backend.outputs.seat.ports, InputRouter)
                         await wait_until(lambda: output.window_shown)
                         shot = load_rgb(await trio.to_thread.run_sync(weston.screenshot, tmp_path))
                         ((x, y, fw, fh),) = find_windows(shot)
@@ -191,3 +194,35 @@ async def test_displback_run_with_display_wayland_shows_a_guest_in_a_window(
                     nursery.cancel_scope.cancel()
             finally:
                 platform.close()
+
+
+async def test_a_connector_assigned_to_a_compositor_output_is_fullscreen_on_it(
+    weston: Weston, hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    spec, (w, h) = GUESTS[1]
+    async with sim_machine(
+        hypervisor,
+        tmp_path,
+        open_display=lambda _p: WaylandDisplay.open(
+            weston.socket, fullscreen={"1/0/0": "headless"}
+        ),
+        output_provider=lambda display: display,
+    ) as machine:
+        display: WaylandDisplay = machine.display
+        with trio.fail_after(30):
+            await display.connected.wait()
+            await machine.add_guest(1, spec)
+            async with machine.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await show(guest, 0, w, h, frame=1)
+                output = next(iter(display.outputs.values()))
+                await wait_until(lambda: output.window_shown)
+                for frame in range(2, 5):
+                    await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
+                assert output.fullscreen
+                shot = load_rgb(await trio.to_thread.run_sync(weston.screenshot, tmp_path))
+    # weston centres a smaller fullscreen window on black (no desktop background left).
+    sh, sw = shot.shape[:2]
+    x, y = (sw - w) // 2, (sh - h) // 2
+    assert np.array_equal(shot[y : y + h, x : x + w], pattern_rgb(w, h, 0, 4))
+    assert shot[0, 0].tolist() == [0, 0, 0] and shot[sh - 1, sw - 1].tolist() == [0, 0, 0]

@@ -5,7 +5,8 @@ and the theory of operation; its parts are :mod:`.channels` (rings, event pages,
 :mod:`.buffers` (display buffers, framebuffers, grant ends), :mod:`.pipes` (SET_CONFIG,
 PG_FLIP, GET_EDID), :mod:`.drawing` (a test pattern at a rate) and, apart, :mod:`.hostile`
 (what only a hostile guest does, reached as ``guest.hostile``); :mod:`.objects` is what they
-hold and report.
+hold and report. :mod:`.kbdfront` is the guest's keyboard apart: a vkbd frontend like Linux's
+xen-kbdfront (:class:`~displback.sim.guest.kbdfront.SimKbdFront`).
 """
 
 from displback.sim.guest.frontend import SimGuest, SimGuestOptions
