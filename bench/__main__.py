@@ -205,7 +205,10 @@ async def _copy(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
     report.add_goal(Goal(4, f"copy-mode frames/s, {many} copy threads / 1", scaling["ratio"],
                          "×", Target(">=", 1.7),
                          note=f"{scaling['fps_all']:.0f} / {scaling['fps_one']:.0f} fps; "
-                              f"{scaling['cores_used_all']:.2f} cores used"))
+                              f"{scaling['cores_used_all']:.2f} cores used; loop "
+                              f"{scaling['loop_cpu_per_frame_us']:.0f} µs per frame; load "
+                              f"{scaling['loadavg']:.1f}, machine {scaling['busy_percent']:.0f} "
+                              "% busy"))
 
 
 async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
@@ -230,6 +233,7 @@ async def _capacity(report: Report, plan: Plan, tmp: Path, _: Any) -> None:
                  f"; at {largest}: backend {last['backend_percent_of_core']:.0f} %, guests "
                  f"{last['guests_percent_of_core']:.0f} % of a core")
         note = (f"cap {cap}" + (" reached" if result["cap_reached"] else "")
+                + f", {result['vblank_phases']} vblank phases"
                 + f", {len(result['steps'])} steps in {result['seconds']:.0f} s; machine "
                 f"{result['machine_busy_percent_before']:.0f} % busy before{share}")
         key = "copy" if copy else "zc"

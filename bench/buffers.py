@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ import numpy as np
 import trio
 
 from bench.machine import hypervisor_process
-from bench.report import percentile
+from bench.report import busy_percent, cpu_jiffies, percentile
 from displback.backend.buffers import BufferKind, BufferStore
 from displback.backend.copies import CopyWorkers, available_cores
 from displback.backend.deferred import DeferredReleases
@@ -438,6 +439,7 @@ async def copy_scaling(
     many = workers if workers is not None else available_cores()
     width, height = size
     log = _QuietLog()
+    busy0 = cpu_jiffies()
     runs: dict[int, list[dict[str, float]]] = {1: [], many: []}
     async with hypervisor_process(tmp) as hv:
         with contextlib.ExitStack() as stack:
@@ -473,7 +475,12 @@ async def copy_scaling(
                 with trio.CancelScope(shield=True):
                     await deferred.aclose()
     ratios = [b["fps"] / a["fps"] for a, b in zip(runs[1], runs[many], strict=True)]
+    loop_us = [r["loop_cpu_per_frame_us"] for r in runs[1] + runs[many]]
     return {
+        # How busy the whole machine was over the run (all CPUs; this process included).
+        "busy_percent": busy_percent(busy0, cpu_jiffies()),
+        "loadavg": os.getloadavg()[0],
+        "loop_cpu_per_frame_us": percentile(loop_us, 50),
         "size": [width, height],
         "guests": guests,
         "workers": many,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import buffers, flips, memory
+from bench import buffers, flipcost, flips, memory
 from bench.report import GOALS, Goal, Metric, Report, Target, percentile
 
 TINY = (64, 48)
@@ -93,6 +93,7 @@ async def test_capacity_steps_up_and_accounts_the_backend_and_the_guests_apart(
     first = result["steps"][0]
     assert (first["guests"], first["connectors"]) == (1, 2)
     assert result["mode"] == ("copy" if copy else "zero-copy")
+    assert result["vblank_phases"] == flips.CAPACITY_PHASES
     # Whether a step passed depends on the machine's load; what follows from it does not.
     passing = [step["connectors"] for step in result["steps"] if step["passed"]]
     assert result["largest_passing_connectors"] == max(passing, default=0)
@@ -195,6 +196,29 @@ async def test_fairness_with_a_churning_hostile_guest_measures_both(
     assert result["alone"]["flips"] > 0 and result["beside_hostile"]["flips"] > 0
     assert result["hostile_mode"] == "churn" and result["copy"] is copy
     assert result["hostile_frames_per_s"] > 0  # its buffers were shown
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["zero-copy", "copy"])
+async def test_flip_cost_counts_the_backends_loop_passes_and_task_steps_per_flip(
+    tmp_path: Path, copy: bool
+) -> None:
+    result = await flipcost.flip_cost(
+        tmp_path, size=TINY, copy=copy, refresh_hz=60.0, flips=10, warmup=2
+    )
+    window = result["count_window"]
+    assert window["flips"] >= 10
+    # At least the request's wake-up and the display's; every step is some task's.
+    assert window["loop_passes"] >= 2 and window["blocking_waits"] >= 1
+    assert window["task_steps"] == pytest.approx(sum(window["steps_by_task"].values()))
+    assert "_VblankClock.run" in window["steps_by_task"]
+    assert "instruction_window" not in result  # only under callgrind
+
+
+def test_callgrind_total_reads_the_largest_total_of_a_dump(tmp_path: Path) -> None:
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("version: 1\ncreator: callgrind-3.19.0\nsummary: 0\n"
+                    "fn=(1) main\n5 100\ntotals: 123456\n")
+    assert flipcost.callgrind_total(dump) == 123456
 
 
 async def test_trio_wakeup_cost_counts_its_wakeups() -> None:

@@ -5,16 +5,24 @@ its :class:`~displback.display.interface.Output` and EVT_PG_FLIP events on its e
 
 Theory of operation
 -------------------
-Two tasks per connector, in the connection's nursery:
+The request ring is served **in the wake-up of the device's event-channel reader** that saw
+its port fire (:meth:`Connector.kick`): take every request (copied out once by
+:class:`~displback.protocol.ring.BackRing`), answer each in order, publish, notify when the
+ring rule says so, run the final check, and only then unmask the port. The Linux guest has one
+request in flight per ring and waits 3000 ms for it, so a request is answered as soon as its
+outcome is known: PG_FLIP is answered when *queued*, FB_ATTACH when recorded — both at once,
+in that wake-up — SET_CONFIG when the output has taken the new configuration (one vblank),
+buffer requests when done. A wake-up that finds no request costs the guest a token
+(``SPURIOUS_WAKEUPS_PER_SECOND``); without one the port stays masked until one is due, so
+notification floods are bounded.
 
-* **ring** — woken by the device when the request channel fires: take every request (copied
-  out once by :class:`~displback.protocol.ring.BackRing`), answer each in order, publish,
-  notify when the ring rule says so, run the final check, and only then unmask the port. The
-  Linux guest has one request in flight per ring and waits 3000 ms for it, so a request is
-  answered as soon as its outcome is known: PG_FLIP is answered when *queued*, SET_CONFIG when
-  the output has taken the new configuration (one vblank), buffer requests when done.
-  A wake-up that finds no request costs the guest a token (``SPURIOUS_WAKEUPS_PER_SECOND``);
-  without one the port stays masked until one is due, so notification floods are bounded.
+Two tasks per connector, in the connection's nursery, take over what cannot be done at once:
+
+* **ring** — a request that must wait (buffers, SET_CONFIG, GET_EDID), a guest over its
+  request rate or out of spurious-wake-up tokens, or more than ``REQUESTS_PER_WAKEUP``
+  requests in one wake-up: that request and every one behind it are handed to the ring task,
+  which answers them in order, waiting where it must, and serves the ring until it can unmask.
+  While it does, the reader leaves the ring alone, so responses never overtake each other.
 * **scanout** — the output's slow path: SET_CONFIG (disable, or a flip awaited until the output
   has taken the configuration) and frames that must be copied first (copy mode, in a worker
   thread) or that the output cannot start without waiting (KMS's first legacy modeset).
@@ -23,10 +31,10 @@ Which flip is shown when, and which events are owed, is decided by a
 :class:`~displback.protocol.flipqueue.FlipQueue` (sans-I/O; queueing, coalescing, the event
 page's back-pressure and the drop bound live there). The connector only drives it: a PG_FLIP is
 accepted into it, and when the output is free the next frame is started **in the same
-wake-up** — a zero-copy frame by the ring task that took the request, the next queued one by
-the output's own landing callback (:meth:`~displback.display.interface.Output.start_flip`),
-which also writes the landed frame's events and notifies the guest. A flip therefore costs
-the wake-up for its request and the display's own wake-up at the vblank, no task hop between.
+wake-up** — a zero-copy frame right after the PG_FLIP's answer, the next queued one by the
+output's own landing callback (:meth:`~displback.display.interface.Output.start_flip`), which
+also writes the landed frame's events and notifies the guest. A zero-copy flip therefore costs
+one wake-up for its request (the reader's) and the display's own at the vblank, no task hop.
 
 Events that do not fit the event page (the guest has not consumed 63 of them) stay queued and
 are retried every few milliseconds: the guest never tells us when it consumed.
@@ -39,6 +47,7 @@ close the whole device; that decision belongs to the device, which we tell throu
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable
@@ -90,6 +99,12 @@ _EVENT_RETRY_S = 0.005
 #: this many wake-ups, and its requests wait at most one token interval.
 SPURIOUS_WAKEUPS_PER_SECOND = 100.0
 SPURIOUS_WAKEUP_BURST = 32
+#: Requests the reader's wake-up answers before it leaves the rest of a ring to the ring task
+#: (a later pass of the loop): a guest refilling its ring as fast as it is answered cannot
+#: keep the reader, and the other connectors of its device, to itself.
+REQUESTS_PER_WAKEUP = 32
+#: Requests answered without waiting, in the reader's wake-up; the others go to the ring task.
+_ANSWERED_AT_ONCE = frozenset({PgFlipReq, FbAttachReq})
 #: How long a Linux guest waits for a flip's event (xen-drm-front's frame-done timeout, 3.1 s
 #: including its 100 ms margin); an event later than this has already timed out there.
 FRAME_DONE_TIMEOUT_S = 3.1
@@ -178,6 +193,13 @@ class Connector:
         self._throttle_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
         self._drop_log = LogThrottle(REPEATED_WARNING_INTERVAL_S, trio.current_time)
         self._ring_kick = trio.Event()
+        # The ring task is serving the ring (the reader hands over, see kick()); what it has
+        # taken and not answered yet, parsed, in order; a spurious wake-up it must wait for.
+        self._ring_busy = False
+        self._backlog: collections.deque[Any] = collections.deque()
+        self._spurious_owed = False
+        # The ring broke the protocol: it is not served any more (the device closes).
+        self._dead = False
         self._flips: FlipQueue[Any, _Config] = FlipQueue(
             events,
             max_queued_events=MAX_QUEUED_EVENTS,
@@ -201,7 +223,22 @@ class Connector:
     # --- wiring ---------------------------------------------------------------------------
 
     def kick(self) -> None:
-        """The request channel fired (called by the device's event-channel reader)."""
+        """The request channel fired: called by the device's event-channel reader, in its own
+        wake-up, which serves the ring right here unless a request needs waiting."""
+        if self._dead:
+            return
+        self.stats.wakeups += 1
+        if self._ring_busy:
+            # The ring task is on it (a request that waits, a throttle): it serves the ring
+            # until it can unmask, so it takes whatever this notification announced.
+            return
+        try:
+            if self._serve_now():
+                return
+        except ProtocolError as exc:
+            self._ring_violation(exc)
+            return
+        self._ring_busy = True
         self._ring_kick.set()
 
     async def run(self) -> None:
@@ -216,34 +253,91 @@ class Connector:
 
     # --- ring -------------------------------------------------------------------------------
 
+    def _serve_now(self) -> bool:
+        """Serve the ring without waiting; True if done (the port unmasked, nothing left),
+        False if the ring task must go on (``_backlog``, ``_spurious_owed``, or more than
+        ``REQUESTS_PER_WAKEUP`` requests)."""
+        ring = self._ring
+        taken = 0
+        while True:
+            packets = ring.take_requests()
+            for i, raw in enumerate(packets):
+                taken += 1
+                item = self._parse(raw)
+                if (
+                    not isinstance(item, Response) and type(item) not in _ANSWERED_AT_ONCE
+                ) or not self._limiter.take():
+                    # A request that waits (buffers, SET_CONFIG), or the guest is over its
+                    # request rate: it and the ones behind it go to the ring task, in order.
+                    self._backlog.append(item)
+                    self._backlog.extend(self._parse(rest) for rest in packets[i + 1 :])
+                    return False
+                self._respond(item.pack() if isinstance(item, Response) else self._answer_now(item))
+            if not ring.final_check():
+                break
+            if taken >= REQUESTS_PER_WAKEUP:
+                return False  # a guest refilling its ring as fast as we answer: yield
+        if not taken and not self._spurious_now():
+            self._spurious_owed = True
+            return False
+        # Unmask only after draining: bounds guest-driven wake-ups (reference §3.3). The
+        # unmask is a syscall; re-check the ring once more after it in case a request
+        # arrived between the final check and the unmask.
+        self._evtchn.unmask([self.req_port])
+        return not ring.final_check()
+
     async def _serve_ring(self) -> None:
+        """The ring task: serves what :meth:`kick` handed over, waiting where it must."""
         while True:
             await self._ring_kick.wait()
             self._ring_kick = trio.Event()
-            self.stats.wakeups += 1
+            if not self._ring_busy or self._dead:
+                continue
             try:
-                taken = await self._drain_ring()
+                done = await self._serve_waiting()
             except ProtocolError as exc:
-                self._on_violation(f"connector {self.index}: {exc}")
+                self._ring_violation(exc)
                 return
-            if not taken:
-                await self._spurious_wakeup()
-            # Unmask only after draining: bounds guest-driven wake-ups (reference §3.3). The
-            # unmask is a syscall; re-check the ring once more after it in case a request
-            # arrived between the final check and the unmask.
-            self._evtchn.unmask([self.req_port])
-            try:
-                if self._ring.final_check():
-                    self._ring_kick.set()
-            except ProtocolError as exc:
-                self._on_violation(f"connector {self.index}: {exc}")
-                return
+            if done:
+                self._ring_busy = False
+            else:
+                self._ring_kick.set()  # a request came in after the unmask: another round
 
-    async def _spurious_wakeup(self) -> None:
-        """A wake-up with nothing to do: spend a token, or wait for one with the port masked."""
+    async def _serve_waiting(self) -> bool:
+        """Answer the backlog and every request in the ring in order, waiting where needed;
+        True once the port is unmasked with nothing left."""
+        ring = self._ring
+        taken = len(self._backlog)
+        while True:
+            while self._backlog:
+                await self._answer_waiting(self._backlog.popleft())
+            packets = ring.take_requests()
+            if packets:
+                taken += len(packets)
+                self._backlog.extend(self._parse(raw) for raw in packets)
+                # One ring's worth per pass: a guest refilling its ring as fast as it is
+                # answered yields to the others between batches.
+                await trio.lowlevel.checkpoint()
+                continue
+            if not ring.final_check():
+                break
+        if self._spurious_owed or (not taken and not self._spurious_now()):
+            self._spurious_owed = False
+            await self._wait_spurious_token()
+        self._evtchn.unmask([self.req_port])
+        return not ring.final_check()
+
+    def _ring_violation(self, exc: ProtocolError) -> None:
+        self._dead = True
+        self._on_violation(f"connector {self.index}: {exc}")
+
+    def _spurious_now(self) -> bool:
+        """A wake-up found no request: spend a token; False if none is left."""
         self.stats.spurious_wakeups += 1
-        if self._spurious.take():
-            return
+        return self._spurious.take()
+
+    async def _wait_spurious_token(self) -> None:
+        """Out of tokens for wake-ups with nothing to do: wait for one with the port masked."""
         self.stats.wakeups_throttled += 1
         suppressed = self._flood_log.allow()
         if suppressed is not None:
@@ -257,26 +351,29 @@ class Connector:
         while not self._spurious.take():
             await trio.sleep(self._spurious.seconds_until_token())
 
-    async def _drain_ring(self) -> int:
-        """Answer every request in the ring; return how many there were."""
-        taken = 0
-        while True:
-            for raw in self._ring.take_requests():
-                taken += 1
-                while not self._limiter.take():
-                    # Over its request rate the guest is slowed down, not failed: its next
-                    # request waits for a token (its ring fills, never ours).
-                    self.stats.throttled += 1
-                    self._log_throttle()
-                    await trio.sleep(self._limiter.seconds_until_token())
-                response = await self._answer(raw)
-                self._ring.put_response(response.pack())
-                if self._ring.push_responses():
-                    self._evtchn.notify(self.req_port)
-                # A PG_FLIP is answered first, then its frame started in this same wake-up.
-                self._pump()
-            if not self._ring.final_check():
-                return taken
+    async def _answer_waiting(self, item: Any) -> None:
+        """Answer one request of the backlog, waiting for a request token first if need be."""
+        while not self._limiter.take():
+            # Over its request rate the guest is slowed down, not failed: its next request
+            # waits for a token (its ring fills, never ours).
+            self.stats.throttled += 1
+            self._log_throttle()
+            await trio.sleep(self._limiter.seconds_until_token())
+        if isinstance(item, Response):
+            self._respond(item.pack())
+        elif type(item) in _ANSWERED_AT_ONCE:
+            self._respond(self._answer_now(item))
+        else:
+            self._respond((await self._answer_later(item)).pack())
+
+    def _respond(self, packet: bytes) -> None:
+        """Publish the response ``packet``, notify if the ring rule asks, and start what the
+        flip queue has next (a PG_FLIP is answered first, then its frame started, in this
+        wake-up)."""
+        self._ring.put_response(packet)
+        if self._ring.push_responses():
+            self._evtchn.notify(self.req_port)
+        self._pump()
 
     def _log_throttle(self) -> None:
         suppressed = self._throttle_log.allow()
@@ -289,20 +386,41 @@ class Connector:
                 suppressed=suppressed,
             )
 
-    async def _answer(self, raw: bytes) -> Response:
+    def _parse(self, raw: bytes) -> Any:
+        """The request in ``raw``, or the error response to a packet that is none."""
         self.stats.requests += 1
         try:
-            req = parse_request(raw)
+            return parse_request(raw)
         except ProtocolError as exc:
             header = RequestHeader.parse(raw)
             self.stats.errors += 1
             self._log.info("bad request", connector=self.index, error=str(exc))
             return Response.error(header, exc.errno or EINVAL)
+
+    def _answer_now(self, req: Any) -> bytes:
+        """The response packet to a request of ``_ANSWERED_AT_ONCE`` (PG_FLIP, FB_ATTACH)."""
+        try:
+            req.validate()
+            if type(req) is PgFlipReq:
+                self._queue_flip(req)
+            else:
+                self._buffers.attach(req)
+        except Exception as exc:
+            return self._failed(req, exc).pack()
+        return Response.ok_packet(req)
+
+    async def _answer_later(self, req: Any) -> Response:
         try:
             req.validate()
             edid_sz = await self._dispatch(req)
-        except RequestError as exc:
-            self.stats.errors += 1
+        except Exception as exc:
+            return self._failed(req, exc)
+        return Response.ok(req, edid_sz=edid_sz)
+
+    def _failed(self, req: Any, exc: Exception) -> Response:
+        """The error response to ``req``, which raised ``exc`` (call in the except clause)."""
+        self.stats.errors += 1
+        if isinstance(exc, RequestError):
             self._log.info(
                 "request failed",
                 connector=self.index,
@@ -311,19 +429,15 @@ class Connector:
                 reason=exc.message,
             )
             return Response.error(req, exc.errno)
-        except ProtocolError as exc:
-            self.stats.errors += 1
+        if isinstance(exc, ProtocolError):
             self._log.info(
                 "invalid request", connector=self.index, op=req.operation.name, error=str(exc)
             )
             return Response.error(req, exc.errno or EINVAL)
-        except Exception:
-            # A bug of ours or a platform/display failure we did not foresee: this request
-            # fails with -EIO; the guest, its other requests and the daemon carry on.
-            self.stats.errors += 1
-            self._log.exception("request failed unexpectedly", op=req.operation.name)
-            return Response.error(req, EIO)
-        return Response.ok(req, edid_sz=edid_sz)
+        # A bug of ours or a platform/display failure we did not foresee: this request fails
+        # with -EIO; the guest, its other requests and the daemon carry on.
+        self._log.exception("request failed unexpectedly", op=req.operation.name)
+        return Response.error(req, EIO)
 
     async def _dispatch(self, req: Any) -> int:
         match req:

@@ -14,10 +14,10 @@ Bounds and fairness
   from one FIFO queue, so at most ``total`` run at once — more threads than cores only share
   memory bandwidth worse.
 * **Per guest**: a guest domain runs at most ``per_guest`` copies at once (default 1), whatever
-  its number of devices and connectors. Its other copies wait on its own limiter and do not
-  enter the queue, so the queue holds at most ``per_guest`` copies of each guest and the
-  threads serve guests round-robin. A copy waits at most for one round of the other guests'
-  copies, however many connectors a guest floods.
+  its number of devices and connectors. Its other copies wait in its own list, outside the
+  queue, and the one that takes a freed slot goes to the queue's end: the queue holds at most
+  ``per_guest`` copies of each guest and the threads serve guests in turn. A copy waits at
+  most for one round of the other guests' copies, however many connectors a guest floods.
 
 The hand-off
 ------------
@@ -27,8 +27,13 @@ the result sent back through the entry queue) ≈ 45 µs per copy on the develop
 on 2 cores left the second copy thread too little of the machine to copy 1.7 × the frames
 of one (issue 12 goal 4). Here the loop puts the job in a :class:`queue.SimpleQueue` and
 parks the task; the worker runs the copy and reschedules the task with
-``TrioToken.run_sync_soon``: ≈ 15 µs. Threads start when there is work no idle thread will
-take and end after :data:`IDLE_SECONDS` without work.
+``TrioToken.run_sync_soon``: ≈ 15 µs. The caller sleeps once per copy: the guest's turn is
+kept by plain counters under the workers' lock (a worker that ends a copy queues the
+guest's next one itself), not by a ``trio.CapacityLimiter``, whose acquisition costs the
+loop a scheduling pass of its own. Threads start when there is work no idle thread will
+take and end after :data:`IDLE_SECONDS` without work, or when the daemon stops
+(:meth:`CopyWorkers.close`). A copy whose thread cannot be
+started fails its caller and is never made later.
 
 Cancellation
 ------------
@@ -47,6 +52,7 @@ guest's buffer store. A store made without one (tests of the store alone) takes
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -88,30 +94,35 @@ class CopyStats:
 
 
 class _Guest:
-    """One guest domain's share: its limiter and how many copies it has running or waiting."""
+    """One guest domain's share: its jobs in the queue or running (at most ``per_guest``),
+    and its jobs waiting for one of those slots, in order."""
 
-    __slots__ = ("limiter", "running", "users")
+    __slots__ = ("active", "running", "waiting")
 
-    def __init__(self, slots: int) -> None:
-        self.limiter = trio.CapacityLimiter(slots)
-        self.users = 0  # copies of this guest running or waiting (the entry lives while > 0)
+    def __init__(self) -> None:
+        self.active = 0  # jobs queued or running (each holds one of the guest's slots)
         self.running = 0
+        self.waiting: collections.deque[_Job] = collections.deque()
 
 
 class _Job:
-    """One copy handed to the threads: taken by a thread, or cancelled before, never both."""
+    """One copy: waiting for its guest's slot, queued, running, done or cancelled."""
 
-    __slots__ = ("copy", "guest", "state", "task", "token")
+    __slots__ = ("copy", "domid", "guest", "state", "task", "token")
 
-    def __init__(self, copy: Callable[[], Any], guest: _Guest) -> None:
+    def __init__(self, copy: Callable[[], Any], domid: int, guest: _Guest) -> None:
         self.copy = copy
+        self.domid = domid
         self.guest = guest
         self.task = trio.lowlevel.current_task()
         self.token = trio.lowlevel.current_trio_token()
-        self.state = _QUEUED
+        self.state = _WAITING
 
 
-_QUEUED, _RUNNING, _CANCELLED = "queued", "running", "cancelled"
+_WAITING, _QUEUED, _RUNNING, _CANCELLED = "waiting", "queued", "running", "cancelled"
+
+#: Put in the queue by :meth:`CopyWorkers.close`: the thread that takes it ends.
+_STOP: Any = object()
 
 #: A worker thread ends after this long without a copy to make.
 IDLE_SECONDS = 10.0
@@ -126,10 +137,10 @@ class CopyWorkers:
             raise ValueError(f"copy slots must be at least 1, not {total} (per guest {per_guest})")
         self.total = total
         self.per_guest = min(per_guest, total)
+        # Everything below changes in the worker threads too: under the lock.
+        self._lock = threading.Lock()
         self._guests: dict[int, _Guest] = {}
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        # Counters and the threads' bookkeeping change in the worker threads too.
-        self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0  # threads waiting for a job
         self._queued = 0  # jobs put but not yet taken by a thread
@@ -150,71 +161,112 @@ class CopyWorkers:
     async def run(self, domid: int, copy: Callable[[], T]) -> T:
         """Run ``copy()`` in a worker thread on behalf of guest ``domid``; return its result.
 
-        Waits for a slot of the guest, then for a thread. Cancelled while waiting, the copy
-        does not run; once running it is waited for (see the module docstring).
+        The calling task sleeps once, until the copy is done: a slot of its guest and a
+        thread are found for it without waking it. Cancelled before a thread took it, the
+        copy does not run; once running it is waited for (see the module docstring).
         """
-        guest = self._guests.get(domid)
-        if guest is None:
-            guest = self._guests[domid] = _Guest(self.per_guest)
-        guest.users += 1
-        try:
-            async with guest.limiter:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                job = _Job(copy, guest)
-                self._submit(job)
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    with self._lock:
-                        if job.state is not _QUEUED:
-                            return trio.lowlevel.Abort.FAILED  # running: wait for it
-                        job.state = _CANCELLED  # the thread that takes it skips it
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                result: T = await trio.lowlevel.wait_task_rescheduled(abort)
-                return result
-        finally:
-            guest.users -= 1
-            if guest.users == 0:
-                del self._guests[domid]
-
-    def _submit(self, job: _Job) -> None:
         with self._lock:
-            self._queued += 1
-            start = self._queued > self._idle and self._threads < self.total
-            if start:
-                self._threads += 1
+            guest = self._guests.get(domid)
+            if guest is None:
+                guest = self._guests[domid] = _Guest()
+            job = _Job(copy, domid, guest)
+            if guest.active < self.per_guest:
+                guest.active += 1
+                self._enqueue(job)
+            else:
+                guest.waiting.append(job)
+        try:
+            self._start_threads()
+        except BaseException:
+            # The caller gets the error and goes on: its copy must never run later.
+            if self._withdraw(job):
+                raise
+            # (Already taken by a thread alive before: wait for it as usual.)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.SUCCEEDED if self._withdraw(job) else (
+                trio.lowlevel.Abort.FAILED  # running: wait for it
+            )
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def _enqueue(self, job: _Job) -> None:
+        """Put ``job``, holding a slot of its guest, in the threads' queue (lock held)."""
+        job.state = _QUEUED
+        self._queued += 1
         self._queue.put(job)
-        if start:
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Cancel ``job`` unless a thread took it; True if cancelled (it will never run)."""
+        with self._lock:
+            if job.state is _WAITING:
+                job.guest.waiting.remove(job)
+            elif job.state is _QUEUED:
+                self._slot_freed(job)  # the thread that takes it skips it
+            else:
+                return False
+            job.state = _CANCELLED
+            self._forget_if_idle(job)
+        return True
+
+    def _slot_freed(self, job: _Job) -> None:
+        """``job`` no longer holds its guest's slot: the guest's next waiting job takes it
+        (at the end of the queue: the guests are served in turn). Lock held."""
+        guest = job.guest
+        guest.active -= 1
+        if guest.waiting:
+            guest.active += 1
+            self._enqueue(guest.waiting.popleft())
+
+    def _forget_if_idle(self, job: _Job) -> None:
+        guest = job.guest
+        if guest.active == 0 and not guest.waiting and self._guests.get(job.domid) is guest:
+            del self._guests[job.domid]
+
+    def _start_threads(self) -> None:
+        """Start threads while queued jobs outnumber idle threads, up to ``total``."""
+        while True:
+            with self._lock:
+                if self._queued <= self._idle or self._threads >= self.total:
+                    return
+                self._threads += 1
+                self._idle += 1  # counted idle until it takes a job: one thread per job
             try:
                 threading.Thread(target=self._work, name="displback-copy", daemon=True).start()
             except BaseException:
-                # The caller gets the error and goes on: its copy must never run later (a
-                # thread started for someone else's job would take it, and the memory may be
-                # unmapped by then).
                 with self._lock:
                     self._threads -= 1
-                    job.state = _CANCELLED
+                    self._idle -= 1
                 raise
 
+    def close(self) -> None:
+        """The daemon stops: every thread ends once the copies queued before are made (run
+        after the last caller is gone; a later :meth:`run` would start threads again)."""
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(_STOP)
+
     def _work(self) -> None:
-        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS`."""
+        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS` or
+        :meth:`close` asked it to end."""
         while True:
-            with self._lock:
-                self._idle += 1
             try:
                 job: _Job | None = self._queue.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 job = None
             with self._lock:
-                self._idle -= 1
-                if job is None:
-                    if self._queued > self._idle:
+                if job is None or job is _STOP:
+                    if self._queued > self._idle - 1:
                         continue  # a job was put counting on this thread: take it
+                    self._idle -= 1
                     self._threads -= 1
                     return
                 self._queued -= 1
                 if job.state is _CANCELLED:
                     continue
+                self._idle -= 1
                 job.state = _RUNNING
                 guest = job.guest
                 guest.running += 1
@@ -226,6 +278,9 @@ class CopyWorkers:
                 self._running -= 1
                 guest.running -= 1
                 self._copies += 1
+                self._idle += 1
+                self._slot_freed(job)
+                self._forget_if_idle(job)
             # (RunFinishedError: the run ended under the copy; nobody waits for it.)
             with contextlib.suppress(trio.RunFinishedError):
                 job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)

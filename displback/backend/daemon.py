@@ -144,6 +144,7 @@ class Backend:
                 with trio.CancelScope(shield=True):
                     await deferred.aclose()
                 self.retained.close()
+                self.copies.close()  # no device is left to copy for
 
     async def shutdown(self, timeout: float = 10.0) -> bool:
         """The daemon stops: every device releases what it holds, tells its guest Closed and

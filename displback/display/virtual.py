@@ -7,7 +7,10 @@ display will, so the backend cannot tell them apart. Vblank ``n`` of an output h
 full speed). The outputs of one refresh rate share one vblank clock (:class:`_VblankClock`),
 one task in the display's nursery, as a KMS driver delivers every CRTC's vblank events
 through one fd: one timer wake-up per vblank lands the due flips of all of them (a task per
-output cost a quarter of the backend's CPU with 32 outputs flipping at 60 fps).
+output cost a quarter of the backend's CPU with 32 outputs flipping at 60 fps). Outputs may
+have a vblank phase of their own (``OutputConfig.phase``), as the heads of a real multi-head
+card do; the clock then wakes once per distinct phase and period, landing the flips due
+then.
 
 * a flip asked for during vblank period ``n`` is due at vblank ``n + 1``; the clock sleeps
   until then, puts the frame on screen and wakes the caller with a
@@ -86,12 +89,18 @@ _MAX_REFRESH_HZ = 1000.0
 
 @dataclass(frozen=True, slots=True)
 class OutputConfig:
-    """One virtual output: its name (the guest connector's) and its mode."""
+    """One virtual output: its name (the guest connector's), its mode, and its vblank phase.
+
+    ``phase`` (0 ≤ phase < 1, in periods) puts the output's vblanks at ``start + (n + phase)
+    / refresh_hz``: the heads of a real multi-head machine each have their own timing, so
+    their vblanks are not in step. 0 (the default) puts every output of one rate in phase.
+    """
 
     name: str
     width: int
     height: int
     refresh_hz: float = 60.0
+    phase: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -100,6 +109,8 @@ class OutputConfig:
             raise ValueError(f"output {self.name}: bad resolution {self.width}x{self.height}")
         if not (0.0 < self.refresh_hz <= _MAX_REFRESH_HZ):
             raise ValueError(f"output {self.name}: bad refresh rate {self.refresh_hz} Hz")
+        if not (0.0 <= self.phase < 1.0):
+            raise ValueError(f"output {self.name}: vblank phase {self.phase} not in [0, 1)")
 
 
 class VirtualDisplayOptions(TypedDict, total=False):
@@ -264,9 +275,11 @@ class VirtualOutput(OutputBase[VirtualFramebuffer]):
         self._live: set[VirtualFramebuffer] = set()
         self._clock = display._clock_for(config.refresh_hz)
         self._clock.outputs.append(self)
-        # Vblank n happens at start + n * period on trio's clock; set when the clock starts.
+        # Vblank n happens at start + n * period on trio's clock; set when the clock starts
+        # (the clock's start, later by the output's phase).
         self._start = 0.0
         self._period = self._clock.period
+        self._phase = config.phase * self._period
         self._last_seq = 0  # the latest vblank a flip landed at
         self._on_seq = 0  # the vblank scanout (last) turned on at
 
@@ -499,7 +512,7 @@ class _VblankClock:
         """
         self.start = trio.current_time()
         for output in self.outputs:
-            output._start = self.start
+            output._start = self.start + output._phase
         task_status.started()
         idle_vblanks = 0
         while True:
@@ -513,8 +526,9 @@ class _VblankClock:
                     idle_vblanks += 1
                 continue
             idle_vblanks = 0
-            due = min(o._pending.due if o._pending else 0 for o in self.pending)
-            deadline = self._deadline(due)
+            deadline = min(
+                o._deadline(o._pending.due) if o._pending else 0.0 for o in self.pending
+            )
             if trio.current_time() < deadline:
                 await trio.sleep_until(deadline)
                 continue  # flips may have come or gone meanwhile

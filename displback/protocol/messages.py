@@ -28,6 +28,7 @@ echoed (the Linux frontend matches on both): :meth:`RequestHeader.parse` reads j
 from __future__ import annotations
 
 import mmap
+import operator
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -154,19 +155,29 @@ class _Packet:
     _FIXED: ClassVar[frozenset[str]] = frozenset()
     """Layout fields whose value the class fixes (a property, not a dataclass field)."""
 
+    # Per class, from its layout: the range checks of the fields the class does not fix, and
+    # one getter of every value in wire order (these run on every packet of the flip path).
+    _CHECKS: ClassVar[tuple[tuple[str, int, int], ...]]
+    _VALUES: ClassVar[operator.attrgetter[tuple[int, ...]]]
+
     def __init_subclass__(cls, layout: _Layout | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if layout is not None:
             cls._LAYOUT = layout
             cls.FIELD_OFFSETS = layout.offsets
             cls.FIELD_SIZES = layout.sizes
+            cls._VALUES = operator.attrgetter(*layout.names)
+        if hasattr(cls, "_LAYOUT"):
+            cls._CHECKS = tuple(
+                (name, low, high)
+                for name, (low, high) in cls._LAYOUT.ranges.items()
+                if name not in cls._FIXED
+            )
 
     def __post_init__(self) -> None:
-        for name, (low, high) in self._LAYOUT.ranges.items():
-            if name in self._FIXED:
-                continue
+        for name, low, high in self._CHECKS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(
                     f"{type(self).__name__}.{name} must be an int, not {type(value).__name__}"
                 )
@@ -181,7 +192,8 @@ class _Packet:
                 object.__setattr__(self, name, int(value))
 
     def _values(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self._LAYOUT.names)
+        values: tuple[int, ...] = self._VALUES(self)
+        return values
 
     def pack(self) -> bytes:
         """The 64 bytes of this packet; every reserved byte is zero."""
@@ -250,6 +262,19 @@ class _Request(_Packet):
     def parse(cls, data: BytesLike) -> Self:
         """Decode this request: checks length and operation only (``validate`` does the rest)."""
         return cls(**cls._unpack_request(data))
+
+    @classmethod
+    def _decoded(cls, raw: bytes) -> Self:
+        """:meth:`parse` of a copied 64-byte packet whose operation byte is this class's.
+
+        The struct codes bound every value to its field's range, so the construction checks
+        are skipped: this is the ring's path, once per request.
+        """
+        request = object.__new__(cls)
+        for name, value in zip(cls._LAYOUT.names, cls._LAYOUT.struct.unpack(raw), strict=True):
+            if name != "operation":
+                object.__setattr__(request, name, value)
+        return request
 
     def _require_nonzero(self, *names: str) -> None:
         """``ProtocolError(errno=EINVAL)`` for the first of the fields ``names`` that is 0."""
@@ -551,6 +576,8 @@ REQUEST_TYPES: Mapping[Op, type[Request]] = MappingProxyType(
 )
 """The request class for each operation code."""
 
+_REQUEST_BY_CODE: dict[int, type[Request]] = {int(op): cls for op, cls in REQUEST_TYPES.items()}
+
 
 def parse_request(data: BytesLike) -> Request:
     """Decode one 64-byte request, dispatching on its operation byte.
@@ -560,11 +587,10 @@ def parse_request(data: BytesLike) -> Request:
     """
     raw = _copy_packet(data, "request")
     operation = raw[2]
-    try:
-        cls = REQUEST_TYPES[Op(operation)]
-    except ValueError:
-        raise _invalid(f"unknown operation 0x{operation:02x}", "operation", operation) from None
-    return cls.parse(raw)
+    cls = _REQUEST_BY_CODE.get(operation)
+    if cls is None:
+        raise _invalid(f"unknown operation 0x{operation:02x}", "operation", operation)
+    return cls._decoded(raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,6 +646,12 @@ class Response(
     def ok(cls, request: Answerable, *, edid_sz: int = 0) -> Self:
         """Status 0 for ``request`` (a decoded request or a :class:`RequestHeader`)."""
         return cls(id=request.id, operation=request.operation, status=0, edid_sz=edid_sz)
+
+    @classmethod
+    def ok_packet(cls, request: Request) -> bytes:
+        """``Response.ok(request).pack()`` for a decoded request, without building the
+        response: its id and operation are in range by construction (the flip path's)."""
+        return cls._LAYOUT.struct.pack(request.id, request.operation, 0, 0)
 
     @classmethod
     def error(cls, request: Answerable, errno: int) -> Self:

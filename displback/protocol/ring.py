@@ -152,6 +152,9 @@ def default_rw_fence() -> Fence:
     return _resolve_full_fence()
 
 
+_REQ_PROD_WORD = RING_REQ_PROD_OFS >> 2
+
+
 def slot_offset(index: int) -> int:
     """Byte offset of the request-ring slot holding free-running index ``index``."""
     return RING_HEADER_SIZE + PACKET_SIZE * (index & (RING_SIZE - 1))
@@ -317,9 +320,10 @@ class BackRing(_RingSide):
 
     def _unconsumed(self) -> int:
         """``RING_HAS_UNCONSUMED_REQUESTS``: new requests, capped by the free response slots."""
-        req = (self._load(RING_REQ_PROD_OFS) - self._req_cons) & INDEX_MASK
-        rsp = RING_SIZE - self.unanswered
-        return min(req, rsp)
+        cons = self._req_cons
+        req = (self._words[_REQ_PROD_WORD] - cons) & INDEX_MASK
+        rsp = RING_SIZE - ((cons - self._rsp_prod_pvt) & INDEX_MASK)
+        return req if req < rsp else rsp
 
     def take_requests(self) -> list[bytes]:
         """Copy every newly produced request out of the ring, each slot exactly once.
@@ -328,7 +332,7 @@ class BackRing(_RingSide):
         more than 32 requests without responses (producer overflow) or lies behind
         ``req_cons`` (consumer overflow: the loop would run past the slots we may read).
         """
-        req_prod = self._load(RING_REQ_PROD_OFS)
+        req_prod: int = self._words[_REQ_PROD_WORD]
         self._rw_fence()  # read barrier: see the slots at least as new as req_prod
         if (req_prod - self._rsp_prod_pvt) & INDEX_MASK > RING_SIZE:
             raise ProtocolError(
@@ -345,7 +349,13 @@ class BackRing(_RingSide):
                 value=req_prod,
             )
         cons = self._req_cons
-        packets = [self._copy_out(slot_offset(cons + i)) for i in range(count)]
+        if count == 0:
+            return []
+        page = self._bytes
+        packets = []
+        for index in range(cons, cons + count):
+            offset = RING_HEADER_SIZE + PACKET_SIZE * (index & (RING_SIZE - 1))
+            packets.append(bytes(page[offset : offset + PACKET_SIZE]))
         self._req_cons = (cons + count) & INDEX_MASK
         self.requests_taken += count
         return packets
@@ -357,7 +367,12 @@ class BackRing(_RingSide):
         :meth:`take_requests` reports the violation — unless all 32 slots hold requests
         awaiting responses, in which case there is nothing to read until we answer.
         """
-        return self._final_check(RING_REQ_EVENT_OFS, self._req_cons, self._unconsumed)
+        # _RingSide._final_check, written out: it runs twice per request.
+        if self._unconsumed():
+            return True
+        self._store(RING_REQ_EVENT_OFS, self._req_cons + 1)
+        self._fence()  # full barrier: req_event must be visible before re-reading req_prod
+        return self._unconsumed() > 0
 
     def put_response(self, packet: bytes) -> None:
         """Write a 64-byte response into slot ``rsp_prod_pvt & 31`` (not yet published).
@@ -365,12 +380,13 @@ class BackRing(_RingSide):
         Raises :class:`RuntimeError` — a bug in the caller, not the guest — if every request
         taken already has its response: the slot may still hold a request not copied out.
         """
-        if self.unanswered == 0:
+        prod = self._rsp_prod_pvt
+        if prod == self._req_cons:
             raise RuntimeError(
                 "put_response without an unanswered request: rsp_prod_pvt would pass req_cons"
             )
-        self._copy_in(slot_offset(self._rsp_prod_pvt), packet)
-        self._rsp_prod_pvt = (self._rsp_prod_pvt + 1) & INDEX_MASK
+        self._copy_in(slot_offset(prod), packet)
+        self._rsp_prod_pvt = (prod + 1) & INDEX_MASK
 
     def push_responses(self) -> bool:
         """Publish ``rsp_prod``; return True if the frontend must be notified (``rsp_event``).

@@ -103,6 +103,58 @@ async def test_at_most_total_copies_run_and_one_per_guest() -> None:
     assert workers.stats.copies == 6
 
 
+async def test_a_guest_flooding_copies_gets_one_turn_in_each_round_of_the_guests() -> None:
+    """One thread: guest 1 asks for four copies, then guests 2 and 3 for one each. Guest 1's
+    copies beyond its share wait outside the queue and go to its end one at a time, so the
+    others are served after at most one more of guest 1's."""
+    workers = CopyWorkers(1)
+    first = Blocked()
+    order: list[tuple[int, int]] = []
+
+    def copy(domid: int, n: int) -> None:
+        order.append((domid, n))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            for n in (1, 2, 3):
+                nursery.start_soon(workers.run, 1, functools.partial(copy, 1, n))
+                await trio.testing.wait_all_tasks_blocked()
+            for domid in (2, 3):
+                nursery.start_soon(workers.run, domid, functools.partial(copy, domid, 0))
+                await trio.testing.wait_all_tasks_blocked()
+            first.release.set()
+    assert order == [(2, 0), (3, 0), (1, 1), (1, 2), (1, 3)]
+    assert workers.stats.most_running_per_guest == 1
+
+
+async def test_a_copy_cancelled_while_waiting_for_its_guests_turn_never_runs() -> None:
+    workers = CopyWorkers(2)
+    first, second, third = Blocked(), Blocked(), Blocked()
+    scope = trio.CancelScope()
+
+    async def waits_for_its_turn() -> None:
+        with scope:
+            await workers.run(1, second)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            nursery.start_soon(waits_for_its_turn)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(workers.run, 1, third)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            first.release.set()
+            await third.wait_started()  # the next one takes the turn
+            third.release.set()
+    assert scope.cancelled_caught and not second.started.is_set()
+    assert workers.stats.copies == 2
+
+
 async def test_a_copy_cancelled_before_a_thread_takes_it_never_runs() -> None:
     workers = CopyWorkers(1)
     slow = Blocked()
@@ -167,6 +219,29 @@ async def test_idle_threads_end_and_new_work_starts_them_again(
                 nursery.start_soon(workers.run, domid, lambda: None)
         await until(lambda: workers.threads == 0)
         assert await workers.run(1, lambda: "again") == "again"
+    assert workers.stats.copies == 3
+
+
+async def test_closed_workers_make_the_copies_queued_before_and_then_their_threads_end() -> None:
+    workers = CopyWorkers(1)
+    slow = Blocked()
+    results: list[str] = []
+
+    async def queued() -> None:
+        results.append(await workers.run(2, lambda: "queued"))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, slow)
+            await slow.wait_started()
+            nursery.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()
+            workers.close()
+            slow.release.set()
+        assert results == ["queued"]
+        with trio.fail_after(5):  # (idle, it would live IDLE_SECONDS on)
+            await until(lambda: workers.threads == 0)
+        assert await workers.run(3, lambda: "after") == "after"  # a thread starts again
     assert workers.stats.copies == 3
 
 
@@ -238,7 +313,7 @@ async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
 ) -> None:
     """Copy mode: while guest 1's frame is being copied (held in its worker thread), the
     event loop goes on serving guest 2, whose frames are copied by the other thread and
-    shown; guest 1's flip completes once its copy ends."""
+    shown; guest 1's flip completes once its copy ends. The threads end with the daemon."""
     held = HeldCopies(320 * 4)
     monkeypatch.setattr(buffers_module, "copy_frame", held)
     settings = BackendSettings(copy_workers=2)
@@ -274,6 +349,8 @@ async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
                 assert shown(w.output("A"), 320, 240) == (0, 2)
                 await release(g1, 0, bufs1, fbs1)
                 await release(g2, 0, bufs2, fbs2)
+        with trio.fail_after(5):  # (an idle thread would otherwise live IDLE_SECONDS on)
+            await wait_until(lambda: w.backend.copies.threads == 0)  # the daemon stopped
     assert not held.release_timed_out and held.errors == []
     assert threading.get_ident() not in held.threads  # every copy ran off the event loop
     assert w.backend.copies.stats.copies >= 10

@@ -329,8 +329,38 @@ async def test_outputs_of_one_refresh_rate_share_one_vblank_task(
         assert all(d.outputs[c.name].stats.missed_vblanks == 0 for c in configs)
 
 
+async def test_outputs_of_one_rate_with_phases_of_their_own_land_flips_at_their_own_vblanks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Heads out of step, as on a real multi-head card: each output's vblank n is at
+    start + (n + phase) periods, and flips land there, one clock task serving them all."""
+    phases = [0.0, 0.25, 0.5, 0.75]
+    configs = [OutputConfig(f"o{i}", 8, 4, phase=phase) for i, phase in enumerate(phases)]
+    async with VirtualDisplay.open(configs) as d:
+        assert d._nursery is not None and len(d._nursery.child_tasks) == 1
+        t0 = trio.current_time()
+        results: dict[str, list[Any]] = {c.name: [] for c in configs}
+
+        async def flips(name: str) -> None:
+            out = d.outputs[name]
+            fbs = [out.create_dumb(width=8, height=4, fourcc=XRGB) for _ in range(2)]
+            for i in range(3):
+                results[name].append(await out.flip(fbs[i % 2]))
+
+        async with trio.open_nursery() as nursery:
+            for c in configs:
+                nursery.start_soon(flips, c.name)
+        for c in configs:
+            assert [r.sequence for r in results[c.name]] == [1, 2, 3]
+            assert [r.timestamp for r in results[c.name]] == [
+                pytest.approx(t0 + (n + c.phase) * PERIOD) for n in (1, 2, 3)
+            ]
+            assert d.outputs[c.name].stats.missed_vblanks == 0
+
+
 def test_output_configs_are_validated() -> None:
-    for bad in [("", 4, 4, 60.0), ("x", 0, 4, 60.0), ("x", 4, 99999, 60.0), ("x", 4, 4, 0.0)]:
+    for bad in [("", 4, 4, 60.0), ("x", 0, 4, 60.0), ("x", 4, 99999, 60.0), ("x", 4, 4, 0.0),
+                ("x", 4, 4, 60.0, 1.0), ("x", 4, 4, 60.0, -0.1)]:
         with pytest.raises(ValueError):
             OutputConfig(*bad)
     with pytest.raises(ValueError, match="unique"):

@@ -335,6 +335,13 @@ def test_response_ok_and_error_echo_id_and_operation() -> None:
     assert Response.ok(flip).is_ok and not Response.error(flip, ENOENT).is_ok
 
 
+@pytest.mark.parametrize("cls", REQUEST_CLASSES, ids=lambda c: c.__name__)
+@given(data=st.data())
+def test_ok_packet_is_the_packed_ok_response(cls: type[Any], data: st.DataObject) -> None:
+    request = parse_request(data.draw(packets_of(cls)).pack())
+    assert Response.ok_packet(request) == Response.ok(request).pack()
+
+
 def test_positive_status_is_refused() -> None:
     with pytest.raises(ProtocolError):
         Response(id=1, operation=Op.PG_FLIP, status=1)

@@ -132,6 +132,11 @@ class Channels:
             self._port_handlers[evt.port] = functools.partial(self.on_events, link, evt)
             self._guest.connector_stats(index).state = "offline"
 
+    def ignore_port(self, port: int) -> None:
+        """Take ``port``'s notifications without running its handler (a hostile guest)."""
+        if port in self._port_handlers:
+            self._port_handlers[port] = lambda: None
+
     def drop_memory(self, link: Link) -> list[tuple[int, int | None]]:
         """Release the ring and event-page views and mappings; (gref, pfn) to end/free."""
         pairs: list[tuple[int, int | None]] = []

@@ -101,6 +101,12 @@ class HostileHooks:
         _req, evt = self._guest.channels.find(connector)
         _U32.pack_into(evt.mapping.buffer, _EVT_FIELDS[field_name], value & 0xFFFF_FFFF)
 
+    def stop_reading_events(self, connector: int) -> None:
+        """From now on the guest ignores the connector's event-page notifications: it never
+        reads the page again, so ``in_cons`` moves only when the test writes it."""
+        _req, evt = self._guest.channels.find(connector)
+        self._guest.channels.ignore_port(evt.port)
+
     def write_ring_slot(self, connector: int, index: int, packet: bytes) -> None:
         """Write raw bytes into request-ring slot ``index & 31`` (no index is moved)."""
         req, _evt = self._guest.channels.find(connector)
