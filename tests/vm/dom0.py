@@ -1,7 +1,9 @@
 """What a VM test does in the nested Dom0: start the daemon, create guests, inspect leftovers.
 
 Dom0 runs the host's own root (read-only over 9p) chrooted, so the checkout and its .venv
-are at the same path as on the host; the per-test shared directory is ``/mnt`` in Dom0, and
+are at the same path as on the host (an arm64 Dom0 runs the root of tests/vm/arm64_root.py
+instead, with the checkout at ``/displback`` and the daemon's dependencies on its
+``PYTHONPATH``); the per-test shared directory is ``/mnt`` in Dom0, and
 everything Dom0 writes for the test to read (daemon log, snapshots, guest consoles, command
 output) lands there. Step times are recorded in :attr:`Dom0.timings` and printed at the end.
 """
@@ -71,15 +73,27 @@ class Dom0:
     repo: Path
     timings: dict[str, float] = field(default_factory=dict)
     daemon_pid: int | None = None
+    #: How Dom0 runs the checkout's Python (from the checkout's directory).
+    python: str = ".venv/bin/python"
 
     @staticmethod
-    def boot_script(repo: Path) -> str:
+    def boot_script(repo: Path, *, respawn_shell: bool = False) -> str:
         """``/mnt/dom0.sh``: Xen's Dom0 services, then an interactive shell on hvc0.
 
         The checkout (with its ``.venv``) is exported on its own (9p tag ``repo``) and
         mounted at its own path: a clone under ``/tmp`` (CI's, say) would otherwise be hidden
         by Dom0's tmpfs there.
+
+        ``respawn_shell`` (the arm64 Dom0, whose ``/bin/sh`` is busybox ash, not the host's
+        dash): measured there, the interactive shell exits (status 0) when one of its
+        background children exits — the daemon after SIGTERM, a helper — and as PID 1 that
+        panicked Dom0. So PID 1 stays a plain loop that starts the interactive shell again.
         """
+        shell = (
+            'while :; do stty -echo; PS1="# " /bin/sh -i; echo "@@DOM0 SHELL RESTARTED@@"; done'
+            if respawn_shell
+            else "exec /bin/sh -i"
+        )
         return f"""export PATH={XEN_BIN}:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen {SHARE}/xenlog
@@ -92,7 +106,7 @@ echo "@@DOM0 USERSPACE@@"
 {XEN_BIN}/xenconsoled --log=guest --log-dir={SHARE}/xenlog || echo "@@FAIL xenconsoled@@"
 ls /dev/xen /dev/dri > {SHARE}/devices.txt 2>&1
 echo "@@DOM0 READY@@"
-exec /bin/sh -i
+{shell}
 """
 
     # --- steps ------------------------------------------------------------------------------
@@ -148,7 +162,7 @@ exec /bin/sh -i
             ]
         )
         self.sh(
-            f"cd {self.repo} && PYTHONDONTWRITEBYTECODE=1 setsid .venv/bin/python -m "
+            f"cd {self.repo} && PYTHONDONTWRITEBYTECODE=1 setsid {self.python} -m "
             f"displback.app.run {argv} >>{log} 2>&1 </dev/null & echo $! > {SHARE}/daemon.pid; cd /"
         )
         self.daemon_pid = int((self.share / "daemon.pid").read_text().strip())
@@ -215,7 +229,7 @@ exec /bin/sh -i
         draw: str = "0,1",
         then: str = "stay",
         maxmem: int = 256,
-        guest_type: str = "pv",
+        guest_type: str | None = None,
         vdispl: bool = True,
         warmup: int | None = None,
         vkb: bool = False,
@@ -233,9 +247,10 @@ exec /bin/sh -i
             extra += f" drmtest.warmup={warmup}"
         if inputtest is not None:
             extra += f" inputtest.seconds={inputtest}"
+        arch = self.vm.arch
         text = f"""name = "{name}"
-type = "{guest_type}"
-kernel = "{SHARE}/bzImage"
+type = "{guest_type or arch.guest_type}"
+kernel = "{SHARE}/{arch.kernel_name}"
 ramdisk = "{SHARE}/domU.cpio"
 extra = "{extra}"
 memory = 256

@@ -1,7 +1,9 @@
 """The two busybox initramfs images of the VM tests (Dom0 and DomU), written as newc cpio.
 
 Nothing is downloaded: busybox comes from Debian's ``busybox-static``, the guest's test
-program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``.
+program is compiled here with ``gcc -static`` from ``tests/vm/guest/drmtest.c``. For arm64
+(``make test-vm-arm64``) busybox is the arm64 one of :mod:`tests.vm.arm64_root` and the
+program is cross-compiled with ``aarch64-linux-gnu-gcc -static``.
 
 * Dom0: ``/init`` mounts proc, sys, devtmpfs, the host's root read-only over 9p
   (``hostroot``) and the test's shared directory read-write (``share``, at ``/mnt`` inside),
@@ -64,12 +66,12 @@ def _file(name: str, data: bytes, mode: int = 0o755) -> _Entry:
     return _Entry(name, 0o100000 | mode, data)
 
 
-def _base(init: str) -> list[_Entry]:
-    if not BUSYBOX.is_file():
-        raise FileNotFoundError(f"{BUSYBOX} missing: apt-get install busybox-static")
+def _base(init: str, busybox: Path = BUSYBOX) -> list[_Entry]:
+    if not busybox.is_file():
+        raise FileNotFoundError(f"{busybox} missing: apt-get install busybox-static")
     return [
         *(_dir(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "host")),
-        _file("bin/busybox", BUSYBOX.read_bytes()),
+        _file("bin/busybox", busybox.read_bytes()),
         _file("init", init.encode()),
     ]
 
@@ -185,11 +187,12 @@ def compile_inputtest(out: Path) -> Path:
     return out
 
 
-def compile_drmtest(out: Path) -> Path:
-    """``gcc -static`` the guest's DRM test program into ``out``."""
-    compiler = shutil.which("gcc")
+def compile_drmtest(out: Path, cc: str = "gcc") -> Path:
+    """``gcc -static`` (or ``cc``, a cross compiler) the guest's DRM test program into ``out``."""
+    compiler = shutil.which(cc)
     if compiler is None:
-        raise FileNotFoundError("gcc missing: apt-get install build-essential")
+        package = "build-essential" if cc == "gcc" else "gcc-aarch64-linux-gnu"
+        raise FileNotFoundError(f"{cc} missing: apt-get install {package}")
     if not (DRM_HEADERS / "drm_mode.h").is_file():
         raise FileNotFoundError(f"{DRM_HEADERS}/drm_mode.h missing: apt-get install libdrm-dev")
     subprocess.run(
@@ -211,9 +214,9 @@ def compile_drmtest(out: Path) -> Path:
     return out
 
 
-def build_dom0(path: Path) -> Path:
+def build_dom0(path: Path, busybox: Path = BUSYBOX) -> Path:
     """Write the Dom0 initramfs to ``path``."""
-    path.write_bytes(_newc(_base(DOM0_INIT)))
+    path.write_bytes(_newc(_base(DOM0_INIT, busybox)))
     return path
 
 
@@ -223,11 +226,13 @@ def build_dom0_systemd(path: Path) -> Path:
     return path
 
 
-def build_domu(path: Path, drmtest: Path, inputtest: Path | None = None) -> Path:
+def build_domu(
+    path: Path, drmtest: Path, inputtest: Path | None = None, busybox: Path = BUSYBOX
+) -> Path:
     """Write the DomU initramfs (with the compiled ``drmtest``, and ``inputtest`` if given)
     to ``path``."""
     entries = [
-        *_base(DOMU_INIT),
+        *_base(DOMU_INIT, busybox),
         _file("bin/drmtest", drmtest.read_bytes()),
         *([_file("bin/inputtest", inputtest.read_bytes())] if inputtest is not None else []),
         _file("sbin/poweroff", _power_script("poweroff").encode()),

@@ -2,7 +2,11 @@
 
 :class:`XenVM` starts ``qemu-system-x86_64`` with Xen as the multiboot kernel, our bzImage
 and Dom0 initramfs as modules, the host root exported read-only over 9p and a per-test
-shared directory read-write (Dom0 sees it at ``/mnt``). The serial line (Xen's com1, which
+shared directory read-write (Dom0 sees it at ``/mnt``). With ``arch=ARM64`` it starts
+``qemu-system-aarch64 -M virt,virtualization=on`` instead: Xen's arm64 Image as the kernel,
+the Dom0 kernel and initramfs handed over by QEMU's ``guest-loader`` devices (Xen finds them
+in the device tree), the arm64 root of :mod:`tests.vm.arm64_root` as ``hostroot`` and virtio
+over MMIO. The serial line (Xen's com1, which
 also carries Dom0's hvc0) is read by a thread into memory and ``console.log``; the HMP
 monitor is a UNIX socket. Every wait has a timeout, and a failure raises :class:`VMError`
 with the console's tail.
@@ -19,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
@@ -29,13 +34,62 @@ XEN_ARGS = "console=com1 dom0_mem=1536M noreboot loglvl=all guest_loglvl=all"
 NO_VKMS = "initcall_blacklist=vkms_init"
 #: Dom0 kernel log level (4: errors only); DISPLBACK_VM_DOM0_LOGLEVEL=8 to debug Dom0.
 DOM0_LOGLEVEL = int(os.environ.get("DISPLBACK_VM_DOM0_LOGLEVEL", "4"))
-DOM0_ARGS = f"console=hvc0 earlyprintk=xen rdinit=/init loglevel={DOM0_LOGLEVEL} {NO_VKMS}"
 # +svm,+npt: QEMU's TCG emulates AMD nested paging, so Xen gets HAP and can run PVH guests
 # (Debian's Xen has no shadow paging: without HAP, `xl create` of a PVH guest fails).
 CPU = os.environ.get("DISPLBACK_VM_CPU", "qemu64,+x2apic,+sse4.1,+sse4.2,+popcnt,+ssse3,+svm,+npt")
 _RC = re.compile(rb"@@RC=(\d+)@@")
 #: Where Dom0 mounts the shared directory (tests/vm/initramfs.py's Dom0 /init).
 DOM0_SHARE = "/mnt"
+
+
+@dataclass(frozen=True)
+class VMArch:
+    """What differs between the x86 and the arm64 nested Xen."""
+
+    name: str
+    qemu: str
+    qemu_package: str
+    #: Xen's command line and Dom0's (without rdinit/loglevel, added by XenVM).
+    xen_args: str
+    dom0_console: str
+    #: virtio transport suffix of QEMU device names: "pci" (x86) or "device" (MMIO, arm64).
+    virtio: str
+    #: The file name the kernel image has in the shared directory (the guest boots it).
+    kernel_name: str
+    #: xl.cfg ``type`` of the test guests (Arm has only PVH-like guests).
+    guest_type: str
+    #: Display device for KMS/screendump tests.
+    display_device: str
+
+
+X86 = VMArch(
+    name="x86",
+    qemu=QEMU,
+    qemu_package="qemu-system-x86",
+    xen_args=XEN_ARGS,
+    dom0_console="console=hvc0 earlyprintk=xen",
+    virtio="pci",
+    kernel_name="bzImage",
+    guest_type="pv",
+    display_device="bochs-display",
+)
+# dtuart: Xen's console on the device tree's stdout-path (the PL011); earlycon=xen: Dom0's
+# early messages through Xen's console hypercall.
+ARM64 = VMArch(
+    name="arm64",
+    qemu="qemu-system-aarch64",
+    qemu_package="qemu-system-arm",
+    xen_args="console=dtuart dom0_mem=1024M noreboot loglvl=all guest_loglvl=all",
+    dom0_console="console=hvc0 earlycon=xen",
+    virtio="device",
+    kernel_name="Image",
+    guest_type="pvh",
+    display_device="virtio-gpu-device",
+)
+#: Guest-physical addresses QEMU's guest-loader puts the Dom0 kernel and initramfs at (clear
+#: of Xen at the start of RAM and of the device tree QEMU places 128 MiB into RAM).
+ARM64_DOM0_KERNEL_ADDR = "0x42000000"
+ARM64_DOM0_INITRD_ADDR = "0x47000000"
 
 
 class VMError(AssertionError):
@@ -67,10 +121,14 @@ class XenVM:
         share: Path,
         repo: Path | None = None,
         memory_mb: int = 3072,
-        display: bool = True,
+        display: bool | str = True,
         pvh_dom0: bool = False,
         stage: Path | None = None,
         dom0_args: str = "",
+        arch: VMArch = X86,
+        hostroot: Path = Path("/"),
+        extra_devices: tuple[str, ...] = (),
+        vkms: bool = False,
     ) -> None:
         self.workdir = workdir
         self.share = share
@@ -81,20 +139,46 @@ class XenVM:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.started = time.monotonic()
-        if shutil.which(QEMU) is None:
-            raise FileNotFoundError(f"{QEMU} missing: apt-get install qemu-system-x86")
-        modules = f"{kernel} {DOM0_ARGS} {dom0_args},{initramfs}".replace(" ,", ",")
+        self.arch = arch
+        if shutil.which(arch.qemu) is None:
+            raise FileNotFoundError(f"{arch.qemu} missing: apt-get install {arch.qemu_package}")
+        dom0_cmdline = (
+            f"{arch.dom0_console} rdinit=/init loglevel={DOM0_LOGLEVEL} "
+            f"{'' if vkms else NO_VKMS} {dom0_args}"
+        ).strip()
         # A PVH Dom0 (auto-translated: gntdev can export dma-bufs) needs an IOMMU, and the
         # virtio devices must go through it (iommu_platform) since Dom0's physical addresses
         # are not the machine's.
-        xen_args = f"{XEN_ARGS} dom0=pvh iommu=1" if pvh_dom0 else XEN_ARGS
+        xen_args = f"{arch.xen_args} dom0=pvh iommu=1" if pvh_dom0 else arch.xen_args
         virtio = ",iommu_platform=on,disable-legacy=on" if pvh_dom0 else ""
+        ninep = f"virtio-9p-{arch.virtio}"
+        if arch is ARM64:
+            boot = [
+                "-machine", "virt,virtualization=on,gic-version=3",
+                "-cpu", "cortex-a57",
+                # Modern virtio over MMIO: virtio-gpu's driver refuses a legacy device (it
+                # stayed unbound with QEMU's default, force-legacy=true).
+                "-global", "virtio-mmio.force-legacy=false",
+                "-kernel", str(xen),
+                "-append", xen_args,
+                "-device",
+                f"guest-loader,addr={ARM64_DOM0_KERNEL_ADDR},kernel={kernel},"
+                f"bootargs={dom0_cmdline}",
+                "-device", f"guest-loader,addr={ARM64_DOM0_INITRD_ADDR},initrd={initramfs}",
+            ]  # fmt: skip
+        else:
+            boot = [
+                *(["-machine", "q35,kernel-irqchip=split"] if pvh_dom0 else []),
+                *(["-device", "amd-iommu,intremap=on"] if pvh_dom0 else []),
+                "-cpu", CPU,
+                "-kernel", str(xen),
+                "-append", xen_args,
+                "-initrd", f"{kernel} {dom0_cmdline},{initramfs}",
+            ]  # fmt: skip
         cmd = [
-            QEMU,
-            *(["-machine", "q35,kernel-irqchip=split"] if pvh_dom0 else []),
-            *(["-device", "amd-iommu,intremap=on"] if pvh_dom0 else []),
+            arch.qemu,
+            *boot,
             "-accel", "tcg,thread=multi",
-            "-cpu", CPU,
             "-m", str(memory_mb),
             "-smp", "2",
             "-no-reboot",
@@ -102,17 +186,14 @@ class XenVM:
             "-vga", "none",
             "-serial", "stdio",
             "-monitor", f"unix:{self.monitor_path},server=on,wait=off",
-            "-kernel", str(xen),
-            "-append", xen_args,
-            "-initrd", modules,
-            "-fsdev", "local,id=fs0,path=/,security_model=none,readonly=on",
-            "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag=hostroot{virtio}",
+            "-fsdev", f"local,id=fs0,path={hostroot},security_model=none,readonly=on",
+            "-device", f"{ninep},fsdev=fs0,mount_tag=hostroot{virtio}",
             "-fsdev", f"local,id=fs1,path={share},security_model=none",
-            "-device", f"virtio-9p-pci,fsdev=fs1,mount_tag=share{virtio}",
+            "-device", f"{ninep},fsdev=fs1,mount_tag=share{virtio}",
             *(
                 [
                     "-fsdev", f"local,id=fs2,path={repo},security_model=none,readonly=on",
-                    "-device", f"virtio-9p-pci,fsdev=fs2,mount_tag=repo{virtio}",
+                    "-device", f"{ninep},fsdev=fs2,mount_tag=repo{virtio}",
                 ]
                 if repo is not None
                 else []
@@ -121,7 +202,7 @@ class XenVM:
             *(
                 [
                     "-fsdev", f"local,id=fs3,path={stage},security_model=none,readonly=on",
-                    "-device", f"virtio-9p-pci,fsdev=fs3,mount_tag=stage{virtio}",
+                    "-device", f"{ninep},fsdev=fs3,mount_tag=stage{virtio}",
                 ]
                 if stage is not None
                 else []
@@ -129,7 +210,9 @@ class XenVM:
             "-net", "none",
         ]  # fmt: skip
         if display:
-            cmd += ["-device", "bochs-display"]
+            cmd += ["-device", arch.display_device if display is True else display]
+        for device in extra_devices:
+            cmd += ["-device", device]
         self.command = cmd
         (workdir / "qemu-command.txt").write_text(" ".join(f"'{a}'" for a in cmd) + "\n")
         self._log = self.console_log.open("wb")

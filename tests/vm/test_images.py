@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.vm import dom0, initramfs, kernel
+import pytest
+
+from tests.vm import arm64_root, dom0, initramfs, kernel
 
 
 def test_newc_archive_lists_and_extracts_with_cpio(tmp_path: Path) -> None:
@@ -31,6 +33,15 @@ def test_kernel_cache_key_changes_with_fragment_and_source_version() -> None:
     assert kernel.cache_key(b"CONFIG_XEN=y\n", "6.1.1-2") != base
 
 
+def test_arm64_kernel_has_its_own_cache_key_and_x86s_is_unchanged() -> None:
+    fragment = b"CONFIG_XEN=y\n"
+    x86 = kernel.cache_key(fragment, "6.1.1-1")
+    assert kernel.cache_key(fragment, "6.1.1-1", kernel.X86) == x86
+    assert kernel.cache_key(fragment, "6.1.1-1", kernel.ARM64) != x86
+    # x86's caches predate arm64: its key is still the recipe, version and fragment alone.
+    assert x86 == "8f093288e087a738"
+
+
 def test_fragment_options_are_parsed_without_comments() -> None:
     options = kernel.wanted_options('# comment\n\nCONFIG_XEN=y\nCONFIG_X="a=b"\n')
     assert options == {"CONFIG_XEN": "y", "CONFIG_X": '"a=b"'}
@@ -51,6 +62,35 @@ def test_committed_fragment_has_what_the_backend_needs() -> None:
         "INPUT_EVDEV",
     ):
         assert options[f"CONFIG_{name}"] == "y", name
+
+
+def test_committed_arm64_fragment_has_what_dom0_guest_and_zero_copy_need() -> None:
+    options = kernel.wanted_options(kernel.ARM64.fragment.read_text())
+    for name in (
+        "XEN",
+        "XEN_GNTDEV_DMABUF",
+        "XEN_GRANT_DMA_ALLOC",
+        "DRM_XEN_FRONTEND",
+        "XEN_DEV_EVTCHN",
+        "XENFS",
+        "HVC_XEN",
+        "VIRTIO_MMIO",
+        "9P_FS",
+        "SERIAL_AMBA_PL011",
+        "BLK_DEV_INITRD",
+    ):
+        assert options[f"CONFIG_{name}"] == "y", name
+
+
+def test_arm64_root_cache_key_covers_packages_and_requirements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = arm64_root.cache_key()
+    monkeypatch.setattr(arm64_root, "PACKAGES", (*arm64_root.PACKAGES, "strace"))
+    assert arm64_root.cache_key() != base
+    monkeypatch.undo()
+    monkeypatch.setattr(arm64_root, "REQUIREMENTS", ("trio>=0.30",))
+    assert arm64_root.cache_key() != base
 
 
 def test_domu_image_runs_the_input_test_when_the_command_line_asks(tmp_path: Path) -> None:

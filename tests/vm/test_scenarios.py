@@ -228,8 +228,14 @@ def test_guest_pattern_on_bochs_through_kms_matches_qemus_screendump(dom0: Dom0)
     dom0.start_daemon("--display", "kms", "--card", card, "--connector", "Virtual-1=1024x768")
     guest = dom0.xl_create("guest1", connectors="id0:1024x768", flips=6, draw="0")
     wait_flips_done(dom0, guest, (0,), 6)
-    want = expected_rgb(1024, 768, 6, 0)
-    deadline = time.monotonic() + 30
+    wait_screen(dom0, 6)
+
+
+def wait_screen(dom0: Dom0, frame: int, timeout: float = 30) -> None:
+    """Wait until QEMU's screendump shows drmtest's frame ``frame`` of connector 0 at 1024x768
+    in the top-left corner, bit for bit."""
+    want = expected_rgb(1024, 768, frame, 0)
+    deadline = time.monotonic() + timeout
     got = b""
     attempt = 0
     while time.monotonic() < deadline:
@@ -244,7 +250,7 @@ def test_guest_pattern_on_bochs_through_kms_matches_qemus_screendump(dom0: Dom0)
     wrong = sum(
         1 for i in range(0, min(len(got), len(want)), 3) if got[i : i + 3] != want[i : i + 3]
     )
-    raise AssertionError(f"bochs screendump: {wrong} of {len(want) // 3} pixels differ")
+    raise AssertionError(f"screendump: {wrong} of {len(want) // 3} pixels differ")
 
 
 @pytest.mark.pvh_dom0
@@ -323,9 +329,7 @@ def test_uinput_devices_in_dom0_type_into_the_guests_xen_kbdfront(dom0: Dom0) ->
     )
     assert dom0.xenstore_read(f"{backend}/state") == "4"
     (dom0.share / "uinput-go").write_text("go\n")
-    text = dom0.wait_guest(
-        guest, r"INPUTTEST EV mt 3 57 -1", 60, what="the events in the guest"
-    )
+    text = dom0.wait_guest(guest, r"INPUTTEST EV mt 3 57 -1", 60, what="the events in the guest")
     got = [line.strip() for line in text.splitlines() if line.startswith("INPUTTEST EV")]
     for line in EXPECTED_INPUT:
         assert line in got, f"{line!r} not among {got}"

@@ -24,17 +24,28 @@ INPUT_PROP_DIRECT = 0x01
 UI_SET_PROPBIT = uapi.ioc(1, "U", 110, 4)
 SYN = (uapi.EV_SYN, uapi.SYN_REPORT, 0)
 KEYS = [
-    (uapi.EV_KEY, KEY_A, 1), SYN,
-    (uapi.EV_KEY, KEY_A, 0), SYN,
-    (uapi.EV_REL, uapi.REL_X, 10), (uapi.EV_REL, uapi.REL_Y, 20), SYN,
-    (uapi.EV_KEY, BTN_LEFT, 1), SYN,
-    (uapi.EV_KEY, BTN_LEFT, 0), SYN,
+    (uapi.EV_KEY, KEY_A, 1),
+    SYN,
+    (uapi.EV_KEY, KEY_A, 0),
+    SYN,
+    (uapi.EV_REL, uapi.REL_X, 10),
+    (uapi.EV_REL, uapi.REL_Y, 20),
+    SYN,
+    (uapi.EV_KEY, BTN_LEFT, 1),
+    SYN,
+    (uapi.EV_KEY, BTN_LEFT, 0),
+    SYN,
 ]
 TOUCH = [
-    (uapi.EV_ABS, uapi.ABS_MT_SLOT, 0), (uapi.EV_ABS, uapi.ABS_MT_TRACKING_ID, 1),
-    (uapi.EV_ABS, uapi.ABS_MT_POSITION_X, 512), (uapi.EV_ABS, uapi.ABS_MT_POSITION_Y, 384),
-    (uapi.EV_KEY, uapi.BTN_TOUCH, 1), SYN,
-    (uapi.EV_ABS, uapi.ABS_MT_TRACKING_ID, -1), (uapi.EV_KEY, uapi.BTN_TOUCH, 0), SYN,
+    (uapi.EV_ABS, uapi.ABS_MT_SLOT, 0),
+    (uapi.EV_ABS, uapi.ABS_MT_TRACKING_ID, 1),
+    (uapi.EV_ABS, uapi.ABS_MT_POSITION_X, 512),
+    (uapi.EV_ABS, uapi.ABS_MT_POSITION_Y, 384),
+    (uapi.EV_KEY, uapi.BTN_TOUCH, 1),
+    SYN,
+    (uapi.EV_ABS, uapi.ABS_MT_TRACKING_ID, -1),
+    (uapi.EV_KEY, uapi.BTN_TOUCH, 0),
+    SYN,
 ]
 
 
@@ -70,24 +81,37 @@ def main() -> None:
     keys = create(
         "displback-vm-keys",
         [
-            (uapi.UI_SET_EVBIT, uapi.EV_KEY), (uapi.UI_SET_KEYBIT, KEY_A),
-            (uapi.UI_SET_KEYBIT, BTN_LEFT), (uapi.UI_SET_EVBIT, uapi.EV_REL),
-            (uapi.UI_SET_RELBIT, uapi.REL_X), (uapi.UI_SET_RELBIT, uapi.REL_Y),
+            (uapi.UI_SET_EVBIT, uapi.EV_KEY),
+            (uapi.UI_SET_KEYBIT, KEY_A),
+            (uapi.UI_SET_KEYBIT, BTN_LEFT),
+            (uapi.UI_SET_EVBIT, uapi.EV_REL),
+            (uapi.UI_SET_RELBIT, uapi.REL_X),
+            (uapi.UI_SET_RELBIT, uapi.REL_Y),
         ],
         [],
     )
     touch = create(
         "displback-vm-touch",
         [
-            (uapi.UI_SET_EVBIT, uapi.EV_KEY), (uapi.UI_SET_KEYBIT, uapi.BTN_TOUCH),
-            (uapi.UI_SET_EVBIT, uapi.EV_ABS), (UI_SET_PROPBIT, INPUT_PROP_DIRECT),
-            *((uapi.UI_SET_ABSBIT, code) for code in (
-                uapi.ABS_MT_SLOT, uapi.ABS_MT_TRACKING_ID, uapi.ABS_MT_POSITION_X,
-                uapi.ABS_MT_POSITION_Y)),
+            (uapi.UI_SET_EVBIT, uapi.EV_KEY),
+            (uapi.UI_SET_KEYBIT, uapi.BTN_TOUCH),
+            (uapi.UI_SET_EVBIT, uapi.EV_ABS),
+            (UI_SET_PROPBIT, INPUT_PROP_DIRECT),
+            *(
+                (uapi.UI_SET_ABSBIT, code)
+                for code in (
+                    uapi.ABS_MT_SLOT,
+                    uapi.ABS_MT_TRACKING_ID,
+                    uapi.ABS_MT_POSITION_X,
+                    uapi.ABS_MT_POSITION_Y,
+                )
+            ),
         ],
         [
-            (uapi.ABS_MT_SLOT, 0, 9), (uapi.ABS_MT_TRACKING_ID, 0, 65535),
-            (uapi.ABS_MT_POSITION_X, 0, 1023), (uapi.ABS_MT_POSITION_Y, 0, 767),
+            (uapi.ABS_MT_SLOT, 0, 9),
+            (uapi.ABS_MT_TRACKING_ID, 0, 65535),
+            (uapi.ABS_MT_POSITION_X, 0, 1023),
+            (uapi.ABS_MT_POSITION_Y, 0, 767),
         ],
     )
     (share / "uinput-ready").write_text("ready\n")
