@@ -38,6 +38,9 @@ class Guest:
     name: str
     domid: int
     console: Path
+    #: Where this domain's output starts in ``console``: xenconsoled appends a rebooted
+    #: guest's console to the log of the domain it replaces.
+    console_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,10 +293,13 @@ on_reboot = "restart"
         return Guest(name, domid, self.share / "xenlog" / f"guest-{name}.log")
 
     def wait_guest(self, guest: Guest, pattern: str, timeout: float, *, what: str) -> str:
+        """The guest's console text (from ``guest.console_from``) once it matches ``pattern``."""
         regex = re.compile(pattern)
-        return self.vm.wait_file(
-            guest.console, lambda t: regex.search(t) is not None, timeout, what=what
+        start = guest.console_from
+        text = self.vm.wait_file(
+            guest.console, lambda t: regex.search(t[start:]) is not None, timeout, what=what
         )
+        return text[start:]
 
     def xl_timed(self, args: str, timeout: float = 120.0) -> XlRun:
         """Run ``xl ARGS`` in Dom0: its wall time (taken in Dom0, so the serial line's typing
