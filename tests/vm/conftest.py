@@ -43,9 +43,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if "vm" in (config.getoption("markexpr", "") or ""):
         return
     skip = pytest.mark.skip(reason="VM test: run with `make test-vm` (pytest -m vm tests/vm)")
+    skip_arm64 = pytest.mark.skip(reason="arm64 VM test: run with `make test-vm-arm64`")
     for item in items:
         if item.get_closest_marker("vm") is not None:
-            item.add_marker(skip)
+            item.add_marker(skip_arm64 if item.get_closest_marker("arm64") else skip)
 
 
 @dataclass(frozen=True)
