@@ -23,7 +23,7 @@ from displback.backend.deferred import DeferredReleases
 from displback.backend.outputs import OutputProvider
 from displback.backend.quotas import LimitOverrides, Limits, Quota
 from displback.backend.retained import RetainedMemory
-from displback.backend.xenbusdev import XenbusDevice, XenbusStatus
+from displback.backend.xenbusdev import XenbusDevice, XenbusStatus, unbind_quietly
 from displback.display.interface import DisplayError, Output
 from displback.protocol import layout
 from displback.protocol.constants import LINUX_MAX_CONNECTORS
@@ -130,9 +130,9 @@ class Connection:
             events = EventProducer(evt_map.buffer)
             self._stack.callback(events.release)
             req_port = evtchn.bind_interdomain(dev.domid, transport.req_evtchn)
-            self._stack.callback(_unbind, evtchn, req_port)
+            self._stack.callback(unbind_quietly, evtchn, req_port)
             evt_port = evtchn.bind_interdomain(dev.domid, transport.evt_evtchn)
-            self._stack.callback(_unbind, evtchn, evt_port)
+            self._stack.callback(unbind_quietly, evtchn, evt_port)
             self.connectors.append(
                 Connector(
                     config=cfg,
@@ -203,11 +203,6 @@ class Connection:
                 await self.store.aclose()
         finally:
             self._stack.close()
-
-
-def _unbind(evtchn: EventChannels, port: int) -> None:
-    with contextlib.suppress(OSError):
-        evtchn.unbind(port)
 
 
 class GuestDevice(XenbusDevice[Connection, DeviceStatus]):

@@ -50,7 +50,7 @@ import trio
 
 from displback.backend.input import InputRouter, InputTarget
 from displback.backend.quotas import Quota
-from displback.backend.xenbusdev import XenbusDevice, XenbusStatus
+from displback.backend.xenbusdev import XenbusDevice, XenbusStatus, unbind_quietly
 from displback.protocol import kbdif, layout
 from displback.protocol.errors import ProtocolError
 from displback.protocol.handshake import Handshake
@@ -332,7 +332,7 @@ class VkbdConnection:
         self._stack.callback(producer.release)
         self.producer = producer
         self._port = evtchn.bind_interdomain(dev.domid, transport.event_channel)
-        self._stack.callback(_unbind, evtchn, self._port)
+        self._stack.callback(unbind_quietly, evtchn, self._port)
         sink = VkbdSink(
             config,
             transport,
@@ -390,11 +390,6 @@ class VkbdConnection:
 
     async def close(self) -> None:
         self._stack.close()
-
-
-def _unbind(evtchn: EventChannels, port: int) -> None:
-    with contextlib.suppress(OSError):
-        evtchn.unbind(port)
 
 
 class VkbdDevice(XenbusDevice[VkbdConnection, VkbdStatus]):

@@ -17,6 +17,7 @@ everything it holds (bounded in time, shielded from the cancellation that trigge
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -44,11 +45,11 @@ from displback.protocol.handshake import (
     WriteState,
 )
 from displback.protocol.xenbus import XenbusState, parse_state
-from displback.xen.interfaces import Platform
+from displback.xen.interfaces import EventChannels, Platform
 from displback.xenstore.client import Transaction, XenStoreClient, XenStoreConnectionError
 from displback.xenstore.wire import XenStoreError
 
-__all__ = ["Served", "XenbusDevice", "XenbusStatus"]
+__all__ = ["Served", "XenbusDevice", "XenbusStatus", "unbind_quietly"]
 
 _OBSERVE = object()
 
@@ -350,3 +351,9 @@ class XenbusDevice(Generic[C, S]):
         self._connection_scope = None
         self._connection_done = None
         self._on_disconnected()
+
+
+def unbind_quietly(evtchn: EventChannels, port: int) -> None:
+    """Unbind a connection's port on teardown; one the guest already closed is gone anyway."""
+    with contextlib.suppress(OSError):
+        evtchn.unbind(port)
