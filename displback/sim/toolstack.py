@@ -427,6 +427,59 @@ class Toolstack:
         """Device ids of ``kind`` (``vdispl``, ``vkbd``) libxl knows for the guest."""
         return sorted(int(d) for d in self._list(f"/libxl/{domid}/device/{kind}") if d.isdigit())
 
+    async def _generic_add(
+        self,
+        what: str,
+        domid: int,
+        backend_domid: int,
+        fe: str,
+        be: str,
+        lx: str,
+        *,
+        bents: dict[str, str],
+        ro_fents: dict[str, str] | None = None,
+        timeout: float | None,
+    ) -> None:
+        """libxl__device_generic_add in one transaction: libxl's own record of the device
+        (``lx``), the frontend directory (the guest's, with ``ro_fents`` it may only read) and
+        the backend directory (``bents``); then wait for the backend's InitWait."""
+        frontend_perms = (Perm(domid, "n"), Perm(backend_domid, "r"))
+        ro_frontend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
+        backend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
+        fents = {"backend-id": str(backend_domid), "state": "1"}
+
+        def body(tx: int) -> None:
+            xs = self._xs
+            self._rm(lx, tx)
+            xs.write(f"{lx}/frontend", fe.encode(), tx)
+            xs.write(f"{lx}/backend", be.encode(), tx)
+            self._rm(fe, tx)
+            xs.mkdir(fe, tx)
+            xs.set_perms(fe, frontend_perms, tx)
+            xs.write(f"{fe}/backend", be.encode(), tx)
+            for key, value in fents.items():
+                self._write_with_perms(tx, f"{fe}/{key}", value, frontend_perms)
+            for key, value in (ro_fents or {}).items():
+                self._write_with_perms(tx, f"{fe}/{key}", value, ro_frontend_perms)
+            self._rm(be, tx)
+            xs.mkdir(be, tx)
+            xs.set_perms(be, backend_perms, tx)
+            xs.write(f"{be}/frontend", fe.encode(), tx)
+            for key, value in bents.items():
+                xs.write(f"{be}/{key}", value.encode(), tx)
+            for key in ("frontend-id", "online", "state"):
+                xs.write(f"{lx}/{key}", bents[key].encode(), tx)
+
+        self._transact(body)
+        limit = self.init_timeout if timeout is None else timeout
+        try:
+            await self.xenstored.wait_for(f"{be}/state", _reached_init_wait, timeout=limit)
+        except trio.TooSlowError:
+            state = self._read(f"{be}/state")
+            raise ToolstackError(
+                f"{what}: backend state {state!r} did not reach InitWait (2) within {limit} s"
+            ) from None
+
     async def add_vdispl(
         self,
         domid: int,
@@ -450,48 +503,15 @@ class Toolstack:
         fe = frontend_path(domid, devid)
         be = backend_path(backend_domid, domid, devid)
         lx = libxl_path(domid, devid)
-        frontend_perms = (Perm(domid, "n"), Perm(backend_domid, "r"))
-        ro_frontend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
-        backend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
-        bents = {"frontend-id": str(domid), "online": "1", "state": "1"}
-        fents = {"backend-id": str(backend_domid), "state": "1"}
         ro_fents = {"be-alloc": "1" if config.be_alloc else "0"}
         for index, connector in enumerate(config.connectors):
             ro_fents[f"{index}/resolution"] = f"{connector.width}x{connector.height}"
             ro_fents[f"{index}/unique-id"] = connector.unique_id
-
-        def body(tx: int) -> None:
-            xs = self._xs
-            self._rm(lx, tx)
-            xs.write(f"{lx}/frontend", fe.encode(), tx)
-            xs.write(f"{lx}/backend", be.encode(), tx)
-            self._rm(fe, tx)
-            xs.mkdir(fe, tx)
-            xs.set_perms(fe, frontend_perms, tx)
-            xs.write(f"{fe}/backend", be.encode(), tx)
-            for key, value in fents.items():
-                self._write_with_perms(tx, f"{fe}/{key}", value, frontend_perms)
-            for key, value in ro_fents.items():
-                self._write_with_perms(tx, f"{fe}/{key}", value, ro_frontend_perms)
-            self._rm(be, tx)
-            xs.mkdir(be, tx)
-            xs.set_perms(be, backend_perms, tx)
-            xs.write(f"{be}/frontend", fe.encode(), tx)
-            for key, value in bents.items():
-                xs.write(f"{be}/{key}", value.encode(), tx)
-            for key, value in bents.items():
-                xs.write(f"{lx}/{key}", value.encode(), tx)
-
-        self._transact(body)
-        limit = self.init_timeout if timeout is None else timeout
-        try:
-            await self.xenstored.wait_for(f"{be}/state", _reached_init_wait, timeout=limit)
-        except trio.TooSlowError:
-            state = self._read(f"{be}/state")
-            raise ToolstackError(
-                f"vdispl {devid} of domain {domid}: backend state {state!r} did not reach "
-                f"InitWait (2) within {limit} s"
-            ) from None
+        await self._generic_add(
+            f"vdispl {devid} of domain {domid}", domid, backend_domid, fe, be, lx,
+            bents={"frontend-id": str(domid), "online": "1", "state": "1"},
+            ro_fents=ro_fents, timeout=timeout,
+        )
         return devid
 
     async def add_vkb(
@@ -516,46 +536,16 @@ class Toolstack:
         fe = frontend_path(domid, devid, "vkbd")
         be = backend_path(backend_domid, domid, devid, VKB_BACKEND_KINDS[config.backend_type])
         lx = libxl_path(domid, devid, "vkbd")
-        frontend_perms = (Perm(domid, "n"), Perm(backend_domid, "r"))
-        backend_perms = (Perm(backend_domid, "n"), Perm(domid, "r"))
         bents = {"frontend-id": str(domid), "online": "1", "state": "1"}
         if config.unique_id is not None:
             bents["unique-id"] = config.unique_id
         for key, value in config.numbers:
             if value:  # libxl writes a feature or size only when it is set
                 bents[key] = str(value)
-        fents = {"backend-id": str(backend_domid), "state": "1"}
-
-        def body(tx: int) -> None:
-            xs = self._xs
-            self._rm(lx, tx)
-            xs.write(f"{lx}/frontend", fe.encode(), tx)
-            xs.write(f"{lx}/backend", be.encode(), tx)
-            self._rm(fe, tx)
-            xs.mkdir(fe, tx)
-            xs.set_perms(fe, frontend_perms, tx)
-            xs.write(f"{fe}/backend", be.encode(), tx)
-            for key, value in fents.items():
-                self._write_with_perms(tx, f"{fe}/{key}", value, frontend_perms)
-            self._rm(be, tx)
-            xs.mkdir(be, tx)
-            xs.set_perms(be, backend_perms, tx)
-            xs.write(f"{be}/frontend", fe.encode(), tx)
-            for key, value in bents.items():
-                xs.write(f"{be}/{key}", value.encode(), tx)
-            for key in ("frontend-id", "online", "state"):
-                xs.write(f"{lx}/{key}", bents[key].encode(), tx)
-
-        self._transact(body)
-        limit = self.init_timeout if timeout is None else timeout
-        try:
-            await self.xenstored.wait_for(f"{be}/state", _reached_init_wait, timeout=limit)
-        except trio.TooSlowError:
-            state = self._read(f"{be}/state")
-            raise ToolstackError(
-                f"vkb {devid} of domain {domid}: backend state {state!r} did not reach "
-                f"InitWait (2) within {limit} s"
-            ) from None
+        await self._generic_add(
+            f"vkb {devid} of domain {domid}", domid, backend_domid, fe, be, lx,
+            bents=bents, timeout=timeout,
+        )
         return devid
 
     async def remove_vkb(self, domid: int, devid: int, *, timeout: float | None = None) -> bool:
