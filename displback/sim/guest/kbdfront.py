@@ -163,12 +163,7 @@ class SimKbdFront:
         if self._crashed:
             return
         self._crashed = True
-        if self._consumer is not None:
-            self._consumer.release()
-            self._consumer = None
-        if self._mapping is not None:
-            self._mapping.close()
-            self._mapping = None
+        self._drop_page()
         if self._evtchn is not None:
             self._evtchn.abandon()
         if self._domain is not None:
@@ -176,15 +171,19 @@ class SimKbdFront:
         self._scope.cancel()
         self._changed()
 
-    def _release(self) -> None:
-        if self._crashed:
-            return
+    def _drop_page(self) -> None:
+        """Let go of the shared page's view and mapping (a crash and a release alike)."""
         if self._consumer is not None:
             self._consumer.release()
             self._consumer = None
         if self._mapping is not None:
             self._mapping.close()
             self._mapping = None
+
+    def _release(self) -> None:
+        if self._crashed:
+            return
+        self._drop_page()
         if self._evtchn is not None:
             self._evtchn.close()
         if self._domain is not None:
