@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import buffers, flipcost, flips, memory
+from bench import buffers, flipcost, flips, kmsflip, memory
 from bench.report import GOALS, Goal, Metric, Report, Target, percentile
 
 TINY = (64, 48)
@@ -212,6 +212,17 @@ async def test_flip_cost_counts_the_backends_loop_passes_and_task_steps_per_flip
     assert window["task_steps"] == pytest.approx(sum(window["steps_by_task"].values()))
     assert "_VblankClock.run" in window["steps_by_task"]
     assert "instruction_window" not in result  # only under callgrind
+
+
+@pytest.mark.parametrize("card", ["vkms", "bochs"])
+async def test_kms_flip_cost_counts_the_display_tasks_and_calls_per_flip(card: str) -> None:
+    result = await kmsflip.kms_flip_cost(card=card, flips=5, warmup=2, top=3)
+    assert (result["card"], result["flips"], result["flip_timeouts"]) == (card, 5, 0)
+    # One commit or page flip and one event read per flip, on the fake card.
+    assert result["ioctls"] == 1 and result["card_fd_reads"] == 1
+    assert result["task_steps"] == pytest.approx(sum(result["steps_by_task"].values()))
+    assert result["steps_by_task"]["KmsDisplay._read_events"] == 1
+    assert result["python_calls"] > 0 and len(result["most_called"]) == 3
 
 
 def test_callgrind_total_reads_the_largest_total_of_a_dump(tmp_path: Path) -> None:

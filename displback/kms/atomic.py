@@ -1,9 +1,11 @@
 """The atomic KMS path: one commit sets plane, CRTC and connector; flips are NONBLOCK commits.
 
 A commit turns the CRTC on with a MODE_ID blob (ALLOW_MODESET) when it is off or its mode
-changed, and otherwise only moves the primary plane's FB and rectangles. A TEST_ONLY commit
-asks the driver whether it can position a plane that does not cover the mode. Property ids
-are looked up by name once per object (:class:`PropertyCache`). May touch:
+changed, and otherwise only moves the primary plane's FB and rectangles. A plain flip — the
+same mode and placement as the last commit — commits the plane's FB_ID alone, through
+arrays built once (:class:`~displback.kms.device.PlaneFlip`). A TEST_ONLY commit asks the
+driver whether it can position a plane that does not cover the mode. Property ids are looked
+up by name once per object (:class:`PropertyCache`). May touch:
 :mod:`displback.kms.device`, :mod:`displback.kms.uapi`.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 
 from displback.kms import uapi
 from displback.kms.commit import Committer
-from displback.kms.device import DrmDevice, DrmError, ModeInfo, PropertyValue
+from displback.kms.device import DrmDevice, DrmError, ModeInfo, PlaneFlip, PropertyValue
 from displback.kms.framebuffers import quietly
 from displback.kms.letterbox import Placement
 from displback.kms.uapi import ObjectType
@@ -71,8 +73,23 @@ class AtomicCommitter(Committer):
         self.plane_id = plane_id
         self._props = props
         self._mode_blob = 0
+        self._placed: Placement | None = None  # the plane's rectangles as last committed
+        self._plain: PlaneFlip | None = None
 
     def flip(self, fb_id: int, placement: Placement, mode: ModeInfo, token: int) -> None:
+        """A plain flip (on, same mode and placement) commits the FB alone, else everything.
+
+        Identity first: the output passes the same mode and (cached) placement objects."""
+        if (
+            self.on
+            and mode is self.mode
+            and (placement is self._placed or placement == self._placed)
+        ):
+            if self._plain is None:
+                fb_prop = self._props.ids(self.plane_id, ObjectType.PLANE, {"FB_ID": 0})
+                self._plain = PlaneFlip(self.plane_id, next(iter(fb_prop)))
+            self.device.commit_plane_flip(self._plain, fb_id, token)
+            return
         self._commit((fb_id, placement), mode, event_token=token)
 
     def show_now(self, fb_id: int, placement: Placement, mode: ModeInfo) -> None:
@@ -161,5 +178,7 @@ class AtomicCommitter(Committer):
             if self._mode_blob:
                 quietly(dev.destroy_blob, self._mode_blob)
             self._mode_blob = blob
-            self.mode = mode if shown is not None else None
+        # An equal mode object too: the next plain flip tells it by identity.
+        self.mode = mode if shown is not None else None
+        self._placed = shown[1] if shown is not None else None
         self.on = shown is not None

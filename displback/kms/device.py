@@ -28,7 +28,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +54,7 @@ __all__ = [
     "Encoder",
     "KernelSyscalls",
     "ModeInfo",
+    "PlaneFlip",
     "Plane",
     "Property",
     "PropertyValue",
@@ -397,6 +398,34 @@ def _addr(
     return ctypes.addressof(array) if len(array) else 0
 
 
+class PlaneFlip:
+    """The atomic commit of a plain flip, its arrays built once: one plane's ``FB_ID``,
+    NONBLOCK with PAGE_FLIP_EVENT (:meth:`DrmDevice.commit_plane_flip` fills in the FB
+    and the event's ``user_data``).
+
+    Why one property is a whole flip: the kernel starts a commit from a copy of every object's
+    current state and applies only the properties given (``drm_mode_atomic_ioctl`` →
+    ``drm_atomic_get_plane_state``), and a plane's state brings its CRTC's with it, which
+    carries the event. A flip that keeps the plane's rectangles and the CRTC's mode needs no
+    more, and building and filling ten properties' arrays per flip is the costly part in
+    Python.
+    """
+
+    __slots__ = ("_keep", "arg", "detail", "values")
+
+    def __init__(self, plane_id: int, fb_prop_id: int) -> None:
+        objs, counts, props = _u32s(1), _u32s(1), _u32s(1)
+        objs[0], counts[0], props[0] = plane_id, 1, fb_prop_id
+        self.values = _u64s(1)
+        self._keep = (objs, counts, props)  # the arrays the struct points into
+        self.arg = uapi.drm_mode_atomic()
+        self.arg.flags = uapi.DRM_MODE_ATOMIC_NONBLOCK | uapi.DRM_MODE_PAGE_FLIP_EVENT
+        self.arg.count_objs = 1
+        self.arg.objs_ptr, self.arg.count_props_ptr = _addr(objs), _addr(counts)
+        self.arg.props_ptr, self.arg.prop_values_ptr = _addr(props), _addr(self.values)
+        self.detail = f"flip of plane {plane_id} (its FB_ID alone)"
+
+
 class DrmDevice:
     """Typed DRM ioctls on one card fd; see the module docstring."""
 
@@ -426,9 +455,15 @@ class DrmDevice:
             os.close(self.fd)
 
     def _ioctl(
-        self, name: str, arg: ctypes.Structure | ctypes.c_uint32 | None, detail: str = ""
+        self,
+        name: str,
+        arg: ctypes.Structure | ctypes.c_uint32 | None,
+        detail: str | Callable[[], str] = "",
     ) -> None:
-        """The one door to the kernel: retried on EINTR/EAGAIN, failures as DrmError."""
+        """The one door to the kernel: retried on EINTR/EAGAIN, failures as DrmError.
+
+        ``detail`` may be a function: the flips' ioctls then format it only on failure.
+        """
         if self._closed:
             raise DrmError(name, errno.EBADF, "the device is closed")
         request = uapi.IOCTLS[name]
@@ -439,8 +474,10 @@ class DrmDevice:
             except OSError as exc:
                 if exc.errno in (errno.EINTR, errno.EAGAIN):
                     continue
-                raise DrmError(name, exc.errno or errno.EIO, detail) from exc
-        raise DrmError(name, errno.EAGAIN, detail or "retried 100 times")
+                text = detail() if callable(detail) else detail
+                raise DrmError(name, exc.errno or errno.EIO, text) from exc
+        text = detail() if callable(detail) else detail
+        raise DrmError(name, errno.EAGAIN, text or "retried 100 times")
 
     # -- identity and capabilities --------------------------------------------------------
 
@@ -759,7 +796,7 @@ class DrmDevice:
     def page_flip(self, crtc_id: int, fb_id: int, *, flags: int, user_data: int = 0) -> None:
         """Queue a legacy flip; with PAGE_FLIP_EVENT its completion arrives as an event."""
         f = uapi.drm_mode_crtc_page_flip(crtc_id, fb_id, flags, 0, user_data)
-        self._ioctl("MODE_PAGE_FLIP", f, f"CRTC {crtc_id}, FB {fb_id}")
+        self._ioctl("MODE_PAGE_FLIP", f, lambda: f"CRTC {crtc_id}, FB {fb_id}")
 
     def atomic_commit(
         self, changes: Mapping[int, Mapping[int, int]], *, flags: int, user_data: int = 0
@@ -780,7 +817,13 @@ class DrmDevice:
         a.objs_ptr, a.count_props_ptr = _addr(objs), _addr(counts)
         a.props_ptr, a.prop_values_ptr = _addr(props), _addr(values)
         kind = "test-only " if flags & uapi.DRM_MODE_ATOMIC_TEST_ONLY else ""
-        self._ioctl("MODE_ATOMIC", a, f"{kind}commit of {total} properties")
+        self._ioctl("MODE_ATOMIC", a, lambda: f"{kind}commit of {total} properties")
+
+    def commit_plane_flip(self, flip: PlaneFlip, fb_id: int, user_data: int) -> None:
+        """Commit ``flip`` with ``fb_id`` on its plane, NONBLOCK with a flip event."""
+        flip.values[0] = fb_id
+        flip.arg.user_data = user_data
+        self._ioctl("MODE_ATOMIC", flip.arg, flip.detail)
 
     def create_blob(self, data: bytes) -> int:
         buf = ctypes.create_string_buffer(data, len(data))

@@ -10,6 +10,7 @@ the whole mode (issue 12). May touch: :mod:`displback.kms.framebuffers` (allocat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -37,8 +38,12 @@ class Placement:
 
     @classmethod
     def centred(cls, fw: int, fh: int, mw: int, mh: int) -> Placement:
-        w, h = min(fw, mw), min(fh, mh)
-        return cls((fw - w) // 2, (fh - h) // 2, (mw - w) // 2, (mh - h) // 2, w, h)
+        """An ``fw``×``fh`` frame centred on an ``mw``×``mh`` mode (cropped where bigger).
+
+        The same sizes give the same object while they are in use, so a committer tells an
+        unchanged placement by identity (a plain flip, see :mod:`displback.kms.atomic`).
+        """
+        return _centred(fw, fh, mw, mh)
 
     @classmethod
     def full(cls, mode: Mode) -> Placement:
@@ -46,6 +51,12 @@ class Placement:
 
     def covers(self, mw: int, mh: int) -> bool:
         return (self.dst_x, self.dst_y, self.width, self.height) == (0, 0, mw, mh)
+
+
+@functools.lru_cache(maxsize=64)
+def _centred(fw: int, fh: int, mw: int, mh: int) -> Placement:
+    w, h = min(fw, mw), min(fh, mh)
+    return Placement((fw - w) // 2, (fh - h) // 2, (mw - w) // 2, (mh - h) // 2, w, h)
 
 
 @dataclass(slots=True, eq=False)

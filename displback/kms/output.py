@@ -4,10 +4,14 @@
 is on screen — the guest's framebuffer placed by the plane, or a letterbox canvas, or a kept
 copy after a release — and hands it to its :class:`~displback.kms.commit.Committer`, which
 knows *how* on its KMS path. It lands a flip when the display's event reader passes it the
-flip event (or on its own timer: unplugged, or the event never came), and follows hot-plug
-when the display polls it. May touch: :mod:`displback.kms.commit` (never the ioctls of a
-commit itself), :mod:`displback.kms.framebuffers`, :mod:`displback.kms.letterbox`,
-:mod:`displback.kms.modes`, :mod:`displback.display`.
+flip event (or in its watchdog task: unplugged, or the event never came), and follows
+hot-plug when the display polls it. A flip is the hot path (under emulation every Python call
+and trio task step counts, issue 12): how a framebuffer is shown is worked out once per
+framebuffer and mode, and the watchdog is not woken by flips that land in time.
+
+May touch: :mod:`displback.kms.commit` (never the ioctls of a commit itself),
+:mod:`displback.kms.framebuffers`, :mod:`displback.kms.letterbox`, :mod:`displback.kms.modes`,
+:mod:`displback.display`.
 """
 
 from __future__ import annotations
@@ -95,8 +99,16 @@ class _Shown:
     fb: KmsFramebuffer | None
     scan_fb_id: int
     placement: Placement
-    frame: FramePixels  # for snapshots: the guest frame, or the canvas holding its copy
     canvas: Canvas | None
+
+    @property
+    def frame(self) -> FramePixels:
+        """For snapshots and recomposing: the canvas holding a copy, else the guest frame
+        (read when needed: an imported frame is mapped for the CPU only then)."""
+        if self.canvas is not None:
+            return self.canvas.pixels()
+        assert self.fb is not None
+        return self.fb.pixels()
 
 
 @dataclass(slots=True, eq=False)
@@ -108,7 +120,8 @@ class _FlipInFlight:
     token: int
     submitted: float  # CLOCK_MONOTONIC
     done: trio.Event
-    timer_due: float | None = None  # trio time, for flips of an unplugged output
+    on_timer: bool = False  # an unplugged output's flip: landed at ``deadline``, no event
+    deadline: float | None = None  # trio time the watchdog lands it by (set when it looks)
     result: FlipResult | None = None
     on_landed: LandedCallback | None = None  # start_flip's callback
 
@@ -144,7 +157,10 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._live: set[KmsFramebuffer] = set()
         self._canvases = CanvasPool(display.new_dumb)
         self._position_ok: dict[tuple[int, int, int], bool] = {}
+        self._direct: dict[KmsFramebuffer, _Shown] = {}
+        """How each framebuffer is shown without a copy, for the current mode and plug state."""
         self._wake = trio.Event()
+        self._watchdog_idle = True  # no deadline to wake at: a new flip must kick it
         self._opened = _monotonic()
         self._on_since: float | None = None
         self._last_seq = 0
@@ -309,6 +325,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         if self._shows(kfb):
             self._swap_kept(kfb, self._kept_copy(kfb))
         self._live.discard(kfb)
+        self._direct.pop(kfb, None)
         kfb.drop(self._display.device)
 
     async def keep_frame(self, fb: Framebuffer, run: CopyRunner) -> None:
@@ -352,7 +369,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         return self._canvas_shown(None, canvas)
 
     def _canvas_shown(self, fb: KmsFramebuffer | None, canvas: Canvas) -> _Shown:
-        return _Shown(fb, canvas.fb_id, Placement.full(canvas.mode), canvas.pixels(), canvas)
+        return _Shown(fb, canvas.fb_id, Placement.full(canvas.mode), canvas)
 
     # -- scanout -------------------------------------------------------------------------
 
@@ -391,11 +408,15 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         )
 
     def _submit(self, pending: _FlipInFlight) -> None:
-        """Queue ``pending`` with the committer (or on the timer while unplugged), no waiting."""
+        """Queue ``pending`` with the committer (or on the timer while unplugged), no waiting.
+
+        The watchdog is kicked only when it has no deadline to wake at (idle) or the flip is
+        due on the timer; else the deadline it sleeps to comes first (see :meth:`run`)."""
         self._pending = pending
         try:
             if not self._connected or self._modeinfo is None:
-                pending.timer_due = trio.current_time() + self._period()
+                pending.on_timer = True
+                pending.deadline = trio.current_time() + self._period()
             else:
                 shown = pending.shown
                 self._committer.flip(
@@ -404,7 +425,8 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         except DrmError as exc:
             raise self._flip_failed(pending, exc) from exc
         self._display.awaiting[pending.token] = self
-        self._wake.set()
+        if self._watchdog_idle or pending.on_timer:
+            self._wake.set()
 
     def _flip_failed(self, pending: _FlipInFlight, exc: DrmError) -> DisplayError:
         if self._pending is pending:
@@ -481,7 +503,13 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         return self._position_ok[key]
 
     def _prepare(self, fb: KmsFramebuffer) -> _Shown:
-        """How ``fb`` will be shown: directly, placed by the plane, or letterboxed (copied)."""
+        """How ``fb`` will be shown: directly, placed by the plane, or letterboxed (copied).
+
+        Shown without a copy, the answer holds until the mode or the plug state changes
+        (:meth:`poll_connector` forgets it): it is worked out once, not on every flip."""
+        shown = self._direct.get(fb)
+        if shown is not None:
+            return shown
         w, h, _ = self._mode
         placement = Placement.centred(fb.width, fb.height, w, h)
         direct = (fb.width, fb.height) == (w, h) or (
@@ -490,7 +518,8 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             and (placement.covers(w, h) or self._test_position(fb))
         )
         if direct or not self._connected:
-            return _Shown(fb, fb.fb_id, placement, fb.pixels(), None)
+            shown = self._direct[fb] = _Shown(fb, fb.fb_id, placement, None)
+            return shown
         canvas = self._spare_canvas(fb.fourcc)
         compose(canvas, fb.pixels())
         # Snapshots read the canvas: what is on screen, not what the backend writes next.
@@ -535,24 +564,40 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             self._land(pending, event.sequence, event.timestamp)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Land timer flips (unplugged output) and flips whose event never comes."""
+        """The watchdog: lands timer flips (unplugged output) and flips whose event never comes.
+
+        It sleeps until the deadline of the flip pending when it last looked — ``flip_timeout_s``
+        after that flip was submitted — and then looks again: a flip that landed meanwhile
+        cost it nothing, and the one pending now gets its own deadline. Flips landing in time
+        wake it once per ``flip_timeout_s``, not once per flip (each wake-up is a task step
+        and a cancel scope, costly under emulation); :meth:`_submit` kicks it only when it
+        is idle or a flip is due on the timer.
+        """
         task_status.started()
+        timeout = self._display.flip_timeout_s
         while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
+            self._wake = trio.Event()  # before looking: a kick from now on is not lost
             pending = self._pending
-            if pending is None:
-                continue
-            if pending.timer_due is not None:
-                await trio.sleep_until(pending.timer_due)
-                self._land(pending, self._last_seq + 1, _monotonic())
-                continue
-            with trio.move_on_after(self._display.flip_timeout_s):
-                await pending.done.wait()
-            if self._pending is pending:
-                self.flip_timeouts += 1
-                log.warning("%s: no flip event after %g s", self, self._display.flip_timeout_s)
-                self._land(pending, self._last_seq + 1, _monotonic())
+            deadline = math.inf
+            if pending is not None:
+                now = trio.current_time()
+                if pending.deadline is None:
+                    # Submitted on CLOCK_MONOTONIC; the deadline is on trio's clock.
+                    pending.deadline = now + timeout - (_monotonic() - pending.submitted)
+                deadline = pending.deadline
+                if now >= deadline:
+                    self._overdue(pending)
+                    continue
+            self._watchdog_idle = pending is None
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    def _overdue(self, pending: _FlipInFlight) -> None:
+        """Land ``pending`` at its deadline: a timer flip, or one whose event never came."""
+        if not pending.on_timer:
+            self.flip_timeouts += 1
+            log.warning("%s: no flip event after %g s", self, self._display.flip_timeout_s)
+        self._land(pending, self._last_seq + 1, _monotonic())
 
     # -- hot-plug ------------------------------------------------------------------------
 
@@ -567,6 +612,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         connected = dev.connector_status(self._connector.id) is ConnectorStatus.CONNECTED
         if connected == self._connected:
             return
+        self._direct.clear()  # shown another way now (timer flips, or a new mode)
         if not connected:
             log.info("%s: unplugged; frames are dropped until it comes back", self)
             self._connected = False
@@ -593,6 +639,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
     def _close(self) -> None:
         """Wake a pending flip with DisplayClosed, stop scanout, free every framebuffer."""
         live = self._close_bookkeeping()
+        self._direct.clear()
         self._committer.on = False
         dev = self._display.device
         for fb in live:

@@ -19,7 +19,9 @@ shows them; ids are plausible, not sacred):
   no PRIME import (FD_TO_HANDLE → EOPNOTSUPP), XRGB8888/RGB565 only, 64-byte dumb pitch.
 
 Both start with "fbcon" scanning FB 99 at 1024x768, so restoring it at close can be checked.
-Recorded ioctls are in :attr:`FakeCard.calls` (short names, in order).
+Recorded ioctls are in :attr:`FakeCard.calls` (short names, in order); the properties of the
+last atomic commit in :attr:`FakeCard.committed`. As the kernel does, an atomic commit starts
+from the current state and changes only the properties it carries.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class FakeCard:
         self.auto_vblank = auto_vblank
         self.dumb_fill = dumb_fill  # a new dumb buffer's bytes (VRAM ones need not be zero)
         self.calls: list[str] = []
+        self.committed: list[tuple[int, str]] = []  # (object id, property) of the last commit
         self.failures: dict[str, list[int]] = {}
         self.master = False
         self.master_elsewhere = False
@@ -605,6 +608,11 @@ class FakeCard:
             "DST": self.crtc.dst,
         }
         src, dst = list(self.crtc.src), list(self.crtc.dst)
+        self.committed = [
+            (obj, self.props[props[sum(counts[:n]) + k]].name)
+            for n, obj in enumerate(objs)
+            for k in range(counts[n])
+        ]
         i = 0
         modeset = False
         for obj, n in zip(objs, counts, strict=True):

@@ -263,6 +263,40 @@ async def test_atomic_second_flip_is_a_plain_nonblocking_commit(vkms: FakeCard) 
         assert vkms.crtc.fb_id == b.fb_id
 
 
+async def test_a_plain_atomic_flip_commits_the_fb_alone(guest: Any) -> None:
+    """A flip with the mode and placement of the last commit changes one property: the
+    kernel keeps the others' state (drm_mode_atomic_ioctl). A new placement, a modeset and
+    the commit after an off carry everything again."""
+    card = vkms_card(plane_can_position=True)
+    fb_only = [(31, "FB_ID")]
+    buf = guest(640 * 4 * 400)
+    try:
+        async with open_display(card) as display:
+            out = display.outputs["Virtual-1"]
+            a, b = (out.create_dumb(width=1024, height=768, fourcc=XRGB) for _ in range(2))
+            await out.flip(a)
+            assert (34, "MODE_ID") in card.committed  # the modeset
+            for fb in (b, a, b):
+                await out.flip(fb)
+                assert card.committed == fb_only and card.crtc.fb_id == fb.fb_id
+            small = out.import_dmabuf(
+                buf.fd, width=640, height=400, pitch=2560, offset=0, fourcc=XRGB
+            )
+            await out.flip(small)  # another placement: the plane's rectangles too
+            assert len(card.committed) == 10 and card.crtc.dst == (192, 184, 640, 400)
+            await out.flip(small)
+            assert card.committed == fb_only and card.crtc.dst == (192, 184, 640, 400)
+            await out.flip(a)
+            assert len(card.committed) == 10 and card.crtc.dst == (0, 0, 1024, 768)
+            await out.disable()
+            await out.flip(a)  # on again: a modeset, everything
+            assert (34, "MODE_ID") in card.committed and card.crtc.fb_id == a.fb_id
+            await out.flip(b)
+            assert card.committed == fb_only and card.crtc.fb_id == b.fb_id
+    finally:
+        card.close()
+
+
 async def test_legacy_first_flip_sets_the_crtc_then_page_flips(bochs: FakeCard) -> None:
     async with open_display(bochs) as display:
         out = display.outputs["Virtual-1"]
@@ -337,14 +371,77 @@ async def test_a_flip_error_names_the_ioctl(bochs: FakeCard) -> None:
         assert not out.flip_pending and not out.enabled
 
 
-async def test_a_flip_without_event_lands_after_the_timeout(vkms: FakeCard) -> None:
+async def test_a_flip_without_event_lands_after_the_timeout(
+    vkms: FakeCard, caplog: pytest.LogCaptureFixture
+) -> None:
     vkms.auto_vblank = False
     async with open_display(vkms, flip_timeout_s=0.05) as display:
         out = display.outputs["Virtual-1"]
         fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        submitted = trio.current_time()
         with trio.fail_after(2):
             result = await out.flip(fb)
+        assert trio.current_time() - submitted >= 0.05
         assert result.fb is fb and out.stats.flips_completed == 1
+        assert out.flip_timeouts == 1 and out.kms_info.flip_timeouts == 1
+        assert "no flip event after 0.05 s" in caplog.text
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name.endswith(self.suffix)
+
+
+@pytest.mark.parametrize("make", [vkms_card, bochs_card])
+async def test_flips_that_land_do_not_wake_the_watchdog(make: Any) -> None:
+    """Measured in the nested VM: the watchdog was stepped 1.5 times per flip (woken by the
+    submission, then by the landing), each step a pass of trio's loop under emulation. It
+    sleeps to the pending flip's deadline instead; flips landing before it cost it nothing."""
+    card = make()
+    try:
+        async with open_display(card, flip_timeout_s=60) as display:
+            out = display.outputs["Virtual-1"]
+            fbs = [out.create_dumb(width=1024, height=768, fourcc=XRGB) for _ in range(2)]
+            await out.flip(fbs[0])  # the modeset
+            await out.flip(fbs[1])  # kicks the idle watchdog: it sleeps to this deadline
+            watchdog = _TaskSteps("KmsOutput.run")
+            trio.lowlevel.add_instrument(watchdog)
+            for n in range(20):
+                landed = trio.Event()
+                assert out.start_flip(fbs[n % 2], lambda _r, e=landed: e.set())
+                with trio.fail_after(5):
+                    await landed.wait()
+            trio.lowlevel.remove_instrument(watchdog)
+            assert watchdog.steps == 0
+            assert out.stats.flips_completed == 22 and out.flip_timeouts == 0
+    finally:
+        card.close()
+
+
+async def test_a_flip_submitted_while_the_watchdog_sleeps_gets_its_own_full_timeout(
+    vkms: FakeCard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog wakes at the deadline of an earlier flip that has landed since: the flip
+    pending then is not overdue yet, and lands flip_timeout_s after its own submission."""
+    timeout = 0.3
+    async with open_display(vkms, flip_timeout_s=timeout) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        await out.flip(fb)  # lands at once; the watchdog sleeps to its deadline
+        await trio.sleep(timeout / 2)
+        vkms.auto_vblank = False
+        submitted = trio.current_time()
+        with trio.fail_after(5):
+            result = await out.flip(fb)  # its event never comes
+        assert trio.current_time() - submitted >= timeout
+        assert result.fb is fb and out.flip_timeouts == 1
+        assert "no flip event after 0.3 s" in caplog.text
 
 
 async def test_a_cancelled_flip_still_lands(vkms: FakeCard) -> None:
@@ -409,6 +506,30 @@ async def test_import_is_zero_copy_and_shows_guest_pixels(vkms: FakeCard, guest:
         assert out.snapshot().pixel(5, 5) == (0x30, 0x20, 0x10)
         buf.map[4096:4100] = b"\x00\x00\xff\x00"  # the guest draws: the screen shows it
         assert vkms.scanout_pixels(0, 0) == b"\x00\x00\xff\x00"
+
+
+async def test_an_imported_frame_is_mapped_for_the_cpu_only_when_read(
+    vkms: FakeCard, guest: Any
+) -> None:
+    """Flipping a zero-copy frame never reads it: no CPU mapping until a snapshot needs one."""
+    buf = guest(1024 * 4 * 768)
+    fill(buf.map, 4096, 1024, 768, b"\x10\x20\x30\x00")
+    mapped: list[int] = []
+
+    def importer(fd: int) -> Any:
+        from displback.kms.framebuffers import _MmapMapping
+
+        mapped.append(fd)
+        return _MmapMapping(fd)
+
+    async with open_display(vkms, dmabuf_importer=importer) as display:
+        out = display.outputs["Virtual-1"]
+        fb = out.import_dmabuf(buf.fd, width=1024, height=768, pitch=4096, offset=0, fourcc=XRGB)
+        for _ in range(3):
+            await out.flip(fb)
+        assert mapped == []
+        assert out.snapshot().pixel(5, 5) == (0x30, 0x20, 0x10)
+        assert len(mapped) == 1
 
 
 async def test_bochs_refuses_imports_with_the_reason(bochs: FakeCard, guest: Any) -> None:
@@ -716,3 +837,8 @@ async def test_replug_with_other_modes_letterboxes_the_frame(
         assert vkms.crtc.mode is not None and vkms.crtc.mode.width == 1920
         assert vkms.scanout_pixels(448, 156) == b"\x02\x02\x02\x00"
         assert vkms.scanout_pixels(0, 0) == b"\x00\x00\x00\x00"
+        # The next flips of that frame are worked out for the new mode too.
+        for _ in range(2):
+            await out.flip(fb)
+            assert vkms.crtc.fb_id != fb.fb_id and out.placement == "letterbox"
+            assert vkms.scanout_pixels(448, 156) == b"\x02\x02\x02\x00"
