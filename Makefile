@@ -11,7 +11,7 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 VM_ARM64_APT_PACKAGES := qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
 	linux-source-6.1 busybox-static cpio bc bison flex libssl-dev libdrm-dev xz-utils \
 	dpkg-dev
-APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils \
+APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils strace \
 	edid-decode cpio python3-venv systemd weston
 # `make displ-be` (bench/displ_be.py): the reference C++ backend, built into ~/.cache/displback.
 DISPL_BE_APT_PACKAGES := git cmake g++ make pkg-config libxen-dev libdrm-dev libudev-dev

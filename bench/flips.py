@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from bench.guestproc import FlipLog
@@ -488,7 +489,7 @@ class TimedCopyWorkers(CopyWorkers):
         self.waits.clear()
         self.copy_times.clear()
 
-    async def run(self, domid: int, copy: Callable[[], T]) -> T:
+    def _timed(self, domid: int, copy: Callable[[], T]) -> Callable[[], T]:
         asked = time.perf_counter()
 
         def timed() -> T:
@@ -499,7 +500,15 @@ class TimedCopyWorkers(CopyWorkers):
             finally:
                 self.copy_times.setdefault(domid, []).append(time.perf_counter() - began)
 
-        return await super().run(domid, timed)
+        return timed
+
+    async def run(self, domid: int, copy: Callable[[], T]) -> T:
+        return await super().run(domid, self._timed(domid, copy))
+
+    def submit(
+        self, domid: int, copy: Callable[[], T], done: Callable[[outcome.Outcome[T]], object]
+    ) -> None:
+        super().submit(domid, self._timed(domid, copy), done)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -79,6 +79,9 @@ class Run:
     backend_cpu_percent: float = float("nan")
     window_s: float = float("nan")
     profiled: bool = False
+    #: A window under ``strace -c`` (not in the table: ptrace slows every call): system
+    #: calls per flip, by name.
+    syscalls_per_flip: dict[str, float] = field(default_factory=dict)
     #: CPU per flip of each thread that ran in the window ("tid name": ms).
     threads_ms_per_flip: dict[str, float] = field(default_factory=dict)
     error: str = ""
@@ -97,6 +100,12 @@ def result_of(backend: str, guest: str, raw: dict[str, Any], *, profiled: bool) 
         return run
     start, end = raw["start"], raw["end"]
     run.flips, run.failed = int(raw["flips"]), int(raw["failed"])
+    if "syscalls" in raw:
+        run.profiled = True  # (its times are strace's, not the backend's)
+        run.syscalls_per_flip = {
+            name: round(calls / max(run.flips, 1), 2)
+            for name, calls in sorted(raw["syscalls"].items(), key=lambda kv: -kv[1])
+        }
     run.window_s = end["t"] - start["t"]
     guest_s = raw["guest_ns"] / 1e9
     ok = run.flips - run.failed
@@ -145,6 +154,25 @@ def top_functions(path: Path, flips: int, limit: int = 25) -> tuple[list[dict[st
     stats.stream = text  # type: ignore[attr-defined]
     stats.sort_stats("cumulative").print_stats(30)
     return rows[:limit], text.getvalue()
+
+
+def syscall_table(syscalls: dict[str, dict[str, float]], labels: dict[str, str]) -> str:
+    """System calls per flip, a column per backend (``strace -c`` windows)."""
+    keys = list(syscalls)
+    names = sorted(
+        {n for counts in syscalls.values() for n in counts},
+        key=lambda n: -max(c.get(n, 0.0) for c in syscalls.values()),
+    )
+    head = f"{'system calls per flip':<24}" + "".join(f"{labels.get(k, k)[:22]:>24}" for k in keys)
+    lines = [head, "-" * len(head)]
+    lines.append(
+        f"{'(all)':<24}" + "".join(f"{sum(syscalls[k].values()):>24.1f}" for k in keys)
+    )
+    for name in names:
+        if max(syscalls[k].get(name, 0.0) for k in keys) < 0.05:
+            continue
+        lines.append(f"{name:<24}" + "".join(f"{syscalls[k].get(name, 0.0):>24.2f}" for k in keys))
+    return "\n".join(lines)
 
 
 def _short(filename: str) -> str:
@@ -219,7 +247,7 @@ class Bench:
             timeout=60,
         )
 
-    def measure(self, backend: Backend, *, profile: bool) -> Run:
+    def measure(self, backend: Backend, *, profile: bool, syscalls: bool = False) -> Run:
         """One guest flipping on the running backend, measured by the sampler in Dom0."""
         assert self.pid is not None
         self.guests += 1
@@ -232,6 +260,7 @@ class Bench:
                 self.python, "-m", "bench.vm_sampler", "--pid", str(self.pid),
                 "--console", console, "--out", f"{SHARE}/{out.name}",
                 "--ready", f"{SHARE}/{ready.name}", *(["--profile"] if profile else []),
+                *(["--syscalls", f"{SHARE}/strace-{name}.txt"] if syscalls else []),
             ]
         )  # fmt: skip
         self.dom0.sh(
@@ -326,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1024x768")
     parser.add_argument("--rounds", type=int, default=1, help="measure every backend N times")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--no-syscalls", action="store_true", help="skip the strace -c window of each backend"
+    )
     parser.add_argument("--only", default="", help="comma-separated backend keys")
     parser.add_argument("--json", type=Path, default=Path("bench-vm-results.json"))
     parser.add_argument("--workdir", type=Path, help="kept for post-mortems (default: a tmp dir)")
@@ -346,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[Run] = []
     profiles: dict[str, Any] = {}
+    syscalls: dict[str, dict[str, float]] = {}
     labels: dict[str, str] = {}
     errors: list[str] = []
     started = time.monotonic()
@@ -373,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                             rows, text = top_functions(path, profiled.flips)
                             profiles[backend.key] = {"flips": profiled.flips, "top": rows}
                             print(f"\n--- profile: {backend.label} ---\n{text}", file=sys.stderr)
+                    if round_ == 0 and not args.no_syscalls:
+                        counted = bench.measure(backend, profile=False, syscalls=True)
+                        runs.append(counted)
+                        if not counted.error:
+                            syscalls[backend.key] = counted.syscalls_per_flip
                 except Exception as error:  # one backend failing must not lose the others
                     errors.append(f"{backend.key}: {error}")
                     _say(f"{backend.label} failed: {error}")
@@ -387,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {row['own_us_per_flip']:8.1f} own {row['cum_us_per_flip']:9.1f} cum "
                 f"{row['calls_per_flip']:6.1f} calls  {row['function']}"
             )
+    if syscalls:
+        print("\n" + syscall_table(syscalls, labels))
     for problem in errors:
         print(f"ERROR: {problem}")
     document = {
@@ -399,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": [asdict(r) for r in runs],
         "profiles": profiles,
+        "syscalls_per_flip": syscalls,
         "errors": errors,
         "workdir": str(work),
     }  # fmt: skip

@@ -9,7 +9,9 @@ It polls every 0.1 s: both ends of the window lag their line by the same 0–0.1
 so the CPU *rate* over the window is unbiased; bench.vm divides it by the guest's own flip
 rate. Why in Dom0: the host sees the console only through the serial line and 9p, seconds
 late under TCG. ``--profile``: SIGUSR1 to the backend at the start, SIGUSR2 at the end
-(bench.vm_daemon switches its cProfile with them).
+(bench.vm_daemon switches its cProfile with them). ``--syscalls FILE``: ``strace -c -f``
+attached to the backend over the window, its summary (calls per system call, every thread)
+parsed into the result: which calls a flip makes, each a trap through Xen in a PV Dom0.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,7 +82,48 @@ def sample(pid: int) -> dict[str, Any]:
     }
 
 
-def watch(console: Path, pid: int, *, profile: bool, timeout: float) -> dict[str, Any]:
+_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """``{system call: calls}`` from ``strace -c``'s table (its total row left out)."""
+    calls = {}
+    for line in text.splitlines():
+        row = _STRACE_ROW.match(line)
+        if row is not None and row.group(3) != "total":
+            calls[row.group(3)] = int(row.group(1))
+    return calls
+
+
+class SyscallCounter:
+    """``strace -c -f`` attached to ``pid`` from :meth:`start` to :meth:`stop`."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["strace", "-c", "-f", "-qq", "-o", str(self.out), "-p", str(self.pid)],
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> dict[str, int]:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)  # detaches and writes the summary
+        self.proc.wait(timeout=120)
+        return parse_strace_summary(self.out.read_text())
+
+
+def watch(
+    console: Path,
+    pid: int,
+    *,
+    profile: bool,
+    timeout: float,
+    syscalls: SyscallCounter | None = None,
+) -> dict[str, Any]:
     """Wait for the timed window in ``console`` and measure the backend across it."""
     deadline = time.monotonic() + timeout
     text = b""
@@ -98,12 +142,14 @@ def watch(console: Path, pid: int, *, profile: bool, timeout: float) -> dict[str
             start = sample(pid)
             if profile:
                 os.kill(pid, signal.SIGUSR1)
+            if syscalls is not None:
+                syscalls.start()
         end = _END.search(text)
         if start is not None and end is not None:
             stop = sample(pid)
             if profile:
                 os.kill(pid, signal.SIGUSR2)
-            return {
+            result = {
                 "start": start,
                 "end": stop,
                 "connector": int(end.group(1)),
@@ -111,6 +157,9 @@ def watch(console: Path, pid: int, *, profile: bool, timeout: float) -> dict[str
                 "guest_ns": int(end.group(3)),
                 "failed": int(end.group(4)),
             }
+            if syscalls is not None:
+                result["syscalls"] = syscalls.stop()
+            return result
         failed = _FAIL.search(text)
         if failed is not None:
             return {"error": failed.group(0).decode(errors="replace")}
@@ -127,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ready", type=Path, required=True, help="touched once started")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--syscalls", type=Path, help="strace -c's summary goes here")
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     args.ready.touch()
-    result = watch(args.console, args.pid, profile=args.profile, timeout=args.timeout)
+    counter = None if args.syscalls is None else SyscallCounter(args.pid, args.syscalls)
+    result = watch(
+        args.console, args.pid, profile=args.profile, timeout=args.timeout, syscalls=counter
+    )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.rename(args.out)

@@ -4,13 +4,16 @@ displ_be build's checks (``make bench-vm`` itself boots the nested Xen; docs/ben
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.displ_be import BuildError, DisplBe, cache_dir
-from bench.vm import result_of
-from bench.vm_sampler import watch
+from bench.vm import result_of, syscall_table
+from bench.vm_sampler import SyscallCounter, parse_strace_summary, watch
 
 
 def test_cpu_per_flip_is_the_backend_cpu_rate_over_the_guest_flip_rate() -> None:
@@ -85,3 +88,54 @@ def test_the_profiled_daemon_runs_displback_run_main() -> None:
     from displback.app.run import main
 
     assert vm_daemon.run_main is main
+
+
+_STRACE_SUMMARY = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 45.12    0.012345          12      2000           ioctl
+ 20.00    0.005000           5      1000       500 read
+  1.00    0.000100           1        10           epoll_wait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.017445           8      3010       500 total
+"""
+
+
+def test_strace_summary_becomes_calls_per_system_call_and_per_flip() -> None:
+    calls = parse_strace_summary(_STRACE_SUMMARY)
+    assert calls == {"ioctl": 2000, "read": 1000, "epoll_wait": 10}  # (errors column skipped)
+    raw = {
+        "start": {"t": 0.0, "user_s": 0.0, "sys_s": 0.0, "dom0_busy_s": 0.0, "threads": {}},
+        "end": {"t": 10.0, "user_s": 1.0, "sys_s": 0.0, "dom0_busy_s": 1.0, "threads": {}},
+        "flips": 1000, "failed": 0, "guest_ns": 10_000_000_000, "syscalls": calls,
+    }  # fmt: skip
+    run = result_of("displback-kms", "g", raw, profiled=False)
+    assert run.syscalls_per_flip == {"ioctl": 2.0, "read": 1.0, "epoll_wait": 0.01}
+    assert run.profiled  # strace's window is not one to time
+    text = syscall_table({"displback-kms": run.syscalls_per_flip, "displ_be": {"ioctl": 1.0}},
+                         {"displback-kms": "displback, KMS", "displ_be": "displ_be"})
+    lines = text.splitlines()
+    assert lines[2].split() == ["(all)", "3.0", "1.0"]
+    assert lines[3].split() == ["ioctl", "2.00", "1.00"]
+    assert "epoll_wait" not in text  # under 0.05 per flip in every column
+
+
+def test_the_syscall_counter_counts_what_the_process_calls_while_attached(
+    tmp_path: Path,
+) -> None:
+    stop = tmp_path / "stop"
+    child = subprocess.Popen([
+        sys.executable, "-c",
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n    os.getppid(); time.sleep(0.005)\n",
+        str(stop),
+    ])  # fmt: skip
+    try:
+        counter = SyscallCounter(child.pid, tmp_path / "strace.txt")
+        counter.start()
+        time.sleep(1.0)
+        calls = counter.stop()
+    finally:
+        stop.touch()
+        child.wait(timeout=30)
+    assert calls.get("getppid", 0) > 10

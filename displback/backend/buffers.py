@@ -78,6 +78,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import outcome
 import trio
 
 from displback.backend.copies import CopyWorkers, default_copy_workers
@@ -409,7 +410,56 @@ class GuestFramebuffer:
             if not imported:
                 self._store.quota.give("display_fbs")
 
+    def present_later(
+        self, output: Output, ready: Callable[[outcome.Outcome[Framebuffer]], None]
+    ) -> None:
+        """:meth:`present_on` for a frame :meth:`present_now` said must be copied, without a
+        task waiting: the copy starts now, in a worker thread, and ``ready`` is called on the
+        event loop with the framebuffer to flip to (or the :class:`RequestError` of
+        :meth:`present_on`) once it is made. ``ready`` must not raise. Raises at once what
+        prevents the copy from starting (no copy buffer, no thread)."""
+        state = self._outputs[output]
+        target, copy = self._prepare_copy(output, state)
+        try:
+            self._store.copies.submit(
+                self._store.domid,
+                copy,
+                functools.partial(self._copied_later, output, state, target, ready),
+            )
+        except BaseException:
+            self._copy_ended(output, state, target)
+            raise
+
+    def _copied_later(
+        self,
+        output: Output,
+        state: _OnOutput,
+        target: DumbFramebuffer,
+        ready: Callable[[outcome.Outcome[Framebuffer]], None],
+        result: outcome.Outcome[None],
+    ) -> None:
+        ready(outcome.capture(self._copied, output, state, target, result))
+
     async def _copy_to(self, output: Output, state: _OnOutput) -> Framebuffer:
+        target, copy = self._prepare_copy(output, state)
+        result: outcome.Outcome[None] = outcome.Value(None)
+        try:
+            await self._store.copies.run(self._store.domid, copy)
+        except ValueError as exc:
+            result = outcome.Error(exc)
+        except BaseException:
+            self._copy_ended(output, state, target)
+            raise
+        return self._copied(output, state, target, result)
+
+    def _prepare_copy(
+        self, output: Output, state: _OnOutput
+    ) -> tuple[DumbFramebuffer, Callable[[], None]]:
+        """The dumb buffer to copy the frame into (of two, never the one on screen) and the
+        copy to run; from here until :meth:`_copy_ended`, the source pages stay mapped
+        (``_free`` waits for ``buffer.copies``) and the target allocated (``_release`` leaves
+        ``filling`` to us), whatever happens on the loop meanwhile: a detach, a destroy, a
+        teardown."""
         store = self._store
         buffer = self._buffer
         source = store._cpu_view(buffer)
@@ -433,23 +483,34 @@ class GuestFramebuffer:
             self.width * self.fourcc.cpp,
             self.height,
         )
-        # While the thread runs, the source pages stay mapped (``_free`` waits for
-        # ``buffer.copies``) and the target stays allocated (``_release`` leaves ``filling``
-        # to us), whatever happens on the loop meanwhile: a detach, a destroy, a teardown.
         state.filling = target
         buffer.copies += 1
+        return target, functools.partial(self._copy_unless_released, copy)
+
+    def _copied(
+        self,
+        output: Output,
+        state: _OnOutput,
+        target: DumbFramebuffer,
+        result: outcome.Outcome[None],
+    ) -> Framebuffer:
+        """The copy into ``target`` ran (``result``): the framebuffer to flip to."""
+        self._copy_ended(output, state, target)
         try:
-            await store.copies.run(store.domid, functools.partial(self._copy_unless_released, copy))
+            result.unwrap()
         except ValueError as exc:  # FB_ATTACH checked the bounds: only a display oddity
             raise RequestError(EIO, f"copying framebuffer 0x{self.fb_cookie:x}: {exc}") from exc
-        finally:
-            buffer.copy_ended()
-            state.filling = None
-            if self._released:  # detached or destroyed while we copied: ours to release now
-                store._retire(output, target)
         if self._released:
             raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         return target
+
+    def _copy_ended(self, output: Output, state: _OnOutput, target: DumbFramebuffer) -> None:
+        """The copy into ``target`` ran or never will: its memory may go (a target released
+        meanwhile is retired before the source pages may be unmapped)."""
+        state.filling = None
+        if self._released:  # detached or destroyed while we copied: ours to release now
+            self._store._retire(output, target)
+        self._buffer.copy_ended()
 
     def _copy_unless_released(self, copy: Callable[[], None]) -> None:
         """In the worker thread: copy, unless the framebuffer went while the copy waited."""

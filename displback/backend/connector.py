@@ -24,8 +24,8 @@ Two tasks per connector, in the connection's nursery, take over what cannot be d
   which answers them in order, waiting where it must, and serves the ring until it can unmask.
   While it does, the reader leaves the ring alone, so responses never overtake each other.
 * **scanout** — the output's slow path: SET_CONFIG (disable, or a flip awaited until the output
-  has taken the configuration) and frames that must be copied first (copy mode, in a worker
-  thread) or that the output cannot start without waiting (KMS's first legacy modeset).
+  has taken the configuration) and frames that the output cannot start without waiting (KMS's
+  first legacy modeset).
 
 Which flip is shown when, and which events are owed, is decided by a
 :class:`~displback.protocol.flipqueue.FlipQueue` (sans-I/O; queueing, coalescing, the event
@@ -35,6 +35,10 @@ wake-up** — a zero-copy frame right after the PG_FLIP's answer, the next queue
 output's own landing callback (:meth:`~displback.display.interface.Output.start_flip`), which
 also writes the landed frame's events and notifies the guest. A zero-copy flip therefore costs
 one wake-up for its request (the reader's) and the display's own at the vblank, no task hop.
+A copy-mode frame's copy is handed to a worker thread in that same wake-up
+(:meth:`~displback.backend.buffers.GuestFramebuffer.present_later`), and the copy's own
+hand-back to the loop starts the flip (:meth:`Connector._copied`): one wake-up more, still no
+task hop.
 
 Events that do not fit the event page (the guest has not consumed 63 of them) stay queued and
 are retried every few milliseconds: the guest never tells us when it consumed.
@@ -54,13 +58,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import outcome
 import structlog
 import trio
 
 from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.backend.throttle import LogThrottle
-from displback.display.interface import DisplayError, FlipResult, Output
+from displback.display.interface import DisplayError, FlipResult, Framebuffer, Output
 from displback.protocol.constants import EINVAL, EIO, ENODEV, EOPNOTSUPP
 from displback.protocol.edid import build_edid
 from displback.protocol.errors import ProtocolError
@@ -208,6 +213,8 @@ class Connector:
         )
         # The command the scanout task is to carry out (the flip queue's, in flight).
         self._slow: Frame[Any] | ConfigCommand[_Config] | None = None
+        # The copy made for that frame, when its copy's hand-back could not flip at once.
+        self._ready: Framebuffer | None = None
         self._scanout_kick = trio.Event()
         self._events_stuck = trio.Event()
         # Set when run() ends: a flip landing after that has nobody to tell (the event page
@@ -505,12 +512,38 @@ class Connector:
         try:
             display_fb = fb.present_now(self.output)
             if display_fb is None:
-                return False  # a copy first
+                # A copy first, in a worker thread; its completion flips (_copied).
+                fb.present_later(self.output, functools.partial(self._copied, frame))
+                return True
             return bool(self.output.start_flip(display_fb, functools.partial(self._landed, frame)))
         except Exception as exc:
             self._frame_dropped(exc)
         self._frame_done(frame)
         return True
+
+    def _copied(self, frame: Frame[Any], result: outcome.Outcome[Framebuffer]) -> None:
+        """The copy of a copy-mode frame was made, in its own wake-up (the copy thread's
+        hand-back): flip to it here, or hand it to the scanout task if the output must wait.
+        Called by trio's callback runner: must not raise."""
+        if self._stopped:
+            return  # nobody to tell; the copy buffer stays with its framebuffer
+        try:
+            display_fb = result.unwrap()
+            assert self.output is not None
+            if self.output.start_flip(display_fb, functools.partial(self._landed, frame)):
+                return
+            self._ready = display_fb
+            self._slow = frame
+            self._scanout_kick.set()
+            return
+        except Exception as exc:
+            self._frame_dropped(exc)
+        try:
+            self._frame_done(frame)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._pump()
 
     def _landed(self, frame: Frame[Any], result: FlipResult | None) -> None:
         """The output's callback, in its own wake-up: the frame is on screen (None: the display
@@ -540,8 +573,10 @@ class Connector:
             if isinstance(command, ConfigCommand):
                 await self._apply_config(command.config)
                 self._flips.config_done(command)
-            elif not await self._show(command):
-                self._frame_done(command)
+            else:
+                ready, self._ready = self._ready, None
+                if not await self._show(command, ready):
+                    self._frame_done(command)
             # else started: it completes in _landed
             self._slow = None
             self._pump()
@@ -577,15 +612,17 @@ class Connector:
         """
         return self.output is not None and not fb.released and self.mode_fb is not None
 
-    async def _show(self, frame: Frame[Any]) -> bool:
-        """Show ``frame`` the slow way (copy it first, or wait for the flip); True if it was
-        started with a landing callback, False if it is done (shown or dropped)."""
+    async def _show(self, frame: Frame[Any], display_fb: Framebuffer | None = None) -> bool:
+        """Show ``frame`` the slow way (copy it first unless ``display_fb`` is its copy, or
+        wait for the flip); True if it was started with a landing callback, False if it is
+        done (shown or dropped)."""
         fb = frame.fb
         if not self._showable(fb):
             return False
         assert self.output is not None
         try:
-            display_fb = await fb.present_on(self.output)
+            if display_fb is None:
+                display_fb = await fb.present_on(self.output)
             if self.output.start_flip(display_fb, functools.partial(self._landed, frame)):
                 return True
             await self.output.flip(display_fb)

@@ -30,7 +30,9 @@ parks the task; the worker runs the copy and reschedules the task with
 ``TrioToken.run_sync_soon``: ≈ 15 µs. The caller sleeps once per copy: the guest's turn is
 kept by plain counters under the workers' lock (a worker that ends a copy queues the
 guest's next one itself), not by a ``trio.CapacityLimiter``, whose acquisition costs the
-loop a scheduling pass of its own. Threads start when there is work no idle thread will
+loop a scheduling pass of its own. A copy-mode frame does not even park a task:
+:meth:`CopyWorkers.submit` hands the outcome to a callback on the loop, which flips to the
+copy in that same hand-back (:mod:`displback.backend.connector`). Threads start when there is work no idle thread will
 take and end after :data:`IDLE_SECONDS` without work, or when the daemon stops
 (:meth:`CopyWorkers.close`). A copy whose thread cannot be
 started fails its caller and is never made later.
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -106,15 +109,22 @@ class _Guest:
 
 
 class _Job:
-    """One copy: waiting for its guest's slot, queued, running, done or cancelled."""
+    """One copy: waiting for its guest's slot, queued, running, done or cancelled; ``done``
+    is called with its outcome on the event loop."""
 
-    __slots__ = ("copy", "domid", "guest", "state", "task", "token")
+    __slots__ = ("copy", "domid", "done", "guest", "state", "token")
 
-    def __init__(self, copy: Callable[[], Any], domid: int, guest: _Guest) -> None:
+    def __init__(
+        self,
+        copy: Callable[[], Any],
+        domid: int,
+        guest: _Guest,
+        done: Callable[[outcome.Outcome[Any]], object],
+    ) -> None:
         self.copy = copy
         self.domid = domid
         self.guest = guest
-        self.task = trio.lowlevel.current_task()
+        self.done = done
         self.token = trio.lowlevel.current_trio_token()
         self.state = _WAITING
 
@@ -165,11 +175,40 @@ class CopyWorkers:
         thread are found for it without waking it. Cancelled before a thread took it, the
         copy does not run; once running it is waited for (see the module docstring).
         """
+        task = trio.lowlevel.current_task()
+        job = self._put(domid, copy, functools.partial(trio.lowlevel.reschedule, task))
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.SUCCEEDED if self._withdraw(job) else (
+                trio.lowlevel.Abort.FAILED  # running: wait for it
+            )
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def submit(
+        self, domid: int, copy: Callable[[], T], done: Callable[[outcome.Outcome[T]], object]
+    ) -> None:
+        """Run ``copy()`` in a worker thread on behalf of guest ``domid``, without a task
+        waiting for it: ``done(outcome)`` is called on the event loop once it ran.
+
+        For a caller that goes on in a callback (a copy-mode frame's flip is started by the
+        copy's own wake-up, no task hop). ``done`` runs in trio's callback context and must
+        not raise; a copy submitted is never withdrawn (its caller keeps what it reads and
+        writes until ``done``). Raises if no thread could be started: the copy never runs.
+        """
+        self._put(domid, copy, done)
+
+    def _put(
+        self, domid: int, copy: Callable[[], Any], done: Callable[[outcome.Outcome[Any]], object]
+    ) -> _Job:
+        """A job for ``copy``, queued or waiting for its guest's slot, with a thread for it;
+        raises (the job withdrawn) when no thread could be started for it."""
         with self._lock:
             guest = self._guests.get(domid)
             if guest is None:
                 guest = self._guests[domid] = _Guest()
-            job = _Job(copy, domid, guest)
+            job = _Job(copy, domid, guest, done)
             if guest.active < self.per_guest:
                 guest.active += 1
                 self._enqueue(job)
@@ -181,15 +220,8 @@ class CopyWorkers:
             # The caller gets the error and goes on: its copy must never run later.
             if self._withdraw(job):
                 raise
-            # (Already taken by a thread alive before: wait for it as usual.)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.SUCCEEDED if self._withdraw(job) else (
-                trio.lowlevel.Abort.FAILED  # running: wait for it
-            )
-
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+            # (Already taken by a thread alive before: it completes as usual.)
+        return job
 
     def _enqueue(self, job: _Job) -> None:
         """Put ``job``, holding a slot of its guest, in the threads' queue (lock held)."""
@@ -283,7 +315,7 @@ class CopyWorkers:
                 self._forget_if_idle(job)
             # (RunFinishedError: the run ended under the copy; nobody waits for it.)
             with contextlib.suppress(trio.RunFinishedError):
-                job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)
+                job.token.run_sync_soon(job.done, result)
 
 
 _WORKERS: trio.lowlevel.RunVar[CopyWorkers] = trio.lowlevel.RunVar("displback_copy_workers")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import outcome
 import pytest
 import trio
 import trio.testing
@@ -67,6 +68,57 @@ async def test_a_copy_runs_in_a_worker_thread_and_returns_its_result_or_raises()
         with pytest.raises(ValueError, match="bad geometry"):
             await workers.run(1, fails)
     assert workers.stats.copies == 2 and workers.threads <= 2
+
+
+async def test_a_submitted_copy_hands_its_outcome_to_a_callback_on_the_event_loop() -> None:
+    """``submit`` parks no task: the copy runs in a worker thread and its outcome (a value or
+    the error it raised) is handed to the callback, which runs on the event loop's thread."""
+    workers = CopyWorkers(2)
+    results: list[tuple[int, Any]] = []
+    done = trio.Event()
+
+    def callback(result: Any) -> None:
+        results.append((threading.get_ident(), result))
+        if len(results) == 2:
+            done.set()
+
+    def fails() -> None:
+        raise ValueError("bad geometry")
+
+    with trio.fail_after(30):
+        workers.submit(1, threading.get_ident, callback)
+        workers.submit(2, fails, callback)
+        await done.wait()
+    loop_thread = threading.get_ident()
+    assert [thread for thread, _ in results] == [loop_thread, loop_thread]
+    values = [r.unwrap() for _, r in results if not isinstance(r, outcome.Error)]
+    errors = [r.error for _, r in results if isinstance(r, outcome.Error)]
+    assert len(values) == 1 and values[0] != loop_thread  # copied off the loop's thread
+    assert len(errors) == 1 and str(errors[0]) == "bad geometry"
+
+
+async def test_a_submitted_copy_takes_its_guests_turn_like_an_awaited_one() -> None:
+    """One thread, one copy per guest at a time: guest 1's submitted copy waits behind its
+    running awaited one, and guest 2's goes first."""
+    workers = CopyWorkers(1)
+    first = Blocked()
+    order: list[int] = []
+    done = trio.Event()
+
+    def callback(result: Any) -> None:
+        result.unwrap()
+        if len(order) == 2:
+            done.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            workers.submit(1, lambda: order.append(1), callback)
+            workers.submit(2, lambda: order.append(2), callback)
+            first.release.set()
+            await done.wait()
+    assert order == [2, 1]
 
 
 async def test_another_guests_copy_completes_while_a_slow_copy_runs() -> None:
@@ -399,8 +451,49 @@ async def test_a_guest_destroyed_while_its_copy_runs_is_unmapped_only_after_the_
                 await wait_until(lambda: not w.backend.devices)
                 while await dom0_mappings(hypervisor):
                     await trio.sleep(0.01)
+                # The copy's buffer, filled after its connector was gone, went too.
+                assert w.output("A").owned_bytes == 0
     assert destroyed == [True]
     assert not held.release_timed_out and held.errors == []
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts task steps by task name."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        name = task.name.rsplit(".", 2)[-2:]
+        key = ".".join(name)
+        self.steps[key] = self.steps.get(key, 0) + 1
+
+
+async def test_a_copy_mode_flip_is_started_by_the_copys_hand_back_not_by_a_task(
+    hypervisor: HypervisorThread, tmp_path: Path
+) -> None:
+    """Copy mode: the reader's wake-up hands the copy to a worker thread, and the thread's
+    hand-back to the loop starts the flip: the connector's scanout task is never stepped for
+    a frame, and its ring task neither."""
+    with trio.fail_after(60):
+        async with sim_machine(hypervisor, tmp_path, platform_options=_COPY_MODE) as w:
+            await w.add_guest(1, "connectors=c0:320x240")
+            async with w.guest(1) as guest:
+                await guest.wait_connected()
+                bufs, fbs = await show(guest, 0, 320, 240)
+                await flip_frame(guest, 0, bufs[1], fbs[1], 2)
+                counter = TaskSteps()
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    for frame in range(3, 9):
+                        await flip_frame(guest, 0, bufs[frame % 2], fbs[frame % 2], frame)
+                        assert shown(w.output("A"), 320, 240) == (0, frame)
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                await release(guest, 0, bufs, fbs)
+    assert counter.steps.get("Connector._scanout", 0) == 0, counter.steps
+    assert counter.steps.get("Connector._serve_ring", 0) == 0, counter.steps
+    assert counter.steps.get("<TrioToken.run_sync_soon task>", 0) >= 6, counter.steps
 
 
 async def test_the_daemon_runs_copies_on_as_many_threads_as_copy_workers_says(

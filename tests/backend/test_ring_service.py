@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
 import trio.testing
 
 from displback.backend.connector import REQUESTS_PER_WAKEUP, Connector
+from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.display.interface import FlipResult
-from displback.protocol.constants import EINVAL, PAGE_SIZE
+from displback.protocol.constants import EINVAL, ENOENT, PAGE_SIZE
 from displback.protocol.evtpage import EventConsumer, EventProducer
 from displback.protocol.layout import ConnectorConfig
 from displback.protocol.messages import (
@@ -264,3 +266,124 @@ async def test_a_broken_ring_is_reported_once_and_not_served_again() -> None:
     rig.connector.kick()
     assert len(rig.violations) == 1 and "producer overflow" in rig.violations[0]
     assert rig.channels.unmasked == []
+
+
+# --- copy-mode frames: the copy's hand-back starts the flip -----------------------------------
+
+
+class _CopiedFramebuffer(_Framebuffer):
+    """A copy-mode framebuffer: every frame is copied; the test hands back each copy."""
+
+    def __init__(self, cookie: int, copies: list[Callable[[Any], None]]) -> None:
+        super().__init__(cookie)
+        self._copies = copies
+
+    def present_now(self, output: Any) -> Any:
+        return None
+
+    def present_later(self, output: Any, ready: Callable[[Any], None]) -> None:
+        self._copies.append(ready)
+
+    async def present_on(self, output: Any) -> Any:  # pragma: no cover - must not copy twice
+        raise AssertionError("the copy was made already")
+
+
+class _CopyBuffers(_Buffers):
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[Callable[[Any], None]] = []
+
+    def framebuffer(self, fb_cookie: int) -> _Framebuffer:
+        return _CopiedFramebuffer(fb_cookie, self.copies)
+
+
+class _WaitingOutput(_Output):
+    """An output that cannot start its first flip without waiting (KMS's first legacy
+    modeset): ``start_flip`` refuses it and ``flip`` shows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flipped: list[Any] = []
+
+    def start_flip(self, fb: Any, on_landed: Callable[[FlipResult | None], None]) -> bool:
+        if not self.flipped:
+            return False
+        return super().start_flip(fb, on_landed)
+
+    async def flip(self, fb: Any) -> FlipResult:
+        self.flipped.append(fb)
+        return FlipResult(fb, 1, 0.0)
+
+
+def _copy_rig(output: _Output | None = None) -> _Rig:
+    rig = _Rig()
+    rig.buffers = _CopyBuffers()
+    rig.connector._buffers = rig.buffers
+    if output is not None:
+        rig.output = output
+        rig.connector.output = output  # type: ignore[assignment]
+    return rig
+
+
+async def test_a_copy_mode_frame_is_flipped_by_its_copys_hand_back_in_that_wakeup() -> None:
+    rig = _copy_rig()
+    buffers = rig.buffers
+    assert isinstance(buffers, _CopyBuffers)
+    rig.send(_flip(1, 0x101))
+    rig.connector.kick()
+    assert [r.id for r in rig.responses()] == [1]
+    assert len(buffers.copies) == 1 and rig.output.started == []  # copying, not flipping yet
+    buffers.copies.pop()(outcome.Value("copy of 0x101"))
+    assert rig.output.started == ["copy of 0x101"]  # no task ran in between
+    rig.output.land()
+    assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+
+
+async def test_a_copy_that_failed_drops_its_frame_and_still_sends_the_flips_event() -> None:
+    rig = _copy_rig()
+    buffers = rig.buffers
+    assert isinstance(buffers, _CopyBuffers)
+    rig.send(_flip(1, 0x101))
+    rig.connector.kick()
+    rig.responses()
+    rig.send(_flip(2, 0x102))  # queued behind the frame being copied
+    rig.connector.kick()
+    buffers.copies.pop()(outcome.Error(RequestError(ENOENT, "released while copying")))
+    assert rig.output.started == []
+    assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+    assert len(buffers.copies) == 1  # the next frame's copy started in the same wake-up
+
+
+async def test_a_copy_the_output_cannot_flip_at_once_is_shown_by_the_scanout_task() -> None:
+    output = _WaitingOutput()
+    rig = _copy_rig(output)
+    buffers = rig.buffers
+    assert isinstance(buffers, _CopyBuffers)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.connector.run)
+            await trio.testing.wait_all_tasks_blocked()
+            rig.send(_flip(1, 0x101))
+            rig.connector.kick()
+            buffers.copies.pop()(outcome.Value("copy of 0x101"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert output.flipped == ["copy of 0x101"]  # the copy made, not a second one
+            assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_copy_handed_back_after_the_connector_stopped_touches_nothing() -> None:
+    rig = _copy_rig()
+    buffers = rig.buffers
+    assert isinstance(buffers, _CopyBuffers)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.connector.run)
+            await trio.testing.wait_all_tasks_blocked()
+            rig.send(_flip(1, 0x101))
+            rig.connector.kick()
+            nursery.cancel_scope.cancel()
+    notified = list(rig.channels.notified)
+    buffers.copies.pop()(outcome.Value("copy of 0x101"))
+    assert rig.output.started == [] and rig.events.take() == []
+    assert rig.channels.notified == notified
