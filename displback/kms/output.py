@@ -568,19 +568,22 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
         It sleeps until the deadline of the flip pending when it last looked — ``flip_timeout_s``
         after that flip was submitted — and then looks again: a flip that landed meanwhile
-        cost it nothing, and the one pending now gets its own deadline. Flips landing in time
-        wake it once per ``flip_timeout_s``, not once per flip (each wake-up is a task step
-        and a cancel scope, costly under emulation); :meth:`_submit` kicks it only when it
-        is idle or a flip is due on the timer.
+        cost it nothing, and the one pending now gets its own deadline. With nothing pending
+        it stays awake one ``flip_timeout_s`` more before going idle, so a stream of flips
+        never kicks it; any flip submitted meanwhile has a later deadline than that wake-up.
+        Flips landing in time thus wake it once per ``flip_timeout_s``, not once per flip
+        (each wake-up is a task step and a cancel scope, costly under emulation);
+        :meth:`_submit` kicks it only when it is idle or a flip is due on the timer.
         """
         task_status.started()
         timeout = self._display.flip_timeout_s
+        quiet_until: float | None = None  # nothing was pending: go idle then, if still so
         while True:
             self._wake = trio.Event()  # before looking: a kick from now on is not lost
             pending = self._pending
-            deadline = math.inf
+            now = trio.current_time()
             if pending is not None:
-                now = trio.current_time()
+                quiet_until = None
                 if pending.deadline is None:
                     # Submitted on CLOCK_MONOTONIC; the deadline is on trio's clock.
                     pending.deadline = now + timeout - (_monotonic() - pending.submitted)
@@ -588,7 +591,11 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
                 if now >= deadline:
                     self._overdue(pending)
                     continue
-            self._watchdog_idle = pending is None
+            elif quiet_until is None or now < quiet_until:
+                deadline = quiet_until = quiet_until or now + timeout
+            else:
+                deadline, quiet_until = math.inf, None
+            self._watchdog_idle = deadline == math.inf
             with trio.move_on_at(deadline):
                 await self._wake.wait()
 

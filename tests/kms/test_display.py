@@ -410,6 +410,7 @@ async def test_flips_that_land_do_not_wake_the_watchdog(make: Any) -> None:
             fbs = [out.create_dumb(width=1024, height=768, fourcc=XRGB) for _ in range(2)]
             await out.flip(fbs[0])  # the modeset
             await out.flip(fbs[1])  # kicks the idle watchdog: it sleeps to this deadline
+            await trio.testing.wait_all_tasks_blocked()
             watchdog = _TaskSteps("KmsOutput.run")
             trio.lowlevel.add_instrument(watchdog)
             for n in range(20):
