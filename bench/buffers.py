@@ -394,19 +394,37 @@ async def _frames_per_second(
             await fb.present_on(guest.output)
         frames = 0
         deadline = trio.current_time() + window
+        presenting = len(fbs)
+        all_done = trio.Event()
+        failures: list[BaseException] = []
 
-        async def present(fb: Any, output: Any) -> None:
-            nonlocal frames
-            while trio.current_time() < deadline:
-                await fb.present_on(output)
-                frames += 1
+        def present(fb: Any, output: Any) -> None:
+            # As a copy-mode flip: the copy handed to a worker thread, and the next one
+            # started by the copy's own hand-back to the loop (no task parked, none hopped).
+            def ready(result: Any) -> None:
+                nonlocal frames, presenting
+                try:
+                    result.unwrap()
+                    frames += 1
+                    if trio.current_time() < deadline:
+                        fb.present_later(output, ready)
+                        return
+                except Exception as exc:  # (a callback of trio's must not raise)
+                    failures.append(exc)
+                presenting -= 1
+                if not presenting:
+                    all_done.set()
+
+            fb.present_later(output, ready)
 
         loop_cpu, cpu = time.thread_time(), time.process_time()
         start = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for fb, guest in zip(fbs, guests, strict=True):
-                nursery.start_soon(present, fb, guest.output)
+        for fb, guest in zip(fbs, guests, strict=True):
+            present(fb, guest.output)
+        await all_done.wait()
         elapsed = time.perf_counter() - start
+        if failures:
+            raise failures[0]
         loop_cpu, cpu = time.thread_time() - loop_cpu, time.process_time() - cpu
     finally:
         for store in stores:
@@ -433,8 +451,9 @@ async def copy_scaling(
     copy path makes when ``guests`` guests (one copy at a time each, as the daemon allows)
     present ``size`` frames as fast as they can, with ``workers`` copy threads (default: the
     CPUs this process may use) and with one, in the same run. Each frame is what a copy-mode
-    flip costs the backend before the display flip: ``present_on`` (dumb buffer picked, the
-    copy handed to a worker thread and awaited). ``rounds`` alternations of the two, so that
+    flip costs the backend before the display flip: ``present_later`` (dumb buffer picked, the
+    copy handed to a worker thread; its hand-back to the loop starts the guest's next one, as
+    it starts the flip in the connector). ``rounds`` alternations of the two, so that
     a disturbance by other work hits both; the ratio is the median of the rounds' ratios."""
     many = workers if workers is not None else available_cores()
     width, height = size
