@@ -10,7 +10,8 @@ so each test sees exactly what one wake-up did.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import outcome
@@ -315,20 +316,32 @@ class _WaitingOutput(_Output):
         return FlipResult(fb, 1, 0.0)
 
 
-def _copy_rig(output: _Output | None = None) -> _Rig:
+def _copy_rig(output: _Output | None = None) -> tuple[_Rig, _CopyBuffers]:
+    """A rig whose framebuffers are all copied (the test hands back each copy)."""
     rig = _Rig()
-    rig.buffers = _CopyBuffers()
-    rig.connector._buffers = rig.buffers
+    buffers = _CopyBuffers()
+    rig.buffers = rig.connector._buffers = buffers
     if output is not None:
         rig.output = output
         rig.connector.output = output  # type: ignore[assignment]
-    return rig
+    return rig, buffers
+
+
+@contextlib.asynccontextmanager
+async def _running_with_a_flip(rig: _Rig) -> AsyncIterator[trio.Nursery]:
+    """The connector's tasks running, and a PG_FLIP of 0x101 taken in the reader's wake-up."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.connector.run)
+            await trio.testing.wait_all_tasks_blocked()
+            rig.send(_flip(1, 0x101))
+            rig.connector.kick()
+            yield nursery
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_copy_mode_frame_is_flipped_by_its_copys_hand_back_in_that_wakeup() -> None:
-    rig = _copy_rig()
-    buffers = rig.buffers
-    assert isinstance(buffers, _CopyBuffers)
+    rig, buffers = _copy_rig()
     rig.send(_flip(1, 0x101))
     rig.connector.kick()
     assert [r.id for r in rig.responses()] == [1]
@@ -340,9 +353,7 @@ async def test_a_copy_mode_frame_is_flipped_by_its_copys_hand_back_in_that_wakeu
 
 
 async def test_a_copy_that_failed_drops_its_frame_and_still_sends_the_flips_event() -> None:
-    rig = _copy_rig()
-    buffers = rig.buffers
-    assert isinstance(buffers, _CopyBuffers)
+    rig, buffers = _copy_rig()
     rig.send(_flip(1, 0x101))
     rig.connector.kick()
     rig.responses()
@@ -356,33 +367,18 @@ async def test_a_copy_that_failed_drops_its_frame_and_still_sends_the_flips_even
 
 async def test_a_copy_the_output_cannot_flip_at_once_is_shown_by_the_scanout_task() -> None:
     output = _WaitingOutput()
-    rig = _copy_rig(output)
-    buffers = rig.buffers
-    assert isinstance(buffers, _CopyBuffers)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(rig.connector.run)
-            await trio.testing.wait_all_tasks_blocked()
-            rig.send(_flip(1, 0x101))
-            rig.connector.kick()
-            buffers.copies.pop()(outcome.Value("copy of 0x101"))
-            await trio.testing.wait_all_tasks_blocked()
-            assert output.flipped == ["copy of 0x101"]  # the copy made, not a second one
-            assert [e.fb_cookie for e in rig.events.take()] == [0x101]
-            nursery.cancel_scope.cancel()
+    rig, buffers = _copy_rig(output)
+    async with _running_with_a_flip(rig):
+        buffers.copies.pop()(outcome.Value("copy of 0x101"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert output.flipped == ["copy of 0x101"]  # the copy made, not a second one
+        assert [e.fb_cookie for e in rig.events.take()] == [0x101]
 
 
 async def test_a_copy_handed_back_after_the_connector_stopped_touches_nothing() -> None:
-    rig = _copy_rig()
-    buffers = rig.buffers
-    assert isinstance(buffers, _CopyBuffers)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(rig.connector.run)
-            await trio.testing.wait_all_tasks_blocked()
-            rig.send(_flip(1, 0x101))
-            rig.connector.kick()
-            nursery.cancel_scope.cancel()
+    rig, buffers = _copy_rig()
+    async with _running_with_a_flip(rig):
+        pass  # then the connector stops
     notified = list(rig.channels.notified)
     buffers.copies.pop()(outcome.Value("copy of 0x101"))
     assert rig.output.started == [] and rig.events.take() == []
