@@ -32,10 +32,10 @@ kept by plain counters under the workers' lock (a worker that ends a copy queues
 guest's next one itself), not by a ``trio.CapacityLimiter``, whose acquisition costs the
 loop a scheduling pass of its own. A copy-mode frame does not even park a task:
 :meth:`CopyWorkers.submit` hands the outcome to a callback on the loop, which flips to the
-copy in that same hand-back (:mod:`displback.backend.connector`). Threads start when there is work no idle thread will
-take and end after :data:`IDLE_SECONDS` without work, or when the daemon stops
-(:meth:`CopyWorkers.close`). A copy whose thread cannot be
-started fails its caller and is never made later.
+copy in that same hand-back (:mod:`displback.backend.connector`). Threads start when there
+is work no idle thread will take and end after :data:`IDLE_SECONDS` without work, or when
+the daemon stops (:meth:`CopyWorkers.close`). A copy whose thread cannot be started fails
+its caller and is never made later.
 
 Cancellation
 ------------
