@@ -156,6 +156,18 @@ def top_functions(path: Path, flips: int, limit: int = 25) -> tuple[list[dict[st
     return rows[:limit], text.getvalue()
 
 
+def dom0_costs(dom0: Dom0, python: str) -> dict[str, float]:
+    """What the pieces of a flip cost in this Dom0 (bench.vm_costs, run there)."""
+    out = dom0.share / "dom0-costs.json"
+    dom0.sh(
+        f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 {python} -m bench.vm_costs "
+        f"--json {SHARE}/{out.name} >/dev/null 2>&1",
+        timeout=600,
+    )
+    costs: dict[str, float] = json.loads(out.read_text())
+    return costs
+
+
 def syscall_table(syscalls: dict[str, dict[str, float]], labels: dict[str, str]) -> str:
     """System calls per flip, a column per backend (``strace -c`` windows)."""
     keys = list(syscalls)
@@ -377,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.vm.conftest import booted_dom0  # the harness's boot, unchanged
 
     runs: list[Run] = []
+    costs: dict[str, float] = {}
     profiles: dict[str, Any] = {}
     syscalls: dict[str, dict[str, float]] = {}
     labels: dict[str, str] = {}
@@ -392,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             keep = set(args.only.split(","))
             chosen = [b for b in chosen if b.key in keep]
         labels = {b.key: b.label for b in chosen}
+        try:
+            costs = dom0_costs(dom0, sys.executable)
+        except Exception as error:  # the backends' rows matter more
+            errors.append(f"Dom0 micro-costs: {error}")
         for round_ in range(args.rounds):
             for backend in chosen:
                 _say(f"round {round_ + 1}: {backend.label}")
@@ -427,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     if syscalls:
         print("\n" + syscall_table(syscalls, labels))
+    if costs:
+        print("\nDom0 micro-costs, CPU per call (bench.vm_costs; natively ≲ 1 µs but the last):")
+        for name, us in costs.items():
+            print(f"  {name:42s} {us:9.2f} µs")
     for problem in errors:
         print(f"ERROR: {problem}")
     document = {
@@ -440,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in runs],
         "profiles": profiles,
         "syscalls_per_flip": syscalls,
+        "dom0_costs_us": costs,
         "errors": errors,
         "workdir": str(work),
     }  # fmt: skip

@@ -3,6 +3,7 @@ displ_be build's checks (``make bench-vm`` itself boots the nested Xen; docs/ben
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import vm_costs
 from bench.displ_be import BuildError, DisplBe, cache_dir
 from bench.vm import result_of, syscall_table
 from bench.vm_sampler import SyscallCounter, parse_strace_summary, watch
@@ -139,3 +141,16 @@ def test_the_syscall_counter_counts_what_the_process_calls_while_attached(
         stop.touch()
         child.wait(timeout=30)
     assert calls.get("getppid", 0) > 10
+
+
+def test_the_micro_costs_time_every_piece_of_a_flip_and_write_them(tmp_path: Path) -> None:
+    out = tmp_path / "costs.json"
+    assert vm_costs.main(["--calls", "50", "--json", str(out)]) == 0
+    costs = json.loads(out.read_text())
+    assert set(costs) == {
+        "empty Python call", "time.monotonic (clock_gettime)", "os.getppid (a bare system call)",
+        "threading.Lock acquire + release", "socketpair send + recv", "epoll modify + poll(0)",
+        "round trip to a thread (2 SimpleQueues)",
+    }  # fmt: skip
+    assert all(value >= 0 for value in costs.values())
+    assert costs["round trip to a thread (2 SimpleQueues)"] > 0  # two threads, really
