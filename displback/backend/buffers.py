@@ -418,6 +418,8 @@ class GuestFramebuffer:
         event loop with the framebuffer to flip to (or the :class:`RequestError` of
         :meth:`present_on`) once it is made. ``ready`` must not raise. Raises at once what
         prevents the copy from starting (no copy buffer, no thread)."""
+        if self._released:
+            raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         state = self._outputs[output]
         target, copy = self._prepare_copy(output, state)
         try:
@@ -508,9 +510,11 @@ class GuestFramebuffer:
         """The copy into ``target`` ran or never will: its memory may go (a target released
         meanwhile is retired before the source pages may be unmapped)."""
         state.filling = None
-        if self._released:  # detached or destroyed while we copied: ours to release now
-            self._store._retire(output, target)
-        self._buffer.copy_ended()
+        try:
+            if self._released:  # detached or destroyed while we copied: ours to release now
+                self._store._retire(output, target)
+        finally:
+            self._buffer.copy_ended()  # whatever happened: a teardown waits for this
 
     def _copy_unless_released(self, copy: Callable[[], None]) -> None:
         """In the worker thread: copy, unless the framebuffer went while the copy waited."""

@@ -13,13 +13,17 @@ import dataclasses
 import errno
 import os
 import struct
+import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import outcome
 import pytest
 import trio
 
+from displback.backend import buffers as buffers_module
 from displback.backend.buffers import (
     BufferKind,
     BufferStore,
@@ -604,6 +608,63 @@ async def test_a_platform_that_cannot_export_copies_and_says_so_once(
         await env.destroy(2)
         free_buffer(env.guest, buf)  # unmapped by the destroy
         free_buffer(env.guest, buf2)
+
+
+async def test_a_copy_ending_after_its_framebuffer_went_frees_its_buffer_even_if_release_fails(
+    hypervisor: HypervisorThread,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``present_later``: the framebuffer is detached while its copy runs; when the copy
+    ends, releasing the copy buffer fails in a way nobody foresaw. The frame's callback
+    gets the failure, and the copy still counts as ended: destroying the buffer (which
+    waits for its copies before unmapping) does not hang."""
+    started, release = threading.Event(), threading.Event()
+
+    def held_copy(*args: object) -> None:
+        started.set()
+        release.wait(30)
+
+    monkeypatch.setattr(buffers_module, "copy_frame", held_copy)
+    async with open_env(hypervisor, export=False) as env:
+        width, height = 10, 6
+        buf = guest_buffer(env.guest, 1)
+        await env.create(1, buf, width, height)
+        fb = env.attach(1, 11, width, height)
+        assert fb.present_now(env.output) is None  # copy mode
+        results: list[Any] = []
+        done = trio.Event()
+
+        def ready(result: Any) -> None:
+            results.append(result)
+            done.set()
+
+        fb.present_later(env.output, ready)
+        target = fb._outputs[env.output].filling
+        real_release = env.output.release
+
+        def release_failing(fb_: Framebuffer) -> None:
+            if fb_ is target:
+                raise RuntimeError("a display bug")
+            real_release(fb_)
+
+        monkeypatch.setattr(env.output, "release", release_failing)
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(started.wait, 30)
+            await env.detach(11)  # released while its copy runs
+            release.set()
+            await done.wait()
+            assert isinstance(results[0], outcome.Error)
+            assert "a display bug" in str(results[0].error)
+            # The copy counts as ended: else the destroy below would wait for ever (here the
+            # count is put right before failing, so that the teardown ends).
+            unended = fb._buffer.copies
+            for _ in range(unended):
+                fb._buffer.copy_ended()
+            assert unended == 0
+            expect_sync_error(errno.ENOENT, fb.present_later, env.output, ready)  # (detached)
+            monkeypatch.setattr(env.output, "release", real_release)
+            await env.destroy(1)  # waits for the copy to have ended: it has
+        free_buffer(env.guest, buf)
 
 
 async def test_a_display_refusing_imports_gets_copies_logged_once_per_buffer(
