@@ -15,9 +15,9 @@ import os
 import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import outcome
 import pytest
