@@ -19,9 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import outcome
 import trio
 
 from bench.guestproc import FlipLog
@@ -32,8 +31,6 @@ from displback.display.virtual import OutputConfig
 from displback.protocol.constants import PAGE_SIZE
 from displback.sim.hypervisor import GRANT_ENTRIES, HypervisorProcess
 from displback.sim.platform import SimDomain, SimEventChannels, SimPlatform
-
-T = TypeVar("T")
 
 __all__ = [
     "TimedCopyWorkers", "capacity", "cpu_per_flip", "echo_round_trip", "fairness",
@@ -476,39 +473,45 @@ async def _measure_step(
 
 
 class TimedCopyWorkers(CopyWorkers):
-    """The daemon's copy workers, also timing how long each copy waited for its thread (per
-    guest domain) and the most copies that ran at once for one guest: the per-guest fair
-    share made visible."""
+    """The daemon's copy workers, also timing, per guest domain, how long each copy waited for
+    a thread and how long it took until the loop had it back (native copies run no Python
+    to time them in their thread), and the most copies that ran at once for one guest: the
+    per-guest fair share made visible."""
 
     def __init__(self, total: int | None = None) -> None:
         super().__init__(total)
         self.waits: dict[int, list[float]] = {}
         self.copy_times: dict[int, list[float]] = {}
+        self._asked: dict[object, float] = {}  # by the job's done callback
+        self._began: dict[object, float] = {}  # by job
 
     def clear(self) -> None:
         self.waits.clear()
         self.copy_times.clear()
 
-    def _timed(self, domid: int, copy: Callable[[], T]) -> Callable[[], T]:
-        asked = time.perf_counter()
+    def _put(self, domid: int, copy: Callable[[], Any], done: Callable[[Any], object],
+             skip: Callable[[], bool] | None) -> Any:
+        def timed_done(result: Any) -> object:
+            return done(result)
 
-        def timed() -> T:
-            began = time.perf_counter()
-            self.waits.setdefault(domid, []).append(began - asked)
-            try:
-                return copy()
-            finally:
-                self.copy_times.setdefault(domid, []).append(time.perf_counter() - began)
+        self._asked[timed_done] = time.perf_counter()
+        try:
+            return super()._put(domid, copy, timed_done, skip)
+        except BaseException:
+            self._asked.pop(timed_done, None)
+            raise
 
-        return timed
+    def _start(self, job: Any) -> None:
+        super()._start(job)
+        began = time.perf_counter()
+        self.waits.setdefault(job.domid, []).append(began - self._asked.pop(job.done, began))
+        self._began[job] = began
 
-    async def run(self, domid: int, copy: Callable[[], T]) -> T:
-        return await super().run(domid, self._timed(domid, copy))
-
-    def submit(
-        self, domid: int, copy: Callable[[], T], done: Callable[[outcome.Outcome[T]], object]
-    ) -> None:
-        super().submit(domid, self._timed(domid, copy), done)
+    def _finished(self, job: Any, result: Any) -> None:
+        began = self._began.pop(job, None)
+        if began is not None:
+            self.copy_times.setdefault(job.domid, []).append(time.perf_counter() - began)
+        super()._finished(job, result)
 
     def summary(self) -> dict[str, Any]:
         return {

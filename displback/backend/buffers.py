@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 import outcome
 import trio
 
-from displback.backend.copies import CopyWorkers, default_copy_workers
+from displback.backend.copies import CopyWorkers, FrameCopy, default_copy_workers
 from displback.backend.deferred import DeferredReleases, Logger, default_logger
 from displback.backend.errors import RequestError
 from displback.backend.guestmem import (
@@ -101,7 +101,7 @@ from displback.display.interface import (
     Output,
     UnsupportedFormat,
 )
-from displback.display.pixels import copy_frame, frame_end
+from displback.display.pixels import frame_end
 from displback.mapping import DmabufMapping
 from displback.protocol.constants import (
     EDID_BLOCK_SIZE,
@@ -427,6 +427,7 @@ class GuestFramebuffer:
                 self._store.domid,
                 copy,
                 functools.partial(self._copied_later, output, state, target, ready),
+                skip=self._gone,
             )
         except BaseException:
             self._copy_ended(output, state, target)
@@ -446,7 +447,7 @@ class GuestFramebuffer:
         target, copy = self._prepare_copy(output, state)
         result: outcome.Outcome[None] = outcome.Value(None)
         try:
-            await self._store.copies.run(self._store.domid, copy)
+            await self._store.copies.run(self._store.domid, copy, skip=self._gone)
         except ValueError as exc:
             result = outcome.Error(exc)
         except BaseException:
@@ -456,7 +457,7 @@ class GuestFramebuffer:
 
     def _prepare_copy(
         self, output: Output, state: _OnOutput
-    ) -> tuple[DumbFramebuffer, Callable[[], None]]:
+    ) -> tuple[DumbFramebuffer, FrameCopy]:
         """The dumb buffer to copy the frame into (of two, never the one on screen) and the
         copy to run; from here until :meth:`_copy_ended`, the source pages stay mapped
         (``_free`` waits for ``buffer.copies``) and the target allocated (``_release`` leaves
@@ -474,8 +475,7 @@ class GuestFramebuffer:
                 state.next_dumb = 1 - index
                 break
         assert target is not None  # at most one of the two is on screen
-        copy = functools.partial(
-            copy_frame,
+        copy = FrameCopy(
             source.buffer,
             self.offset,
             self.pitch,
@@ -487,7 +487,7 @@ class GuestFramebuffer:
         )
         state.filling = target
         buffer.copies += 1
-        return target, functools.partial(self._copy_unless_released, copy)
+        return target, copy
 
     def _copied(
         self,
@@ -516,10 +516,9 @@ class GuestFramebuffer:
         finally:
             self._buffer.copy_ended()  # whatever happened: a teardown waits for this
 
-    def _copy_unless_released(self, copy: Callable[[], None]) -> None:
-        """In the worker thread: copy, unless the framebuffer went while the copy waited."""
-        if not self._released:
-            copy()
+    def _gone(self) -> bool:
+        """Whether the framebuffer went (a copy of it that waited for its turn is not made)."""
+        return self._released
 
     def _create_dumb(self, output: Output) -> DumbFramebuffer:
         """A copy buffer for this framebuffer on ``output``, charged to the guest (count and

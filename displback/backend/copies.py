@@ -5,37 +5,42 @@ Why threads
 In copy mode every SET_CONFIG and PG_FLIP copies the guest's frame into a display-owned
 buffer: up to 32 MiB (4095×2047×32 bpp) per flip, a guest's choice. Run on the event loop, one
 guest flipping such frames on several connectors delays every other guest's flips (measured:
-an honest guest's flip rate cut by 42 %). numpy releases the GIL while it copies, so the copy
-runs in a worker thread and the loop goes on serving everyone else meanwhile.
+an honest guest's flip rate cut by 42 %). So copies run in worker threads and the loop goes on
+serving everyone else meanwhile.
 
 Bounds and fairness
 -------------------
-* **Global**: ``total`` worker threads (default: the CPUs this process may use) take copies
-  from one FIFO queue, so at most ``total`` run at once — more threads than cores only share
-  memory bandwidth worse.
-* **Per guest**: a guest domain runs at most ``per_guest`` copies at once (default 1), whatever
-  its number of devices and connectors. Its other copies wait in its own list, outside the
-  queue, and the one that takes a freed slot goes to the queue's end: the queue holds at most
-  ``per_guest`` copies of each guest and the threads serve guests in turn. A copy waits at
-  most for one round of the other guests' copies, however many connectors a guest floods.
+Decided on the event loop alone, so the bookkeeping takes no lock:
 
-The hand-off
-------------
-Each frame of a copy-mode connector is one hand-off, and its cost on the event loop is the
-loop's share of every copy: with ``trio.to_thread.run_sync`` (a limiter, trio's thread cache,
-the result sent back through the entry queue) ≈ 45 µs per copy on the development VM, which
-on 2 cores left the second copy thread too little of the machine to copy 1.7 × the frames
-of one (issue 12 goal 4). Here the loop puts the job in a :class:`queue.SimpleQueue` and
-parks the task; the worker runs the copy and reschedules the task with
-``TrioToken.run_sync_soon``: ≈ 15 µs. The caller sleeps once per copy: the guest's turn is
-kept by plain counters under the workers' lock (a worker that ends a copy queues the
-guest's next one itself), not by a ``trio.CapacityLimiter``, whose acquisition costs the
-loop a scheduling pass of its own. A copy-mode frame does not even park a task:
-:meth:`CopyWorkers.submit` hands the outcome to a callback on the loop, which flips to the
-copy in that same hand-back (:mod:`displback.backend.connector`). Threads start when there
-is work no idle thread will take and end after :data:`IDLE_SECONDS` without work, or when
-the daemon stops (:meth:`CopyWorkers.close`). A copy whose thread cannot be started fails
-its caller and is never made later.
+* **Global**: at most ``total`` copies (default: the CPUs this process may use) run at once —
+  more than cores only share memory bandwidth worse. The others wait in one FIFO.
+* **Per guest**: a guest domain has at most ``per_guest`` copies (default 1) running or in
+  that FIFO, whatever its number of devices and connectors. Its other copies wait in its own
+  list, and the one that takes a freed slot goes to the FIFO's end: the guests are served in
+  turn, and a copy waits at most for one round of the other guests' copies, however many
+  connectors a guest floods.
+
+Two kinds of thread
+-------------------
+* A frame copy (:class:`FrameCopy`: :func:`~displback.display.pixels.copy_frame`'s arguments
+  as data) goes to the native copy threads of :mod:`displback.backend._copythreads`, a small
+  C extension, when it is built: they never take the GIL, and hand a finished copy back
+  through an eventfd that one system task per trio run waits on. Measured in the nested Xen
+  VM (a PV Dom0 under TCG, where a system call costs ~100× native and every lock acquisition
+  reads the clock through Xen), a Python copy thread cost the flip ~20 futex calls, ~12 clock
+  reads and ~0.4 ms of thread round trip, and its Python 0.7–1 ms more than the C++ peer's
+  whole copy (docs/benchmarks.md).
+* Any other copy (a callable: a guest buffer's grant mapping, a frame an output keeps), and
+  every copy where the extension is not built (no compiler or Python headers where displback
+  was installed), runs in Python worker threads (numpy releases the GIL while it copies),
+  which hand the outcome back with ``TrioToken.run_sync_soon``.
+
+Either way the caller sleeps once per copy, or not at all: :meth:`CopyWorkers.submit` hands
+the outcome to a callback on the loop, which flips to the copy in that same wake-up
+(:mod:`displback.backend.connector`). Threads start when there is work no idle thread will
+take and end after :data:`IDLE_SECONDS` without work, or once idle after
+:meth:`CopyWorkers.close`. A copy whose thread cannot be started fails its caller and is
+never made later.
 
 Cancellation
 ------------
@@ -43,8 +48,8 @@ A copy that has started is never abandoned: its caller waits until the thread re
 when cancelled (the cancellation is delivered at the caller's next checkpoint). The caller
 keeps the source and target memory mapped until :meth:`CopyWorkers.run` returns (see
 ``GuestFramebuffer`` in :mod:`displback.backend.buffers`), so no thread ever touches memory
-that was unmapped under it. A copy still waiting for its guest's slot or in the queue is
-simply not started.
+that was unmapped under it (a native copy also holds both buffers' exports until it is
+handed back). A copy still waiting for its guest's slot or in the FIFO is simply not started.
 
 One :class:`CopyWorkers` serves the whole daemon: the backend makes it with the configured
 ``copy_workers`` threads (default: the CPUs this process may use) and hands it to every
@@ -56,7 +61,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import os
 import queue
 import threading
@@ -67,11 +71,20 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from displback.display.pixels import copy_frame
+
+try:
+    from displback.backend._copythreads import CopyThreads as NativeCopyThreads
+except ImportError:  # not built where displback was installed: Python threads copy frames too
+    NativeCopyThreads = None  # type: ignore[assignment,misc]
+
 __all__ = [
     "CopyStats",
     "CopyWorkers",
+    "FrameCopy",
     "available_cores",
     "default_copy_workers",
+    "native_copies_built",
     "set_default_copy_workers",
 ]
 
@@ -86,6 +99,33 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def native_copies_built() -> bool:
+    """Whether the native copy threads (the C extension) are there to copy frames."""
+    return NativeCopyThreads is not None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameCopy:
+    """``copy_frame(src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width_bytes,
+    height)`` as data: a copy the native threads can make without Python; called, it is made
+    by :func:`~displback.display.pixels.copy_frame` (the same checks and result)."""
+
+    src: Any
+    src_offset: int
+    src_pitch: int
+    dst: Any
+    dst_offset: int
+    dst_pitch: int
+    width_bytes: int
+    height: int
+
+    def __call__(self) -> None:
+        copy_frame(
+            self.src, self.src_offset, self.src_pitch, self.dst, self.dst_offset,
+            self.dst_pitch, self.width_bytes, self.height,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class CopyStats:
     """Copies done since start, and the most that ran at once for one guest and in all."""
@@ -97,22 +137,22 @@ class CopyStats:
 
 
 class _Guest:
-    """One guest domain's share: its jobs in the queue or running (at most ``per_guest``),
-    and its jobs waiting for one of those slots, in order."""
+    """One guest domain's share: its jobs in the FIFO or running (at most ``per_guest``), and
+    its jobs waiting for one of those slots, in order."""
 
     __slots__ = ("active", "running", "waiting")
 
     def __init__(self) -> None:
-        self.active = 0  # jobs queued or running (each holds one of the guest's slots)
+        self.active = 0  # jobs in the FIFO or running (each holds one of the guest's slots)
         self.running = 0
         self.waiting: collections.deque[_Job] = collections.deque()
 
 
 class _Job:
-    """One copy: waiting for its guest's slot, queued, running, done or cancelled; ``done``
-    is called with its outcome on the event loop."""
+    """One copy: waiting for its guest's slot, in the FIFO, running, or cancelled; ``done``
+    is called with its outcome on the event loop (of the run ``token`` names)."""
 
-    __slots__ = ("copy", "domid", "done", "guest", "state", "token")
+    __slots__ = ("copy", "domid", "done", "guest", "skip", "state", "token")
 
     def __init__(
         self,
@@ -120,44 +160,56 @@ class _Job:
         domid: int,
         guest: _Guest,
         done: Callable[[outcome.Outcome[Any]], object],
+        skip: Callable[[], bool] | None,
     ) -> None:
         self.copy = copy
         self.domid = domid
         self.guest = guest
         self.done = done
+        self.skip = skip
         self.token = trio.lowlevel.current_trio_token()
         self.state = _WAITING
 
 
-_WAITING, _QUEUED, _RUNNING, _CANCELLED = "waiting", "queued", "running", "cancelled"
+_WAITING, _READY, _RUNNING, _CANCELLED = "waiting", "ready", "running", "cancelled"
 
-#: Put in the queue by :meth:`CopyWorkers.close`: the thread that takes it ends.
-_STOP: Any = object()
+#: The outcome of a copy made (or skipped because nobody wants it any more).
+_COPIED: outcome.Outcome[None] = outcome.Value(None)
 
 #: A worker thread ends after this long without a copy to make.
 IDLE_SECONDS = 10.0
 
 
 class CopyWorkers:
-    """Runs copies in worker threads: ``total`` at once, ``per_guest`` of them per guest."""
+    """Runs copies in worker threads: ``total`` at once, ``per_guest`` of them per guest.
 
-    def __init__(self, total: int | None = None, *, per_guest: int = 1) -> None:
+    ``native``: frame copies in the native threads (None: when they are built; True raises
+    :class:`RuntimeError` if they are not; False: Python threads for every copy).
+    """
+
+    def __init__(
+        self, total: int | None = None, *, per_guest: int = 1, native: bool | None = None
+    ) -> None:
         total = available_cores() if total is None else total
         if total < 1 or per_guest < 1:
             raise ValueError(f"copy slots must be at least 1, not {total} (per guest {per_guest})")
+        if native and NativeCopyThreads is None:
+            raise RuntimeError("the native copy threads (displback.backend._copythreads) "
+                               "are not built")
         self.total = total
         self.per_guest = min(per_guest, total)
-        # Everything below changes in the worker threads too: under the lock.
-        self._lock = threading.Lock()
         self._guests: dict[int, _Guest] = {}
-        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._threads = 0
-        self._idle = 0  # threads waiting for a job
-        self._queued = 0  # jobs put but not yet taken by a thread
-        self._copies = 0
+        self._ready: collections.deque[_Job] = collections.deque()  # the FIFO
         self._running = 0
+        self._copies = 0
         self._most_running = 0
         self._most_per_guest = 0
+        self._python = _PythonThreads(total, self._finished)
+        self._native = (
+            _NativeThreads(total, self._finished)
+            if (NativeCopyThreads is not None if native is None else native)
+            else None
+        )
 
     @property
     def stats(self) -> CopyStats:
@@ -165,18 +217,28 @@ class CopyWorkers:
 
     @property
     def threads(self) -> int:
-        """Worker threads alive now (at most ``total``)."""
-        return self._threads
+        """Worker threads alive now (at most ``total`` of each kind)."""
+        native = self._native.threads if self._native is not None else 0
+        return self._python.threads + native
 
-    async def run(self, domid: int, copy: Callable[[], T]) -> T:
+    @property
+    def native(self) -> bool:
+        """Whether frame copies (:class:`FrameCopy`) run in the native threads."""
+        return self._native is not None
+
+    async def run(
+        self, domid: int, copy: Callable[[], T], *, skip: Callable[[], bool] | None = None
+    ) -> T:
         """Run ``copy()`` in a worker thread on behalf of guest ``domid``; return its result.
 
         The calling task sleeps once, until the copy is done: a slot of its guest and a
         thread are found for it without waking it. Cancelled before a thread took it, the
-        copy does not run; once running it is waited for (see the module docstring).
+        copy does not run; once running it is waited for (see the module docstring). If
+        ``skip()`` is true when a thread would take it, the copy is not made and None is
+        returned (nobody wants it any more).
         """
         task = trio.lowlevel.current_task()
-        job = self._put(domid, copy, functools.partial(trio.lowlevel.reschedule, task))
+        job = self._put(domid, copy, lambda result: trio.lowlevel.reschedule(task, result), skip)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.SUCCEEDED if self._withdraw(job) else (
@@ -187,135 +249,291 @@ class CopyWorkers:
         return result
 
     def submit(
-        self, domid: int, copy: Callable[[], T], done: Callable[[outcome.Outcome[T]], object]
+        self,
+        domid: int,
+        copy: Callable[[], T],
+        done: Callable[[outcome.Outcome[T]], object],
+        *,
+        skip: Callable[[], bool] | None = None,
     ) -> None:
         """Run ``copy()`` in a worker thread on behalf of guest ``domid``, without a task
-        waiting for it: ``done(outcome)`` is called on the event loop once it ran.
+        waiting for it: ``done(outcome)`` is called on the event loop once it ran (or was
+        skipped, as in :meth:`run`).
 
         For a caller that goes on in a callback (a copy-mode frame's flip is started by the
         copy's own wake-up, no task hop). ``done`` runs in trio's callback context and must
-        not raise; a copy submitted is never withdrawn (its caller keeps what it reads and
-        writes until ``done``). Raises if no thread could be started: the copy never runs.
+        not raise; it is never called before ``submit`` returned, and a copy submitted is
+        never withdrawn (its caller keeps what it reads and writes until ``done``). Raises
+        if no thread could be started: the copy never runs.
         """
-        self._put(domid, copy, done)
+        self._put(domid, copy, done, skip)
 
     def _put(
-        self, domid: int, copy: Callable[[], Any], done: Callable[[outcome.Outcome[Any]], object]
+        self,
+        domid: int,
+        copy: Callable[[], Any],
+        done: Callable[[outcome.Outcome[Any]], object],
+        skip: Callable[[], bool] | None,
     ) -> _Job:
-        """A job for ``copy``, queued or waiting for its guest's slot, with a thread for it;
-        raises (the job withdrawn) when no thread could be started for it."""
-        with self._lock:
-            guest = self._guests.get(domid)
-            if guest is None:
-                guest = self._guests[domid] = _Guest()
-            job = _Job(copy, domid, guest, done)
-            if guest.active < self.per_guest:
-                guest.active += 1
-                self._enqueue(job)
-            else:
-                guest.waiting.append(job)
-        try:
-            self._start_threads()
-        except BaseException:
-            # The caller gets the error and goes on: its copy must never run later.
-            if self._withdraw(job):
-                raise
-            # (Already taken by a thread alive before: it completes as usual.)
+        """A job for ``copy``: started, in the FIFO or waiting for its guest's slot; raises
+        (the job withdrawn) when no thread could be started for it."""
+        guest = self._guests.get(domid)
+        if guest is None:
+            guest = self._guests[domid] = _Guest()
+        job = _Job(copy, domid, guest, done, skip)
+        if guest.active < self.per_guest:
+            guest.active += 1
+            job.state = _READY
+            self._ready.append(job)
+            self._dispatch(job)
+        else:
+            guest.waiting.append(job)
         return job
 
-    def _enqueue(self, job: _Job) -> None:
-        """Put ``job``, holding a slot of its guest, in the threads' queue (lock held)."""
-        job.state = _QUEUED
-        self._queued += 1
-        self._queue.put(job)
+    def _dispatch(self, caller: _Job | None = None) -> None:
+        """Start jobs from the FIFO while fewer than ``total`` run. A job whose thread could
+        not be started never runs: for ``caller``'s job the error is raised here (after the
+        others were started), any other job's ``done`` gets it."""
+        failure: BaseException | None = None
+        while self._ready and self._running < self.total:
+            job = self._ready.popleft()
+            try:
+                self._start(job)
+            except BaseException as exc:  # (no thread: the caller may unmap its memory)
+                job.state = _CANCELLED
+                self._slot_freed(job)
+                self._forget_if_idle(job)
+                if job is caller:
+                    failure = exc
+                else:
+                    job.token.run_sync_soon(job.done, outcome.Error(exc))
+        if failure is not None:
+            raise failure
+
+    def _start(self, job: _Job) -> None:
+        """Hand ``job`` to a thread (raises if none could be started)."""
+        if job.skip is not None and job.skip():
+            job.token.run_sync_soon(self._finished, job, _COPIED)
+        elif self._native is not None and type(job.copy) is FrameCopy:
+            self._native.start(job)
+        else:
+            self._python.start(job)
+        job.state = _RUNNING
+        guest = job.guest
+        guest.running += 1
+        self._running += 1
+        self._most_running = max(self._most_running, self._running)
+        self._most_per_guest = max(self._most_per_guest, guest.running)
+
+    def _finished(self, job: _Job, result: outcome.Outcome[Any]) -> None:
+        """On the event loop: ``job``'s copy ran. The next copies start before its ``done``
+        is called, so the threads copy while the loop goes on."""
+        self._running -= 1
+        job.guest.running -= 1
+        self._copies += 1
+        self._slot_freed(job)
+        self._forget_if_idle(job)
+        try:
+            self._dispatch()
+        finally:
+            job.done(result)
 
     def _withdraw(self, job: _Job) -> bool:
         """Cancel ``job`` unless a thread took it; True if cancelled (it will never run)."""
-        with self._lock:
-            if job.state is _WAITING:
-                job.guest.waiting.remove(job)
-            elif job.state is _QUEUED:
-                self._slot_freed(job)  # the thread that takes it skips it
-            else:
-                return False
-            job.state = _CANCELLED
-            self._forget_if_idle(job)
+        if job.state is _WAITING:
+            job.guest.waiting.remove(job)
+        elif job.state is _READY:
+            self._ready.remove(job)
+            self._slot_freed(job)
+        else:
+            return False
+        job.state = _CANCELLED
+        self._forget_if_idle(job)
         return True
 
     def _slot_freed(self, job: _Job) -> None:
         """``job`` no longer holds its guest's slot: the guest's next waiting job takes it
-        (at the end of the queue: the guests are served in turn). Lock held."""
+        (at the end of the FIFO: the guests are served in turn)."""
         guest = job.guest
         guest.active -= 1
         if guest.waiting:
             guest.active += 1
-            self._enqueue(guest.waiting.popleft())
+            waiting = guest.waiting.popleft()
+            waiting.state = _READY
+            self._ready.append(waiting)
 
     def _forget_if_idle(self, job: _Job) -> None:
         guest = job.guest
         if guest.active == 0 and not guest.waiting and self._guests.get(job.domid) is guest:
             del self._guests[job.domid]
 
-    def _start_threads(self) -> None:
-        """Start threads while queued jobs outnumber idle threads, up to ``total``."""
-        while True:
-            with self._lock:
-                if self._queued <= self._idle or self._threads >= self.total:
-                    return
+    def close(self) -> None:
+        """The daemon stops: every thread ends once the copies it was given are made (run
+        after the last caller is gone; a later :meth:`run` starts threads again, which end
+        as soon as they are idle)."""
+        self._python.close()
+        if self._native is not None:
+            self._native.close()
+
+
+class _PythonThreads:
+    """Python worker threads: take jobs from a queue, run their copy (any callable) and hand
+    the outcome back to the loop with ``run_sync_soon``. The loop never gives them more jobs
+    than ``total``; they start as needed and end when idle."""
+
+    def __init__(
+        self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None]
+    ) -> None:
+        self._total = total
+        self._finished = finished
+        # Thread accounting changes in the threads too: under the lock.
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0  # threads waiting for a job
+        self._pending = 0  # jobs put but not yet taken by a thread
+        self._closing = False  # after close(): threads end as soon as they are idle
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def start(self, job: _Job) -> None:
+        """Queue ``job`` with a thread for it; raises (nothing queued) if none could start."""
+        with self._lock:
+            start = self._pending >= self._idle and self._threads < self._total
+            if start:
                 self._threads += 1
                 self._idle += 1  # counted idle until it takes a job: one thread per job
+            self._pending += 1
+            self._queue.put(job)
+        if start:
             try:
                 threading.Thread(target=self._work, name="displback-copy", daemon=True).start()
             except BaseException:
                 with self._lock:
                     self._threads -= 1
                     self._idle -= 1
-                raise
+                    alone = self._threads == 0
+                if alone:
+                    # Nobody takes it: the caller marks it cancelled, and the thread that
+                    # one day takes it from the queue skips it.
+                    raise
+                # (A thread alive takes it and makes the copy.)
 
     def close(self) -> None:
-        """The daemon stops: every thread ends once the copies queued before are made (run
-        after the last caller is gone; a later :meth:`run` would start threads again)."""
         with self._lock:
+            self._closing = True
             threads = self._threads
         for _ in range(threads):
-            self._queue.put(_STOP)
+            self._queue.put(None)
 
     def _work(self) -> None:
-        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS` or
-        :meth:`close` asked it to end."""
+        """A worker thread: take jobs until none came for :data:`IDLE_SECONDS`, or none is
+        there after :meth:`close`."""
         while True:
             try:
-                job: _Job | None = self._queue.get(timeout=IDLE_SECONDS)
+                job = self._queue.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 job = None
             with self._lock:
-                if job is None or job is _STOP:
-                    if self._queued > self._idle - 1:
+                if job is None:
+                    if self._pending > self._idle - 1:
                         continue  # a job was put counting on this thread: take it
                     self._idle -= 1
                     self._threads -= 1
                     return
-                self._queued -= 1
-                if job.state is _CANCELLED:
+                self._pending -= 1
+                if job.state is _CANCELLED:  # its thread could not be started
                     continue
                 self._idle -= 1
-                job.state = _RUNNING
-                guest = job.guest
-                guest.running += 1
-                self._running += 1
-                self._most_running = max(self._most_running, self._running)
-                self._most_per_guest = max(self._most_per_guest, guest.running)
             result = outcome.capture(job.copy)
             with self._lock:
-                self._running -= 1
-                guest.running -= 1
-                self._copies += 1
                 self._idle += 1
-                self._slot_freed(job)
-                self._forget_if_idle(job)
+                leave = self._closing and self._pending <= self._idle - 1
+                if leave:
+                    self._idle -= 1
+                    self._threads -= 1
             # (RunFinishedError: the run ended under the copy; nobody waits for it.)
             with contextlib.suppress(trio.RunFinishedError):
-                job.token.run_sync_soon(job.done, result)
+                job.token.run_sync_soon(self._finished, job, result)
+            if leave:
+                return
+
+
+class _NativeThreads:
+    """The native copy threads for :class:`FrameCopy` jobs, made on first use, and the system
+    task of the current trio run that hands their finished copies back to the loop."""
+
+    def __init__(
+        self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None]
+    ) -> None:
+        self._total = total
+        self._finished = finished
+        self._threads: Any = None  # NativeCopyThreads, made on first use
+        self._jobs: dict[int, _Job] = {}
+        self._next_id = 0
+        self._reaper: trio.lowlevel.TrioToken | None = None  # the run whose task reaps
+
+    @property
+    def threads(self) -> int:
+        return self._threads.threads if self._threads is not None else 0
+
+    def start(self, job: _Job) -> None:
+        """Give ``job`` to a native thread. Its geometry errors come back as its outcome,
+        like a Python copy's; raises if no thread could be started."""
+        threads = self._threads
+        if threads is None:
+            threads = self._threads = NativeCopyThreads(self._total, IDLE_SECONDS)
+        if self._reaper is not job.token:
+            trio.lowlevel.spawn_system_task(self._reap, threads, name="displback copy reaper")
+            self._reaper = job.token
+        copy: FrameCopy = job.copy  # type: ignore[assignment]
+        job_id = self._next_id
+        self._next_id += 1
+        try:
+            threads.submit(
+                job_id, copy.src, copy.src_offset, copy.src_pitch, copy.dst, copy.dst_offset,
+                copy.dst_pitch, copy.width_bytes, copy.height,
+            )
+        except (ValueError, TypeError, BufferError, OverflowError) as exc:  # as copy_frame
+            job.token.run_sync_soon(self._finished, job, outcome.Error(exc))
+            return
+        self._jobs[job_id] = job
+
+    async def _reap(self, threads: Any) -> None:
+        """Hand each finished copy back to the loop, until ``threads`` are closed."""
+        fd = threads.fileno()
+        token = trio.lowlevel.current_trio_token()
+        finished, jobs = self._finished, self._jobs
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                for job_id in threads.finished():
+                    job = jobs.pop(job_id)
+                    if job.token is token:  # (a job of an ended run: nobody waits for it)
+                        finished(job, _COPIED)
+                if self._threads is not threads:  # closed while this task was woken
+                    return
+        except trio.ClosedResourceError:  # closed while it waited
+            return
+
+    def close(self) -> None:
+        """Wait for the copies given (the loop blocks: the daemon stops), end the threads and
+        hand every copy not yet handed back to the loop."""
+        threads, self._threads = self._threads, None
+        if threads is None:
+            return
+        if self._reaper is not None:
+            with contextlib.suppress(RuntimeError):  # (outside its run: the task is gone)
+                if trio.lowlevel.current_trio_token() is self._reaper:
+                    trio.lowlevel.notify_closing(threads.fileno())
+            self._reaper = None
+        threads.close()
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            with contextlib.suppress(trio.RunFinishedError):
+                job.token.run_sync_soon(self._finished, job, _COPIED)
 
 
 _WORKERS: trio.lowlevel.RunVar[CopyWorkers] = trio.lowlevel.RunVar("displback_copy_workers")

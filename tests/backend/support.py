@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import trio
 
+from displback.backend import copies as copies_module
 from displback.backend.buffers import BufferStore
 from displback.protocol.constants import PixelFormat
 from displback.sim.guest import FlipOutcome, GuestBuffer, GuestFb, SimGuest
@@ -20,6 +22,13 @@ from displback.sim.machine import SimMachine, sim_machine
 
 XRGB = PixelFormat.XRGB8888
 SPEC = "connectors=c0:320x240"
+
+
+def copy_frames_with(monkeypatch: pytest.MonkeyPatch, copy_frame: Callable[..., None]) -> None:
+    """Frame copies made from now on are made by ``copy_frame`` (a stand-in that can hold a
+    copy in its thread), in the Python copy threads: the native ones run no Python."""
+    monkeypatch.setattr(copies_module, "copy_frame", copy_frame)
+    monkeypatch.setattr(copies_module, "NativeCopyThreads", None)
 
 
 @asynccontextmanager

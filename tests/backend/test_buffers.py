@@ -23,7 +23,6 @@ import outcome
 import pytest
 import trio
 
-from displback.backend import buffers as buffers_module
 from displback.backend.buffers import (
     BufferKind,
     BufferStore,
@@ -53,6 +52,7 @@ from displback.protocol.messages import (
 from displback.protocol.pagedir import build_directory, dir_pages_for
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread, query_counters
 from displback.sim.platform import SimDomain, SimGrantDevice, SimPlatform, client_resources
+from tests.backend.support import copy_frames_with
 
 GUEST = 5
 XRGB = PixelFormat.XRGB8888
@@ -624,7 +624,7 @@ async def test_a_copy_ending_after_its_framebuffer_went_frees_its_buffer_even_if
         started.set()
         release.wait(30)
 
-    monkeypatch.setattr(buffers_module, "copy_frame", held_copy)
+    copy_frames_with(monkeypatch, held_copy)
     async with open_env(hypervisor, export=False) as env:
         width, height = 10, 6
         buf = guest_buffer(env.guest, 1)

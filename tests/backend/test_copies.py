@@ -19,15 +19,28 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from displback.backend import buffers as buffers_module
 from displback.backend import copies as copies_module
 from displback.backend.buffers import BufferKind
-from displback.backend.copies import CopyWorkers, available_cores
+from displback.backend.copies import (
+    CopyWorkers,
+    FrameCopy,
+    available_cores,
+    native_copies_built,
+)
 from displback.backend.device import BackendSettings
 from displback.sim.guest import FlipOutcome
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
-from tests.backend.support import flip_frame, paint, release, show, shown, store_of, wait_until
+from tests.backend.support import (
+    copy_frames_with,
+    flip_frame,
+    paint,
+    release,
+    show,
+    shown,
+    store_of,
+    wait_until,
+)
 
 
 class Blocked:
@@ -319,6 +332,107 @@ async def test_a_copy_whose_thread_cannot_start_fails_its_caller_and_never_runs_
     assert not lost.started.is_set() and workers.stats.copies == 1
 
 
+async def test_a_copy_nobody_wants_when_its_turn_comes_is_not_made() -> None:
+    """``skip`` is asked when a thread would take the copy, on the loop: a frame released
+    while its copy waited behind the guest's running one is never copied."""
+    workers = CopyWorkers(1)
+    first = Blocked()
+    made: list[str] = []
+    gone = False
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run, 1, first)
+            await first.wait_started()
+            results: list[Any] = []
+            workers.submit(1, lambda: made.append("late"), results.append, skip=lambda: gone)
+            gone = True  # (the framebuffer went while its copy waited)
+            first.release.set()
+            await until(lambda: bool(results))
+        assert results[0].unwrap() is None
+        assert await workers.run(2, lambda: "wanted", skip=lambda: False) == "wanted"
+    assert made == [] and workers.stats.copies == 3
+
+
+def frame_copy(width: int, height: int, fill: int, dst_pitch: int | None = None) -> FrameCopy:
+    """A copy of a ``width`` x ``height`` byte frame filled with ``fill`` into zeroes."""
+    dst_pitch = width if dst_pitch is None else dst_pitch
+    return FrameCopy(bytes([fill]) * width * height, 0, width, bytearray(dst_pitch * height), 0,
+                     dst_pitch, width, height)
+
+
+ENGINES = [
+    pytest.param(False, id="python"),
+    pytest.param(True, id="native", marks=pytest.mark.skipif(
+        not native_copies_built(), reason="the native copy threads are not built")),
+]
+
+
+@pytest.mark.parametrize("native", ENGINES)
+async def test_frame_copies_are_made_by_either_kind_of_thread_alike(native: bool) -> None:
+    """The same frame copies, the same results: rows copied, padding left alone, bad
+    geometry refused as ``copy_frame`` refuses it, handed back as the copy's outcome."""
+    workers = CopyWorkers(2, native=native)
+    assert workers.native is native
+    with trio.fail_after(30):
+        same = frame_copy(64, 8, 7)
+        await workers.run(1, same)
+        assert same.dst == bytes([7]) * 64 * 8
+        strided = frame_copy(5, 3, 9, dst_pitch=8)
+        await workers.run(2, strided)
+        assert strided.dst == (bytes([9]) * 5 + bytes(3)) * 3
+        too_wide = FrameCopy(bytes(10), 0, 10, bytearray(10), 0, 10, 11, 1)
+        with pytest.raises(ValueError, match="holds 10 bytes"):
+            await workers.run(1, too_wide)
+        results: list[Any] = []
+        workers.submit(3, FrameCopy(bytes(4), 0, 4, bytes(4), 0, 4, 4, 1), results.append)
+        await until(lambda: bool(results))
+        with pytest.raises(ValueError, match="read-only"):
+            results[0].unwrap()
+    assert workers.stats.copies == 4
+    workers.close()
+    assert workers.threads == 0 or not native  # (native threads end within close)
+
+
+@pytest.mark.parametrize("native", ENGINES)
+async def test_many_guests_frame_copies_come_back_each_once_in_their_guests_turn(
+    native: bool,
+) -> None:
+    """Forty copies of four guests on two threads: each handed back once, to its own
+    callback, never more than one per guest at a time."""
+    workers = CopyWorkers(2, native=native)
+    copies = {(domid, n): frame_copy(256, 64, domid * 16 + n) for domid in range(4)
+              for n in range(10)}
+    results: dict[tuple[int, int], list[Any]] = {key: [] for key in copies}
+    with trio.fail_after(30):
+        for (domid, n), copy in copies.items():
+            workers.submit(domid, copy, results[domid, n].append)
+        await until(lambda: all(results.values()))
+        await trio.testing.wait_all_tasks_blocked()
+    assert all(len(r) == 1 and r[0].unwrap() is None for r in results.values())
+    assert all(c.dst == bytes([c.src[0]]) * len(c.dst) for c in copies.values())
+    stats = workers.stats
+    assert stats.copies == 40 and stats.running == 0
+    assert stats.most_running <= 2 and stats.most_running_per_guest == 1
+    workers.close()
+
+
+@pytest.mark.skipif(not native_copies_built(), reason="the native copy threads are not built")
+async def test_native_frame_copies_hold_their_memory_until_handed_back() -> None:
+    """The native thread copies without the GIL, so the memory it reads must not go before
+    the copy is handed back to the loop: releasing the source's view fails until then."""
+    workers = CopyWorkers(1, native=True)
+    with trio.fail_after(30):
+        source = memoryview(bytearray(32 << 20))
+        copy = FrameCopy(source, 0, 4096, bytearray(32 << 20), 0, 4096, 4096, 8192)
+        results: list[Any] = []
+        workers.submit(1, copy, results.append)
+        with pytest.raises(BufferError):
+            source.release()
+        await until(lambda: bool(results))
+    source.release()  # handed back: the export is gone
+    workers.close()
+
+
 # --- through the daemon ---------------------------------------------------------------------
 
 _COPY_MODE = {"dmabuf_export_supported": False}
@@ -367,7 +481,7 @@ async def test_a_copy_held_in_a_worker_thread_stops_no_other_guests_flips(
     event loop goes on serving guest 2, whose frames are copied by the other thread and
     shown; guest 1's flip completes once its copy ends. The threads end with the daemon."""
     held = HeldCopies(320 * 4)
-    monkeypatch.setattr(buffers_module, "copy_frame", held)
+    copy_frames_with(monkeypatch, held)
     settings = BackendSettings(copy_workers=2)
     with trio.fail_after(60):
         async with sim_machine(hypervisor, tmp_path, settings=settings,
@@ -422,7 +536,7 @@ async def test_a_guest_destroyed_while_its_copy_runs_is_unmapped_only_after_the_
     buffer (no error); then the removal completes and every mapping and grant goes (the
     fixture checks that the hypervisor holds nothing)."""
     held = HeldCopies(320 * 4)
-    monkeypatch.setattr(buffers_module, "copy_frame", held)
+    copy_frames_with(monkeypatch, held)
     destroyed: list[bool] = []
     with trio.fail_after(60), capture_logs() as logs:
         async with sim_machine(hypervisor, tmp_path, platform_options=_COPY_MODE) as w:
