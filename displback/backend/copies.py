@@ -13,7 +13,9 @@ Bounds and fairness
 Decided on the event loop alone, so the bookkeeping takes no lock:
 
 * **Global**: at most ``total`` copies (default: the CPUs this process may use) run at once —
-  more than cores only share memory bandwidth worse. The others wait in one FIFO.
+  more than cores only share memory bandwidth worse. Each thread also holds the next copy
+  in its line, so it never idles waiting for the loop to hand it one (at most 2 × ``total``
+  copies are given to threads); the others wait in one FIFO.
 * **Per guest**: a guest domain has at most ``per_guest`` copies (default 1) running or in
   that FIFO, whatever its number of devices and connectors. Its other copies wait in its own
   list, and the one that takes a freed slot goes to the FIFO's end: the guests are served in
@@ -128,7 +130,9 @@ class FrameCopy:
 
 @dataclass(frozen=True, slots=True)
 class CopyStats:
-    """Copies done since start, and the most that ran at once for one guest and in all."""
+    """Copies done since start, and those given to threads now (copying, or next in a
+    thread's line: at most 2 × ``total``), and the most given at once for one guest and in
+    all."""
 
     copies: int
     running: int
@@ -149,8 +153,9 @@ class _Guest:
 
 
 class _Job:
-    """One copy: waiting for its guest's slot, in the FIFO, running, or cancelled; ``done``
-    is called with its outcome on the event loop (of the run ``token`` names)."""
+    """One copy: waiting for its guest's slot, in the FIFO, given to a thread, running, or
+    cancelled; ``done`` is called with its outcome on the event loop (of the run ``token``
+    names)."""
 
     __slots__ = ("copy", "domid", "done", "guest", "skip", "state", "token")
 
@@ -171,7 +176,9 @@ class _Job:
         self.state = _WAITING
 
 
-_WAITING, _READY, _RUNNING, _CANCELLED = "waiting", "ready", "running", "cancelled"
+_WAITING, _READY, _GIVEN, _RUNNING, _CANCELLED = (
+    "waiting", "ready", "given", "running", "cancelled"
+)
 
 #: The outcome of a copy made (or skipped because nobody wants it any more).
 _COPIED: outcome.Outcome[None] = outcome.Value(None)
@@ -198,6 +205,7 @@ class CopyWorkers:
                                "are not built")
         self.total = total
         self.per_guest = min(per_guest, total)
+        self._in_flight = 2 * total  # each thread copying one and holding the next
         self._guests: dict[int, _Guest] = {}
         self._ready: collections.deque[_Job] = collections.deque()  # the FIFO
         self._running = 0
@@ -291,11 +299,11 @@ class CopyWorkers:
         return job
 
     def _dispatch(self, caller: _Job | None = None) -> None:
-        """Start jobs from the FIFO while fewer than ``total`` run. A job whose thread could
-        not be started never runs: for ``caller``'s job the error is raised here (after the
-        others were started), any other job's ``done`` gets it."""
+        """Give jobs from the FIFO to threads while fewer than 2 × ``total`` are. A job whose
+        thread could not be started never runs: for ``caller``'s job the error is raised
+        here (after the others were started), any other job's ``done`` gets it."""
         failure: BaseException | None = None
-        while self._ready and self._running < self.total:
+        while self._ready and self._running < self._in_flight:
             job = self._ready.popleft()
             try:
                 self._start(job)
@@ -314,11 +322,13 @@ class CopyWorkers:
         """Hand ``job`` to a thread (raises if none could be started)."""
         if job.skip is not None and job.skip():
             job.token.run_sync_soon(self._finished, job, _COPIED)
+            job.state = _RUNNING  # (handed back as if made: no longer withdrawn)
         elif self._native is not None and type(job.copy) is FrameCopy:
             self._native.start(job)
+            job.state = _RUNNING  # (the native threads' queue cannot give it back)
         else:
+            job.state = _GIVEN
             self._python.start(job)
-        job.state = _RUNNING
         guest = job.guest
         guest.running += 1
         self._running += 1
@@ -345,6 +355,11 @@ class CopyWorkers:
         elif job.state is _READY:
             self._ready.remove(job)
             self._slot_freed(job)
+        elif job.state is _GIVEN and self._python.take_back(job):
+            self._running -= 1
+            job.guest.running -= 1
+            self._slot_freed(job)
+            self._dispatch()  # (the FIFO's next job takes its place)
         else:
             return False
         job.state = _CANCELLED
@@ -378,8 +393,8 @@ class CopyWorkers:
 
 class _PythonThreads:
     """Python worker threads: take jobs from a queue, run their copy (any callable) and hand
-    the outcome back to the loop with ``run_sync_soon``. The loop never gives them more jobs
-    than ``total``; they start as needed and end when idle."""
+    the outcome back to the loop with ``run_sync_soon``. At most ``total`` of them start, as
+    needed, and they end when idle."""
 
     def __init__(
         self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None]
@@ -421,6 +436,15 @@ class _PythonThreads:
                     raise
                 # (A thread alive takes it and makes the copy.)
 
+    def take_back(self, job: _Job) -> bool:
+        """Cancel ``job`` unless a thread took it (True: the thread that takes it from the
+        queue skips it)."""
+        with self._lock:
+            if job.state is not _GIVEN:
+                return False
+            job.state = _CANCELLED
+            return True
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
@@ -444,8 +468,9 @@ class _PythonThreads:
                     self._threads -= 1
                     return
                 self._pending -= 1
-                if job.state is _CANCELLED:  # its thread could not be started
+                if job.state is _CANCELLED:  # taken back, or its thread could not start
                     continue
+                job.state = _RUNNING
                 self._idle -= 1
             result = outcome.capture(job.copy)
             with self._lock:

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import trio
 
-from displback.backend import buffers as buffers_module
 from displback.backend.connector import SPURIOUS_WAKEUP_BURST, SPURIOUS_WAKEUPS_PER_SECOND
 from displback.backend.copies import CopyWorkers
 from displback.backend.device import BackendSettings, GuestDevice
@@ -33,6 +32,7 @@ from displback.sim.guest import GuestBuffer, GuestFb, GuestRequestError, SimGues
 from displback.sim.hypervisor import HypervisorThread, query_counters
 from displback.sim.machine import SimMachine, sim_machine
 from tests.backend.support import (
+    copy_frames_with,
     flip_frame,
     new_guest_buffers,
     paint,
@@ -100,7 +100,7 @@ async def attacked_machine(
     """A copy-mode machine (Dom0 cannot export) with the attacker and an honest guest
     connected, copies on two worker threads (``copy_workers``), the attacker's copies gated."""
     gate = Gate(threading.get_ident())
-    monkeypatch.setattr(buffers_module, "copy_frame", gate.copy)
+    copy_frames_with(monkeypatch, gate.copy)
     async with sim_machine(
         hypervisor, tmp_path, OUTPUTS, assignments=ASSIGNMENTS,
         platform_options={"dmabuf_export_supported": False},
