@@ -633,8 +633,7 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
         p->queue_head = j;
     p->queue_tail = j;
     p->queued++;
-    if (p->idle > 0)
-        pthread_cond_signal(&p->work);
+    bool wake = p->idle > 0;
     /* A thread is started when the waiting threads are fewer than the jobs waiting for one
      * (a thread signalled but not yet awake still counts as waiting, and takes one job). */
     bool start = p->queued > p->idle && p->live < self->max_threads;
@@ -643,6 +642,11 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
         p->refs++;
     }
     pthread_mutex_unlock(&p->lock);
+    /* After the unlock: the woken thread does not block on a mutex still held here. The job
+     * is queued, and a waiter looks at the queue under the mutex before it sleeps: no wake-up
+     * is lost. */
+    if (wake)
+        pthread_cond_signal(&p->work);
     if (!start)
         Py_RETURN_NONE;
 
