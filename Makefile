@@ -11,8 +11,11 @@ VM_APT_PACKAGES := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xens
 VM_ARM64_APT_PACKAGES := qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
 	linux-source-6.1 busybox-static cpio bc bison flex libssl-dev libdrm-dev xz-utils \
 	dpkg-dev
+# python3-dev: the headers of displback.backend._copythreads (setup.py), so that the tests run
+# the native copy threads. Not among INSTALL_APT_PACKAGES: a Dom0 without a compiler or the
+# headers installs without the extension and copies in Python threads (the same daemon).
 APT_PACKAGES := gcc libc6-dev linux-libc-dev libatomic1 libxen-dev libdrm-dev xenstore-utils strace \
-	edid-decode cpio python3-venv systemd weston
+	edid-decode cpio python3-venv python3-dev systemd weston
 # `make displ-be` (bench/displ_be.py): the reference C++ backend, built into ~/.cache/displback.
 DISPL_BE_APT_PACKAGES := git cmake g++ make pkg-config libxen-dev libdrm-dev libudev-dev
 # `make install` (docs/operations.md): Debian's interpreter and its venv module.
@@ -28,7 +31,9 @@ INSTALL_ENV = $(foreach v,$(INSTALL_VARS),$(if $(filter undefined,$(origin $v)),
 .PHONY: test test-vm test-vm-pvh test-vm-arm64 demo bench soak fuzz mutate lint apt-deps \
 	vm-deps clean install uninstall install-deps wheelhouse deb bench-vm displ-be
 
-$(STAMP): pyproject.toml
+# setup.py and the C source: an editable install builds the extension into the tree, and only
+# a new install rebuilds it.
+$(STAMP): pyproject.toml setup.py displback/backend/_copythreads.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,dev,wayland]'
@@ -146,4 +151,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info displback/backend/*.so

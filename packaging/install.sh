@@ -40,10 +40,12 @@ refuse_if_packaged() {
     fi
 }
 
-# What the venv is built from: the package sources, pyproject.toml and the interpreter.
+# What the venv is built from: the package sources, pyproject.toml, setup.py (the optional C
+# extension) and the interpreter. Not a .so an editable install built in the checkout.
 source_id() {
-    (cd "$SRC" && find pyproject.toml README.md displback -name __pycache__ -prune -o -type f \
-        -print | LC_ALL=C sort | xargs sha256sum && readlink -f "$INSTALL_PYTHON") |
+    (cd "$SRC" && find pyproject.toml setup.py README.md displback -name __pycache__ -prune \
+        -o -name '*.so' -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum &&
+        readlink -f "$INSTALL_PYTHON") |
         sha256sum | cut -d' ' -f1
 }
 
@@ -68,8 +70,11 @@ install_venv() {
     "$INSTALL_PYTHON" -m venv --prompt displback "$stage" ||
         die "cannot create a venv with $INSTALL_PYTHON (Debian: apt-get install python3-venv)"
     # Build from a copy, so that nothing (build/, *.egg-info) is written into the checkout.
-    (cd "$SRC" && tar -c --exclude=__pycache__ pyproject.toml README.md displback) |
-        tar -x -C "$src"
+    # setup.py builds displback.backend._copythreads when gcc and Python's headers are here
+    # (python3-dev); without them pip installs the rest, and the daemon copies in Python
+    # threads. A .so in the checkout (an editable install's) is not copied: it is rebuilt.
+    (cd "$SRC" && tar -c --exclude=__pycache__ --exclude='*.so' pyproject.toml setup.py \
+        README.md displback) | tar -x -C "$src"
     if [ -n "$WHEELHOUSE" ]; then
         set -- --no-index --find-links "$WHEELHOUSE"
     else

@@ -1,0 +1,54 @@
+"""Copy-mode frame copies on native threads that never take the GIL (_copythreads.c).
+
+Built by setup.py when a compiler and Python's headers are there; without it the backend
+copies in Python worker threads (displback.backend.copies).
+"""
+
+from types import TracebackType
+from typing import Self, final
+
+from _typeshed import ReadableBuffer, WriteableBuffer
+
+@final
+class CopyThreads:
+    """Up to ``max_threads`` (1 to 256) native threads copying rows between buffers.
+
+    A thread starts when a job finds no idle one and ends after ``idle_seconds`` without a
+    job. :meth:`fileno` is an eventfd, readable when :meth:`finished` has ids to return.
+    """
+
+    def __init__(self, max_threads: int, idle_seconds: float = 10.0) -> None: ...
+    def fileno(self) -> int:
+        """The eventfd; ValueError once closed."""
+    def submit(
+        self,
+        job_id: int,
+        src: ReadableBuffer,
+        src_offset: int,
+        src_pitch: int,
+        dst: WriteableBuffer,
+        dst_offset: int,
+        dst_pitch: int,
+        width_bytes: int,
+        height: int,
+    ) -> None:
+        """Queue a copy of ``height`` rows of ``width_bytes`` bytes (row r from
+        ``src[src_offset + r*src_pitch]`` to ``dst[dst_offset + r*dst_pitch]``), checked
+        first with ``pixels.copy_frame``'s rules; both exports are held until reaped."""
+    def finished(self) -> list[int]:
+        """Ids of the copies finished since the last call, in finish order; never blocks."""
+    def close(self) -> None:
+        """Copy every queued job, end the threads, release every export; idempotent."""
+    @property
+    def threads(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -1,0 +1,549 @@
+"""The native copy threads (displback.backend._copythreads) copy exactly what
+``pixels.copy_frame`` copies, refuse what it refuses before anything is queued, hold both
+buffers until a copy is reaped, run without the GIL, and end their threads on close, after
+``idle_seconds`` and when dropped unclosed.
+
+The file is skipped when the extension is not built, unless ``DISPLBACK_REQUIRE_NATIVE`` is
+set to anything but ``0``: then the first test fails (and every other). Every wait is bounded
+by :data:`WAIT` seconds: a broken module fails, it never hangs the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gc
+import mmap
+import os
+import select
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from displback.display.pixels import copy_frame
+
+if TYPE_CHECKING:
+    from displback.backend._copythreads import CopyThreads
+
+_copythreads: ModuleType | None
+try:
+    from displback.backend import _copythreads
+except ImportError as error:  # not built: no compiler or no Python headers at install
+    _copythreads = None
+    IMPORT_ERROR: ImportError | None = error
+else:
+    IMPORT_ERROR = None
+
+REQUIRE_NATIVE = os.environ.get("DISPLBACK_REQUIRE_NATIVE", "") not in ("", "0")
+
+pytestmark = pytest.mark.skipif(
+    _copythreads is None and not REQUIRE_NATIVE,
+    reason=f"displback.backend._copythreads is not built ({IMPORT_ERROR})",
+)
+
+WAIT = 10.0
+MiB = 1 << 20
+
+
+def native() -> ModuleType:
+    """The extension; fails the test when it is required but not built."""
+    if _copythreads is None:
+        pytest.fail(f"displback.backend._copythreads cannot be imported: {IMPORT_ERROR!r}")
+    return _copythreads
+
+
+def pool(max_threads: int, idle_seconds: float = 10.0) -> CopyThreads:
+    made: CopyThreads = native().CopyThreads(max_threads, idle_seconds)
+    return made
+
+
+@pytest.fixture
+def ct() -> Iterator[CopyThreads]:
+    with pool(4) as threads:
+        yield threads
+
+
+def wait_ids(ct: CopyThreads, count: int) -> list[int]:
+    """The ids of ``count`` finished copies, waiting on the eventfd (at most WAIT seconds)."""
+    poller = select.poll()
+    poller.register(ct.fileno(), select.POLLIN)
+    ids: list[int] = []
+    deadline = time.monotonic() + WAIT
+    while len(ids) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(ids)} of {count} copies finished in {WAIT} s"
+        if poller.poll(left * 1000):
+            ids += ct.finished()
+    return ids
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"not true after {WAIT} s"
+        time.sleep(0.005)
+
+
+def reference_copy(
+    src: bytes, src_offset: int, src_pitch: int, dst: bytearray, dst_offset: int,
+    dst_pitch: int, width: int, height: int,
+) -> None:  # fmt: skip
+    """Row slices, as the module documents it: one span (gaps too) when the pitches match."""
+    if width == 0 or height == 0:
+        return
+    if src_pitch == dst_pitch:
+        span = src_pitch * (height - 1) + width
+        dst[dst_offset : dst_offset + span] = src[src_offset : src_offset + span]
+        return
+    for r in range(height):
+        s, d = src_offset + r * src_pitch, dst_offset + r * dst_pitch
+        dst[d : d + width] = src[s : s + width]
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (size // 256) + bytes(size % 256)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_extension_is_built_when_required() -> None:
+    # make test sets DISPLBACK_REQUIRE_NATIVE: a tree whose extension did not build fails
+    # here instead of silently testing (and shipping) the Python fallback only.
+    assert _copythreads is not None, f"cannot import the extension: {IMPORT_ERROR!r}"
+
+
+@pytest.mark.parametrize(
+    ("src_offset", "src_pitch", "dst_offset", "dst_pitch", "width", "height"),
+    [
+        (0, 64, 0, 64, 64, 16),  # packed rows, same pitch: one span
+        (5, 80, 3, 80, 64, 16),  # same pitch with gaps: the gaps are copied too
+        (0, 80, 0, 96, 64, 16),  # wider destination pitch
+        (7, 96, 11, 72, 64, 16),  # narrower destination pitch, odd offsets
+        (0, 1000, 0, 3, 3, 1),  # one row: the pitches only place row 0
+        (0, 64, 0, 64, 0, 16),  # nothing to copy
+    ],
+)
+def test_copies_equal_copy_frame(
+    ct: CopyThreads,
+    src_offset: int, src_pitch: int, dst_offset: int, dst_pitch: int, width: int, height: int,
+) -> None:  # fmt: skip
+    src = pattern(src_offset + src_pitch * height + 13, seed=3)
+    dst = bytearray(b"\xee") * (dst_offset + dst_pitch * height + 17)
+    expected = bytearray(dst)
+    copy_frame(src, src_offset, src_pitch, expected, dst_offset, dst_pitch, width, height)
+    ct.submit(1, src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width, height)
+    assert wait_ids(ct, 1) == [1]
+    assert dst == expected
+
+
+SMALL = st.integers(-1, 24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    src_size=st.integers(0, 96), dst_size=st.integers(0, 96),
+    src_offset=SMALL, src_pitch=SMALL, dst_offset=SMALL, dst_pitch=SMALL,
+    width=st.integers(-1, 12), height=st.integers(-1, 6),
+)  # fmt: skip
+def test_any_small_geometry_is_copied_or_refused_as_copy_frame_does(
+    src_size: int, dst_size: int, src_offset: int, src_pitch: int, dst_offset: int,
+    dst_pitch: int, width: int, height: int,
+) -> None:  # fmt: skip
+    src = pattern(src_size, seed=src_size)
+    dst = bytearray(b"\xee") * dst_size
+    geometry = (src_offset, src_pitch, dst, dst_offset, dst_pitch, width, height)
+    expected = bytearray(dst)
+    try:
+        copy_frame(src, src_offset, src_pitch, expected, *geometry[3:])
+    except ValueError:
+        refused = True
+    else:
+        refused = False
+        reference = bytearray(dst)
+        reference_copy(src, src_offset, src_pitch, reference, *geometry[3:])
+        assert reference == expected
+    with pool(2) as ct:
+        if refused:
+            with pytest.raises(ValueError, match="CopyThreads.submit"):
+                ct.submit(9, src, *geometry)
+            assert (ct.queued, ct.running, ct.threads, ct.finished()) == (0, 0, 0, [])
+            assert dst == b"\xee" * dst_size
+        else:
+            ct.submit(9, src, *geometry)
+            assert wait_ids(ct, 1) == [9]
+            assert dst == expected
+
+
+HUGE = [2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**100]
+
+
+def invalid_geometries() -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(why, (src_offset, src_pitch, dst_offset, dst_pitch, width, height)) copy_frame refuses,
+    for a 4096-byte source and destination."""
+    good = (0, 64, 0, 64, 64, 16)
+    names = ("src_offset", "src_pitch", "dst_offset", "dst_pitch", "width", "height")
+    for i, name in enumerate(names):
+        for bad in (-1, -(2**63), -(2**64)):
+            yield f"{name} {bad}", good[:i] + (bad,) + good[i + 1 :]
+    yield "source rows overlap", (0, 32, 0, 64, 64, 16)
+    yield "destination rows overlap", (0, 64, 0, 63, 64, 16)
+    yield "source ends beyond", (1, 64, 0, 64, 64, 64)
+    yield "destination ends beyond", (0, 64, 0, 65, 64, 64)
+    yield "source offset at its end", (4096, 64, 0, 64, 1, 1)
+    for huge in HUGE:
+        yield f"source offset {huge}", (huge, 64, 0, 64, 64, 16)
+        yield f"destination offset {huge}", (0, 64, huge, 64, 64, 16)
+        yield f"source pitch {huge}", (0, huge, 0, 64, 64, 16)
+        yield f"destination pitch {huge}", (0, 64, 0, huge, 64, 16)
+        yield f"height {huge}", (0, 64, 0, 64, 64, huge)
+        yield f"width and pitches {huge}", (0, huge, 0, huge, huge, 2)
+        yield f"width {huge}, one row", (0, 64, 0, 64, huge, 1)
+    # offset + pitch*(h-1) overflows 64 bits, as does the sum with the width
+    yield "product overflows", (0, 2**62, 0, 2**62, 64, 5)
+    yield "sum overflows", (2**63 - 64, 64, 0, 64, 64, 2)
+
+
+@pytest.mark.parametrize(("why", "geometry"), list(invalid_geometries()))
+def test_every_geometry_copy_frame_refuses_is_refused_and_nothing_is_queued(
+    ct: CopyThreads,
+    why: str, geometry: tuple[int, ...],
+) -> None:  # fmt: skip
+    src_offset, src_pitch, dst_offset, dst_pitch, width, height = geometry
+    src = pattern(4096)
+    dst = bytearray(4096)
+    with pytest.raises(ValueError):
+        copy_frame(src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width, height)
+    with pytest.raises(ValueError, match="CopyThreads.submit (source|destination): "):
+        ct.submit(1, src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width, height)
+    assert (ct.queued, ct.running, ct.threads) == (0, 0, 0)
+    assert ct.finished() == []
+    assert dst == bytes(4096)
+    assert select.select([ct], [], [], 0)[0] == []
+
+
+def test_a_one_row_frame_ignores_its_pitches_however_large(
+    ct: CopyThreads,
+) -> None:
+    # (copy_frame raises numpy's OverflowError for such a pitch; no caller passes one.)
+    dst = bytearray(8)
+    ct.submit(1, b"abcdefgh", 2, 2**64, dst, 1, 2**70, 5, 1)
+    assert wait_ids(ct, 1) == [1]
+    assert dst == b"\0cdefg\0\0"
+
+
+def test_a_read_only_destination_is_refused(
+    ct: CopyThreads,
+) -> None:
+    src = pattern(256)
+    for read_only in (bytes(256), memoryview(bytearray(256)).toreadonly()):
+        with pytest.raises(ValueError, match="read-only"):
+            ct.submit(1, src, 0, 16, read_only, 0, 16, 16, 16)
+    with (
+        mmap.mmap(-1, 256, access=mmap.ACCESS_READ) as mapped,
+        pytest.raises(ValueError, match="read-only"),
+    ):
+        ct.submit(1, src, 0, 16, mapped, 0, 16, 16, 16)
+    assert (ct.queued, ct.threads, ct.finished()) == (0, 0, [])
+
+
+def test_arguments_of_the_wrong_kind_are_type_or_overflow_errors(
+    ct: CopyThreads,
+) -> None:
+    src, dst = pattern(256), bytearray(256)
+    number: Any = 42
+    text: Any = "not a buffer"
+    nothing: Any = None
+    real: Any = 0.0
+    with pytest.raises(TypeError):
+        ct.submit(1, number, 0, 16, dst, 0, 16, 16, 16)
+    with pytest.raises(TypeError):
+        ct.submit(1, src, 0, 16, text, 0, 16, 16, 16)
+    with pytest.raises(TypeError):
+        ct.submit(1, src, 0, 16, nothing, 0, 16, 16, 16)
+    with pytest.raises(TypeError):
+        ct.submit(1, src, real, 16, dst, 0, 16, 16, 16)
+    with pytest.raises(TypeError):
+        ct.submit(text, src, 0, 16, dst, 0, 16, 16, 16)
+    for bad_id in (-1, 2**64):
+        with pytest.raises(OverflowError):
+            ct.submit(bad_id, src, 0, 16, dst, 0, 16, 16, 16)
+    with pytest.raises(TypeError):
+        ct.submit(1, src, 0, 16, dst, 0, 16, 16)  # type: ignore[call-arg]
+    assert (ct.queued, ct.threads, ct.finished()) == (0, 0, [])
+    assert dst == bytes(256)
+    # The largest id, by keyword.
+    ct.submit(
+        job_id=2**64 - 1, src=src, src_offset=0, src_pitch=16, dst=dst, dst_offset=0,
+        dst_pitch=16, width_bytes=16, height=16,
+    )  # fmt: skip
+    assert wait_ids(ct, 1) == [2**64 - 1]
+    assert dst == src
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((0,), ValueError), ((257,), ValueError), ((-1,), ValueError), ((2**70,), ValueError),
+        ((1, 0.0), ValueError), ((1, -1.0), ValueError), ((1, float("nan")), ValueError),
+        (("2",), TypeError), ((2.0,), TypeError),
+    ],
+)  # fmt: skip
+def test_a_pool_is_made_with_1_to_256_threads_and_a_positive_idle_time(
+    args: tuple[object, ...], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        pool(*args)  # type: ignore[arg-type]
+
+
+def test_many_copies_across_threads_come_back_once_each_within_max_threads() -> None:
+    jobs = 400
+    src = pattern(64 * 1024, seed=1)
+    dst = bytearray(jobs * 1024)
+    expected = bytearray(dst)
+    most = 0
+    with pool(3) as ct:
+        assert ct.threads == 0  # started by submit, not before
+        for i in range(jobs):
+            # every fourth copy is empty: its id comes back all the same
+            height = 0 if i % 4 == 0 else 8
+            ct.submit(i, src, (i * 97) % 4096, 1024, dst, i * 1024, 128, 128, height)
+            reference_copy(src, (i * 97) % 4096, 1024, expected, i * 1024, 128, 128, height)
+            most = max(most, ct.threads)
+        ids = wait_ids(ct, jobs)
+        assert ct.finished() == []
+        assert 1 <= most <= 3
+        assert ct.threads <= 3
+    assert sorted(ids) == list(range(jobs))
+    assert dst == expected
+
+
+def test_zero_sized_copies_come_back(ct: CopyThreads) -> None:
+    dst = bytearray(16)
+    ct.submit(1, b"", 0, 0, dst, 0, 0, 0, 0)
+    ct.submit(2, b"abcd", 4, 0, dst, 16, 0, 0, 5)  # offsets at the very end: touch nothing
+    ct.submit(3, b"abcd", 0, 4, dst, 0, 4, 4, 0)
+    assert sorted(wait_ids(ct, 3)) == [1, 2, 3]
+    assert dst == bytes(16)
+
+
+def test_a_copy_holds_its_source_until_finished_returns_its_id(
+    ct: CopyThreads,
+) -> None:
+    mapped = mmap.mmap(-1, 4 * MiB)
+    mapped.write(pattern(4 * MiB))
+    view = memoryview(bytearray(pattern(MiB, seed=5)))
+    dst = bytearray(5 * MiB)
+    ct.submit(1, mapped, 0, MiB, dst, 0, MiB, MiB, 4)
+    ct.submit(2, view, 0, MiB, dst, 4 * MiB, MiB, MiB, 1)
+    with pytest.raises(BufferError):
+        mapped.close()
+    with pytest.raises(BufferError):
+        view.release()
+    # Finished, but not reaped: still held.
+    wait_until(lambda: ct.queued == 0 and ct.running == 0)
+    assert select.select([ct], [], [], WAIT)[0] == [ct]
+    with pytest.raises(BufferError):
+        mapped.close()
+    with pytest.raises(BufferError):
+        view.release()
+    assert sorted(wait_ids(ct, 2)) == [1, 2]
+    assert dst[: 4 * MiB] == mapped[:] and dst[4 * MiB :] == view
+    mapped.close()
+    view.release()
+
+
+def test_a_copy_holds_its_destination_until_finished_returns_its_id(
+    ct: CopyThreads,
+) -> None:
+    dst = bytearray(MiB)
+    ct.submit(1, pattern(MiB), 0, 1024, dst, 0, 1024, 1024, 1024)
+    with pytest.raises(BufferError):
+        dst.extend(b"x")  # a bytearray cannot move while exported
+    assert wait_ids(ct, 1) == [1]
+    dst.extend(b"x")
+    assert dst == pattern(MiB) + b"x"
+
+
+def test_close_copies_every_queued_job_then_ends_the_threads() -> None:
+    jobs = 8
+    src = mmap.mmap(-1, 8 * MiB)
+    src.write(pattern(8 * MiB, seed=9))
+    dst = bytearray(jobs * 8 * MiB)
+    fds = open_fds()
+    ct = pool(1)
+    for i in range(jobs):
+        ct.submit(i, src, 0, 4096, dst, i * 8 * MiB, 4096, 4096, 2048)
+    ct.close()
+    assert all(dst[i * 8 * MiB : (i + 1) * 8 * MiB] == src[:] for i in range(jobs))
+    assert (ct.threads, ct.queued, ct.running, ct.finished()) == (0, 0, 0, [])
+    src.close()  # every export released
+    dst.extend(b"x")
+    with pytest.raises(ValueError):
+        ct.fileno()
+    with pytest.raises(RuntimeError):
+        ct.submit(99, b"ab", 0, 2, dst, 0, 2, 2, 1)
+    ct.close()
+    assert open_fds() == fds
+
+
+def test_a_closed_pool_refuses_work_and_returns_no_ids() -> None:
+    with pool(2) as ct:
+        pass
+    with pytest.raises(RuntimeError):
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1)
+    with pytest.raises(ValueError):
+        ct.fileno()
+    assert ct.finished() == []
+
+
+def test_idle_threads_end_after_idle_seconds_and_new_ones_start() -> None:
+    with pool(2, idle_seconds=0.05) as ct:
+        dst = bytearray(4096)
+        for i in range(4):
+            ct.submit(i, pattern(4096), 0, 64, dst, 0, 64, 64, 64)
+        assert sorted(wait_ids(ct, 4)) == [0, 1, 2, 3]
+        wait_until(lambda: ct.threads == 0)
+        ct.submit(5, b"abcd", 0, 4, dst, 0, 4, 4, 1)
+        assert ct.threads == 1
+        assert wait_ids(ct, 1) == [5]
+        assert dst[:4] == b"abcd"
+        wait_until(lambda: ct.threads == 0)
+
+
+def test_a_pool_dropped_unclosed_finishes_its_copies_and_leaks_nothing() -> None:
+    fds = open_fds()
+    src = mmap.mmap(-1, 4 * MiB)
+    src.write(pattern(4 * MiB, seed=2))
+    dst = bytearray(16 * MiB)
+    ct = pool(2)
+    for i in range(4):
+        ct.submit(i, src, 0, 2048, dst, i * 4 * MiB, 2048, 2048, 2048)
+    del ct
+    gc.collect()
+    assert all(dst[i * 4 * MiB : (i + 1) * 4 * MiB] == src[:] for i in range(4))
+    src.close()  # the exports were released
+    assert open_fds() == fds
+
+
+def test_a_cycle_through_a_finished_copy_is_collected() -> None:
+    class Frame(ctypes.Structure):
+        _fields_ = [("pixels", ctypes.c_char * 64)]
+
+    def copy_into(frame: Frame) -> None:
+        ct = pool(1)
+        frame.pool = ct  # the frame is a job's buffer: a cycle
+        ct.submit(1, b"x" * 64, 0, 64, frame, 0, 64, 64, 1)
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+
+    frame = Frame()
+    copy_into(frame)
+    gone = weakref.ref(frame)
+    del frame
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_copy_runs_while_python_holds_the_gil() -> None:
+    # Were a worker to need the GIL it would wait for this thread to offer it: with a 1000 s
+    # switch interval, never within WAIT. The loop below only reads counters (no GIL release).
+    src = bytes(range(256)) * (64 * MiB // 256)
+    dst = bytearray(64 * MiB)
+    interval = sys.getswitchinterval()
+    with pool(1) as ct:
+        sys.setswitchinterval(1000)
+        try:
+            ct.submit(1, src, 0, MiB, dst, 0, MiB, MiB, 64)
+            deadline = time.monotonic() + WAIT
+            while (ct.queued or ct.running) and time.monotonic() < deadline:
+                pass
+            done = ct.queued == 0 and ct.running == 0
+        finally:
+            sys.setswitchinterval(interval)
+        assert done, f"a 64 MiB copy did not finish in {WAIT} s of Python holding the GIL"
+        assert wait_ids(ct, 1) == [1]
+    assert dst == src
+
+
+# In a process of its own: address space limited to what it uses, so that a thread's stack
+# cannot be mapped and pthread_create fails (EAGAIN), as it does for root too.
+THREAD_START_FAILS = """
+import resource, select
+from displback.backend._copythreads import CopyThreads
+
+def limit_address_space():
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (4 << 20), hard))
+
+src, dst, small = bytes(64 << 20), bytearray(64 << 20), bytearray(2)
+ct = CopyThreads(2)
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+limit_address_space()
+try:
+    ct.submit(1, b"ab", 0, 2, small, 0, 2, 2, 1)
+except OSError as error:
+    print("refused", error.errno, ct.queued, ct.threads, ct.finished(), bytes(small))
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+ct.submit(2, src, 0, 1 << 20, dst, 0, 1 << 20, 1 << 20, 64)
+limit_address_space()
+ct.submit(3, b"ab", 0, 2, small, 0, 2, 2, 1)  # a second thread cannot start: queued
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+ids = []
+while len(ids) < 2 and select.select([ct], [], [], 10)[0]:
+    ids += ct.finished()
+print("copied", sorted(ids), bytes(small))
+"""
+
+
+def test_a_copy_no_thread_can_be_started_for_is_refused_with_oserror() -> None:
+    native()
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", THREAD_START_FAILS],
+        capture_output=True, text=True, timeout=3 * WAIT, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"refused {errno.EAGAIN} 0 0 [] b'\\x00\\x00'",
+        "copied [2, 3] b'ab'",
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_pool_used_in_a_forked_child_raises_and_does_not_crash() -> None:
+    ct = pool(1)
+    dst = bytearray(4)
+    ct.submit(1, b"abcd", 0, 4, dst, 0, 4, 4, 1)
+    pid = os.fork()
+    if pid == 0:  # the child: no thread of the pool lives here
+        code = 1
+        with contextlib.suppress(BaseException):
+            try:
+                ct.submit(2, b"abcd", 0, 4, dst, 0, 4, 4, 1)
+            except RuntimeError:
+                code = 0
+            ct.close()
+            del ct
+            gc.collect()
+        os._exit(code)
+    deadline = time.monotonic() + WAIT
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "the forked child hangs"
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert wait_ids(ct, 1) == [1]
+    ct.close()
+    assert dst == b"abcd"
