@@ -78,8 +78,10 @@ SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	$(PY) -m bench.memory --soak $(SOAK_SECONDS) --json soak-results.json
 
+# DISPLBACK_REQUIRE_NATIVE: the native copy threads must have been built (gcc, python3-dev):
+# without it their tests would be skipped and every copy would run in Python threads.
 test: apt-deps $(STAMP) wheelhouse
-	$(PY) -m pytest -q
+	DISPLBACK_REQUIRE_NATIVE=1 $(PY) -m pytest -q
 
 # Stateful fuzzing of the daemon by a hostile guest beside an honest one (tests/hostile/
 # test_fuzz.py): make test runs 12 reproducible examples, this FUZZ_EXAMPLES random ones and

@@ -180,8 +180,6 @@ _WAITING, _READY, _GIVEN, _RUNNING, _CANCELLED = (
     "waiting", "ready", "given", "running", "cancelled"
 )
 
-#: The outcome of a copy made (or skipped because nobody wants it any more).
-_COPIED: outcome.Outcome[None] = outcome.Value(None)
 
 #: A worker thread ends after this long without a copy to make.
 IDLE_SECONDS = 10.0
@@ -321,7 +319,7 @@ class CopyWorkers:
     def _start(self, job: _Job) -> None:
         """Hand ``job`` to a thread (raises if none could be started)."""
         if job.skip is not None and job.skip():
-            job.token.run_sync_soon(self._finished, job, _COPIED)
+            job.token.run_sync_soon(self._finished, job, outcome.Value(None))
             job.state = _RUNNING  # (handed back as if made: no longer withdrawn)
         elif self._native is not None and type(job.copy) is FrameCopy:
             self._native.start(job)
@@ -487,18 +485,20 @@ class _PythonThreads:
 
 
 class _NativeThreads:
-    """The native copy threads for :class:`FrameCopy` jobs, made on first use, and the system
-    task of the current trio run that hands their finished copies back to the loop."""
+    """The native copy threads for :class:`FrameCopy` jobs and the system task that hands
+    their finished copies back to the loop: made on the first copy of a trio run, and closed
+    when that run ends (the task is cancelled) or by :meth:`close`, so that neither their
+    eventfd nor a buffer they hold outlives the run."""
 
     def __init__(
         self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None]
     ) -> None:
         self._total = total
         self._finished = finished
-        self._threads: Any = None  # NativeCopyThreads, made on first use
+        self._threads: Any = None  # NativeCopyThreads of the run ``_run``
+        self._run: trio.lowlevel.TrioToken | None = None
         self._jobs: dict[int, _Job] = {}
         self._next_id = 0
-        self._reaper: trio.lowlevel.TrioToken | None = None  # the run whose task reaps
 
     @property
     def threads(self) -> int:
@@ -508,11 +508,16 @@ class _NativeThreads:
         """Give ``job`` to a native thread. Its geometry errors come back as its outcome,
         like a Python copy's; raises if no thread could be started."""
         threads = self._threads
-        if threads is None:
-            threads = self._threads = NativeCopyThreads(self._total, IDLE_SECONDS)
-        if self._reaper is not job.token:
-            trio.lowlevel.spawn_system_task(self._reap, threads, name="displback copy reaper")
-            self._reaper = job.token
+        if threads is None or self._run is not job.token:
+            if threads is not None:  # (a run that ended without cancelling its task)
+                self._shut(hand_back=False)
+            threads = NativeCopyThreads(self._total, IDLE_SECONDS)
+            try:
+                trio.lowlevel.spawn_system_task(self._reap, threads, name="displback copy reaper")
+            except BaseException:
+                threads.close()
+                raise
+            self._threads, self._run = threads, job.token
         copy: FrameCopy = job.copy  # type: ignore[assignment]
         job_id = self._next_id
         self._next_id += 1
@@ -527,38 +532,43 @@ class _NativeThreads:
         self._jobs[job_id] = job
 
     async def _reap(self, threads: Any) -> None:
-        """Hand each finished copy back to the loop, until ``threads`` are closed."""
+        """Hand each finished copy back to the loop, until ``threads`` are closed or the run
+        ends (then they are closed here)."""
         fd = threads.fileno()
-        token = trio.lowlevel.current_trio_token()
-        finished, jobs = self._finished, self._jobs
+        finished = self._finished
         try:
             while True:
                 await trio.lowlevel.wait_readable(fd)
                 for job_id in threads.finished():
-                    job = jobs.pop(job_id)
-                    if job.token is token:  # (a job of an ended run: nobody waits for it)
-                        finished(job, _COPIED)
+                    finished(self._jobs.pop(job_id), outcome.Value(None))
                 if self._threads is not threads:  # closed while this task was woken
                     return
         except trio.ClosedResourceError:  # closed while it waited
             return
+        finally:
+            if self._threads is threads:  # the run ends: nobody is left to hand back to
+                self._shut(hand_back=False)
+
+    def _shut(self, *, hand_back: bool) -> None:
+        """Close the threads once the copies given are made (the loop blocks meanwhile),
+        releasing the memory they held; ``hand_back``: their callers are still waiting."""
+        threads, self._threads, self._run = self._threads, None, None
+        jobs, self._jobs = self._jobs, {}
+        threads.close()
+        if hand_back:
+            for job in jobs.values():
+                with contextlib.suppress(trio.RunFinishedError):
+                    job.token.run_sync_soon(self._finished, job, outcome.Value(None))
 
     def close(self) -> None:
-        """Wait for the copies given (the loop blocks: the daemon stops), end the threads and
-        hand every copy not yet handed back to the loop."""
-        threads, self._threads = self._threads, None
-        if threads is None:
+        """The daemon stops: wait for the copies given, end the threads, hand the copies not
+        yet handed back to the loop."""
+        if self._threads is None:
             return
-        if self._reaper is not None:
-            with contextlib.suppress(RuntimeError):  # (outside its run: the task is gone)
-                if trio.lowlevel.current_trio_token() is self._reaper:
-                    trio.lowlevel.notify_closing(threads.fileno())
-            self._reaper = None
-        threads.close()
-        jobs, self._jobs = self._jobs, {}
-        for job in jobs.values():
-            with contextlib.suppress(trio.RunFinishedError):
-                job.token.run_sync_soon(self._finished, job, _COPIED)
+        with contextlib.suppress(RuntimeError):  # (outside the run: its task is gone)
+            if trio.lowlevel.current_trio_token() is self._run:
+                trio.lowlevel.notify_closing(self._threads.fileno())
+        self._shut(hand_back=True)
 
 
 _WORKERS: trio.lowlevel.RunVar[CopyWorkers] = trio.lowlevel.RunVar("displback_copy_workers")

@@ -585,12 +585,17 @@ class TaskSteps(trio.abc.Instrument):
         self.steps[key] = self.steps.get(key, 0) + 1
 
 
+@pytest.mark.parametrize("native", ENGINES)
 async def test_a_copy_mode_flip_is_started_by_the_copys_hand_back_not_by_a_task(
-    hypervisor: HypervisorThread, tmp_path: Path
+    hypervisor: HypervisorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
     """Copy mode: the reader's wake-up hands the copy to a worker thread, and the thread's
-    hand-back to the loop starts the flip: the connector's scanout task is never stepped for
-    a frame, and its ring task neither."""
+    hand-back to the loop (trio's ``run_sync_soon`` task for a Python thread, the reaper
+    task waiting on the eventfd for a native one) starts the flip: the connector's scanout
+    task is never stepped for a frame, and its ring task neither."""
+    if not native:
+        monkeypatch.setattr(copies_module, "NativeCopyThreads", None)
+    hand_back = "displback copy reaper" if native else "<TrioToken.run_sync_soon task>"
     with trio.fail_after(60):
         async with sim_machine(hypervisor, tmp_path, platform_options=_COPY_MODE) as w:
             await w.add_guest(1, "connectors=c0:320x240")
@@ -609,7 +614,8 @@ async def test_a_copy_mode_flip_is_started_by_the_copys_hand_back_not_by_a_task(
                 await release(guest, 0, bufs, fbs)
     assert counter.steps.get("Connector._scanout", 0) == 0, counter.steps
     assert counter.steps.get("Connector._serve_ring", 0) == 0, counter.steps
-    assert counter.steps.get("<TrioToken.run_sync_soon task>", 0) >= 6, counter.steps
+    assert counter.steps.get(hand_back, 0) >= 6, counter.steps
+    assert w.backend.copies.native is native
 
 
 async def test_the_daemon_runs_copies_on_as_many_threads_as_copy_workers_says(
