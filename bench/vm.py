@@ -8,6 +8,8 @@ once, then flipping as fast as the flip events come back (``--flips``, of which 
 ``--warmup`` are not timed):
 
 * **displback, KMS** on QEMU's bochs-display (``--display kms --connector Virtual-1=…``);
+* **displback, KMS, Python copies**: the same with ``DISPLBACK_COPY_THREADS=python`` (when the
+  native copy threads are built: what they change);
 * **displback, virtual** display (``--virtual-output Virtual-1=…@1000``: no snapshots, and a
   1000 Hz refresh so that the display's vblank does not pace the guest);
 * **displ_be** (``--displ-be PREFIX``, built by :mod:`bench.displ_be`), copy mode on the
@@ -45,6 +47,7 @@ from typing import Any
 
 from bench.displ_be import BuildError, DisplBe
 from bench.report import machine_info
+from displback.backend.copies import native_copies_built
 from tests.vm.dom0 import Dom0
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +63,7 @@ class Backend:
     label: str
     kind: str  # "displback" or "displ_be"
     args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # NAME=value for displback's process
 
 
 @dataclass
@@ -228,7 +232,8 @@ class Bench:
                     "--log-format", "json", "--log-level", "info", *backend.args,
                 ]
             )  # fmt: skip
-            command = f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 setsid {argv}"
+            env = shlex.join(["PYTHONDONTWRITEBYTECODE=1", *backend.env])
+            command = f"cd {REPO} && {env} setsid {argv}"
             ready = '"event": "watching"'
         else:
             assert displ_be is not None
@@ -313,6 +318,13 @@ def backends(card: str, size: str, displ_be: DisplBe | None) -> list[Backend]:
             ("--display", "virtual", "--virtual-output", f"{CONNECTOR}={size}@1000"),
         ),
     ]  # fmt: skip
+    if native_copies_built():
+        # The same KMS run with the frame copies in Python threads: what the native copy
+        # threads (displback/backend/_copythreads.c) change, on the same boot.
+        found.insert(1, Backend(
+            "displback-kms-pycopy", "displback, KMS, Python copies", "displback",
+            found[0].args, ("DISPLBACK_COPY_THREADS=python",),
+        ))  # fmt: skip
     if displ_be is not None:
         found.append(
             Backend("displ_be", "displ_be, DRM copy (bochs)", "displ_be",

@@ -106,6 +106,12 @@ def native_copies_built() -> bool:
     return NativeCopyThreads is not None
 
 
+def native_copies_wanted() -> bool:
+    """Whether frame copies go to the native threads by default: when they are built, unless
+    ``DISPLBACK_COPY_THREADS=python`` (to compare the two, or to rule the extension out)."""
+    return NativeCopyThreads is not None and os.environ.get("DISPLBACK_COPY_THREADS") != "python"
+
+
 @dataclass(frozen=True, slots=True)
 class FrameCopy:
     """``copy_frame(src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width_bytes,
@@ -188,8 +194,9 @@ IDLE_SECONDS = 10.0
 class CopyWorkers:
     """Runs copies in worker threads: ``total`` at once, ``per_guest`` of them per guest.
 
-    ``native``: frame copies in the native threads (None: when they are built; True raises
-    :class:`RuntimeError` if they are not; False: Python threads for every copy).
+    ``native``: frame copies in the native threads (None: when they are built, unless the
+    environment says ``DISPLBACK_COPY_THREADS=python``; True raises :class:`RuntimeError` if
+    they are not built; False: Python threads for every copy).
     """
 
     def __init__(
@@ -213,7 +220,7 @@ class CopyWorkers:
         self._python = _PythonThreads(total, self._finished)
         self._native = (
             _NativeThreads(total, self._finished)
-            if (NativeCopyThreads is not None if native is None else native)
+            if (native_copies_wanted() if native is None else native)
             else None
         )
 

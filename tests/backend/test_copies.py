@@ -419,6 +419,17 @@ async def test_many_guests_frame_copies_come_back_each_once_in_their_guests_turn
 
 
 @pytest.mark.skipif(not native_copies_built(), reason="the native copy threads are not built")
+def test_frame_copies_go_to_the_native_threads_unless_the_environment_says_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DISPLBACK_COPY_THREADS", raising=False)
+    assert CopyWorkers(1).native
+    monkeypatch.setenv("DISPLBACK_COPY_THREADS", "python")
+    assert not CopyWorkers(1).native
+    assert CopyWorkers(1, native=True).native  # (asked for by the caller)
+
+
+@pytest.mark.skipif(not native_copies_built(), reason="the native copy threads are not built")
 async def test_native_frame_copies_hold_their_memory_until_handed_back() -> None:
     """The native thread copies without the GIL, so the memory it reads must not go before
     the copy is handed back to the loop: releasing the source's view fails until then."""
