@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # the backends' rows matter more
             errors.append(f"Dom0 micro-costs: {error}")
         for round_ in range(args.rounds):
-            for backend in chosen:
+            # Every other round in reverse: no backend is always measured right after the
+            # same other one (the host's state after a run moves the next run's numbers).
+            for backend in chosen if round_ % 2 == 0 else chosen[::-1]:
                 _say(f"round {round_ + 1}: {backend.label}")
                 try:
                     bench.start(backend, displ_be)
