@@ -51,6 +51,7 @@ struct job {
     struct job *all_prev;       /* every job not yet reaped: GIL only */
     struct job *all_next;
     uint64_t id;
+    int error;                  /* errno of the job, 0 if it went well: set before it is done */
     const unsigned char *src;
     unsigned char *dst;
     size_t src_pitch, dst_pitch, width, height;
@@ -274,6 +275,25 @@ reap_job(CopyThreadsObject *self, struct job *j)
     PyMem_Free(j);
 }
 
+/* [(job_id, errno), ...] of a chain of finished jobs (linked by next), in its order. */
+static PyObject *
+finished_list(struct job *done)
+{
+    Py_ssize_t n = 0;
+    for (struct job *j = done; j != NULL; j = j->next)
+        n++;
+    PyObject *list = PyList_New(n);
+    Py_ssize_t i = 0;
+    for (struct job *j = done; list != NULL && j != NULL; j = j->next, i++) {
+        PyObject *entry = Py_BuildValue("(Ki)", (unsigned long long)j->id, j->error);
+        if (entry == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, entry);
+    }
+    return list;
+}
+
 static bool
 forked(CopyThreadsObject *self)
 {
@@ -319,15 +339,20 @@ close_in_child(CopyThreadsObject *self)
 }
 
 /* close(): let the threads copy every queued job and end, wait for them with the GIL
- * released, release every remaining export, close the eventfd. Never fails. */
+ * released, release every remaining export, close the eventfd. Always closes; when unreaped
+ * is not NULL it is set to the [(job_id, errno), ...] finished() has not returned (a new
+ * list, [] when another call closes or closed), or to NULL with MemoryError. */
 static void
-close_pool(CopyThreadsObject *self)
+close_pool(CopyThreadsObject *self, PyObject **unreaped)
 {
     struct pool *p = self->pool;
-    if (self->state == CLOSED || p == NULL)
-        return;
-    if (forked(self)) {
-        close_in_child(self);
+    if (unreaped != NULL)
+        *unreaped = NULL;
+    if (self->state == CLOSED || p == NULL || forked(self)) {
+        if (self->state != CLOSED && p != NULL)
+            close_in_child(self);
+        if (unreaped != NULL)
+            *unreaped = PyList_New(0);
         return;
     }
     bool first = self->state == OPEN;
@@ -340,12 +365,19 @@ close_pool(CopyThreadsObject *self)
         pthread_cond_wait(&p->ended, &p->lock);
     pthread_mutex_unlock(&p->lock);
     Py_END_ALLOW_THREADS
-    if (!first)
-        return;  /* the first close() (another Python thread) releases and closes */
-    /* No thread is alive: each ended with the queue empty, so every job is finished. */
+    if (!first) {  /* the first close() (another Python thread) releases and closes */
+        if (unreaped != NULL)
+            *unreaped = PyList_New(0);
+        return;
+    }
+    /* No thread is alive: each ended with the queue empty, so every job is finished, and
+     * every job not yet reaped is in the finished list. */
     pthread_mutex_lock(&p->lock);
+    struct job *done = p->done_head;
     p->done_head = p->done_tail = NULL;
     pthread_mutex_unlock(&p->lock);
+    if (unreaped != NULL)
+        *unreaped = finished_list(done);
     while (self->jobs != NULL)
         reap_job(self, self->jobs);
     close(p->efd);
@@ -471,7 +503,7 @@ CopyThreads_traverse(CopyThreadsObject *self, visitproc visit, void *arg)
 static int
 CopyThreads_clear(CopyThreadsObject *self)
 {
-    close_pool(self);
+    close_pool(self, NULL);
     return 0;
 }
 
@@ -481,7 +513,7 @@ CopyThreads_dealloc(CopyThreadsObject *self)
     PyObject_GC_UnTrack(self);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    close_pool(self);
+    close_pool(self, NULL);
     struct pool *p = self->pool;
     if (p != NULL && !forked(self)) {
         pthread_mutex_lock(&p->lock);
@@ -617,6 +649,7 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
 
     j->next = NULL;
     j->id = id;
+    j->error = 0;
     j->src = (const unsigned char *)j->src_view.buf + src_offset;
     j->dst = (unsigned char *)j->dst_view.buf + dst_offset;
     j->src_pitch = (size_t)src_pitch;
@@ -676,11 +709,12 @@ free_job:
 }
 
 PyDoc_STRVAR(finished_doc,
-"finished() -> list[int]\n"
+"finished() -> list[tuple[int, int]]\n"
 "--\n"
 "\n"
-"The ids of the copies finished since the last call, in finish order; their buffer exports\n"
-"are released. Never blocks (reads the eventfd, which may have nothing). [] once closed.");
+"(job_id, errno) of the copies finished since the last call, in finish order; their buffer\n"
+"exports are released. Never blocks (reads the eventfd, which may have nothing). [] once\n"
+"closed.");
 
 static PyObject *
 CopyThreads_finished(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
@@ -701,18 +735,7 @@ CopyThreads_finished(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
     p->done_head = p->done_tail = NULL;
     pthread_mutex_unlock(&p->lock);
 
-    Py_ssize_t n = 0;
-    for (struct job *j = done; j != NULL; j = j->next)
-        n++;
-    PyObject *ids = PyList_New(n);
-    Py_ssize_t i = 0;
-    for (struct job *j = done; ids != NULL && j != NULL; j = j->next, i++) {
-        PyObject *id = PyLong_FromUnsignedLongLong(j->id);
-        if (id == NULL)
-            Py_CLEAR(ids);
-        else
-            PyList_SET_ITEM(ids, i, id);
-    }
+    PyObject *ids = finished_list(done);
     if (ids == NULL) {
         if (done != NULL) {  /* put them back in front, for the next call */
             pthread_mutex_lock(&p->lock);
@@ -751,17 +774,19 @@ CopyThreads_fileno(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(close_doc,
-"close() -> None\n"
+"close() -> list[tuple[int, int]]\n"
 "--\n"
 "\n"
 "Copy every queued job, end the threads (waiting with the GIL released), release every\n"
-"remaining buffer export and close the eventfd. Idempotent.");
+"remaining buffer export and close the eventfd. Returns (job_id, errno) of the jobs\n"
+"finished() has not returned, in finish order; [] when already closed.");
 
 static PyObject *
 CopyThreads_close(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
 {
-    close_pool(self);
-    Py_RETURN_NONE;
+    PyObject *unreaped;
+    close_pool(self, &unreaped);
+    return unreaped;
 }
 
 static PyObject *
@@ -773,7 +798,7 @@ CopyThreads_enter(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 CopyThreads_exit(CopyThreadsObject *self, PyObject *Py_UNUSED(args))
 {
-    close_pool(self);
+    close_pool(self, NULL);
     Py_RETURN_NONE;
 }
 
@@ -836,7 +861,7 @@ PyDoc_STRVAR(CopyThreads_doc,
 "\n"
 "Up to max_threads (1 to 256) native threads copying rows between buffers; a thread is\n"
 "started when a job finds no idle one and ends after idle_seconds without a job. fileno()\n"
-"is an eventfd, readable when finished() has ids to return.");
+"is an eventfd, readable when finished() has jobs to return.");
 
 static PyTypeObject CopyThreadsType = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -14,7 +14,7 @@ class CopyThreads:
     """Up to ``max_threads`` (1 to 256) native threads copying rows between buffers.
 
     A thread starts when a job finds no idle one and ends after ``idle_seconds`` without a
-    job. :meth:`fileno` is an eventfd, readable when :meth:`finished` has ids to return.
+    job. :meth:`fileno` is an eventfd, readable when :meth:`finished` has jobs to return.
     """
 
     def __init__(self, max_threads: int, idle_seconds: float = 10.0) -> None: ...
@@ -35,10 +35,12 @@ class CopyThreads:
         """Queue a copy of ``height`` rows of ``width_bytes`` bytes (row r from
         ``src[src_offset + r*src_pitch]`` to ``dst[dst_offset + r*dst_pitch]``), checked
         first with ``pixels.copy_frame``'s rules; both exports are held until reaped."""
-    def finished(self) -> list[int]:
-        """Ids of the copies finished since the last call, in finish order; never blocks."""
-    def close(self) -> None:
-        """Copy every queued job, end the threads, release every export; idempotent."""
+    def finished(self) -> list[tuple[int, int]]:
+        """``(job_id, errno)`` of the copies finished since the last call, in finish order;
+        never blocks."""
+    def close(self) -> list[tuple[int, int]]:
+        """Copy every queued job, end the threads, release every export; returns
+        ``(job_id, errno)`` of the jobs :meth:`finished` has not returned ([] once closed)."""
     @property
     def threads(self) -> int: ...
     @property

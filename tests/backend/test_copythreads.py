@@ -73,18 +73,29 @@ def ct() -> Iterator[CopyThreads]:
         yield threads
 
 
-def wait_ids(ct: CopyThreads, count: int) -> list[int]:
-    """The ids of ``count`` finished copies, waiting on the eventfd (at most WAIT seconds)."""
+def wait_finished(ct: CopyThreads, count: int) -> list[tuple[int, int]]:
+    """(job_id, errno) of ``count`` finished jobs, waiting on the eventfd (at most WAIT s)."""
     poller = select.poll()
     poller.register(ct.fileno(), select.POLLIN)
-    ids: list[int] = []
+    done: list[tuple[int, int]] = []
     deadline = time.monotonic() + WAIT
-    while len(ids) < count:
+    while len(done) < count:
         left = deadline - time.monotonic()
-        assert left > 0, f"only {len(ids)} of {count} copies finished in {WAIT} s"
+        assert left > 0, f"only {len(done)} of {count} copies finished in {WAIT} s"
         if poller.poll(left * 1000):
-            ids += ct.finished()
-    return ids
+            done += ct.finished()
+    return done
+
+
+def wait_ids(ct: CopyThreads, count: int) -> list[int]:
+    """The ids of ``count`` finished copies without a flip (errno 0 each), as wait_finished."""
+    done = wait_finished(ct, count)
+    assert [error for _, error in done] == [0] * count
+    return [job_id for job_id, _ in done]
+
+
+def readable(fd: int | CopyThreads, timeout: float = 0.0) -> bool:
+    return select.select([fd], [], [], timeout)[0] != []
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -385,7 +396,8 @@ def test_close_copies_every_queued_job_then_ends_the_threads() -> None:
     ct = pool(1)
     for i in range(jobs):
         ct.submit(i, src, 0, 4096, dst, i * 8 * MiB, 4096, 4096, 2048)
-    ct.close()
+    # Every job finished and none was reaped: close() returns them all.
+    assert sorted(ct.close()) == [(i, 0) for i in range(jobs)]
     assert all(dst[i * 8 * MiB : (i + 1) * 8 * MiB] == src[:] for i in range(jobs))
     assert (ct.threads, ct.queued, ct.running, ct.finished()) == (0, 0, 0, [])
     src.close()  # every export released
@@ -394,8 +406,23 @@ def test_close_copies_every_queued_job_then_ends_the_threads() -> None:
         ct.fileno()
     with pytest.raises(RuntimeError):
         ct.submit(99, b"ab", 0, 2, dst, 0, 2, 2, 1)
-    ct.close()
+    assert ct.close() == []
     assert open_fds() == fds
+
+
+def test_close_returns_the_jobs_finished_returned_not_in_finish_order() -> None:
+    dst = bytearray(5)
+    ct = pool(1)  # one thread: jobs finish in the order given
+    ct.submit(0, b"a", 0, 1, dst, 0, 1, 1, 1)
+    ct.submit(1, b"b", 0, 1, dst, 1, 1, 1, 1)
+    wait_until(lambda: ct.queued == 0 and ct.running == 0)
+    assert ct.finished() == [(0, 0), (1, 0)]
+    for i in (4, 2, 3):
+        ct.submit(i, b"cde"[i - 2 : i - 1], 0, 1, dst, i, 1, 1, 1)
+    assert ct.close() == [(4, 0), (2, 0), (3, 0)]
+    assert dst == b"abcde"
+    assert ct.close() == []
+    dst.extend(b"x")  # every export released
 
 
 def test_a_closed_pool_refuses_work_and_returns_no_ids() -> None:
@@ -502,7 +529,7 @@ ct.submit(3, b"ab", 0, 2, small, 0, 2, 2, 1)  # a second thread cannot start: qu
 resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 ids = []
 while len(ids) < 2 and select.select([ct], [], [], 10)[0]:
-    ids += ct.finished()
+    ids += [job_id for job_id, error in ct.finished()]
 print("copied", sorted(ids), bytes(small))
 """
 
