@@ -3,12 +3,20 @@
  * Theory of operation
  * -------------------
  * One CopyThreads object owns a `struct pool` (mutex, one condition for the queue, one for
- * threads that end, two intrusive FIFO lists of jobs, counters, an eventfd) and up to
- * max_threads detached worker threads. The event loop (Python, GIL held) validates a copy,
- * takes both Py_buffer exports and links a `struct job` into the queue; a worker takes it,
- * copies with the mutex dropped, links it into the finished list and writes 1 to the eventfd
- * (outside the mutex). The loop sees the eventfd readable, calls finished(): the jobs are
- * unlinked, their exports released (GIL held) and their ids returned in finish order.
+ * threads that end, one for jobs that finish, two intrusive FIFO lists of jobs, counters, an
+ * eventfd) and up to max_threads detached worker threads. The event loop (Python, GIL held)
+ * validates a copy, takes the Py_buffer exports and links a `struct job` into the queue; a
+ * worker takes it, copies with the mutex dropped, links it into the finished list and writes
+ * 1 to the eventfd (outside the mutex). The loop sees the eventfd readable, calls finished():
+ * the jobs are unlinked, their exports released (GIL held) and (id, errno) returned in finish
+ * order.
+ *
+ * Flips: a job may carry a KMS page flip, ioctl(fd, request, arg), that its thread issues
+ * right after the copy (as displ_be does), so the flip does not wait for an event-loop pass.
+ * While `quiet` is set, a job whose flip succeeded is linked into the finished list without
+ * writing the eventfd: the loop learns of the flip from its DRM event and reaps the job then
+ * (finished(wait_for=id) waits for it if it is still copying). Setting quiet false writes the
+ * eventfd when such jobs wait, so that none is left unreaped.
  *
  * Worker threads never touch a Python object nor the GIL, never allocate, and block every
  * signal (Python's handlers run on the main thread). Jobs are allocated and freed with the
@@ -16,15 +24,17 @@
  * counted (the object and every live thread), and whoever drops the last reference frees it,
  * so a thread that has just said it ended may still unlock the mutex after close() returned.
  *
- * Lifetime of the memory copied: a job holds the two exports from submit() until finished()
- * or close() reaps it, so an mmap or memoryview cannot be closed or released under a thread
- * (BufferError). close() (and dealloc, and tp_clear) lets the threads copy every queued job,
- * waits with the GIL released until no thread is alive, then releases what is left.
+ * Lifetime of the memory copied: a job holds its exports (source, destination, flip arg)
+ * from submit() until finished() or close() reaps it, so an mmap or memoryview cannot be
+ * closed or released under a thread (BufferError). close() (and dealloc, and tp_clear) lets
+ * the threads copy every queued job, waits with the GIL released until no thread is alive,
+ * then releases what is left.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -32,6 +42,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,19 +55,28 @@ PyDoc_STRVAR(module_doc,
 "and hands completions back through one eventfd the event loop waits on.");
 
 #define MAX_THREADS_LIMIT 256
+/* A flip ioctl is tried this many times in all while it fails with EINTR or EAGAIN. */
+#define FLIP_TRIES 100
 
-/* One copy: row r from src + r*src_pitch to dst + r*dst_pitch, width bytes each. */
+/* One copy: row r from src + r*src_pitch to dst + r*dst_pitch, width bytes each; then, with
+ * a flip, ioctl(flip_fd, flip_request, flip_arg) on the same thread. */
 struct job {
     struct job *next;           /* in the queue or the finished list: under pool->lock */
     struct job *all_prev;       /* every job not yet reaped: GIL only */
     struct job *all_next;
     uint64_t id;
     int error;                  /* errno of the job, 0 if it went well: set before it is done */
+    bool done;                  /* in the finished list, or was: under pool->lock */
     const unsigned char *src;
     unsigned char *dst;
     size_t src_pitch, dst_pitch, width, height;
+    bool flip;
+    int flip_fd;
+    unsigned long flip_request;
+    void *flip_arg;
     Py_buffer src_view;         /* held until reaped (GIL) */
     Py_buffer dst_view;
+    Py_buffer flip_view;        /* with a flip only */
 };
 
 /* What the object and its threads share. Everything below `lock` is under it, but for
@@ -65,6 +85,7 @@ struct pool {
     pthread_mutex_t lock;
     pthread_cond_t work;        /* a job was queued, or the pool closes */
     pthread_cond_t ended;       /* a thread ended */
+    pthread_cond_t finish;      /* a job finished, and waiters > 0 */
     struct job *queue_head, *queue_tail;
     struct job *done_head, *done_tail;
     size_t queued;              /* jobs in the queue */
@@ -72,7 +93,9 @@ struct pool {
     unsigned live;              /* threads alive, or being started */
     unsigned idle;              /* threads waiting for a job */
     unsigned refs;              /* the object, and every live thread */
+    unsigned waiters;           /* finished(wait_for=...) calls waiting on finish */
     bool closing;               /* threads end once the queue is empty */
+    bool quiet;                 /* a job whose flip went well does not write the eventfd */
     bool idle_forever;
     struct timespec idle_time;
     int efd;
@@ -85,6 +108,7 @@ typedef struct {
     struct pool *pool;
     struct job *jobs;           /* every job not yet reaped (all_next list): GIL only */
     unsigned max_threads;
+    bool quiet;                 /* as pool->quiet, readable without the mutex (GIL) */
     int state;
     unsigned long fork_generation;
 } CopyThreadsObject;
@@ -115,11 +139,27 @@ copy_rows(const struct job *j)
         memcpy(j->dst + r * j->dst_pitch, j->src + r * j->src_pitch, j->width);
 }
 
+/* The job's flip ioctl: 0, or the errno of its last try. */
+static int
+flip(const struct job *j)
+{
+    int err = 0;
+    for (int tries = 0; tries < FLIP_TRIES; tries++) {
+        if (ioctl(j->flip_fd, j->flip_request, j->flip_arg) != -1)
+            return 0;
+        err = errno;
+        if (err != EINTR && err != EAGAIN)
+            break;
+    }
+    return err;
+}
+
 static void
 pool_free(struct pool *p)
 {
     pthread_cond_destroy(&p->work);
     pthread_cond_destroy(&p->ended);
+    pthread_cond_destroy(&p->finish);
     pthread_mutex_destroy(&p->lock);
     PyMem_RawFree(p);
 }
@@ -188,6 +228,8 @@ worker(void *arg)
             break;
         pthread_mutex_unlock(&p->lock);
         copy_rows(j);
+        if (j->flip)
+            j->error = flip(j);
         pthread_mutex_lock(&p->lock);
         p->running--;
         if (p->done_tail != NULL)
@@ -195,9 +237,16 @@ worker(void *arg)
         else
             p->done_head = j;
         p->done_tail = j;
+        j->done = true;
+        bool waited_for = p->waiters > 0;
+        /* A flip that went well is reaped with its DRM event when the loop is quiet; quiet
+         * is read here, under the mutex, as the setter writes it (see set_quiet). */
+        bool wake = !(j->flip && j->error == 0 && p->quiet);
         pthread_mutex_unlock(&p->lock);
+        if (waited_for)  /* (a waiter looks at done under the mutex before it sleeps) */
+            pthread_cond_broadcast(&p->finish);
         /* Cannot fail but for a counter at 2**64-2 (it is read at every wake-up). */
-        while (write(p->efd, &one, sizeof one) < 0 && errno == EINTR)
+        while (wake && write(p->efd, &one, sizeof one) < 0 && errno == EINTR)
             ;
         pthread_mutex_lock(&p->lock);
     }
@@ -272,6 +321,8 @@ reap_job(CopyThreadsObject *self, struct job *j)
         j->all_next->all_prev = j->all_prev;
     PyBuffer_Release(&j->src_view);
     PyBuffer_Release(&j->dst_view);
+    if (j->flip)
+        PyBuffer_Release(&j->flip_view);
     PyMem_Free(j);
 }
 
@@ -430,6 +481,11 @@ CopyThreads_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         err = pthread_cond_init(&p->work, &cattr);
         if (!err) {
             err = pthread_cond_init(&p->ended, NULL);
+            if (!err) {
+                err = pthread_cond_init(&p->finish, NULL);
+                if (err)
+                    pthread_cond_destroy(&p->ended);
+            }
             if (err)
                 pthread_cond_destroy(&p->work);
         }
@@ -474,6 +530,7 @@ CopyThreads_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->pool = p;
     self->jobs = NULL;
     self->max_threads = (unsigned)max_threads;
+    self->quiet = false;
     self->state = OPEN;
     self->fork_generation = fork_generation;
     return (PyObject *)self;
@@ -495,6 +552,8 @@ CopyThreads_traverse(CopyThreadsObject *self, visitproc visit, void *arg)
             r = visit(j->src_view.obj, arg);
         if (r == 0 && j->dst_view.obj != NULL)
             r = visit(j->dst_view.obj, arg);
+        if (r == 0 && j->flip && j->flip_view.obj != NULL)
+            r = visit(j->flip_view.obj, arg);
     }
     pthread_mutex_unlock(&p->lock);
     return r;
@@ -586,26 +645,81 @@ check_geometry(const char *what, Py_ssize_t size, int64_t offset, int64_t pitch,
     return 0;
 }
 
+/* submit()'s flip: None (false), or (fd, request, arg) checked, arg not yet exported (true).
+ * -1 with TypeError, ValueError or OverflowError. */
+static int
+parse_flip(PyObject *flip, int *fd, unsigned long *request, PyObject **arg)
+{
+    if (flip == Py_None)
+        return 0;
+    if (!PyTuple_Check(flip) || PyTuple_GET_SIZE(flip) != 3) {
+        PyErr_Format(PyExc_TypeError,
+                     "CopyThreads.submit: flip must be None or (fd, request, arg), not %.100s",
+                     PyTuple_Check(flip) ? "a tuple of another length" : Py_TYPE(flip)->tp_name);
+        return -1;
+    }
+    PyObject *fd_obj = PyTuple_GET_ITEM(flip, 0), *request_obj = PyTuple_GET_ITEM(flip, 1);
+    if (!PyLong_Check(fd_obj) || !PyLong_Check(request_obj)) {
+        PyErr_Format(PyExc_TypeError,
+                     "CopyThreads.submit: the flip's fd and request must be ints, not %.100s "
+                     "and %.100s", Py_TYPE(fd_obj)->tp_name, Py_TYPE(request_obj)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long fd_value = PyLong_AsLongAndOverflow(fd_obj, &overflow);
+    if (fd_value == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || fd_value < 0) {
+        PyErr_Format(PyExc_ValueError, "CopyThreads.submit: negative flip fd %S", fd_obj);
+        return -1;
+    }
+    if (overflow > 0 || fd_value > INT_MAX) {
+        PyErr_Format(PyExc_OverflowError, "CopyThreads.submit: flip fd %S is beyond %d",
+                     fd_obj, INT_MAX);
+        return -1;
+    }
+    *request = PyLong_AsUnsignedLong(request_obj);
+    if (*request == (unsigned long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Format(PyExc_OverflowError,
+                         "CopyThreads.submit: flip request %S is not 0 to %lu", request_obj,
+                         ULONG_MAX);
+        }
+        return -1;
+    }
+    *fd = (int)fd_value;
+    *arg = PyTuple_GET_ITEM(flip, 2);
+    return 1;
+}
+
 PyDoc_STRVAR(submit_doc,
-"submit(job_id, src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width_bytes, height)\n"
+"submit(job_id, src, src_offset, src_pitch, dst, dst_offset, dst_pitch, width_bytes, height,\n"
+"       flip=None)\n"
 "--\n"
 "\n"
 "Queue a copy of height rows of width_bytes bytes, row r from src[src_offset + r*src_pitch]\n"
 "to dst[dst_offset + r*dst_pitch]. Checked first, with pixels.copy_frame's rules\n"
-"(ValueError, nothing queued). Both buffer exports are held until finished() returns\n"
+"(ValueError, nothing queued). The buffer exports are held until finished() returns\n"
 "job_id (or close()). RuntimeError when closed; OSError when no thread is alive and none\n"
-"could be started (nothing queued).");
+"could be started (nothing queued).\n"
+"\n"
+"flip=(fd, request, arg): right after the copy, on its thread, ioctl(fd, request, arg)\n"
+"(a KMS page flip into the buffer just copied, without an event-loop pass between), tried\n"
+"up to 100 times while it fails with EINTR or EAGAIN; finished() reports its errno. arg is\n"
+"a writable buffer, held as src and dst, at least as large as the size request encodes\n"
+"(ValueError). A flip that succeeds does not make fileno() readable while quiet is true.");
 
 static PyObject *
 CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"job_id",    "src",       "src_offset",  "src_pitch", "dst",
-                             "dst_offset", "dst_pitch", "width_bytes", "height",    NULL};
+    static char *kwlist[] = {"job_id",     "src",       "src_offset",  "src_pitch",
+                             "dst",        "dst_offset", "dst_pitch", "width_bytes",
+                             "height",     "flip",      NULL};
     PyObject *id_obj, *src, *dst, *src_offset_obj, *src_pitch_obj, *dst_offset_obj,
-        *dst_pitch_obj, *width_obj, *height_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO:submit", kwlist, &id_obj, &src,
+        *dst_pitch_obj, *width_obj, *height_obj, *flip_obj = Py_None, *flip_arg = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|O:submit", kwlist, &id_obj, &src,
                                      &src_offset_obj, &src_pitch_obj, &dst, &dst_offset_obj,
-                                     &dst_pitch_obj, &width_obj, &height_obj))
+                                     &dst_pitch_obj, &width_obj, &height_obj, &flip_obj))
         return NULL;
     if (check_usable(self) < 0)
         return NULL;
@@ -624,6 +738,11 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
         geometry_value(dst_pitch_obj, &dst_pitch) < 0 ||
         geometry_value(width_obj, &width) < 0 || geometry_value(height_obj, &height) < 0)
         return NULL;
+    int flip_fd = -1;
+    unsigned long flip_request = 0;
+    int has_flip = parse_flip(flip_obj, &flip_fd, &flip_request, &flip_arg);
+    if (has_flip < 0)
+        return NULL;
 
     struct job *j = PyMem_Malloc(sizeof *j);
     if (j == NULL)
@@ -639,17 +758,39 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
                         "CopyThreads.submit: the destination buffer is read-only");
         goto release_both;
     }
+    /* PyBUF_WRITABLE: the kernel writes into arg (BufferError when it is read-only). */
+    j->flip = has_flip;
+    if (has_flip && PyObject_GetBuffer(flip_arg, &j->flip_view, PyBUF_WRITABLE) < 0)
+        goto release_both;
     if (check_geometry("CopyThreads.submit source", j->src_view.len, src_offset, src_pitch,
                        width, height, src_offset_obj, src_pitch_obj, width_obj,
                        height_obj) < 0 ||
         check_geometry("CopyThreads.submit destination", j->dst_view.len, dst_offset,
                        dst_pitch, width, height, dst_offset_obj, dst_pitch_obj, width_obj,
                        height_obj) < 0)
-        goto release_both;
+        goto release_all;
+#ifdef _IOC_SIZE
+    /* A request that encodes a direction (a DRM one does) makes the kernel read or write
+     * that many bytes at arg (it sees the request as 32 bits). Older requests encode none. */
+    unsigned int request32 = (unsigned int)flip_request;
+    if (has_flip && _IOC_DIR(request32) != _IOC_NONE &&
+        j->flip_view.len < (Py_ssize_t)_IOC_SIZE(request32)) {
+        char shown[32];  /* PyErr_Format has no %#lx */
+        PyOS_snprintf(shown, sizeof shown, "%#lx", flip_request);
+        PyErr_Format(PyExc_ValueError,
+                     "CopyThreads.submit: flip request %s moves %u bytes but its arg holds "
+                     "%zd", shown, (unsigned)_IOC_SIZE(request32), j->flip_view.len);
+        goto release_all;
+    }
+#endif
 
     j->next = NULL;
     j->id = id;
     j->error = 0;
+    j->done = false;
+    j->flip_fd = flip_fd;
+    j->flip_request = flip_request;
+    j->flip_arg = has_flip ? j->flip_view.buf : NULL;
     j->src = (const unsigned char *)j->src_view.buf + src_offset;
     j->dst = (unsigned char *)j->dst_view.buf + dst_offset;
     j->src_pitch = (size_t)src_pitch;
@@ -699,6 +840,9 @@ CopyThreads_submit(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
     errno = err;
     return PyErr_SetFromErrno(PyExc_OSError);
 
+release_all:
+    if (has_flip)
+        PyBuffer_Release(&j->flip_view);
 release_both:
     PyBuffer_Release(&j->dst_view);
 release_src:
@@ -708,25 +852,75 @@ free_job:
     return NULL;
 }
 
+/* Wait, GIL released, until no job given with this id is queued or running; at once when
+ * there is none or the pool is closing or closed. The jobs are looked at with the GIL held
+ * (another Python thread may reap and free them meanwhile) and their done flag under the
+ * mutex, held from the look until the wait: a job that finishes in between is seen. */
+static void
+wait_for_job(CopyThreadsObject *self, uint64_t id)
+{
+    struct pool *p = self->pool;
+    while (self->state == OPEN) {
+        pthread_mutex_lock(&p->lock);
+        bool pending = false;
+        for (struct job *j = self->jobs; j != NULL && !pending; j = j->all_next)
+            pending = j->id == id && !j->done;
+        if (!pending) {
+            pthread_mutex_unlock(&p->lock);
+            return;
+        }
+        p->waiters++;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_cond_wait(&p->finish, &p->lock);
+        p->waiters--;
+        pthread_mutex_unlock(&p->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
 PyDoc_STRVAR(finished_doc,
-"finished() -> list[tuple[int, int]]\n"
+"finished(wait_for=None) -> list[tuple[int, int]]\n"
 "--\n"
 "\n"
 "(job_id, errno) of the copies finished since the last call, in finish order; their buffer\n"
-"exports are released. Never blocks (reads the eventfd, which may have nothing). [] once\n"
-"closed.");
+"exports are released. errno is that of the job's flip, 0 when it succeeded or the job had\n"
+"none. Never blocks (reads the eventfd, which may have nothing), but for wait_for=job_id:\n"
+"while a job given with that id is queued or running, first wait for it to finish (GIL\n"
+"released; not once closing), so that a loop that needs a quiet flip done now has it. []\n"
+"once closed.");
 
 static PyObject *
-CopyThreads_finished(CopyThreadsObject *self, PyObject *Py_UNUSED(ignored))
+CopyThreads_finished(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"wait_for", NULL};
+    PyObject *wait_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:finished", kwlist, &wait_obj))
+        return NULL;
+    uint64_t wait_id = 0;
+    if (wait_obj != Py_None) {
+        if (!PyLong_Check(wait_obj)) {
+            PyErr_Format(PyExc_TypeError, "wait_for must be None or an int, not %.100s",
+                         Py_TYPE(wait_obj)->tp_name);
+            return NULL;
+        }
+        wait_id = PyLong_AsUnsignedLongLong(wait_obj);  /* OverflowError, as for job_id */
+        if (wait_id == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
     if (self->state == CLOSED)
         return PyList_New(0);
     if (check_same_process(self) < 0)
         return NULL;
+    if (wait_obj != Py_None) {
+        wait_for_job(self, wait_id);
+        if (self->state == CLOSED)  /* by another Python thread meanwhile */
+            return PyList_New(0);
+    }
     struct pool *p = self->pool;
     uint64_t count;
     /* First clear the eventfd, then take the list: a job finished after this read writes
-     * again, so none is left behind without the eventfd readable. EAGAIN: nothing new. */
+     * again, so none is left behind without the eventfd readable (but a quiet flip's, which
+     * the loop reaps on its DRM event, or when quiet is set false). EAGAIN: nothing new. */
     while (read(p->efd, &count, sizeof count) < 0 && errno == EINTR)
         ;
     pthread_mutex_lock(&p->lock);
@@ -837,10 +1031,43 @@ CopyThreads_get_running(CopyThreadsObject *self, void *Py_UNUSED(closure))
     return pool_counter(self, RUNNING);
 }
 
+static PyObject *
+CopyThreads_get_quiet(CopyThreadsObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->quiet);
+}
+
+/* quiet = False makes the eventfd readable when jobs finished quietly wait to be reaped:
+ * the loop's reaper takes them. Under the mutex, as a thread that finishes a job reads it. */
+static int
+CopyThreads_set_quiet(CopyThreadsObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || !PyBool_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "CopyThreads.quiet must be a bool");
+        return -1;
+    }
+    if (self->state != CLOSED && check_same_process(self) < 0)
+        return -1;
+    bool quiet = value == Py_True;
+    self->quiet = quiet;
+    if (self->state == CLOSED)
+        return 0;
+    struct pool *p = self->pool;
+    pthread_mutex_lock(&p->lock);
+    p->quiet = quiet;
+    bool wake = !quiet && p->done_head != NULL;
+    pthread_mutex_unlock(&p->lock);
+    const uint64_t one = 1;
+    while (wake && write(p->efd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+    return 0;
+}
+
 static PyMethodDef CopyThreads_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))CopyThreads_submit, METH_VARARGS | METH_KEYWORDS,
      submit_doc},
-    {"finished", (PyCFunction)CopyThreads_finished, METH_NOARGS, finished_doc},
+    {"finished", (PyCFunction)(void (*)(void))CopyThreads_finished,
+     METH_VARARGS | METH_KEYWORDS, finished_doc},
     {"fileno", (PyCFunction)CopyThreads_fileno, METH_NOARGS, fileno_doc},
     {"close", (PyCFunction)CopyThreads_close, METH_NOARGS, close_doc},
     {"__enter__", (PyCFunction)CopyThreads_enter, METH_NOARGS, NULL},
@@ -852,6 +1079,9 @@ static PyGetSetDef CopyThreads_getset[] = {
     {"threads", (getter)CopyThreads_get_threads, NULL, "worker threads alive now", NULL},
     {"queued", (getter)CopyThreads_get_queued, NULL, "jobs not yet taken by a thread", NULL},
     {"running", (getter)CopyThreads_get_running, NULL, "jobs being copied now", NULL},
+    {"quiet", (getter)CopyThreads_get_quiet, (setter)CopyThreads_set_quiet,
+     "True: a job whose flip succeeded does not make fileno() readable (it is reaped later);\n"
+     "set False, fileno() is readable if a finished job waits. False at first.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -859,9 +1089,10 @@ PyDoc_STRVAR(CopyThreads_doc,
 "CopyThreads(max_threads, idle_seconds=10.0)\n"
 "--\n"
 "\n"
-"Up to max_threads (1 to 256) native threads copying rows between buffers; a thread is\n"
-"started when a job finds no idle one and ends after idle_seconds without a job. fileno()\n"
-"is an eventfd, readable when finished() has jobs to return.");
+"Up to max_threads (1 to 256) native threads copying rows between buffers, each copy\n"
+"optionally followed by a KMS page flip on the same thread; a thread is started when a job\n"
+"finds no idle one and ends after idle_seconds without a job. fileno() is an eventfd,\n"
+"readable when finished() has jobs to return (but those finished quietly, see quiet).");
 
 static PyTypeObject CopyThreadsType = {
     PyVarObject_HEAD_INIT(NULL, 0)

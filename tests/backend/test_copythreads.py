@@ -19,6 +19,8 @@ import os
 import select
 import subprocess
 import sys
+import termios
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -127,6 +129,23 @@ def pattern(size: int, seed: int = 0) -> bytes:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def pipe_holding(count: int) -> Iterator[int]:
+    """The read end of a pipe holding ``count`` bytes: FIONREAD on it writes ``count`` as a C
+    int into its arg (a flip that succeeds), TCGETS fails with ENOTTY (one that fails)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x" * count)
+        yield r
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def c_int(arg: bytes | bytearray | memoryview) -> int:
+    return int.from_bytes(arg[:4], sys.byteorder, signed=True)
 
 
 def test_the_extension_is_built_when_required() -> None:
@@ -464,18 +483,24 @@ def test_a_pool_dropped_unclosed_finishes_its_copies_and_leaks_nothing() -> None
     assert open_fds() == fds
 
 
-def test_a_cycle_through_a_finished_copy_is_collected() -> None:
+@pytest.mark.parametrize("held_as", ["destination", "flip arg"])
+def test_a_cycle_through_a_finished_copy_is_collected(held_as: str) -> None:
     class Frame(ctypes.Structure):
         _fields_ = [("pixels", ctypes.c_char * 64)]
 
-    def copy_into(frame: Frame) -> None:
+    def copy_into(frame: Frame, fd: int) -> None:
         ct = pool(1)
         frame.pool = ct  # the frame is a job's buffer: a cycle
-        ct.submit(1, b"x" * 64, 0, 64, frame, 0, 64, 64, 1)
+        if held_as == "destination":
+            ct.submit(1, b"x" * 64, 0, 64, frame, 0, 64, 64, 1)
+        else:
+            ct.submit(1, b"x" * 64, 0, 64, bytearray(64), 0, 64, 64, 1,
+                      flip=(fd, termios.FIONREAD, frame))  # fmt: skip
         wait_until(lambda: ct.queued == 0 and ct.running == 0)
 
     frame = Frame()
-    copy_into(frame)
+    with pipe_holding(3) as fd:
+        copy_into(frame, fd)
     gone = weakref.ref(frame)
     del frame
     gc.collect()
@@ -574,3 +599,268 @@ def test_a_pool_used_in_a_forked_child_raises_and_does_not_crash() -> None:
     assert wait_ids(ct, 1) == [1]
     ct.close()
     assert dst == b"abcd"
+
+
+# ---- flips: an ioctl on the copy's thread right after the copy ----
+
+BAD_FD = 2**31 - 1  # beyond any RLIMIT_NOFILE: EBADF
+DRM_IOCTL_MODE_PAGE_FLIP = 0xC01864B0  # _IOWR('d', 0xB0, 24 bytes): top bit set
+
+
+def test_a_flip_runs_after_the_copy_on_its_thread_and_its_result_lands_in_arg(
+    ct: CopyThreads,
+) -> None:
+    # arg is the copy's first 4 bytes: the ioctl ran after the copy, or the copy would have
+    # overwritten its result.
+    dst = bytearray(8)
+    with pipe_holding(4321) as fd:
+        ct.submit(1, b"\xff" * 8, 0, 8, dst, 0, 8, 8, 1,
+                  flip=(fd, termios.FIONREAD, memoryview(dst)[:4]))  # fmt: skip
+        assert wait_finished(ct, 1) == [(1, 0)]
+    assert c_int(dst) == 4321
+    assert dst[4:] == b"\xff" * 4
+
+
+def test_each_job_reports_its_own_errno_in_finish_order() -> None:
+    args = [bytearray(4) for _ in range(3)]
+    dst = bytearray(16)
+    with pool(1) as ct, pipe_holding(77) as fd:  # one thread: jobs finish in the order given
+        ct.submit(1, b"abcd", 0, 4, dst, 0, 4, 4, 1)
+        ct.submit(2, b"efgh", 0, 4, dst, 4, 4, 4, 1, flip=(fd, termios.FIONREAD, args[0]))
+        ct.submit(3, b"ijkl", 0, 4, dst, 8, 4, 4, 1, flip=(fd, termios.TCGETS, args[1]))
+        ct.submit(4, b"mnop", 0, 4, dst, 12, 4, 4, 1, flip=(BAD_FD, termios.FIONREAD, args[2]))
+        # The largest request is taken; the kernel sees its low 32 bits, a request that
+        # encodes 16383 bytes: arg holds them.
+        ct.submit(5, b"", 0, 0, dst, 0, 0, 0, 0, flip=(fd, 2**64 - 1, bytearray(16383)))
+        assert wait_finished(ct, 5) == [
+            (1, 0), (2, 0), (3, errno.ENOTTY), (4, errno.EBADF), (5, errno.ENOTTY),
+        ]  # fmt: skip
+    assert dst == b"abcdefghijklmnop"
+    assert [c_int(arg) for arg in args] == [77, 0, 0]
+
+
+def test_a_quiet_flip_that_succeeds_leaves_the_eventfd_unreadable_until_quiet_is_unset(
+    ct: CopyThreads,
+) -> None:
+    assert ct.quiet is False
+    ct.quiet = True
+    assert ct.quiet is True
+    arg = bytearray(4)
+    with pipe_holding(9) as fd:
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=(fd, termios.FIONREAD, arg))
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+        assert not readable(ct, 0.05)
+        ct.quiet = True  # setting it again wakes nothing
+        assert not readable(ct, 0.05)
+        ct.quiet = False  # a job finished quietly waits: the loop's reaper is woken
+        assert readable(ct, WAIT)
+        assert ct.finished() == [(1, 0)]
+        assert c_int(arg) == 9
+        ct.quiet = False  # nothing waits: nothing to wake
+        assert not readable(ct, 0.05)
+
+
+def test_a_quiet_pool_is_woken_by_a_flip_that_fails_or_a_job_without_one(
+    ct: CopyThreads,
+) -> None:
+    ct.quiet = True
+    with pipe_holding(9) as fd:
+        for job_id, flip, error in [
+            (1, (fd, termios.TCGETS, bytearray(4)), errno.ENOTTY),
+            (2, (BAD_FD, termios.FIONREAD, bytearray(4)), errno.EBADF),
+            (3, None, 0),
+        ]:
+            ct.submit(job_id, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=flip)
+            assert readable(ct, WAIT), f"job {job_id} finished without waking the loop"
+            assert ct.finished() == [(job_id, error)]
+
+
+def test_a_pool_that_is_not_quiet_is_woken_by_every_job(ct: CopyThreads) -> None:
+    with pipe_holding(9) as fd:
+        for job_id, flip, error in [
+            (1, (fd, termios.FIONREAD, bytearray(4)), 0),
+            (2, (fd, termios.TCGETS, bytearray(4)), errno.ENOTTY),
+            (3, None, 0),
+        ]:
+            ct.submit(job_id, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=flip)
+            assert readable(ct, WAIT), f"job {job_id} finished without waking the loop"
+            assert ct.finished() == [(job_id, error)]
+
+
+def test_wait_for_returns_a_quiet_flip_finished_meanwhile(ct: CopyThreads) -> None:
+    ct.quiet = True
+    with pipe_holding(5) as fd:
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1,
+                  flip=(fd, termios.FIONREAD, bytearray(4)))  # fmt: skip
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+        assert not readable(ct, 0.05)
+        assert ct.finished() == [(1, 0)]  # without wait_for too: the loop reaps at will
+        ct.submit(2, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1,
+                  flip=(fd, termios.FIONREAD, bytearray(4)))  # fmt: skip
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+        assert ct.finished(wait_for=2) == [(2, 0)]
+        assert not readable(ct, 0.05)
+
+
+def test_wait_for_a_job_still_copying_returns_once_it_and_those_before_it_finished() -> None:
+    src = bytes(range(256)) * (64 * MiB // 256)
+    dst = bytearray(64 * MiB)
+    args = [bytearray(4) for _ in range(3)]
+    with pool(1) as ct, pipe_holding(123) as fd:  # one thread: 3 x 64 MiB one after another
+        ct.quiet = True
+        for i, arg in enumerate(args):
+            ct.submit(i, src, 0, MiB, dst, 0, MiB, MiB, 64, flip=(fd, termios.FIONREAD, arg))
+        done = ct.finished(wait_for=2)
+        assert done == [(0, 0), (1, 0), (2, 0)]
+        assert [c_int(arg) for arg in args] == [123] * 3
+        assert dst == src
+        assert (ct.queued, ct.running) == (0, 0)
+        assert not readable(ct, 0.05)  # all quiet: woken by nothing
+
+
+def call_within_wait(call: Callable[[], object]) -> object:
+    """``call()`` in a thread, failing the test when it does not return within WAIT s."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), f"still blocked after {WAIT} s"
+    return result[0]
+
+
+def test_wait_for_a_job_not_queued_or_running_returns_at_once(ct: CopyThreads) -> None:
+    assert call_within_wait(lambda: ct.finished(wait_for=7)) == []  # never given
+    ct.submit(7, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1)
+    assert wait_ids(ct, 1) == [7]
+    assert call_within_wait(lambda: ct.finished(wait_for=7)) == []  # reaped
+    ct.quiet = True
+    with pipe_holding(1) as fd:
+        ct.submit(8, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1,
+                  flip=(fd, termios.FIONREAD, bytearray(4)))  # fmt: skip
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+    # Finished, not reaped: returned at once, with the ids of jobs not waited for.
+    assert call_within_wait(lambda: ct.finished(wait_for=2**64 - 1)) == [(8, 0)]
+    ct.close()
+    assert call_within_wait(lambda: ct.finished(wait_for=8)) == []
+
+
+def test_wait_for_refuses_what_is_not_a_job_id(ct: CopyThreads) -> None:
+    text: Any = "1"
+    with pytest.raises(TypeError):
+        ct.finished(wait_for=text)
+    for bad in (-1, 2**64):
+        with pytest.raises(OverflowError):
+            ct.finished(wait_for=bad)
+
+
+def test_wait_for_waits_with_the_gil_released() -> None:
+    # With a 1000 s switch interval another Python thread runs only when this one releases
+    # the GIL: the ticker, let go just before the wait, ticks during it, not after it.
+    src = bytes(range(256)) * (64 * MiB // 256)
+    dst = bytearray(64 * MiB)
+    go = threading.Event()
+    order: list[str] = []
+
+    def tick() -> None:
+        go.wait(WAIT)
+        order.append("ticked")
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    interval = sys.getswitchinterval()
+    with pool(1) as ct:  # one thread: 8 x 64 MiB, the wait lasts
+        for i in range(8):
+            ct.submit(i, src, 0, MiB, dst, 0, MiB, MiB, 64)
+        sys.setswitchinterval(1000)
+        try:
+            ticker.start()
+            go.set()
+            done = ct.finished(wait_for=7)
+            order.append("waited")
+        finally:
+            sys.setswitchinterval(interval)
+        ticker.join(WAIT)
+    assert order == ["ticked", "waited"]
+    assert [job_id for job_id, _ in done] == list(range(8))
+
+
+@pytest.mark.parametrize(
+    ("flip", "error"),
+    [
+        ([3, termios.FIONREAD, "arg"], TypeError),  # not a tuple
+        ((3, termios.FIONREAD), TypeError),  # too short
+        ((3, termios.FIONREAD, "arg", None), TypeError),  # too long
+        (("3", termios.FIONREAD, "arg"), TypeError),
+        ((3, float(termios.FIONREAD), "arg"), TypeError),
+        ((-1, termios.FIONREAD, "arg"), ValueError),
+        ((-(2**70), termios.FIONREAD, "arg"), ValueError),
+        ((2**31, termios.FIONREAD, "arg"), OverflowError),
+        ((3, -1, "arg"), OverflowError),
+        ((3, 2**64, "arg"), OverflowError),
+        ((3, termios.FIONREAD, b"read"), BufferError),  # read-only
+        ((3, termios.FIONREAD, "read-only view"), BufferError),
+        ((3, termios.FIONREAD, 42), TypeError),  # not a buffer
+        ((3, DRM_IOCTL_MODE_PAGE_FLIP, "arg"), ValueError),  # 4 bytes: it moves 24
+    ],
+)  # fmt: skip
+def test_a_bad_flip_is_refused_nothing_is_queued_and_no_export_is_held(
+    ct: CopyThreads, flip: Any, error: type[Exception]
+) -> None:
+    arg = bytearray(4)
+    src, dst = bytearray(b"abcd"), bytearray(4)
+    held = memoryview(bytearray(4)).toreadonly()
+    if isinstance(flip, tuple | list):
+        flip = type(flip)(
+            {"arg": arg, "read-only view": held}.get(x, x) if isinstance(x, str) else x
+            for x in flip
+        )
+    refs = sys.getrefcount(arg)
+    with pytest.raises(error):
+        ct.submit(1, src, 0, 4, dst, 0, 4, 4, 1, flip=flip)
+    assert (ct.queued, ct.running, ct.threads, ct.finished()) == (0, 0, 0, [])
+    assert not readable(ct)
+    assert sys.getrefcount(arg) == refs
+    for buffer in (arg, src, dst):
+        buffer.extend(b"x")  # no export left: each can be resized
+    held.release()
+    assert dst == bytes(4) + b"x"
+
+
+def test_the_flips_arg_is_held_until_the_job_is_reaped(ct: CopyThreads) -> None:
+    arg = bytearray(4)
+    with pipe_holding(11) as fd:
+        ct.quiet = True
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=(fd, termios.FIONREAD, arg))
+        wait_until(lambda: ct.queued == 0 and ct.running == 0)
+        with pytest.raises(BufferError):
+            arg.extend(b"x")  # finished, not reaped: still exported
+        assert ct.finished(wait_for=1) == [(1, 0)]
+    arg.extend(b"x")
+    assert c_int(arg) == 11 and len(arg) == 5
+
+
+def test_close_returns_quiet_flips_not_reaped_with_their_errno_and_releases_them() -> None:
+    args = [bytearray(4), bytearray(4)]
+    ct = pool(1)
+    ct.quiet = True
+    with pipe_holding(3) as fd:
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=(fd, termios.FIONREAD, args[0]))
+        ct.submit(2, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=(fd, termios.TCGETS, args[1]))
+        assert ct.close() == [(1, 0), (2, errno.ENOTTY)]
+    assert ct.close() == []
+    for arg in args:
+        arg.extend(b"x")
+    assert c_int(args[0]) == 3
+
+
+def test_quiet_is_a_bool_and_may_be_set_once_closed() -> None:
+    ct = pool(1)
+    number: Any = 1
+    with pytest.raises(TypeError):
+        ct.quiet = number
+    with pytest.raises(TypeError):
+        del ct.quiet
+    assert ct.quiet is False
+    ct.close()
+    ct.quiet = True
+    ct.quiet = False
+    assert ct.quiet is False
