@@ -134,7 +134,8 @@ def open_fds() -> int:
 @contextlib.contextmanager
 def pipe_holding(count: int) -> Iterator[int]:
     """The read end of a pipe holding ``count`` bytes: FIONREAD on it writes ``count`` as a C
-    int into its arg (a flip that succeeds), TCGETS fails with ENOTTY (one that fails)."""
+    int into its arg (a flip that succeeds), TCGETS fails with ENOTTY (one that fails; its arg
+    is a struct termios all the same, :data:`TERMIOS`: the request encodes no size)."""
     r, w = os.pipe()
     try:
         os.write(w, b"x" * count)
@@ -142,6 +143,9 @@ def pipe_holding(count: int) -> Iterator[int]:
     finally:
         os.close(r)
         os.close(w)
+
+
+TERMIOS = 64  # bytes, at least sizeof(struct termios), which TCGETS writes on a tty
 
 
 def c_int(arg: bytes | bytearray | memoryview) -> int:
@@ -622,7 +626,7 @@ def test_a_flip_runs_after_the_copy_on_its_thread_and_its_result_lands_in_arg(
 
 
 def test_each_job_reports_its_own_errno_in_finish_order() -> None:
-    args = [bytearray(4) for _ in range(3)]
+    args = [bytearray(4), bytearray(TERMIOS), bytearray(4)]
     dst = bytearray(16)
     with pool(1) as ct, pipe_holding(77) as fd:  # one thread: jobs finish in the order given
         ct.submit(1, b"abcd", 0, 4, dst, 0, 4, 4, 1)
@@ -666,7 +670,7 @@ def test_a_quiet_pool_is_woken_by_a_flip_that_fails_or_a_job_without_one(
     ct.quiet = True
     with pipe_holding(9) as fd:
         for job_id, flip, error in [
-            (1, (fd, termios.TCGETS, bytearray(4)), errno.ENOTTY),
+            (1, (fd, termios.TCGETS, bytearray(TERMIOS)), errno.ENOTTY),
             (2, (BAD_FD, termios.FIONREAD, bytearray(4)), errno.EBADF),
             (3, None, 0),
         ]:
@@ -679,7 +683,7 @@ def test_a_pool_that_is_not_quiet_is_woken_by_every_job(ct: CopyThreads) -> None
     with pipe_holding(9) as fd:
         for job_id, flip, error in [
             (1, (fd, termios.FIONREAD, bytearray(4)), 0),
-            (2, (fd, termios.TCGETS, bytearray(4)), errno.ENOTTY),
+            (2, (fd, termios.TCGETS, bytearray(TERMIOS)), errno.ENOTTY),
             (3, None, 0),
         ]:
             ct.submit(job_id, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1, flip=flip)
@@ -839,7 +843,7 @@ def test_the_flips_arg_is_held_until_the_job_is_reaped(ct: CopyThreads) -> None:
 
 
 def test_close_returns_quiet_flips_not_reaped_with_their_errno_and_releases_them() -> None:
-    args = [bytearray(4), bytearray(4)]
+    args = [bytearray(4), bytearray(TERMIOS)]
     ct = pool(1)
     ct.quiet = True
     with pipe_holding(3) as fd:
