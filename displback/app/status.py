@@ -484,7 +484,8 @@ def _output_lines(doc: Mapping[str, Any]) -> list[str]:
         if kms is not None:
             lines.append(
                 f"    {kms['card']} ({kms['driver']}), CRTC {kms['crtc']}, {kms['commit']} "
-                f"commits, {kms['flip_timeouts']} flip timeouts"
+                f"commits, {kms['flip_timeouts']} flip timeouts, {kms['native_flips']} flips by "
+                "copy threads"
                 + ("" if kms["connected"] else ", unplugged")
             )
             lines.append(

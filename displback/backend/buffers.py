@@ -98,6 +98,7 @@ from displback.display.interface import (
     DumbFramebuffer,
     Framebuffer,
     ImportRefused,
+    LandedCallback,
     Output,
     UnsupportedFormat,
 )
@@ -411,13 +412,21 @@ class GuestFramebuffer:
                 self._store.quota.give("display_fbs")
 
     def present_later(
-        self, output: Output, ready: Callable[[outcome.Outcome[Framebuffer]], None]
+        self,
+        output: Output,
+        ready: Callable[[outcome.Outcome[Framebuffer | None]], None],
+        on_landed: LandedCallback | None = None,
     ) -> None:
         """:meth:`present_on` for a frame :meth:`present_now` said must be copied, without a
         task waiting: the copy starts now, in a worker thread, and ``ready`` is called on the
         event loop with the framebuffer to flip to (or the :class:`RequestError` of
         :meth:`present_on`) once it is made. ``ready`` must not raise. Raises at once what
-        prevents the copy from starting (no copy buffer, no thread)."""
+        prevents the copy from starting (no copy buffer, no thread).
+
+        With ``on_landed``, the thread that copies may flip too, right after the copy
+        (:meth:`~displback.display.interface.Output.native_flip`, asked when the copy starts):
+        then ``ready`` gets None — the flip is under way and ``on_landed`` is called when it
+        lands, as after ``output.start_flip(fb, on_landed)`` — or the flip's error."""
         if self._released:
             raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         state = self._outputs[output]
@@ -428,6 +437,10 @@ class GuestFramebuffer:
                 copy,
                 functools.partial(self._copied_later, output, state, target, ready),
                 skip=self._gone,
+                flip=(
+                    None if on_landed is None
+                    else functools.partial(output.native_flip, target, on_landed)
+                ),
             )
         except BaseException:
             self._copy_ended(output, state, target)
@@ -438,8 +451,8 @@ class GuestFramebuffer:
         output: Output,
         state: _OnOutput,
         target: DumbFramebuffer,
-        ready: Callable[[outcome.Outcome[Framebuffer]], None],
-        result: outcome.Outcome[None],
+        ready: Callable[[outcome.Outcome[Framebuffer | None]], None],
+        result: outcome.Outcome[bool | None],
     ) -> None:
         ready(outcome.capture(self._copied, output, state, target, result))
 
@@ -453,7 +466,9 @@ class GuestFramebuffer:
         except BaseException:
             self._copy_ended(output, state, target)
             raise
-        return self._copied(output, state, target, result)
+        shown = self._copied(output, state, target, result)
+        assert shown is not None  # (no flip was handed to the thread)
+        return shown
 
     def _prepare_copy(
         self, output: Output, state: _OnOutput
@@ -494,14 +509,18 @@ class GuestFramebuffer:
         output: Output,
         state: _OnOutput,
         target: DumbFramebuffer,
-        result: outcome.Outcome[None],
-    ) -> Framebuffer:
-        """The copy into ``target`` ran (``result``): the framebuffer to flip to."""
+        result: outcome.Outcome[bool | None],
+    ) -> Framebuffer | None:
+        """The copy into ``target`` ran (``result``): the framebuffer to flip to, or None if
+        the copy thread flipped to it (the output lands it; a release meanwhile changes
+        nothing: ``target`` is ours, not the guest's)."""
         self._copy_ended(output, state, target)
         try:
-            result.unwrap()
+            flipped = result.unwrap()
         except ValueError as exc:  # FB_ATTACH checked the bounds: only a display oddity
             raise RequestError(EIO, f"copying framebuffer 0x{self.fb_cookie:x}: {exc}") from exc
+        if flipped:
+            return None
         if self._released:
             raise RequestError(ENOENT, f"framebuffer 0x{self.fb_cookie:x} was released")
         return target

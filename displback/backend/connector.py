@@ -512,8 +512,13 @@ class Connector:
         try:
             display_fb = fb.present_now(self.output)
             if display_fb is None:
-                # A copy first, in a worker thread; its completion flips (_copied).
-                fb.present_later(self.output, functools.partial(self._copied, frame))
+                # A copy first, in a worker thread; the thread flips after it, or its
+                # completion does (_copied).
+                fb.present_later(
+                    self.output,
+                    functools.partial(self._copied, frame),
+                    functools.partial(self._landed, frame),
+                )
                 return True
             return bool(self.output.start_flip(display_fb, functools.partial(self._landed, frame)))
         except Exception as exc:
@@ -521,14 +526,16 @@ class Connector:
         self._frame_done(frame)
         return True
 
-    def _copied(self, frame: Frame[Any], result: outcome.Outcome[Framebuffer]) -> None:
+    def _copied(self, frame: Frame[Any], result: outcome.Outcome[Framebuffer | None]) -> None:
         """The copy of a copy-mode frame was made, in its own wake-up (the copy thread's
-        hand-back): flip to it here, or hand it to the scanout task if the output must wait.
-        Called by trio's callback runner: must not raise."""
+        hand-back) or in the output's, before the flip the thread made lands (None): flip to
+        it here, or hand it to the scanout task if the output must wait. Must not raise."""
         if self._stopped:
             return  # nobody to tell; the copy buffer stays with its framebuffer
         try:
             display_fb = result.unwrap()
+            if display_fb is None:
+                return  # the thread flipped: _landed follows
             assert self.output is not None
             if self.output.start_flip(display_fb, functools.partial(self._landed, frame)):
                 return

@@ -44,6 +44,17 @@ take and end after :data:`IDLE_SECONDS` without work, or once idle after
 :meth:`CopyWorkers.close`. A copy whose thread cannot be started fails its caller and is
 never made later.
 
+The flip after the copy
+-----------------------
+A frame copy may come with its flip (``submit(..., flip=)``): asked when a native thread
+takes the copy, the output may hand out the flip as one ioctl
+(:meth:`~displback.display.interface.Output.native_flip`: a KMS plain flip), which the thread
+issues right after the copy, as the C++ peer displ_be does. Then nobody needs the copy's end
+at once: the thread wakes the loop only if the flip failed, or if copies are waiting for a
+thread or a guest's slot (``quiet``); otherwise the copy is handed back when the flip's event
+arrives (the output *settles* it first), so a copied flip costs the loop the request's
+wake-up and the flip event's, not one more between them.
+
 Cancellation
 ------------
 A copy that has started is never abandoned: its caller waits until the thread returns, even
@@ -63,6 +74,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -73,6 +85,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from displback.display.interface import NativeFlip
 from displback.display.pixels import copy_frame
 
 try:
@@ -163,7 +176,7 @@ class _Job:
     cancelled; ``done`` is called with its outcome on the event loop (of the run ``token``
     names)."""
 
-    __slots__ = ("copy", "domid", "done", "guest", "skip", "state", "token")
+    __slots__ = ("copy", "domid", "done", "flip", "guest", "native_flip", "skip", "state", "token")
 
     def __init__(
         self,
@@ -172,12 +185,15 @@ class _Job:
         guest: _Guest,
         done: Callable[[outcome.Outcome[Any]], object],
         skip: Callable[[], bool] | None,
+        flip: Callable[[], NativeFlip | None] | None = None,
     ) -> None:
         self.copy = copy
         self.domid = domid
         self.guest = guest
         self.done = done
         self.skip = skip
+        self.flip = flip  # asked for the flip after the copy when a native thread takes it
+        self.native_flip: NativeFlip | None = None  # the flip the thread issues after it
         self.token = trio.lowlevel.current_trio_token()
         self.state = _WAITING
 
@@ -213,6 +229,7 @@ class CopyWorkers:
         self._in_flight = 2 * total  # each thread copying one and holding the next
         self._guests: dict[int, _Guest] = {}
         self._ready: collections.deque[_Job] = collections.deque()  # the FIFO
+        self._waiting = 0  # jobs waiting for their guest's slot
         self._running = 0
         self._copies = 0
         self._most_running = 0
@@ -268,6 +285,7 @@ class CopyWorkers:
         done: Callable[[outcome.Outcome[T]], object],
         *,
         skip: Callable[[], bool] | None = None,
+        flip: Callable[[], NativeFlip | None] | None = None,
     ) -> None:
         """Run ``copy()`` in a worker thread on behalf of guest ``domid``, without a task
         waiting for it: ``done(outcome)`` is called on the event loop once it ran (or was
@@ -278,8 +296,13 @@ class CopyWorkers:
         not raise; it is never called before ``submit`` returned, and a copy submitted is
         never withdrawn (its caller keeps what it reads and writes until ``done``). Raises
         if no thread could be started: the copy never runs.
+
+        ``flip``: for a :class:`FrameCopy`, asked on the loop when a native thread takes the
+        copy (not when it is skipped); a :class:`NativeFlip` it returns is issued by that
+        thread right after the copy, and ``done`` then gets ``Value(True)``, or the error of
+        ``NativeFlip.failed``; ``Value(None)`` when no flip was issued.
         """
-        self._put(domid, copy, done, skip)
+        self._put(domid, copy, done, skip, flip)
 
     def _put(
         self,
@@ -287,21 +310,38 @@ class CopyWorkers:
         copy: Callable[[], Any],
         done: Callable[[outcome.Outcome[Any]], object],
         skip: Callable[[], bool] | None,
+        flip: Callable[[], NativeFlip | None] | None = None,
     ) -> _Job:
         """A job for ``copy``: started, in the FIFO or waiting for its guest's slot; raises
         (the job withdrawn) when no thread could be started for it."""
         guest = self._guests.get(domid)
         if guest is None:
             guest = self._guests[domid] = _Guest()
-        job = _Job(copy, domid, guest, done, skip)
+        job = _Job(copy, domid, guest, done, skip, flip)
         if guest.active < self.per_guest:
             guest.active += 1
             job.state = _READY
             self._ready.append(job)
-            self._dispatch(job)
+            self._tell_threads()
+            try:
+                self._dispatch(job)
+            finally:
+                self._tell_threads()
         else:
             guest.waiting.append(job)
+            self._waiting += 1
+            self._tell_threads()
         return job
+
+    def _tell_threads(self) -> None:
+        """The native threads must wake the loop at every copy's end while copies wait for a
+        thread or a slot (the end frees one); else a copy whose flip they issued can wait
+        until that flip lands. Told before a dispatch too (what will still wait once the
+        FIFO's head went to the threads), so a thread never ends the copy just given to it
+        under the previous answer."""
+        if self._native is not None:
+            left = len(self._ready) - (self._in_flight - self._running)
+            self._native.quiet = left <= 0 and not self._waiting
 
     def _dispatch(self, caller: _Job | None = None) -> None:
         """Give jobs from the FIFO to threads while fewer than 2 × ``total`` are. A job whose
@@ -348,15 +388,18 @@ class CopyWorkers:
         self._copies += 1
         self._slot_freed(job)
         self._forget_if_idle(job)
+        self._tell_threads()
         try:
             self._dispatch()
         finally:
+            self._tell_threads()
             job.done(result)
 
     def _withdraw(self, job: _Job) -> bool:
         """Cancel ``job`` unless a thread took it; True if cancelled (it will never run)."""
         if job.state is _WAITING:
             job.guest.waiting.remove(job)
+            self._waiting -= 1
         elif job.state is _READY:
             self._ready.remove(job)
             self._slot_freed(job)
@@ -369,6 +412,7 @@ class CopyWorkers:
             return False
         job.state = _CANCELLED
         self._forget_if_idle(job)
+        self._tell_threads()
         return True
 
     def _slot_freed(self, job: _Job) -> None:
@@ -378,6 +422,7 @@ class CopyWorkers:
         guest.active -= 1
         if guest.waiting:
             guest.active += 1
+            self._waiting -= 1
             waiting = guest.waiting.popleft()
             waiting.state = _READY
             self._ready.append(waiting)
@@ -506,10 +551,23 @@ class _NativeThreads:
         self._run: trio.lowlevel.TrioToken | None = None
         self._jobs: dict[int, _Job] = {}
         self._next_id = 0
+        self._quiet = False
 
     @property
     def threads(self) -> int:
         return self._threads.threads if self._threads is not None else 0
+
+    @property
+    def quiet(self) -> bool:
+        """Whether a copy whose flip the thread issued may end without waking the loop."""
+        return self._quiet
+
+    @quiet.setter
+    def quiet(self, quiet: bool) -> None:
+        if quiet != self._quiet:
+            self._quiet = quiet
+            if self._threads is not None:
+                self._threads.quiet = quiet  # (False: wakes the loop for those ended quietly)
 
     def start(self, job: _Job) -> None:
         """Give ``job`` to a native thread. Its geometry errors come back as its outcome,
@@ -524,30 +582,41 @@ class _NativeThreads:
             except BaseException:
                 threads.close()
                 raise
+            threads.quiet = self._quiet
             self._threads, self._run = threads, job.token
         copy: FrameCopy = job.copy  # type: ignore[assignment]
         job_id = self._next_id
         self._next_id += 1
+        flip = job.flip() if job.flip is not None else None
         try:
             threads.submit(
                 job_id, copy.src, copy.src_offset, copy.src_pitch, copy.dst, copy.dst_offset,
                 copy.dst_pitch, copy.width_bytes, copy.height,
+                None if flip is None else (flip.fd, flip.request, flip.arg),
             )
         except (ValueError, TypeError, BufferError, OverflowError) as exc:  # as copy_frame
+            if flip is not None:
+                flip.cancel()
             job.token.run_sync_soon(self._finished, job, outcome.Error(exc))
             return
+        except BaseException:
+            if flip is not None:
+                flip.cancel()
+            raise
+        if flip is not None:
+            job.native_flip = flip
+            flip.settle = functools.partial(self._settle, threads, job_id)
         self._jobs[job_id] = job
 
     async def _reap(self, threads: Any) -> None:
         """Hand each finished copy back to the loop, until ``threads`` are closed or the run
         ends (then they are closed here)."""
         fd = threads.fileno()
-        finished = self._finished
         try:
             while True:
                 await trio.lowlevel.wait_readable(fd)
-                for job_id in threads.finished():
-                    finished(self._jobs.pop(job_id), outcome.Value(None))
+                for job_id, code in threads.finished():
+                    self._hand_back(job_id, code)
                 if self._threads is not threads:  # closed while this task was woken
                     return
         except trio.ClosedResourceError:  # closed while it waited
@@ -556,16 +625,41 @@ class _NativeThreads:
             if self._threads is threads:  # the run ends: nobody is left to hand back to
                 self._shut(hand_back=False)
 
+    def _hand_back(self, job_id: int, code: int) -> None:
+        """On the loop: copy ``job_id`` ended, its flip (if any) failed with errno ``code``
+        (0: issued, or none asked)."""
+        job = self._jobs.pop(job_id)
+        self._finished(job, self._result(job, code))
+
+    @staticmethod
+    def _result(job: _Job, code: int) -> outcome.Outcome[bool | None]:
+        flip = job.native_flip
+        if flip is None:
+            return outcome.Value(None)
+        if code:
+            return outcome.Error(flip.failed(code))
+        return outcome.Value(True)
+
+    def _settle(self, threads: Any, job_id: int) -> None:
+        """The output lands (or drops) the flip of copy ``job_id``: hand that copy back now,
+        waiting the moment its thread may still need between its ioctl and its hand-back
+        (the copy itself is over: the flip's event came, or its output is closing)."""
+        if self._threads is threads and job_id in self._jobs:
+            for done_id, code in threads.finished(wait_for=job_id):
+                self._hand_back(done_id, code)
+
     def _shut(self, *, hand_back: bool) -> None:
         """Close the threads once the copies given are made (the loop blocks meanwhile),
         releasing the memory they held; ``hand_back``: their callers are still waiting."""
         threads, self._threads, self._run = self._threads, None, None
         jobs, self._jobs = self._jobs, {}
-        threads.close()
+        codes = dict(threads.close())  # the copies made but not handed back: all of jobs
         if hand_back:
-            for job in jobs.values():
+            for job_id, job in jobs.items():
                 with contextlib.suppress(trio.RunFinishedError):
-                    job.token.run_sync_soon(self._finished, job, outcome.Value(None))
+                    job.token.run_sync_soon(
+                        self._finished, job, self._result(job, codes.get(job_id, 0))
+                    )
 
     def close(self) -> None:
         """The daemon stops: wait for the copies given, end the threads, hand the copies not

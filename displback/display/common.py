@@ -28,6 +28,7 @@ from displback.display.interface import (
     InvalidFramebuffer,
     LandedCallback,
     Mode,
+    NativeFlip,
     OutputStats,
 )
 from displback.display.pixels import RgbImage
@@ -282,6 +283,10 @@ class OutputBase(abc.ABC, Generic[FbT]):
         if self._pending is not None:
             raise FlipPending(f"output {self.name}: a flip is already pending")
         return own
+
+    def native_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> NativeFlip | None:
+        """None: this output's flips are not one system call the caller could issue."""
+        return None
 
     async def _landed(self, pending: PendingFlip) -> FlipResult:
         """Wait for ``pending`` to land; ``DisplayClosed`` if the display closed first."""

@@ -22,7 +22,10 @@ Scanout rules:
   screen; one call, one completion. :meth:`Output.start_flip` is the same flip without a
   waiting task: the output calls back, from its own wake-up at the vblank (the virtual
   display's timer, KMS's page-flip event), so the caller's reaction (the guest's event) costs
-  no further wake-up. A flip on a disabled output turns scanout on. The caller
+  no further wake-up. :meth:`Output.native_flip` starts the same flip but leaves its one
+  system call to the caller: a copy-mode frame's native copy thread issues it right after
+  filling the framebuffer, so the copy's end costs the event loop no wake-up either (a KMS
+  output only; the others answer None). A flip on a disabled output turns scanout on. The caller
   serialises flips per output: a flip or :meth:`Output.disable` while a flip is pending raises
   :class:`FlipPending` (KMS answers ``EBUSY``). A flip whose caller is cancelled still lands at
   the next vblank (a queued page flip cannot be taken back); it is counted but not reported.
@@ -39,7 +42,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from displback.display.pixels import RgbImage
 from displback.protocol.constants import EBUSY, PixelFormat
@@ -56,6 +59,7 @@ __all__ = [
     "InvalidFramebuffer",
     "LandedCallback",
     "Mode",
+    "NativeFlip",
     "Output",
     "OutputStats",
     "RgbImage",
@@ -224,6 +228,18 @@ class Output(Protocol):
         """
         ...
 
+    def native_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> NativeFlip | None:
+        """:meth:`start_flip` of a frame a native copy thread is about to write into ``fb`` (a
+        dumb framebuffer of this output), its system call left to that thread: the output
+        counts the flip as pending from now on, and the caller issues
+        ``ioctl(flip.fd, flip.request, flip.arg)`` once ``fb`` is filled, then reports back
+        (:class:`NativeFlip`). None, with nothing started, where the flip is not one system
+        call the output can hand out now (not KMS, a flip pending, a frame to letterbox, a
+        modeset due, the card behind a test double); then :meth:`start_flip` it after the
+        copy as usual. Never raises.
+        """
+        ...
+
     async def disable(self) -> None:
         """Turn scanout off (SET_CONFIG with zeros); nothing is reported to the guest."""
         ...
@@ -257,6 +273,27 @@ class Output(Protocol):
 
 #: Called by :meth:`Output.start_flip`'s output when the flip landed (None: display closed).
 LandedCallback = Callable[[FlipResult | None], None]
+
+
+@dataclass(eq=False, slots=True)
+class NativeFlip:
+    """A flip an output started (:meth:`Output.native_flip`) whose system call is the caller's.
+
+    The caller issues ``ioctl(fd, request, arg)`` exactly once (``arg`` is the output's: it
+    must stay untouched until then), or never and says so with :meth:`cancel`. A failed
+    ioctl is reported with :meth:`failed`, on the event loop, which makes the output forget
+    the flip (``on_landed`` is never called) and returns the error to report. ``settle`` is
+    the caller's to set: the output calls it, on the loop, before the flip lands or the
+    display closes, so the caller's side of the flip is finished first (the thread may be
+    between its ioctl and its hand-back; the card's fd must outlive the ioctl).
+    """
+
+    fd: int
+    request: int
+    arg: Any  # a writable buffer (a ctypes structure) the ioctl reads and may write
+    failed: Callable[[int], DisplayError]  # errno → the error; the flip is forgotten
+    cancel: Callable[[], None]  # the ioctl will never be issued; the flip is forgotten
+    settle: Callable[[], None] | None = None
 
 #: Runs a copy (a callable) somewhere, e.g. ``lambda copy: workers.run(domid, copy)``.
 CopyRunner = Callable[[Callable[[], None]], Awaitable[None]]

@@ -16,7 +16,14 @@ from collections.abc import Mapping
 
 from displback.kms import uapi
 from displback.kms.commit import Committer
-from displback.kms.device import DrmDevice, DrmError, ModeInfo, PlaneFlip, PropertyValue
+from displback.kms.device import (
+    DrmDevice,
+    DrmError,
+    ModeInfo,
+    NativeCall,
+    PlaneFlip,
+    PropertyValue,
+)
 from displback.kms.framebuffers import quietly
 from displback.kms.letterbox import Placement
 from displback.kms.uapi import ObjectType
@@ -85,12 +92,24 @@ class AtomicCommitter(Committer):
             and mode is self.mode
             and (placement is self._placed or placement == self._placed)
         ):
-            if self._plain is None:
-                fb_prop = self._props.ids(self.plane_id, ObjectType.PLANE, {"FB_ID": 0})
-                self._plain = PlaneFlip(self.plane_id, next(iter(fb_prop)))
-            self.device.commit_plane_flip(self._plain, fb_id, token)
+            self.device.commit_plane_flip(self._plain_flip(), fb_id, token)
             return
         self._commit((fb_id, placement), mode, event_token=token)
+
+    def native_flip(
+        self, fb_id: int, placement: Placement, mode: ModeInfo, token: int
+    ) -> NativeCall | None:
+        """A plain flip only (its arrays are built once; the thread's commit reads them)."""
+        if not (self.on and mode is self.mode and (placement is self._placed
+                                                   or placement == self._placed)):
+            return None
+        return self.device.plane_flip_call(self._plain_flip(), fb_id, token)
+
+    def _plain_flip(self) -> PlaneFlip:
+        if self._plain is None:
+            fb_prop = self._props.ids(self.plane_id, ObjectType.PLANE, {"FB_ID": 0})
+            self._plain = PlaneFlip(self.plane_id, next(iter(fb_prop)))
+        return self._plain
 
     def show_now(self, fb_id: int, placement: Placement, mode: ModeInfo) -> None:
         self._commit((fb_id, placement), mode)

@@ -13,7 +13,7 @@ import abc
 import errno
 from typing import ClassVar
 
-from displback.kms.device import DrmDevice, DrmError, ModeInfo
+from displback.kms.device import DrmDevice, DrmError, ModeInfo, NativeCall
 from displback.kms.letterbox import Placement
 
 __all__ = ["Committer"]
@@ -45,6 +45,13 @@ class Committer(abc.ABC):
     @abc.abstractmethod
     def flip(self, fb_id: int, placement: Placement, mode: ModeInfo, token: int) -> None:
         """Queue ``fb_id`` for the next vblank; a flip event carrying ``token`` says it landed."""
+
+    def native_flip(
+        self, fb_id: int, placement: Placement, mode: ModeInfo, token: int
+    ) -> NativeCall | None:
+        """:meth:`flip` as one ioctl for a native thread to issue, or None where it is not
+        one (a modeset, new rectangles) or the device does not allow it."""
+        return None
 
     @abc.abstractmethod
     def show_now(self, fb_id: int, placement: Placement, mode: ModeInfo) -> None:

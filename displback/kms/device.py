@@ -54,6 +54,7 @@ __all__ = [
     "Encoder",
     "KernelSyscalls",
     "ModeInfo",
+    "NativeCall",
     "PlaneFlip",
     "Plane",
     "Property",
@@ -85,6 +86,10 @@ class DrmError(OSError):
 class Syscalls(Protocol):
     """The system calls a :class:`DrmDevice` makes on its fd (injectable for tests)."""
 
+    #: Whether the fd is a real card another thread may issue ioctls on directly
+    #: (:meth:`DrmDevice.native_call`); a test double's calls must go through :meth:`ioctl`.
+    native: bool
+
     def ioctl(self, fd: int, request: int, arg: ctypes.Structure | ctypes.c_uint32 | None) -> None:
         """Issue ``request`` with ``arg`` read and written in place; OSError on failure."""
         ...
@@ -96,6 +101,8 @@ class Syscalls(Protocol):
 
 class KernelSyscalls:
     """The real thing: ``fcntl.ioctl`` and ``mmap.mmap`` on the card fd."""
+
+    native = True
 
     def ioctl(self, fd: int, request: int, arg: ctypes.Structure | ctypes.c_uint32 | None) -> None:
         if arg is None:
@@ -396,6 +403,21 @@ def _addr(
     | ctypes.Array[uapi.drm_mode_property_enum],
 ) -> int:
     return ctypes.addressof(array) if len(array) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class NativeCall:
+    """One ioctl on a card's fd, for a native thread to issue (:meth:`DrmDevice.native_call`)."""
+
+    fd: int
+    request: int
+    arg: ctypes.Structure  # read (and written) by the kernel in place
+    name: str  # the ioctl's short name, for the error
+    detail: str = ""
+
+    def error(self, code: int) -> DrmError:
+        """The error of this call having failed with errno ``code``."""
+        return DrmError(self.name, code, self.detail)
 
 
 class PlaneFlip:
@@ -824,6 +846,30 @@ class DrmDevice:
         flip.values[0] = fb_id
         flip.arg.user_data = user_data
         self._ioctl("MODE_ATOMIC", flip.arg, flip.detail)
+
+    def plane_flip_call(self, flip: PlaneFlip, fb_id: int, user_data: int) -> NativeCall | None:
+        """:meth:`commit_plane_flip` for another thread to issue (see :meth:`native_call`)."""
+        call = self.native_call("MODE_ATOMIC", flip.arg, flip.detail)
+        if call is not None:
+            flip.values[0] = fb_id
+            flip.arg.user_data = user_data
+        return call
+
+    def page_flip_call(self, crtc_id: int, fb_id: int, *, flags: int, user_data: int = 0
+                       ) -> NativeCall | None:
+        """:meth:`page_flip` for another thread to issue (see :meth:`native_call`)."""
+        f = uapi.drm_mode_crtc_page_flip(crtc_id, fb_id, flags, 0, user_data)
+        return self.native_call("MODE_PAGE_FLIP", f, f"CRTC {crtc_id}, FB {fb_id}")
+
+    def native_call(self, name: str, arg: ctypes.Structure, detail: str = "") -> NativeCall | None:
+        """The ioctl ``name`` with ``arg``, for a native thread to issue on the card's fd
+        itself (a copy thread flipping the frame it copied), or None where it may not: the
+        device closed, or its system calls a test double's. The caller keeps the device
+        open until the ioctl was issued, and reports a failure with :meth:`NativeCall.error`.
+        """
+        if self._closed or not self._sys.native:
+            return None
+        return NativeCall(self.fd, uapi.IOCTLS[name], arg, name, detail)
 
     def create_blob(self, data: bytes) -> int:
         buf = ctypes.create_string_buffer(data, len(data))

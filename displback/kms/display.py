@@ -276,6 +276,8 @@ class KmsDisplay(DisplayBase[KmsOutput]):
                     log.warning("%s: hot-plug check failed: %s", output, exc)
 
     def _shut_down(self) -> None:
+        for output in self._outputs.values():
+            output.settle_native()  # no copy thread flips after the CRTCs are given back
         restore_crtcs(self.device, self._saved)
         super()._shut_down()
         self._teardown()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from displback.kms import uapi
 from displback.kms.commit import Committer
-from displback.kms.device import ModeInfo
+from displback.kms.device import ModeInfo, NativeCall
 from displback.kms.letterbox import Placement
 
 __all__ = ["LegacyCommitter"]
@@ -27,6 +27,15 @@ class LegacyCommitter(Committer):
 
     def flip(self, fb_id: int, placement: Placement, mode: ModeInfo, token: int) -> None:
         self.device.page_flip(
+            self.crtc_id, fb_id, flags=uapi.DRM_MODE_PAGE_FLIP_EVENT, user_data=token
+        )
+
+    def native_flip(
+        self, fb_id: int, placement: Placement, mode: ModeInfo, token: int
+    ) -> NativeCall | None:
+        if not self.on:
+            return None  # a SETCRTC first (blocking, on the loop's side)
+        return self.device.page_flip_call(
             self.crtc_id, fb_id, flags=uapi.DRM_MODE_PAGE_FLIP_EVENT, user_data=token
         )
 

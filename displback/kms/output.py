@@ -7,7 +7,9 @@ knows *how* on its KMS path. It lands a flip when the display's event reader pas
 flip event (or in its watchdog task: unplugged, or the event never came), and follows
 hot-plug when the display polls it. A flip is the hot path (under emulation every Python call
 and trio task step counts, issue 12): how a framebuffer is shown is worked out once per
-framebuffer and mode, and the watchdog is not woken by flips that land in time.
+framebuffer and mode, and the watchdog is not woken by flips that land in time. A plain
+flip to a frame a native copy thread is filling is handed to that thread as one ioctl
+(:meth:`KmsOutput.native_flip`), so the copy's end wakes no one.
 
 May touch: :mod:`displback.kms.commit` (never the ioctls of a commit itself),
 :mod:`displback.kms.framebuffers`, :mod:`displback.kms.letterbox`, :mod:`displback.kms.modes`,
@@ -44,12 +46,13 @@ from displback.display.interface import (
     ImportRefused,
     LandedCallback,
     Mode,
+    NativeFlip,
     OutputStats,
     UnsupportedFormat,
 )
 from displback.display.pixels import RgbImage, to_rgb
 from displback.kms.commit import Committer
-from displback.kms.device import DrmConnector, DrmError, DrmEvent, ModeInfo
+from displback.kms.device import DrmConnector, DrmError, DrmEvent, ModeInfo, NativeCall
 from displback.kms.framebuffers import (
     FramePixels,
     KmsDumbFramebuffer,
@@ -90,6 +93,7 @@ class KmsOutputInfo:
     other_sizes: str
     placement: str
     flip_timeouts: int
+    native_flips: int
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +128,7 @@ class _FlipInFlight:
     deadline: float | None = None  # trio time the watchdog lands it by (set when it looks)
     result: FlipResult | None = None
     on_landed: LandedCallback | None = None  # start_flip's callback
+    native: NativeFlip | None = None  # its ioctl is a native thread's (native_flip)
 
 
 class KmsOutput(OutputBase[KmsFramebuffer]):
@@ -165,6 +170,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._on_since: float | None = None
         self._last_seq = 0
         self.flip_timeouts = 0  # flips landed on the timeout, the driver sent no event
+        self.native_flips = 0  # flips a copy thread issued after its copy, landed
 
     # -- state ---------------------------------------------------------------------------
 
@@ -222,6 +228,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             other_sizes=self._committer.other_sizes,
             placement=self.placement,
             flip_timeouts=self.flip_timeouts,
+            native_flips=self.native_flips,
         )
 
     def _period(self) -> float:
@@ -396,6 +403,54 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._submit(self._new_flip(kfb, on_landed))
         return True
 
+    def native_flip(self, fb: Framebuffer, on_landed: LandedCallback) -> NativeFlip | None:
+        """A plain flip to ``fb`` (shown as it is, no letterbox, no modeset) as one ioctl for
+        the copy thread filling it; pending from now on, as after :meth:`start_flip`."""
+        if (
+            self._pending is not None
+            or self._display.closed
+            or not self._connected
+            or self._modeinfo is None
+            or self._committer.flip_blocks()
+            or not isinstance(fb, KmsFramebuffer)
+            or fb._output is not self
+            or fb.released
+        ):
+            return None
+        shown = self._direct_shown(fb)
+        if shown is None:
+            return None  # letterboxed: composed from the frame, after the copy
+        token = next(self._display.tokens)
+        call = self._committer.native_flip(shown.scan_fb_id, shown.placement, self._modeinfo,
+                                           token)
+        if call is None:
+            return None
+        pending = _FlipInFlight(fb, shown, token, _monotonic(), trio.Event(), on_landed=on_landed)
+        flip = pending.native = NativeFlip(
+            call.fd, call.request, call.arg,
+            failed=lambda code: self._native_failed(pending, call, code),
+            cancel=lambda: self._native_forget(pending),
+        )
+        self._pending = pending
+        self._display.awaiting[token] = self
+        if self._watchdog_idle:
+            self._wake.set()
+        return flip
+
+    def _native_failed(self, pending: _FlipInFlight, call: NativeCall, code: int) -> DisplayError:
+        """The thread's ioctl for ``pending`` failed with ``code``: forget the flip."""
+        self._native_forget(pending)
+        if code == errno.EBUSY:
+            return FlipPending(f"output {self.name}: {call.error(code)}")
+        return DisplayError(f"output {self.name}: flip failed: {call.error(code)}")
+
+    def _native_forget(self, pending: _FlipInFlight) -> None:
+        """``pending``'s ioctl failed or never ran: it will never land, nobody is called."""
+        pending.on_landed = None
+        self._display.awaiting.pop(pending.token, None)
+        if self._pending is pending:
+            self._pending = None
+
     def _new_flip(self, kfb: KmsFramebuffer, on_landed: LandedCallback | None) -> _FlipInFlight:
         shown = self._prepare(kfb)
         token = next(self._display.tokens)
@@ -503,10 +558,20 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         return self._position_ok[key]
 
     def _prepare(self, fb: KmsFramebuffer) -> _Shown:
-        """How ``fb`` will be shown: directly, placed by the plane, or letterboxed (copied).
+        """How ``fb`` will be shown: directly, placed by the plane, or letterboxed (copied)."""
+        shown = self._direct_shown(fb)
+        if shown is not None:
+            return shown
+        canvas = self._spare_canvas(fb.fourcc)
+        compose(canvas, fb.pixels())
+        # Snapshots read the canvas: what is on screen, not what the backend writes next.
+        return self._canvas_shown(fb, canvas)
 
-        Shown without a copy, the answer holds until the mode or the plug state changes
-        (:meth:`poll_connector` forgets it): it is worked out once, not on every flip."""
+    def _direct_shown(self, fb: KmsFramebuffer) -> _Shown | None:
+        """How ``fb`` is shown without a copy (directly or placed by the plane), or None.
+
+        The answer holds until the mode or the plug state changes (:meth:`poll_connector`
+        forgets it): it is worked out once, not on every flip."""
         shown = self._direct.get(fb)
         if shown is not None:
             return shown
@@ -520,10 +585,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         if direct or not self._connected:
             shown = self._direct[fb] = _Shown(fb, fb.fb_id, placement, None)
             return shown
-        canvas = self._spare_canvas(fb.fourcc)
-        compose(canvas, fb.pixels())
-        # Snapshots read the canvas: what is on screen, not what the backend writes next.
-        return self._canvas_shown(fb, canvas)
+        return None
 
     def _spare_canvas(self, fourcc: PixelFormat) -> Canvas:
         """A canvas of this format and mode that is neither on screen nor about to be."""
@@ -546,6 +608,11 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
     def _land(self, pending: _FlipInFlight, seq: int, timestamp: float) -> None:
         if self._pending is not pending:
             return
+        if pending.native is not None:
+            _settle(pending.native)  # the thread's hand-back first; it may have failed
+            if self._pending is not pending:
+                return
+            self.native_flips += 1
         self._pending = None
         self._display.awaiting.pop(pending.token, None)
         late = math.floor((timestamp - pending.submitted) / self._period())
@@ -643,8 +710,17 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
         self._show_now(shown)
         self._showing = shown
 
+    def settle_native(self) -> None:
+        """Wait until the thread issuing the pending flip (if it is a native flip) has issued
+        it and handed its copy back: the display is closing (the card's fd must outlive the
+        ioctl, and the CRTCs are given back only after it)."""
+        pending = self._pending
+        if pending is not None and pending.native is not None:
+            _settle(pending.native)
+
     def _close(self) -> None:
         """Wake a pending flip with DisplayClosed, stop scanout, free every framebuffer."""
+        self.settle_native()
         live = self._close_bookkeeping()
         self._direct.clear()
         self._committer.on = False
@@ -653,3 +729,9 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             fb.drop(dev)
         self._canvases.free(dev)
         self._committer.close()
+
+
+def _settle(flip: NativeFlip) -> None:
+    """Let the thread issuing ``flip`` finish its side (see :class:`NativeFlip`)."""
+    if flip.settle is not None:
+        flip.settle()

@@ -7,7 +7,11 @@ time bounds are generous ``fail_after`` guards.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
+import os
+import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +32,7 @@ from displback.backend.copies import (
     native_copies_built,
 )
 from displback.backend.device import BackendSettings
+from displback.display.interface import DisplayError, NativeFlip
 from displback.sim.guest import FlipOutcome
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
@@ -444,6 +449,168 @@ async def test_native_frame_copies_hold_their_memory_until_handed_back() -> None
         await until(lambda: bool(results))
     source.release()  # handed back: the export is gone
     workers.close()
+
+
+# --- the flip after the copy -----------------------------------------------------------------
+
+native_only = pytest.mark.skipif(
+    not native_copies_built(), reason="the native copy threads are not built"
+)
+
+
+class PipeFlip:
+    """An output's flip as :meth:`Output.native_flip` hands it out, whose ioctl is FIONREAD on
+    a pipe holding 5 bytes (the kernel writes 5 into ``arg``: the thread issued it), or a
+    request the pipe refuses (ENOTTY: a failed flip). Records what the workers tell it."""
+
+    def __init__(self, *, fails: bool = False) -> None:
+        self.read_end, self.write_end = os.pipe()
+        os.write(self.write_end, b"12345")
+        self.arg = (ctypes.c_int * 16)(-1)  # (TCGETS on a tty would write 60 bytes)
+        self.failures: list[int] = []
+        self.cancelled = 0
+        request = termios.TCGETS if fails else termios.FIONREAD
+        self.flip = NativeFlip(self.read_end, request, self.arg, failed=self._failed,
+                               cancel=self._cancel)
+
+    def _failed(self, code: int) -> DisplayError:
+        self.failures.append(code)
+        return DisplayError(f"flip failed: {os.strerror(code)}")
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+    @property
+    def issued(self) -> bool:
+        return self.arg[0] == 5
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+@native_only
+async def test_a_frame_copys_flip_is_issued_by_its_thread_and_handed_back_when_settled() -> None:
+    """With nothing else waiting, the thread flips after the copy and wakes nobody: the copy
+    comes back when the output settles it (its flip's event), as Value(True)."""
+    workers = CopyWorkers(1, native=True)
+    pipe = PipeFlip()
+    copy = frame_copy(4096, 256, 3)
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, copy, results.append, flip=lambda: pipe.flip)
+        assert pipe.flip.settle is not None  # asked when the thread took the copy
+        await until(lambda: pipe.issued)
+        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == []  # the thread's end woke no one
+        pipe.flip.settle()
+        assert len(results) == 1 and results[0].unwrap() is True  # handed back in settle
+        assert copy.dst == bytes([3]) * len(copy.dst)
+        pipe.flip.settle()  # idempotent
+    assert len(results) == 1 and workers.stats.copies == 1 and workers.stats.running == 0
+    workers.close()
+    pipe.close()
+
+
+@native_only
+async def test_a_flip_its_thread_could_not_issue_wakes_the_loop_with_the_outputs_error() -> None:
+    workers = CopyWorkers(1, native=True)
+    pipe = PipeFlip(fails=True)
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, frame_copy(64, 4, 1), results.append, flip=lambda: pipe.flip)
+        await until(lambda: bool(results))  # woken without any settle
+    assert pipe.failures == [errno.ENOTTY] and not pipe.issued
+    with pytest.raises(DisplayError, match="flip failed"):
+        results[0].unwrap()
+    workers.close()
+    pipe.close()
+
+
+@native_only
+async def test_copies_waiting_for_a_slot_make_the_threads_wake_the_loop_after_a_flip() -> None:
+    """A guest's second copy waits for its slot: the first copy's end must wake the loop
+    (not wait for its flip's event); once nothing waits, the threads are quiet again."""
+    workers = CopyWorkers(2, native=True)
+    pipes = [PipeFlip(), PipeFlip(), PipeFlip()]
+    results: list[list[Any]] = [[], [], []]
+
+    def submit(n: int) -> None:
+        workers.submit(1, frame_copy(4096, 64, n), results[n].append,
+                       flip=lambda: pipes[n].flip)
+
+    with trio.fail_after(30):
+        submit(0)
+        submit(1)
+        await until(lambda: bool(results[0]) and pipes[1].issued)
+        assert results[0][0].unwrap() is True  # woken: the guest's next copy went on
+        settle = pipes[1].flip.settle
+        assert settle is not None
+        settle()  # (its end may have woken the loop too: quiet only once it was dispatched)
+        await until(lambda: bool(results[1]))
+        submit(2)
+        await until(lambda: pipes[2].issued)
+        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results[2] == []  # nothing waited: its end woke no one
+        settle = pipes[2].flip.settle
+        assert settle is not None
+        settle()
+        assert results[2][0].unwrap() is True
+    workers.close()
+    for pipe in pipes:
+        pipe.close()
+
+
+@native_only
+async def test_a_flip_is_not_asked_for_a_skipped_copy_and_cancelled_for_a_refused_one() -> None:
+    workers = CopyWorkers(1, native=True)
+    asked: list[int] = []
+    pipe = PipeFlip()
+    results: list[Any] = []
+
+    def flip() -> NativeFlip:
+        asked.append(1)
+        return pipe.flip
+
+    with trio.fail_after(30):
+        workers.submit(1, frame_copy(8, 1, 1), results.append, skip=lambda: True, flip=flip)
+        refused = FrameCopy(bytes(10), 0, 10, bytearray(10), 0, 10, 11, 1)  # too wide
+        workers.submit(2, refused, results.append, flip=flip)
+        await until(lambda: len(results) == 2)
+    assert asked == [1] and pipe.cancelled == 1 and not pipe.issued
+    assert results[0].unwrap() is None
+    with pytest.raises(ValueError):
+        results[1].unwrap()
+    workers.close()
+    pipe.close()
+
+
+@pytest.mark.parametrize("native", ENGINES)
+async def test_a_copy_the_python_threads_make_asks_for_no_flip(native: bool) -> None:
+    """Python threads (and callables that are not frame copies) flip on the loop, as before."""
+    workers = CopyWorkers(1, native=native)
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, lambda: None, results.append, flip=lambda: pytest.fail("asked"))
+        await until(lambda: bool(results))
+    assert results[0].unwrap() is None
+    workers.close()
+
+
+@native_only
+async def test_closed_workers_hand_back_a_quiet_copy_with_its_flips_result() -> None:
+    workers = CopyWorkers(1, native=True)
+    pipe = PipeFlip()
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, frame_copy(64, 4, 1), results.append, flip=lambda: pipe.flip)
+        await until(lambda: pipe.issued)
+        workers.close()
+        await until(lambda: bool(results))
+    assert results[0].unwrap() is True
+    pipe.close()
 
 
 # --- through the daemon ---------------------------------------------------------------------

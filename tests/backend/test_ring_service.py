@@ -21,7 +21,7 @@ import trio.testing
 from displback.backend.connector import REQUESTS_PER_WAKEUP, Connector
 from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
-from displback.display.interface import FlipResult
+from displback.display.interface import DisplayError, FlipResult
 from displback.protocol.constants import EINVAL, ENOENT, PAGE_SIZE
 from displback.protocol.evtpage import EventConsumer, EventProducer
 from displback.protocol.layout import ConnectorConfig
@@ -275,15 +275,23 @@ async def test_a_broken_ring_is_reported_once_and_not_served_again() -> None:
 class _CopiedFramebuffer(_Framebuffer):
     """A copy-mode framebuffer: every frame is copied; the test hands back each copy."""
 
-    def __init__(self, cookie: int, copies: list[Callable[[Any], None]]) -> None:
+    def __init__(
+        self, cookie: int, copies: list[Callable[[Any], None]],
+        landings: list[Callable[[FlipResult | None], None] | None],
+    ) -> None:
         super().__init__(cookie)
         self._copies = copies
+        self._landings = landings
 
     def present_now(self, output: Any) -> Any:
         return None
 
-    def present_later(self, output: Any, ready: Callable[[Any], None]) -> None:
+    def present_later(
+        self, output: Any, ready: Callable[[Any], None],
+        on_landed: Callable[[FlipResult | None], None] | None = None,
+    ) -> None:
         self._copies.append(ready)
+        self._landings.append(on_landed)  # called if the copy's thread flipped (ready(None))
 
     async def present_on(self, output: Any) -> Any:  # pragma: no cover - must not copy twice
         raise AssertionError("the copy was made already")
@@ -293,9 +301,10 @@ class _CopyBuffers(_Buffers):
     def __init__(self) -> None:
         super().__init__()
         self.copies: list[Callable[[Any], None]] = []
+        self.landings: list[Callable[[FlipResult | None], None] | None] = []
 
     def framebuffer(self, fb_cookie: int) -> _Framebuffer:
-        return _CopiedFramebuffer(fb_cookie, self.copies)
+        return _CopiedFramebuffer(fb_cookie, self.copies, self.landings)
 
 
 class _WaitingOutput(_Output):
@@ -350,6 +359,33 @@ async def test_a_copy_mode_frame_is_flipped_by_its_copys_hand_back_in_that_wakeu
     assert rig.output.started == ["copy of 0x101"]  # no task ran in between
     rig.output.land()
     assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+
+
+async def test_a_copy_whose_thread_flipped_is_landed_by_the_output_not_flipped_again() -> None:
+    rig, buffers = _copy_rig()
+    rig.send(_flip(1, 0x101))
+    rig.connector.kick()
+    rig.responses()
+    rig.send(_flip(2, 0x102))  # queued behind the frame being copied and flipped
+    rig.connector.kick()
+    on_landed = buffers.landings.pop()
+    assert on_landed is not None  # the connector let the copy's thread flip
+    buffers.copies.pop()(outcome.Value(None))  # handed back: the thread issued the flip
+    assert rig.output.started == [] and rig.events.take() == []  # nothing flipped twice
+    shown: Any = "copy of 0x101"
+    on_landed(FlipResult(shown, 1, 0.0))  # the output lands it
+    assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+    assert len(buffers.copies) == 1  # the next frame's copy started in that wake-up
+
+
+async def test_a_flip_its_thread_could_not_issue_drops_the_frame_and_sends_its_event() -> None:
+    rig, buffers = _copy_rig()
+    rig.send(_flip(1, 0x101))
+    rig.connector.kick()
+    buffers.copies.pop()(outcome.Error(DisplayError("flip failed: EINVAL")))
+    assert rig.output.started == []
+    assert [e.fb_cookie for e in rig.events.take()] == [0x101]
+    assert rig.connector.stats.frames_shown == 0
 
 
 async def test_a_copy_that_failed_drops_its_frame_and_still_sends_the_flips_event() -> None:

@@ -163,6 +163,9 @@ class _FaultyOutput(_Wrapper):
         self._display_error("flip")  # the same page flip, without a waiting task
         return bool(self._inner.start_flip(fb, on_landed))
 
+    def native_flip(self, fb: Any, on_landed: Any) -> None:
+        return None  # every flip through start_flip, where its faults are injected
+
     async def disable(self) -> None:
         self._display_error("disable")
         await self._inner.disable()

@@ -133,6 +133,11 @@ class Prop:
 class FakeCard:
     """A fake kernel with one card; see the module docstring."""
 
+    #: Its ioctls are Python calls: no native thread may issue one on the card's fd. A test
+    #: setting it True gets the outputs' native flips, whose ioctls then reach the pipe that
+    #: stands for the card and fail (ENOTTY): the failure path of a thread's flip.
+    native = False
+
     def __init__(
         self,
         *,

@@ -210,16 +210,21 @@ echo "@@DOM0 READY@@"
     def status(self) -> list[dict[str, Any]]:
         """The devices in the daemon's ``status.json`` (displback.app.status), each with its
         guest's ``domid``."""
-        path = self.share / "snap" / "status.json"
-        try:
-            doc = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return []
+        doc = self.status_document()
         return [
             {**device, "domid": guest["domid"]}
-            for guest in doc["guests"]
+            for guest in doc.get("guests", ())
             for device in guest["devices"]
         ]
+
+    def status_document(self) -> dict[str, Any]:
+        """The daemon's whole ``status.json`` ({} before it is written)."""
+        path = self.share / "snap" / "status.json"
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return doc
 
     def write_guest_config(
         self,
