@@ -10,6 +10,8 @@ once, then flipping as fast as the flip events come back (``--flips``, of which 
 * **displback, KMS** on QEMU's bochs-display (``--display kms --connector Virtual-1=…``);
 * **displback, KMS, Python copies**: the same with ``DISPLBACK_COPY_THREADS=python`` (when the
   native copy threads are built: what they change);
+* **displback, KMS, loop flips**: the same with ``DISPLBACK_COPY_THREADS=native-no-flip`` (the
+  native threads copy, the loop flips after each copy: what the threads' own flips change);
 * **displback, virtual** display (``--virtual-output Virtual-1=…@1000``: no snapshots, and a
   1000 Hz refresh so that the display's vblank does not pace the guest);
 * **displ_be** (``--displ-be PREFIX``, built by :mod:`bench.displ_be`), copy mode on the
@@ -324,6 +326,12 @@ def backends(card: str, size: str, displ_be: DisplBe | None) -> list[Backend]:
         found.insert(1, Backend(
             "displback-kms-pycopy", "displback, KMS, Python copies", "displback",
             found[0].args, ("DISPLBACK_COPY_THREADS=python",),
+        ))  # fmt: skip
+        # And with the native threads copying but the loop flipping after each copy: what
+        # the threads' own flips (KmsOutput.native_flip) change.
+        found.insert(2, Backend(
+            "displback-kms-loopflip", "displback, KMS, loop flips", "displback",
+            found[0].args, ("DISPLBACK_COPY_THREADS=native-no-flip",),
         ))  # fmt: skip
     if displ_be is not None:
         found.append(

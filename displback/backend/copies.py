@@ -100,6 +100,7 @@ __all__ = [
     "available_cores",
     "default_copy_workers",
     "native_copies_built",
+    "native_flips_wanted",
     "set_default_copy_workers",
 ]
 
@@ -123,6 +124,13 @@ def native_copies_wanted() -> bool:
     """Whether frame copies go to the native threads by default: when they are built, unless
     ``DISPLBACK_COPY_THREADS=python`` (to compare the two, or to rule the extension out)."""
     return NativeCopyThreads is not None and os.environ.get("DISPLBACK_COPY_THREADS") != "python"
+
+
+def native_flips_wanted() -> bool:
+    """Whether the native threads issue the flip after a frame's copy where its output hands
+    it out, unless ``DISPLBACK_COPY_THREADS=native-no-flip`` (the loop flips after the copy,
+    as before: to compare the two)."""
+    return os.environ.get("DISPLBACK_COPY_THREADS") != "native-no-flip"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +220,17 @@ class CopyWorkers:
 
     ``native``: frame copies in the native threads (None: when they are built, unless the
     environment says ``DISPLBACK_COPY_THREADS=python``; True raises :class:`RuntimeError` if
-    they are not built; False: Python threads for every copy).
+    they are not built; False: Python threads for every copy). ``flips``: whether those
+    threads flip after a copy submitted with its flip (None: :func:`native_flips_wanted`).
     """
 
     def __init__(
-        self, total: int | None = None, *, per_guest: int = 1, native: bool | None = None
+        self,
+        total: int | None = None,
+        *,
+        per_guest: int = 1,
+        native: bool | None = None,
+        flips: bool | None = None,
     ) -> None:
         total = available_cores() if total is None else total
         if total < 1 or per_guest < 1:
@@ -236,7 +250,9 @@ class CopyWorkers:
         self._most_per_guest = 0
         self._python = _PythonThreads(total, self._finished)
         self._native = (
-            _NativeThreads(total, self._finished)
+            _NativeThreads(
+                total, self._finished, native_flips_wanted() if flips is None else flips
+            )
             if (native_copies_wanted() if native is None else native)
             else None
         )
@@ -255,6 +271,11 @@ class CopyWorkers:
     def native(self) -> bool:
         """Whether frame copies (:class:`FrameCopy`) run in the native threads."""
         return self._native is not None
+
+    @property
+    def flips(self) -> bool:
+        """Whether the native threads issue the flips handed to them after their copies."""
+        return self._native is not None and self._native.flips
 
     async def run(
         self, domid: int, copy: Callable[[], T], *, skip: Callable[[], bool] | None = None
@@ -543,10 +564,11 @@ class _NativeThreads:
     eventfd nor a buffer they hold outlives the run."""
 
     def __init__(
-        self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None]
+        self, total: int, finished: Callable[[_Job, outcome.Outcome[Any]], None], flips: bool
     ) -> None:
         self._total = total
         self._finished = finished
+        self.flips = flips
         self._threads: Any = None  # NativeCopyThreads of the run ``_run``
         self._run: trio.lowlevel.TrioToken | None = None
         self._jobs: dict[int, _Job] = {}
@@ -587,7 +609,7 @@ class _NativeThreads:
         copy: FrameCopy = job.copy  # type: ignore[assignment]
         job_id = self._next_id
         self._next_id += 1
-        flip = job.flip() if job.flip is not None else None
+        flip = job.flip() if job.flip is not None and self.flips else None
         try:
             threads.submit(
                 job_id, copy.src, copy.src_offset, copy.src_pitch, copy.dst, copy.dst_offset,

@@ -126,7 +126,8 @@ class Backend:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started()`` once the root is watched."""
         # (native=False: frame copies run in Python threads, the C extension not built.)
-        self.log.info("copy threads", threads=self.copies.total, native=self.copies.native)
+        self.log.info("copy threads", threads=self.copies.total, native=self.copies.native,
+                      flips=self.copies.flips)
         async with open_xenstore(self.platform.xenstore_path) as xs:
             deferred = DeferredReleases(log=self.log)
             self.deferred = deferred

@@ -432,6 +432,11 @@ def test_frame_copies_go_to_the_native_threads_unless_the_environment_says_pytho
     monkeypatch.setenv("DISPLBACK_COPY_THREADS", "python")
     assert not CopyWorkers(1).native
     assert CopyWorkers(1, native=True).native  # (asked for by the caller)
+    monkeypatch.setenv("DISPLBACK_COPY_THREADS", "native-no-flip")
+    workers = CopyWorkers(1)
+    assert workers.native and not workers.flips
+    monkeypatch.delenv("DISPLBACK_COPY_THREADS")
+    assert CopyWorkers(1).flips and not CopyWorkers(1, native=False).flips
 
 
 @pytest.mark.skipif(not native_copies_built(), reason="the native copy threads are not built")
@@ -594,6 +599,18 @@ async def test_a_copy_the_python_threads_make_asks_for_no_flip(native: bool) -> 
     results: list[Any] = []
     with trio.fail_after(30):
         workers.submit(1, lambda: None, results.append, flip=lambda: pytest.fail("asked"))
+        await until(lambda: bool(results))
+    assert results[0].unwrap() is None
+    workers.close()
+
+
+@native_only
+async def test_native_threads_told_not_to_flip_ask_for_no_flip() -> None:
+    workers = CopyWorkers(1, native=True, flips=False)
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, frame_copy(8, 1, 1), results.append,
+                       flip=lambda: pytest.fail("asked"))
         await until(lambda: bool(results))
     assert results[0].unwrap() is None
     workers.close()
