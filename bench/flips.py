@@ -490,13 +490,13 @@ class TimedCopyWorkers(CopyWorkers):
         self.copy_times.clear()
 
     def _put(self, domid: int, copy: Callable[[], Any], done: Callable[[Any], object],
-             skip: Callable[[], bool] | None) -> Any:
+             skip: Callable[[], bool] | None, flip: Callable[[], Any] | None = None) -> Any:
         def timed_done(result: Any) -> object:
             return done(result)
 
         self._asked[timed_done] = time.perf_counter()
         try:
-            return super()._put(domid, copy, timed_done, skip)
+            return super()._put(domid, copy, timed_done, skip, flip)
         except BaseException:
             self._asked.pop(timed_done, None)
             raise
