@@ -447,6 +447,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
     def _native_forget(self, pending: _FlipInFlight) -> None:
         """``pending``'s ioctl failed or never ran: it will never land, nobody is called."""
         pending.on_landed = None
+        pending.native = None
         self._display.awaiting.pop(pending.token, None)
         if self._pending is pending:
             self._pending = None
@@ -612,6 +613,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
             _settle(pending.native)  # the thread's hand-back first; it may have failed
             if self._pending is not pending:
                 return
+            pending.native = None  # (its callbacks hold the pending flip: no cycle left)
             self.native_flips += 1
         self._pending = None
         self._display.awaiting.pop(pending.token, None)
