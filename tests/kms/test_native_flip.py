@@ -12,7 +12,7 @@ back and the fd is closed.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,20 +27,22 @@ from tests.kms.test_display import open_display
 XRGB = PixelFormat.XRGB8888
 
 
-@pytest.fixture
-def vkms() -> Iterator[FakeCard]:
-    card = vkms_card()
+def native(make: Callable[[], FakeCard]) -> Iterator[FakeCard]:
+    """A fake card whose outputs hand out native flips (their ioctls are issued here)."""
+    card = make()
     card.native = True
     yield card
     card.close()
+
+
+@pytest.fixture
+def vkms() -> Iterator[FakeCard]:
+    yield from native(vkms_card)
 
 
 @pytest.fixture
 def bochs() -> Iterator[FakeCard]:
-    card = bochs_card()
-    card.native = True
-    yield card
-    card.close()
+    yield from native(bochs_card)
 
 
 class Landing:
