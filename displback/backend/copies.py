@@ -344,10 +344,7 @@ class CopyWorkers:
             job.state = _READY
             self._ready.append(job)
             self._tell_threads()
-            try:
-                self._dispatch(job)
-            finally:
-                self._tell_threads()
+            self._dispatch(job)
         else:
             guest.waiting.append(job)
             self._waiting += 1
@@ -357,12 +354,14 @@ class CopyWorkers:
     def _tell_threads(self) -> None:
         """The native threads must wake the loop at every copy's end while copies wait for a
         thread or a slot (the end frees one); else a copy whose flip they issued can wait
-        until that flip lands. Told before a dispatch too (what will still wait once the
-        FIFO's head went to the threads), so a thread never ends the copy just given to it
-        under the previous answer."""
-        if self._native is not None:
-            left = len(self._ready) - (self._in_flight - self._running)
-            self._native.quiet = left <= 0 and not self._waiting
+        until that flip lands. Told before a dispatch (what will still wait once the FIFO's
+        head went to the threads), so a thread never ends the copy just given to it under the
+        previous answer; a dispatch that fails leaves at most a needless wake-up."""
+        native = self._native
+        if native is not None:
+            quiet = len(self._ready) <= self._in_flight - self._running and not self._waiting
+            if quiet is not native.quiet:
+                native.quiet = quiet
 
     def _dispatch(self, caller: _Job | None = None) -> None:
         """Give jobs from the FIFO to threads while fewer than 2 × ``total`` are. A job whose
@@ -413,7 +412,6 @@ class CopyWorkers:
         try:
             self._dispatch()
         finally:
-            self._tell_threads()
             job.done(result)
 
     def _withdraw(self, job: _Job) -> bool:
