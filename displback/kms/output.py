@@ -446,7 +446,6 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
 
     def _native_forget(self, pending: _FlipInFlight) -> None:
         """``pending``'s ioctl failed or never ran: it will never land, nobody is called."""
-        pending.on_landed = None
         pending.native = None
         self._display.awaiting.pop(pending.token, None)
         if self._pending is pending:

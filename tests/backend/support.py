@@ -3,6 +3,9 @@ polling, frames."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import termios
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ import trio
 
 from displback.backend import copies as copies_module
 from displback.backend.buffers import BufferStore
+from displback.display.interface import DisplayError, NativeFlip
 from displback.protocol.constants import PixelFormat
 from displback.sim.guest import FlipOutcome, GuestBuffer, GuestFb, SimGuest
 from displback.sim.guest_pattern import decode_pattern, draw_pattern
@@ -143,3 +147,34 @@ async def release(guest: SimGuest, connector: int, bufs: list[GuestBuffer],
         await guest.rm_fb(fb)
     for buf in bufs:
         await guest.destroy_dumb(buf)
+
+
+class PipeFlip:
+    """An output's flip as :meth:`Output.native_flip` hands it out, whose ioctl is FIONREAD on
+    a pipe holding 5 bytes (the kernel writes 5 into ``arg``: the thread issued it), or a
+    request the pipe refuses (ENOTTY: a failed flip). Records what the workers tell it."""
+
+    def __init__(self, *, fails: bool = False) -> None:
+        self.read_end, self.write_end = os.pipe()
+        os.write(self.write_end, b"12345")
+        self.arg = (ctypes.c_int * 16)(-1)  # (TCGETS on a tty would write 60 bytes)
+        self.failures: list[int] = []
+        self.cancelled = 0
+        request = termios.TCGETS if fails else termios.FIONREAD
+        self.flip = NativeFlip(self.read_end, request, self.arg, failed=self._failed,
+                               cancel=self._cancel)
+
+    def _failed(self, code: int) -> DisplayError:
+        self.failures.append(code)
+        return DisplayError(f"flip failed: {os.strerror(code)}")
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+    @property
+    def issued(self) -> bool:
+        return self.arg[0] == 5
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)

@@ -29,6 +29,7 @@ from displback.backend.buffers import (
     GuestFramebuffer,
     ZeroCopyPolicy,
 )
+from displback.backend.copies import native_copies_built
 from displback.backend.deferred import DeferredReleases
 from displback.backend.errors import RequestError
 from displback.backend.quotas import Limits, Quota
@@ -52,7 +53,7 @@ from displback.protocol.messages import (
 from displback.protocol.pagedir import build_directory, dir_pages_for
 from displback.sim.hypervisor import HypervisorProcess, HypervisorThread, query_counters
 from displback.sim.platform import SimDomain, SimGrantDevice, SimPlatform, client_resources
-from tests.backend.support import copy_frames_with
+from tests.backend.support import PipeFlip, copy_frames_with
 
 GUEST = 5
 XRGB = PixelFormat.XRGB8888
@@ -665,6 +666,52 @@ async def test_a_copy_ending_after_its_framebuffer_went_frees_its_buffer_even_if
             monkeypatch.setattr(env.output, "release", real_release)
             await env.destroy(1)  # waits for the copy to have ended: it has
         free_buffer(env.guest, buf)
+
+
+@pytest.mark.skipif(not native_copies_built(), reason="the native copy threads are not built")
+async def test_a_frame_whose_copy_thread_flipped_it_is_handed_back_with_nothing_to_flip(
+    hypervisor: HypervisorThread,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``present_later(..., on_landed)``: the output hands the flip to the copy thread (a
+    pipe's FIONREAD stands for the KMS commit); the copy comes back when the output settles
+    it, with None — the flip is under way, nothing is left to flip — and the frame's dumb
+    buffer was the flip's target. Detached meanwhile, it is still None, not ENOENT: the
+    output lands what the thread flipped (its own buffer, no guest memory)."""
+    pipe = PipeFlip()
+    asked: list[tuple[Any, Any]] = []
+
+    def native_flip(fb: Any, on_landed: Any) -> Any:
+        asked.append((fb, on_landed))
+        return pipe.flip
+
+    async with open_env(hypervisor, export=False) as env:
+        monkeypatch.setattr(env.output, "native_flip", native_flip)
+        width, height = 10, 6
+        buf = guest_buffer(env.guest, 1)
+        await env.create(1, buf, width, height)
+        fb = env.attach(1, 11, width, height)
+        assert fb.present_now(env.output) is None  # copy mode
+        results: list[Any] = []
+
+        def on_landed(result: Any) -> None:  # (the output's: never called here)
+            raise AssertionError("landed")
+
+        with trio.fail_after(30):
+            fb.present_later(env.output, results.append, on_landed)
+            [(target, landing)] = asked
+            assert target is fb._outputs[env.output].filling and landing is on_landed
+            while not pipe.issued:
+                await trio.sleep(0.005)
+            await env.detach(11)  # released while its flip is under way
+            assert results == []  # quiet: the flip's event will hand the copy back
+            assert pipe.flip.settle is not None
+            pipe.flip.settle()
+            [result] = results
+            assert result.unwrap() is None
+            await env.destroy(1)  # the copy ended: nothing waits
+        free_buffer(env.guest, buf)
+    pipe.close()
 
 
 async def test_a_display_refusing_imports_gets_copies_logged_once_per_buffer(

@@ -7,11 +7,8 @@ time bounds are generous ``fail_after`` guards.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
-import os
-import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +34,7 @@ from displback.sim.guest import FlipOutcome
 from displback.sim.hypervisor import HypervisorThread
 from displback.sim.machine import sim_machine
 from tests.backend.support import (
+    PipeFlip,
     copy_frames_with,
     flip_frame,
     paint,
@@ -461,37 +459,6 @@ async def test_native_frame_copies_hold_their_memory_until_handed_back() -> None
 native_only = pytest.mark.skipif(
     not native_copies_built(), reason="the native copy threads are not built"
 )
-
-
-class PipeFlip:
-    """An output's flip as :meth:`Output.native_flip` hands it out, whose ioctl is FIONREAD on
-    a pipe holding 5 bytes (the kernel writes 5 into ``arg``: the thread issued it), or a
-    request the pipe refuses (ENOTTY: a failed flip). Records what the workers tell it."""
-
-    def __init__(self, *, fails: bool = False) -> None:
-        self.read_end, self.write_end = os.pipe()
-        os.write(self.write_end, b"12345")
-        self.arg = (ctypes.c_int * 16)(-1)  # (TCGETS on a tty would write 60 bytes)
-        self.failures: list[int] = []
-        self.cancelled = 0
-        request = termios.TCGETS if fails else termios.FIONREAD
-        self.flip = NativeFlip(self.read_end, request, self.arg, failed=self._failed,
-                               cancel=self._cancel)
-
-    def _failed(self, code: int) -> DisplayError:
-        self.failures.append(code)
-        return DisplayError(f"flip failed: {os.strerror(code)}")
-
-    def _cancel(self) -> None:
-        self.cancelled += 1
-
-    @property
-    def issued(self) -> bool:
-        return self.arg[0] == 5
-
-    def close(self) -> None:
-        os.close(self.read_end)
-        os.close(self.write_end)
 
 
 @native_only

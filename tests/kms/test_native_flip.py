@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from displback.display.interface import DisplayError, FlipPending, NativeFlip
 from displback.kms import uapi
@@ -168,6 +169,7 @@ async def test_a_closing_display_settles_a_native_flip_before_it_gives_the_crtcs
     vkms.auto_vblank = False
     seen: list[tuple[bool, int]] = []
     async with open_display(vkms) as display:
+        opened = len(vkms.calls)
         out = display.outputs["Virtual-1"]
         a = out.create_dumb(width=1024, height=768, fourcc=XRGB)
         b = out.create_dumb(width=1024, height=768, fourcc=XRGB)
@@ -189,4 +191,38 @@ async def test_a_closing_display_settles_a_native_flip_before_it_gives_the_crtcs
     (closed, calls), = seen
     assert not closed
     assert vkms.calls[calls] == "MODE_ATOMIC"  # the thread's flip, then the give-back
+    assert "MODE_SETCRTC" not in vkms.calls[opened:calls]
+    assert "MODE_SETCRTC" in vkms.calls[calls:]  # fbcon's CRTC set back after it
     assert landing.order == ["settled", "landed"] and landing.results == [None]
+
+
+async def test_a_flip_found_failed_when_settled_at_its_deadline_never_lands(
+    vkms: FakeCard,
+) -> None:
+    """The watchdog lands a flip whose event never came; settling it first may show that
+    the thread's ioctl failed (its hand-back not yet run): then it is forgotten, not landed."""
+    async with open_display(vkms, flip_timeout_s=0.05) as display:
+        out = display.outputs["Virtual-1"]
+        a = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        b = out.create_dumb(width=1024, height=768, fourcc=XRGB)
+        await out.flip(a)
+        flips = out.stats.flips_completed
+        landing = Landing()
+        flip = out.native_flip(b, landing)
+        assert flip is not None
+        failures: list[Exception] = []
+
+        def settle() -> None:  # the thread's hand-back: its ioctl failed
+            landing.settle()
+            failures.append(flip.failed(errno.EINVAL))
+
+        flip.settle = settle
+        with trio.fail_after(5):
+            while out.flip_pending:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert landing.order == ["settled"] and len(failures) == 1
+        assert out.flip_timeouts == 1 and not display.awaiting
+        # Not landed: what is on screen and what was counted stay as they were.
+        assert out.current_fb is a and out.stats.flips_completed == flips
+        assert out.native_flips == 0
