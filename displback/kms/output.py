@@ -440,9 +440,7 @@ class KmsOutput(OutputBase[KmsFramebuffer]):
     def _native_failed(self, pending: _FlipInFlight, call: NativeCall, code: int) -> DisplayError:
         """The thread's ioctl for ``pending`` failed with ``code``: forget the flip."""
         self._native_forget(pending)
-        if code == errno.EBUSY:
-            return FlipPending(f"output {self.name}: {call.error(code)}")
-        return DisplayError(f"output {self.name}: flip failed: {call.error(code)}")
+        return self._flip_failed(pending, call.error(code))
 
     def _native_forget(self, pending: _FlipInFlight) -> None:
         """``pending``'s ioctl failed or never ran: it will never land, nobody is called."""
