@@ -193,6 +193,57 @@ def syscall_table(syscalls: dict[str, dict[str, float]], labels: dict[str, str])
     return "\n".join(lines)
 
 
+ECHO = "bare trio wake-up (pipe echo with another process)"
+
+
+def loop_thread_ms(run: Run) -> float:
+    """CPU per flip of the process's first thread (displback's event loop)."""
+    if not run.threads_ms_per_flip:
+        return float("nan")
+    first = min(run.threads_ms_per_flip, key=lambda name: int(name.split()[0]))
+    return run.threads_ms_per_flip[first]
+
+
+def floor_rows(runs: list[Run], costs: dict[str, float]) -> list[dict[str, Any]]:
+    """Each timed run against two bare trio wake-ups of the same boot (bench.vm_costs).
+
+    A trio backend's flip is two wake-ups at least (the request's, the display's event), so
+    ``2 × echo`` is its floor in this Dom0, and a ratio to it compares trees across boots
+    where the milliseconds do not (TCG on a shared host moves them by a third)."""
+    wake_us = costs.get(ECHO)
+    if not wake_us:
+        return []
+    floor_ms = 2 * wake_us / 1000
+    return [
+        {
+            "backend": run.backend, "floor_ms": round(floor_ms, 3),
+            "cpu_ms_per_flip": round(run.cpu_ms_per_flip, 3),
+            "cpu_per_floor": round(run.cpu_ms_per_flip / floor_ms, 2),
+            "loop_ms_per_flip": round(loop_thread_ms(run), 3),
+            "loop_per_floor": round(loop_thread_ms(run) / floor_ms, 2),
+        }
+        for run in runs
+        if not run.profiled and not run.error
+    ]  # fmt: skip
+
+
+def floor_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        f"The floor: two bare trio wake-ups in this Dom0 = {rows[0]['floor_ms']:.2f} ms "
+        "(a trio backend's flip is two at least)",
+        f"{'backend':<30} {'CPU/flip':>9} {'/ floor':>8} {'first thread':>13} {'/ floor':>8}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{labels.get(row['backend'], row['backend']):<30} {row['cpu_ms_per_flip']:>6.2f} ms "
+            f"{row['cpu_per_floor']:>7.2f}× {row['loop_ms_per_flip']:>10.2f} ms "
+            f"{row['loop_per_floor']:>7.2f}×"
+        )
+    return "\n".join(lines)
+
+
 def _short(filename: str) -> str:
     for marker in ("/displback/", "/site-packages/", "/lib/python3"):
         if marker in filename:
@@ -470,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nDom0 micro-costs, CPU per call (bench.vm_costs; natively ≲ 1 µs but the last):")
         for name, us in costs.items():
             print(f"  {name:42s} {us:9.2f} µs")
+    floors = floor_rows(runs, costs)
+    if floors:
+        print("\n" + floor_table(floors, labels))
     for problem in errors:
         print(f"ERROR: {problem}")
     document = {
@@ -484,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": profiles,
         "syscalls_per_flip": syscalls,
         "dom0_costs_us": costs,
+        "floor": floors,
         "errors": errors,
         "workdir": str(work),
     }  # fmt: skip

@@ -4,8 +4,13 @@
 process (``time.process_time``): an empty Python call, ``time.monotonic`` (a
 ``clock_gettime``), a bare system call (``os.getppid``), a ``threading.Lock`` acquire and
 release, a socketpair send and receive (trio's ``run_sync_soon`` wake-up), an epoll modify
-and poll (trio's ``wait_readable`` and run-loop pass), and a round trip to another thread
-through two ``queue.SimpleQueue`` (a copy handed to a worker thread and back). Natively
+and poll (trio's ``wait_readable`` and run-loop pass), a round trip to another thread
+through two ``queue.SimpleQueue`` (a copy handed to a worker thread and back), and a **bare
+trio wake-up**: a trio task that waits until a pipe is readable, reads the byte another
+process wrote and answers with a byte on a second pipe (an echo, as displback's reader wakes
+on the guest's event channel and notifies it; the CPU of the trio process only). A flip of
+displback's is two such wake-ups at least (the request's and the display's event), so twice
+the echo is the floor of a trio backend's flip in that Dom0. Natively
 each is well under a microsecond but the last; in a PV Dom0 under TCG a system call costs
 about a hundred times more, and so does everything that makes one — which a flip of
 displback's makes some sixty of per flip, displ_be's seven (bench.vm's system-call table).
@@ -19,11 +24,14 @@ import os
 import queue
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import trio
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -52,6 +60,47 @@ def thread_round_trip_us(rounds: int) -> float:
     spent = time.process_time() - start
     there.put(None)
     worker.join()
+    return spent / rounds * 1e6
+
+
+# The echo's other side: a plain loop in another process, so that its CPU is not counted.
+_ECHO_PEER = """
+import os, sys
+ask, answer = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    os.write(ask, b"x")
+    os.read(answer, 1)
+"""
+
+
+def trio_echo_us(rounds: int, warmup: int = 20) -> float:
+    """CPU time of a trio process per wake-up: wait for a pipe, read a byte, write one back."""
+    ask_r, ask_w = os.pipe()
+    answer_r, answer_w = os.pipe()
+    os.set_blocking(ask_r, False)
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_PEER, str(ask_w), str(answer_r), str(warmup + rounds)],
+        pass_fds=(ask_w, answer_r),
+    )
+    os.close(ask_w)
+    os.close(answer_r)
+
+    async def echo() -> float:
+        start = 0.0
+        for n in range(warmup + rounds):
+            if n == warmup:
+                start = time.process_time()
+            await trio.lowlevel.wait_readable(ask_r)
+            os.read(ask_r, 1)
+            os.write(answer_w, b"x")
+        return time.process_time() - start
+
+    try:
+        spent = trio.run(echo)
+    finally:
+        os.close(ask_r)
+        os.close(answer_w)
+        peer.wait(timeout=60)
     return spent / rounds * 1e6
 
 
@@ -88,6 +137,8 @@ def measure(calls: int) -> dict[str, float]:
             "socketpair send + recv": per_call_us(socket_wakeup, calls),
             "epoll modify + poll(0)": per_call_us(epoll_pass, calls),
             "round trip to a thread (2 SimpleQueues)": thread_round_trip_us(max(1, calls // 10)),
+            "bare trio wake-up (pipe echo with another process)":
+                trio_echo_us(max(1, calls // 10)),
         }
     finally:
         poller.close()

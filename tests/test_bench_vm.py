@@ -14,7 +14,7 @@ import pytest
 
 from bench import vm_costs
 from bench.displ_be import BuildError, DisplBe, cache_dir
-from bench.vm import result_of, syscall_table
+from bench.vm import ECHO, Run, floor_rows, floor_table, result_of, syscall_table
 from bench.vm_sampler import SyscallCounter, parse_strace_summary, watch
 
 
@@ -150,7 +150,23 @@ def test_the_micro_costs_time_every_piece_of_a_flip_and_write_them(tmp_path: Pat
     assert set(costs) == {
         "empty Python call", "time.monotonic (clock_gettime)", "os.getppid (a bare system call)",
         "threading.Lock acquire + release", "socketpair send + recv", "epoll modify + poll(0)",
-        "round trip to a thread (2 SimpleQueues)",
+        "round trip to a thread (2 SimpleQueues)", ECHO,
     }  # fmt: skip
     assert all(value >= 0 for value in costs.values())
     assert costs["round trip to a thread (2 SimpleQueues)"] > 0  # two threads, really
+    assert costs[ECHO] > 0  # the trio process woke and answered
+
+
+def test_the_floor_rows_put_each_timed_run_against_two_bare_trio_wake_ups() -> None:
+    timed = Run("displback-kms", "g", cpu_ms_per_flip=12.0,
+                threads_ms_per_flip={"142 python": 3.0, "130 python": 9.0})
+    profiled = Run("displback-kms", "g2", cpu_ms_per_flip=50.0, profiled=True)
+    failed = Run("displ_be", "g3", error="no card")
+    rows = floor_rows([timed, profiled, failed], {ECHO: 1500.0})
+    assert rows == [{
+        "backend": "displback-kms", "floor_ms": 3.0, "cpu_ms_per_flip": 12.0,
+        "cpu_per_floor": 4.0, "loop_ms_per_flip": 9.0, "loop_per_floor": 3.0,
+    }]  # fmt: skip
+    assert "3.00 ms" in floor_table(rows, {"displback-kms": "displback, KMS"})
+    assert "displback, KMS" in floor_table(rows, {"displback-kms": "displback, KMS"})
+    assert floor_rows([timed], {}) == []  # an older Dom0 cost table has no echo
