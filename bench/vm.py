@@ -40,6 +40,7 @@ import json
 import os
 import pstats
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -106,6 +107,8 @@ def result_of(backend: str, guest: str, raw: dict[str, Any], *, profiled: bool) 
         return run
     start, end = raw["start"], raw["end"]
     run.flips, run.failed = int(raw["flips"]), int(raw["failed"])
+    if "stacks" in raw:
+        run.profiled = True  # (py-spy shares Dom0's CPUs with it)
     if "syscalls" in raw:
         run.profiled = True  # (its times are strace's, not the backend's)
         run.syscalls_per_flip = {
@@ -244,6 +247,63 @@ def floor_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+#: py-spy's samples per second (bench.vm_sampler.StackSampler's default).
+STACK_RATE = 250
+
+
+def _frame_name(frame: str) -> str:
+    """``func (file:line)`` → ``func (file)``: a function's samples, whatever its line."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+def stack_report(stacks: dict[str, int], rate: int, flips: int, limit: int = 30) -> dict[str, Any]:
+    """Where the sampled CPU went, in ms per flip: per thread; per function where the
+    sample was taken (self), with its line; and per displback function on the stack
+    (inclusive), for the event loop's thread (the first)."""
+    per_flip = 1000.0 / rate / max(flips, 1)
+    threads: dict[str, int] = {}
+    for stack, count in stacks.items():
+        thread = stack.split(";", 1)[0]
+        threads[thread] = threads.get(thread, 0) + count
+    if not threads:
+        return {"threads": {}, "self": [], "lines": [], "inclusive": []}
+    loop = min(threads, key=lambda t: int(t.split("(")[1].split(")")[0]))
+    own: dict[str, int] = {}
+    lines: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for stack, count in stacks.items():
+        frames = stack.split(";")
+        if frames[0] != loop or len(frames) < 2:
+            continue
+        leaf = frames[-1]
+        own[_frame_name(leaf)] = own.get(_frame_name(leaf), 0) + count
+        lines[leaf] = lines.get(leaf, 0) + count
+        for name in {_frame_name(f) for f in frames[1:] if "displback/" in f}:
+            inclusive[name] = inclusive.get(name, 0) + count
+
+    def top(counts: dict[str, int]) -> list[list[Any]]:
+        rows = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+        return [[name, round(count * per_flip, 3)] for name, count in rows]
+
+    return {
+        "threads": {t: round(c * per_flip, 3) for t, c in threads.items()},
+        "loop_thread": loop,
+        "self": top(own),
+        "lines": top(lines),
+        "inclusive": top(inclusive),
+    }
+
+
+def stack_text(report: dict[str, Any], limit: int = 20) -> str:
+    out = ["  threads: " + ", ".join(f"{t} {ms:.2f}" for t, ms in report["threads"].items())]
+    for title, key in (("self (where the sample was)", "self"), ("lines", "lines"),
+                       ("inclusive (displback functions on the stack)", "inclusive")):
+        out.append(f"  {title}:")
+        out.extend(f"    {ms:7.3f}  {name}" for name, ms in report[key][:limit])
+    return "\n".join(out)
+
+
 def _short(filename: str) -> str:
     for marker in ("/displback/", "/site-packages/", "/lib/python3"):
         if marker in filename:
@@ -317,7 +377,9 @@ class Bench:
             timeout=60,
         )
 
-    def measure(self, backend: Backend, *, profile: bool, syscalls: bool = False) -> Run:
+    def measure(
+        self, backend: Backend, *, profile: bool, syscalls: bool = False, stacks: str = ""
+    ) -> Run:
         """One guest flipping on the running backend, measured by the sampler in Dom0."""
         assert self.pid is not None
         self.guests += 1
@@ -331,6 +393,7 @@ class Bench:
                 "--console", console, "--out", f"{SHARE}/{out.name}",
                 "--ready", f"{SHARE}/{ready.name}", *(["--profile"] if profile else []),
                 *(["--syscalls", f"{SHARE}/strace-{name}.txt"] if syscalls else []),
+                *(["--stacks", f"{SHARE}/stacks-{name}.txt", "--py-spy", stacks] if stacks else []),
             ]
         )  # fmt: skip
         self.dom0.sh(
@@ -441,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-syscalls", action="store_true", help="skip the strace -c window of each backend"
     )
+    parser.add_argument(
+        "--stacks", action="store_true",
+        help="one more window of each displback backend sampled by py-spy (pip install py-spy)",
+    )  # fmt: skip
     parser.add_argument("--only", default="", help="comma-separated backend keys")
     parser.add_argument("--json", type=Path, default=Path("bench-vm-results.json"))
     parser.add_argument("--workdir", type=Path, help="kept for post-mortems (default: a tmp dir)")
@@ -463,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     costs: dict[str, float] = {}
     profiles: dict[str, Any] = {}
     syscalls: dict[str, dict[str, float]] = {}
+    stack_reports: dict[str, dict[str, Any]] = {}
+    py_spy = ""
+    if args.stacks:
+        found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(found).is_file():
+            parser.error("--stacks needs py-spy (pip install py-spy)")
+        py_spy = found
     labels: dict[str, str] = {}
     errors: list[str] = []
     started = time.monotonic()
@@ -496,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
                             rows, text = top_functions(path, profiled.flips)
                             profiles[backend.key] = {"flips": profiled.flips, "top": rows}
                             print(f"\n--- profile: {backend.label} ---\n{text}", file=sys.stderr)
+                    if backend.kind == "displback" and round_ == 0 and py_spy:
+                        sampled = bench.measure(backend, profile=False, stacks=py_spy)
+                        runs.append(sampled)
+                        if not sampled.error and sampled.raw.get("stacks"):
+                            stack_reports[backend.key] = stack_report(
+                                sampled.raw["stacks"], STACK_RATE, sampled.flips)
                     if round_ == 0 and not args.no_syscalls:
                         counted = bench.measure(backend, profile=False, syscalls=True)
                         runs.append(counted)
@@ -515,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {row['own_us_per_flip']:8.1f} own {row['cum_us_per_flip']:9.1f} cum "
                 f"{row['calls_per_flip']:6.1f} calls  {row['function']}"
             )
+    for key, report in stack_reports.items():
+        print(f"\nsampled stacks, {labels[key]} (py-spy, ms of CPU per flip):")
+        print(stack_text(report))
     if syscalls:
         print("\n" + syscall_table(syscalls, labels))
     if costs:
@@ -537,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in runs],
         "profiles": profiles,
         "syscalls_per_flip": syscalls,
+        "stacks": stack_reports,
         "dom0_costs_us": costs,
         "floor": floors,
         "errors": errors,

@@ -116,6 +116,44 @@ class SyscallCounter:
         return parse_strace_summary(self.out.read_text())
 
 
+class StackSampler:
+    """``py-spy record`` of ``pid`` from :meth:`start` to :meth:`stop`: the Python stacks of
+    every thread, sampled ``rate`` times a second without stopping the backend
+    (``--nonblocking``), idle samples (a thread waiting in a system call) left out. Unlike
+    cProfile it adds nothing to the backend's own calls, whose clock reads are system calls
+    in a PV Dom0; the samples are the backend's CPU as it is spent."""
+
+    def __init__(self, pid: int, out: Path, py_spy: str, rate: int = 250) -> None:
+        self.pid = pid
+        self.out = out
+        self.py_spy = py_spy
+        self.rate = rate
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.py_spy, "record", "--nonblocking", "--threads", "--format", "raw",
+             "--rate", str(self.rate), "--output", str(self.out), "--pid", str(self.pid)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> dict[str, int]:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)  # stops and writes the stacks
+        self.proc.wait(timeout=300)
+        return parse_collapsed(self.out.read_text()) if self.out.is_file() else {}
+
+
+def parse_collapsed(text: str) -> dict[str, int]:
+    """py-spy's raw (collapsed) stacks: ``frame;frame;… count`` lines → {stack: samples}."""
+    stacks: dict[str, int] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[stack] = stacks.get(stack, 0) + int(count)
+    return stacks
+
+
 def watch(
     console: Path,
     pid: int,
@@ -123,6 +161,7 @@ def watch(
     profile: bool,
     timeout: float,
     syscalls: SyscallCounter | None = None,
+    stacks: StackSampler | None = None,
 ) -> dict[str, Any]:
     """Wait for the timed window in ``console`` and measure the backend across it."""
     deadline = time.monotonic() + timeout
@@ -144,6 +183,8 @@ def watch(
                 os.kill(pid, signal.SIGUSR1)
             if syscalls is not None:
                 syscalls.start()
+            if stacks is not None:
+                stacks.start()
         end = _END.search(text)
         if start is not None and end is not None:
             stop = sample(pid)
@@ -159,6 +200,8 @@ def watch(
             }
             if syscalls is not None:
                 result["syscalls"] = syscalls.stop()
+            if stacks is not None:
+                result["stacks"] = stacks.stop()
             return result
         failed = _FAIL.search(text)
         if failed is not None:
@@ -177,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready", type=Path, required=True, help="touched once started")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--syscalls", type=Path, help="strace -c's summary goes here")
+    parser.add_argument("--stacks", type=Path, help="py-spy's collapsed stacks go here")
+    parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary, for --stacks")
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     args.ready.touch()
     counter = None if args.syscalls is None else SyscallCounter(args.pid, args.syscalls)
+    sampler = None if args.stacks is None else StackSampler(args.pid, args.stacks, args.py_spy)
     result = watch(
-        args.console, args.pid, profile=args.profile, timeout=args.timeout, syscalls=counter
+        args.console, args.pid, profile=args.profile, timeout=args.timeout, syscalls=counter,
+        stacks=sampler,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
