@@ -62,6 +62,7 @@ import outcome
 import structlog
 import trio
 
+from displback.backend.clock import coarse_monotonic
 from displback.backend.errors import RequestError
 from displback.backend.quotas import TokenBucket
 from displback.backend.throttle import LogThrottle
@@ -205,6 +206,8 @@ class Connector:
         self._spurious_owed = False
         # The ring broke the protocol: it is not served any more (the device closes).
         self._dead = False
+        # Its times (a flip's age, for events_late) are the coarse clock's: read on every
+        # flip, and a tick is nothing beside the guest's 3 s timeout.
         self._flips: FlipQueue[Any, _Config] = FlipQueue(
             events,
             max_queued_events=MAX_QUEUED_EVENTS,
@@ -480,7 +483,7 @@ class Connector:
     def _queue_flip(self, req: PgFlipReq) -> None:
         fb = self._buffers.framebuffer(req.fb_cookie)  # ENOENT for an unknown cookie
         # Started by _drain_ring's _pump once the answer is published.
-        self._flips.accept_flip(req.fb_cookie, fb, trio.current_time())
+        self._flips.accept_flip(req.fb_cookie, fb, coarse_monotonic())
 
     # --- scanout ----------------------------------------------------------------------------
 
@@ -662,7 +665,7 @@ class Connector:
     def _frame_done(self, frame: Frame[Any]) -> None:
         """``frame`` landed or was dropped: write its flips' events, notify the guest."""
         try:
-            sent, dropped = self._flips.frame_done(frame, trio.current_time())
+            sent, dropped = self._flips.frame_done(frame, coarse_monotonic())
         except ProtocolError as exc:
             self._on_violation(f"connector {self.index} event page: {exc}")
             return
@@ -672,7 +675,7 @@ class Connector:
 
     def _publish(self) -> None:
         try:
-            sent = self._flips.publish(trio.current_time())
+            sent = self._flips.publish(coarse_monotonic())
         except ProtocolError as exc:
             self._on_violation(f"connector {self.index} event page: {exc}")
             return

@@ -43,11 +43,11 @@ given, the others keep their derived value — derived from the limits given, so
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Final
 
+from displback.backend.clock import coarse_monotonic
 from displback.protocol.constants import (
     EINVAL,
     ENOMEM,
@@ -459,10 +459,12 @@ class Quota:
 
 
 class TokenBucket:
-    """Requests per second with a burst allowance; the clock is injectable for tests."""
+    """Requests per second with a burst allowance; the clock is injectable for tests. It is
+    read for every request: by default the coarse clock, which costs no system call
+    (displback.backend.clock)."""
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self, rate: float, burst: int, clock: Callable[[], float] = coarse_monotonic
     ) -> None:
         if not rate > 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
