@@ -96,6 +96,8 @@ struct pool {
     unsigned waiters;           /* finished(wait_for=...) calls waiting on finish */
     bool closing;               /* threads end once the queue is empty */
     bool quiet;                 /* a job whose flip went well does not write the eventfd */
+    bool signalled;             /* the eventfd was (or is about to be) written since the
+                                 * last finished() that cleared this flag and then read it */
     bool idle_forever;
     struct timespec idle_time;
     int efd;
@@ -242,6 +244,7 @@ worker(void *arg)
         /* A flip that went well is reaped with its DRM event when the loop is quiet; quiet
          * is read here, under the mutex, as the setter writes it (see set_quiet). */
         bool wake = !(j->flip && j->error == 0 && p->quiet);
+        p->signalled |= wake;
         pthread_mutex_unlock(&p->lock);
         if (waited_for)  /* (a waiter looks at done under the mutex before it sleeps) */
             pthread_cond_broadcast(&p->finish);
@@ -920,9 +923,20 @@ CopyThreads_finished(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
     uint64_t count;
     /* First clear the eventfd, then take the list: a job finished after this read writes
      * again, so none is left behind without the eventfd readable (but a quiet flip's, which
-     * the loop reaps on its DRM event, or when quiet is set false). EAGAIN: nothing new. */
-    while (read(p->efd, &count, sizeof count) < 0 && errno == EINTR)
-        ;
+     * the loop reaps on its DRM event, or when quiet is set false). EAGAIN: nothing new.
+     * With wait_for (a loop settling a quiet flip, on every such flip) the read, a system
+     * call, is made only when the eventfd may hold something: when nothing was signalled
+     * since the flag was last cleared. A write in flight past a clearing call's read leaves
+     * the eventfd readable with the flag clear: the reaper's call (without wait_for) always
+     * reads, so it wakes once more for nothing and clears it. */
+    pthread_mutex_lock(&p->lock);
+    bool signalled = p->signalled;
+    p->signalled = false;
+    pthread_mutex_unlock(&p->lock);
+    if (signalled || wait_obj == Py_None) {
+        while (read(p->efd, &count, sizeof count) < 0 && errno == EINTR)
+            ;
+    }
     pthread_mutex_lock(&p->lock);
     struct job *done = p->done_head;
     struct job *last = p->done_tail;
@@ -1056,6 +1070,7 @@ CopyThreads_set_quiet(CopyThreadsObject *self, PyObject *value, void *Py_UNUSED(
     pthread_mutex_lock(&p->lock);
     p->quiet = quiet;
     bool wake = !quiet && p->done_head != NULL;
+    p->signalled |= wake;
     pthread_mutex_unlock(&p->lock);
     const uint64_t one = 1;
     while (wake && write(p->efd, &one, sizeof one) < 0 && errno == EINTR)

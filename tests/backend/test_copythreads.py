@@ -706,6 +706,31 @@ def test_wait_for_returns_a_quiet_flip_finished_meanwhile(ct: CopyThreads) -> No
         assert not readable(ct, 0.05)
 
 
+def test_wait_for_clears_the_eventfd_a_job_signalled_and_a_later_job_signals_again(
+    ct: CopyThreads,
+) -> None:
+    """finished(wait_for=) reads the eventfd only when a job signalled it since it was last
+    cleared (it skips the system call on every quiet flip it settles); when one did, it
+    clears it like the reaper's call, and a job finished after that makes it readable
+    again: no wake-up is lost, none is left over."""
+    ct.quiet = True
+    with pipe_holding(5) as fd:
+        ct.submit(1, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1)  # no flip: it signals
+        assert readable(ct, WAIT)
+        ct.submit(2, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1,
+                  flip=(fd, termios.FIONREAD, bytearray(4)))  # fmt: skip (quiet)
+        assert ct.finished(wait_for=2) == [(1, 0), (2, 0)]
+        assert not readable(ct, 0.05)  # cleared: the reaper is not woken for nothing
+        ct.submit(3, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1,
+                  flip=(fd, termios.FIONREAD, bytearray(4)))  # fmt: skip (quiet)
+        assert ct.finished(wait_for=3) == [(3, 0)]  # nothing signalled: no read, none needed
+        assert not readable(ct, 0.05)
+        ct.submit(4, b"ab", 0, 2, bytearray(2), 0, 2, 2, 1)
+        assert readable(ct, WAIT)
+        assert ct.finished() == [(4, 0)]
+        assert not readable(ct, 0.05)
+
+
 def test_wait_for_a_job_still_copying_returns_once_it_and_those_before_it_finished() -> None:
     src = bytes(range(256)) * (64 * MiB // 256)
     dst = bytearray(64 * MiB)
