@@ -30,9 +30,13 @@ def _device(machine: SimMachine, domid: int, devid: int = 0) -> VkbdDevice:
 
 
 async def _connected(machine: SimMachine, domid: int, devid: int = 0) -> None:
+    """The device serves its connection and its handshake says so (the connection is made
+    before the backend writes Connected: the status may say "connecting" in between)."""
     await wait_until(
         lambda: any(
-            (k.domid, k.devid) == (domid, devid) and d.connection is not None
+            (k.domid, k.devid) == (domid, devid)
+            and d.connection is not None
+            and d.refresh_status().state == "connected"
             for k, d in machine.backend.input_devices.items()
         )
     )
