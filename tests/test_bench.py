@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 
 import bench.__main__ as bench_main
 from bench import buffers, flipcost, flips, kmsflip, memory
@@ -236,6 +237,15 @@ def test_callgrind_total_reads_the_largest_total_of_a_dump(tmp_path: Path) -> No
 async def test_trio_wakeup_cost_counts_its_wakeups() -> None:
     result = await flips.trio_wakeup_cost(seconds=0.1, rate=100.0)
     assert result["wakeups"] == 10
+
+
+async def test_trio_two_wakeups_cost_is_woken_by_its_timer_and_the_other_process() -> None:
+    start = trio.current_time()
+    result = await flips.trio_two_wakeups_cost(seconds=0.1, rate=100.0, gap=0.002)
+    assert result["ticks"] == 9  # the first, warming up, not counted
+    # Every tick waited for the other process's byte, written 2 ms after it: no sooner.
+    assert trio.current_time() - start >= 0.2 + 0.1 + 0.002
+    assert result["cpu_per_tick_us"] > 0 and result["gap_ms"] == 2.0
 
 
 def test_report_judges_targets_and_writes_json(tmp_path: Path) -> None:
