@@ -63,9 +63,12 @@ bench: $(STAMP)
 # displback against the reference backend displ_be in the nested Xen VM (issue 12 goal 0;
 # docs/benchmarks.md): one boot, the same guest flipping on each backend; table + JSON.
 # DISPL_BE=<prefix of a displ_be build> adds displ_be (`make displ-be` builds one and prints it).
+# STACKS=1 adds a window of each displback backend sampled by py-spy (installed in the venv).
 bench-vm: apt-deps vm-deps $(STAMP)
 	$(PY) -m tests.vm.kernel
-	$(PY) -m bench.vm --json bench-vm-results.json $(if $(DISPL_BE),--displ-be '$(DISPL_BE)')
+	$(if $(STACKS),$(PY) -m pip install --quiet 'py-spy>=0.4')
+	$(PY) -m bench.vm --json bench-vm-results.json $(if $(DISPL_BE),--displ-be '$(DISPL_BE)') \
+		$(if $(STACKS),--stacks)
 
 displ-be: $(STAMP)
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(DISPL_BE_APT_PACKAGES)"
