@@ -14,15 +14,17 @@ def test_the_coarse_clock_is_the_monotonic_clock_to_a_tick() -> None:
     after = time.monotonic()
     tick = time.clock_getres(clock.CLOCK_MONOTONIC_COARSE)
     assert 0 < tick <= 0.1  # a kernel tick: 1-10 ms
-    assert before - 2 * tick <= coarse <= after
+    # CLOCK_MONOTONIC as of the last tick (a tick late, or a few where a VM delays them): the
+    # same clock, never ahead.
+    assert before - max(0.05, 10 * tick) <= coarse <= after
     readings = [clock.coarse_monotonic() for _ in range(1000)]
     assert readings == sorted(readings)
 
 
 def test_the_coarse_clock_advances() -> None:
     start = clock.coarse_monotonic()
-    time.sleep(0.05)
-    assert 0.03 <= clock.coarse_monotonic() - start <= 1.0
+    time.sleep(0.1)
+    assert 0.05 <= clock.coarse_monotonic() - start <= 5.0
 
 
 def test_a_token_bucket_reads_the_coarse_clock_by_default() -> None:
