@@ -334,12 +334,14 @@ async def trio_two_wakeups_cost(
     offset = trio.current_time() - time.monotonic()
     begin: _Usage | None = None
     try:
-        for k in range(1, count + 1):
-            await trio.sleep_until(start + k / rate + offset)
-            if k == 2:  # the first tick warmed up
-                begin = _Usage.now()
-            await trio.lowlevel.wait_readable(reader)
-            os.read(reader, 64)
+        # (A writer that died would leave the pipe silent: fail rather than wait forever.)
+        with trio.fail_after(0.2 + count / rate + 30):
+            for k in range(1, count + 1):
+                await trio.sleep_until(start + k / rate + offset)
+                if k == 2:  # the first tick warmed up
+                    begin = _Usage.now()
+                await trio.lowlevel.wait_readable(reader)
+                os.read(reader, 64)
         assert begin is not None
         used = _Usage.now().since(begin)
     finally:
