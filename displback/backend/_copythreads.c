@@ -925,8 +925,8 @@ CopyThreads_finished(CopyThreadsObject *self, PyObject *args, PyObject *kwargs)
      * again, so none is left behind without the eventfd readable (but a quiet flip's, which
      * the loop reaps on its DRM event, or when quiet is set false). EAGAIN: nothing new.
      * With wait_for (a loop settling a quiet flip, on every such flip) the read, a system
-     * call, is made only when the eventfd may hold something: when nothing was signalled
-     * since the flag was last cleared. A write in flight past a clearing call's read leaves
+     * call, is made only when the eventfd may hold something: when a job signalled it since
+     * the flag was last cleared. A write in flight past a clearing call's read leaves
      * the eventfd readable with the flag clear: the reaper's call (without wait_for) always
      * reads, so it wakes once more for nothing and clears it. */
     pthread_mutex_lock(&p->lock);

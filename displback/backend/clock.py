@@ -1,8 +1,8 @@
 """The clock of the backend's per-request bookkeeping: cheap to read where a clock is dear.
 
 A request's rate limit and a flip's age need a monotonic clock read for every request and
-every flip, at a resolution far coarser than a millisecond (a guest's request rate; its 3 s
-frame-done timeout). ``time.monotonic`` reads ``CLOCK_MONOTONIC``, which the vDSO serves
+every flip, for which a few milliseconds of resolution are plenty (a guest's request rate;
+its 3 s frame-done timeout). ``time.monotonic`` reads ``CLOCK_MONOTONIC``, which the vDSO serves
 without a system call only when the kernel's clock source allows it; in a Xen PV Dom0 (the
 ``xen`` clock source) every read is a system call, a trap through the hypervisor. Measured
 in the nested Dom0 of ``make bench-vm``, a system call inside a wake-up costs as much as
