@@ -121,7 +121,8 @@ class StackSampler:
     every thread, sampled ``rate`` times a second without stopping the backend
     (``--nonblocking``), idle samples (a thread waiting in a system call) left out. Unlike
     cProfile it adds nothing to the backend's own calls, whose clock reads are system calls
-    in a PV Dom0; the samples are the backend's CPU as it is spent."""
+    in a PV Dom0. Read shares, not times: a runnable thread whose vCPU Xen preempted counts
+    as busy, and under TCG py-spy keeps up with a fraction of its rate."""
 
     def __init__(self, pid: int, out: Path, py_spy: str, rate: int = 250) -> None:
         self.pid = pid
