@@ -631,6 +631,8 @@ class _NativeThreads:
     async def _reap(self, threads: Any) -> None:
         """Hand each finished copy back to the loop, until ``threads`` are closed or the run
         ends (then they are closed here)."""
+        if self._threads is not threads:  # closed before this task's first turn
+            return
         fd = threads.fileno()
         try:
             while True:

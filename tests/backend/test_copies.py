@@ -597,6 +597,21 @@ async def test_closed_workers_hand_back_a_quiet_copy_with_its_flips_result() -> 
     pipe.close()
 
 
+@native_only
+async def test_workers_closed_before_their_reaper_first_ran_end_quietly() -> None:
+    """The reaper of new threads is a system task that runs at the loop's next turn; the
+    daemon may close the workers before that turn (a guest gone at once). The reaper then
+    finds its threads closed and returns, where it used to crash the run."""
+    workers = CopyWorkers(1, native=True)
+    results: list[Any] = []
+    with trio.fail_after(30):
+        workers.submit(1, frame_copy(64, 4, 1), results.append)
+        workers.close()  # (no checkpoint since the submit: the reaper has not run yet)
+        await until(lambda: bool(results))
+        await trio.sleep(0.05)  # the reaper's turn
+    assert results[0].unwrap() is None
+
+
 # --- through the daemon ---------------------------------------------------------------------
 
 _COPY_MODE = {"dmabuf_export_supported": False}
